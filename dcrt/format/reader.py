@@ -1,0 +1,310 @@
+"""Read a ``.dcm`` file: memory-mapped, structure parsed and checked at open, tensors decoded lazily.
+
+Every value read from the file is untrusted: the buffer is size-prefixed (truncation is caught at
+once), flatbuffers offsets are bounds-checked by ``np.frombuffer``/``struct``, the graph's digest is
+verified at open, and each tensor's checksum is verified before its first decode. Any inconsistency
+becomes a :class:`~dcrt.errors.FormatError`; never a flatbuffers or numpy traceback.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from ..codecs import Coder, EncodedStream, Stage
+from ..errors import FormatError, VersionError
+from ..graph import Graph, Model, Node, ValueInfo
+from . import FILE_IDENTIFIER, FORMAT_MAJOR, dtypes
+from .digest import graph_digest
+from .fb.Model import Model as FbModel
+from .tensor import ENCODING_NAMES, RAW, LayerStats, TensorRecord
+
+MAX_RANK = 32
+MAX_DIM = 1 << 40
+
+
+class StoredTensor:
+    """A tensor of a ``.dcm`` file, decoded only when asked.
+
+    ``shape``, ``dtype``, ``encoding`` and ``stats`` come from the file's table (no decoding).
+    ``decode()`` gives the dense values, ``index_form()`` the codebook and per-element indices,
+    ``csc()`` the sparse positions; each verifies the tensor's checksum first (once).
+    """
+
+    def __init__(self, record: TensorRecord):
+        self.record = record
+        self._verified = False
+        self._lock = threading.Lock()
+
+    name = property(lambda self: self.record.name)
+    shape = property(lambda self: tuple(self.record.shape))
+    stats = property(lambda self: self.record.stats)
+    encoding = property(lambda self: ENCODING_NAMES.get(self.record.encoding, "unknown"))
+    codebook = property(lambda self: self.record.codebook)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.record.dtype
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def ndim(self) -> int:
+        return len(self.record.shape)
+
+    def verify(self) -> None:
+        """Check the checksum (once per tensor); raises FormatError naming the tensor."""
+        if not self._verified:
+            with self._lock:
+                if not self._verified:
+                    self.record.verify()
+                    self._verified = True
+
+    def decode(self) -> np.ndarray:
+        """Dense values, of the tensor's dtype and shape."""
+        self.verify()
+        return self.record.decode()
+
+    def index_form(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(codebook, indices)`` with ``codebook[indices]`` the dense values (see TensorRecord)."""
+        self.verify()
+        return self.record.index_form()
+
+    def csc(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sparse tensors: ``(col_ptr, row_indices, symbols)`` of the 2-D view; ``codebook[s-1]``."""
+        self.verify()
+        return self.record.csc()
+
+    def __repr__(self) -> str:
+        return f"StoredTensor({self.name!r}, shape={self.shape}, {self.encoding})"
+
+
+class DcmFile:
+    """An open ``.dcm`` file: ``model`` (graph with :class:`StoredTensor` initializers) and facts."""
+
+    def __init__(self, buffer, mapping: Optional[mmap.mmap] = None, path: Optional[str] = None):
+        self._mmap = mapping
+        self.path = path
+        self.file_bytes = len(buffer)
+        with _as_format_error("the file's structure"):
+            root = _root(buffer)
+            self.format_version = (root.FormatMajor(), root.FormatMinor())
+            self.producer = _str(root.Producer())
+            graph = _graph(root.Graph(), top=True)
+            opsets = {_str(o.Domain()): int(o.Version())
+                      for o in (root.Opsets(i) for i in range(root.OpsetsLength()))}
+            metadata = {_str(kv.Key()): _str(kv.Value())
+                        for kv in (root.Metadata(i) for i in range(root.MetadataLength()))}
+            src = root.Source()
+            self.source: Dict[str, Any] = {} if src is None else {
+                "format": _str(src.Format()), "file_name": _str(src.FileName()),
+                "file_bytes": src.FileBytes(), "gzip_bytes": src.GzipBytes(),
+                "weight_bytes": src.WeightBytes()}
+            stored = root.GraphChecksum()
+        self.plan = json.loads(metadata.pop("dcrt.plan", "null") or "null")
+        self.model = Model(graph, opsets or {"": 17}, metadata, self.producer)
+        actual = graph_digest(graph, lambda n, v: v.record.checksum)
+        if actual != stored:
+            raise FormatError("the .dcm graph is damaged (graph checksum mismatch); "
+                              "download or convert the model again")
+
+    @property
+    def tensors(self) -> Dict[str, StoredTensor]:
+        """The initializers, by name."""
+        return self.model.graph.initializers
+
+    def verify(self) -> Dict[str, str]:
+        """Check every checksum and decode every tensor; returns ``{name: problem}`` (empty if sound)."""
+        problems = {}
+        for name, t in self.tensors.items():
+            try:
+                t.decode()
+            except FormatError as e:
+                problems[name] = str(e)
+        return problems
+
+    def close(self) -> None:
+        """Release the memory map (tensors must not be used afterwards)."""
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # numpy views still point into the map; it closes when they are gone
+            self._mmap = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_dcm(source: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> DcmFile:
+    """Open a ``.dcm`` from a path (memory-mapped) or from bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return DcmFile(source)
+    path = os.fspath(source)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise FormatError(f"cannot open {path}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 12:
+            raise FormatError(f"{path} is not a .dcm file (only {size} bytes)")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return DcmFile(mapping, mapping, path)
+    except FormatError as e:
+        mapping.close()
+        raise FormatError(f"{path}: {e}") from None
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+class _as_format_error:
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, FormatError):
+            return False
+        if isinstance(error, Exception):
+            raise FormatError(f"{self.what} is damaged or not a .dcm ({type(error).__name__}: {error})") from None
+        return False
+
+
+def _root(buffer) -> FbModel:
+    n = len(buffer)
+    if n < 12:
+        raise FormatError(f"not a .dcm file (only {n} bytes)")
+    (size,) = struct.unpack_from("<I", buffer, 0)
+    if bytes(buffer[8:12]) != FILE_IDENTIFIER:
+        raise FormatError("not a .dcm file (no DCM1 identifier); convert the model with `dcrt convert`")
+    if size != n - 4:
+        raise FormatError(f"the .dcm file is truncated or has trailing bytes: header says {size + 4} "
+                          f"bytes, file has {n}; download or convert it again")
+    root = FbModel.GetRootAs(buffer, 4)
+    major = root.FormatMajor()
+    if major > FORMAT_MAJOR:
+        raise VersionError(f"this .dcm has format version {major}.{root.FormatMinor()}, newer than "
+                           f"this dcrt reads ({FORMAT_MAJOR}.x); upgrade dcrt (pip install -U dcrt)")
+    if major < 1:
+        raise FormatError(f"invalid .dcm format version {major}")
+    return root
+
+
+def _str(value) -> str:
+    return value.decode("utf-8") if value is not None else ""
+
+
+def _array(getter, length_getter, dtype) -> np.ndarray:
+    """A vector field as a numpy view (empty when absent); bounds checked by np.frombuffer."""
+    if length_getter() == 0:
+        return np.zeros(0, dtype=dtype)
+    return getter()
+
+
+def _stream(fb) -> Optional[EncodedStream]:
+    if fb is None:
+        return None
+    stages = []
+    for i in range(fb.StagesLength()):
+        s = fb.Stages(i)
+        try:
+            coder = Coder(s.Coder())
+        except ValueError:
+            raise FormatError(f"unknown coder id {s.Coder()}; a newer dcrt may read this file") from None
+        lengths = None if s.CodeLengthsIsNone() else _array(s.CodeLengthsAsNumpy, s.CodeLengthsLength, np.uint8)
+        offsets = None if s.ChunkBitOffsetsIsNone() else _array(
+            s.ChunkBitOffsetsAsNumpy, s.ChunkBitOffsetsLength, np.uint64)
+        stages.append(Stage(coder, int(s.Count()), int(s.Alphabet()), lengths, int(s.ChunkSize()),
+                            offsets, int(s.MaxCodeWidth())))
+    payload = _array(fb.PayloadAsNumpy, fb.PayloadLength, np.uint8)
+    return EncodedStream(stages, payload)
+
+
+def _tensor(fb) -> TensorRecord:
+    shape = tuple(int(d) for d in _array(fb.ShapeAsNumpy, fb.ShapeLength, np.int64))
+    name = _str(fb.Name())
+    if len(shape) > MAX_RANK or any(d < 0 or d > MAX_DIM for d in shape):
+        raise FormatError(f"tensor {name!r} has an invalid shape {shape}")
+    dtypes.to_numpy(fb.DataType())
+    st = fb.Stats()
+    stats = LayerStats() if st is None else LayerStats(
+        st.ElementCount(), st.NonzeroCount(), st.OriginalBytes(), st.CodedBytes(),
+        st.CodebookSize(), st.IndexBits(), st.RelativeIndexBits())
+    book = None if fb.CodebookIsNone() else np.asarray(
+        _array(fb.CodebookAsNumpy, fb.CodebookLength, np.float32), dtype=np.float32)
+    raw = _array(fb.RawAsNumpy, fb.RawLength, np.uint8) if fb.Encoding() == RAW else b""
+    return TensorRecord(name, fb.DataType(), shape, fb.Encoding(), raw, book,
+                        _stream(fb.Indices()), _stream(fb.RelativeIndex()), _stream(fb.ColumnCounts()),
+                        stats, fb.Checksum())
+
+
+def _small_tensor(fb) -> np.ndarray:
+    """A tensor inside an attribute (Constant value etc.): small, decoded and verified at open."""
+    return _tensor(fb).decode()
+
+
+def _attribute(fb) -> Tuple[str, Any]:
+    kind, name = fb.Type(), _str(fb.Name())
+    if kind == 1:
+        return name, float(np.float32(fb.F()))
+    if kind == 2:
+        return name, int(fb.I())
+    if kind == 3:
+        return name, _str(fb.S())
+    if kind == 4:
+        return name, _small_tensor(fb.T())
+    if kind == 5:
+        return name, _graph(fb.G())
+    if kind == 6:
+        return name, [float(v) for v in _array(fb.FloatsAsNumpy, fb.FloatsLength, np.float32)]
+    if kind == 7:
+        return name, [int(v) for v in _array(fb.IntsAsNumpy, fb.IntsLength, np.int64)]
+    if kind == 8:
+        return name, [_str(fb.Strings(i)) for i in range(fb.StringsLength())]
+    if kind == 9:
+        return name, [_small_tensor(fb.Tensors(i)) for i in range(fb.TensorsLength())]
+    if kind == 10:
+        return name, [_graph(fb.Graphs(i)) for i in range(fb.GraphsLength())]
+    raise FormatError(f"attribute {name!r} has an unknown type {kind}")
+
+
+def _value_info(fb) -> ValueInfo:
+    shape = None
+    if fb.HasShape():
+        shape = []
+        for i in range(fb.ShapeLength()):
+            d = fb.Shape(i)
+            param = _str(d.Param())
+            shape.append(param if param else (int(d.Value()) if d.Value() >= 0 else None))
+    return ValueInfo(_str(fb.Name()), dtypes.to_numpy(fb.DataType()), shape)
+
+
+def _graph(fb, top: bool = False) -> Graph:
+    if fb is None:
+        raise FormatError("the file has no graph")
+    nodes = []
+    for i in range(fb.NodesLength()):
+        n = fb.Nodes(i)
+        attrs = dict(_attribute(n.Attributes(j)) for j in range(n.AttributesLength()))
+        nodes.append(Node(_str(n.OpType()), [_str(n.Inputs(j)) for j in range(n.InputsLength())],
+                          [_str(n.Outputs(j)) for j in range(n.OutputsLength())], attrs,
+                          _str(n.Name()), _str(n.Domain())))
+    inits = {}
+    for i in range(fb.InitializersLength()):
+        rec = _tensor(fb.Initializers(i))
+        inits[rec.name] = StoredTensor(rec)
+    return Graph(nodes, [_value_info(fb.Inputs(i)) for i in range(fb.InputsLength())],
+                 [_value_info(fb.Outputs(i)) for i in range(fb.OutputsLength())], inits, _str(fb.Name()))

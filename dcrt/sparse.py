@@ -1,0 +1,92 @@
+"""Sparse index coding of pruned weights: CSC with relative row indices and filler entries.
+
+The weight is viewed as a 2-D matrix (``shape[0]`` rows, ``prod(shape[1:])`` columns) and stored
+column by column, as in the Deep Compression paper (section 2): for each kept weight we store its
+codebook symbol and its *relative index*, the number of zero rows skipped since the previous entry
+of the same column. A relative index has ``bits`` bits; when a gap of zeros is longer than
+``2**bits - 1``, *filler* entries (relative index at its maximum, symbol 0 = zero) bridge it.
+The number of entries in each column (fillers included) is stored too; column pointers are their
+prefix sums, so every column can be found without decoding the others.
+
+Symbols: 0 is the filler/zero, ``s >= 1`` is a kept weight with value ``codebook[s - 1]``.
+Everything here is vectorised numpy: no Python loop per weight.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .errors import FormatError
+
+
+def matrix_shape(shape) -> Tuple[int, int]:
+    """The 2-D view a sparse tensor is stored in: ``shape[0]`` rows by the product of the rest."""
+    shape = tuple(int(d) for d in shape)
+    rows = shape[0] if shape else 1
+    cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows, cols
+
+
+def encode_csc(symbols: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Code a 2-D array of symbols (0 = pruned) as CSC entries.
+
+    Returns ``(entry_symbols, relative_indices, column_counts)``: one symbol and one relative index
+    per stored entry (kept weights and fillers, column by column, rows ascending), and the number of
+    entries of every column.
+    """
+    if symbols.ndim != 2:
+        raise ValueError("encode_csc expects a 2-D array")
+    step = 1 << bits                       # a filler bridges 2**bits - 1 zeros plus itself
+    cols, rows = np.nonzero(symbols.T)     # column-major order, rows ascending within a column
+    kept = symbols.T[cols, rows]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = cols[1:] != cols[:-1]
+    previous_end = np.zeros(len(rows), dtype=np.int64)
+    previous_end[1:] = rows[:-1] + 1
+    gaps = rows - np.where(first, 0, previous_end)
+    fillers = gaps // step
+    per_kept = fillers + 1
+    total = int(per_kept.sum())
+    entry_symbols = np.zeros(total, dtype=kept.dtype)
+    relative = np.full(total, step - 1, dtype=np.int64)
+    at = np.cumsum(per_kept) - 1           # where each kept weight lands, after its fillers
+    entry_symbols[at] = kept
+    relative[at] = gaps - fillers * step
+    counts = np.bincount(cols, weights=per_kept, minlength=symbols.shape[1]).astype(np.int64)
+    return entry_symbols, relative, counts
+
+
+def decode_csc(entry_symbols: np.ndarray, relative: np.ndarray, counts: np.ndarray,
+               rows: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_csc` without the fillers.
+
+    Returns ``(col_ptr, row_indices, symbols)`` of the kept weights (standard CSC, int64 pointers).
+    Raises :class:`FormatError` when the entries do not fit a matrix with ``rows`` rows.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(entry_symbols) != len(relative) or counts.sum() != len(relative) or (counts < 0).any():
+        raise FormatError("sparse index streams disagree: entry count, relative indices and "
+                          "column counts do not match")
+    col_of = np.repeat(np.arange(len(counts)), counts)
+    advance = np.cumsum(np.asarray(relative, dtype=np.int64) + 1)
+    col_start = np.concatenate(([0], np.cumsum(counts)))
+    base = np.concatenate(([0], advance))[col_start[:-1]]
+    row = advance - base[col_of] - 1
+    if len(row) and (row.max() >= rows):
+        raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
+    keep = entry_symbols != 0
+    kept_cols = col_of[keep]
+    col_ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(kept_cols, minlength=len(counts)), out=col_ptr[1:])
+    return col_ptr, row[keep], np.asarray(entry_symbols)[keep]
+
+
+def csc_to_dense_symbols(col_ptr: np.ndarray, row_indices: np.ndarray, symbols: np.ndarray,
+                         rows: int, dtype=None) -> np.ndarray:
+    """Scatter CSC symbols into a dense ``rows x cols`` symbol matrix (0 where pruned)."""
+    cols = len(col_ptr) - 1
+    out = np.zeros((rows, cols), dtype=dtype or symbols.dtype)
+    col_of = np.repeat(np.arange(cols), np.diff(col_ptr))
+    out[row_indices, col_of] = symbols
+    return out
