@@ -1,0 +1,48 @@
+"""Weight sharing: 1-D k-means with linear initialisation (Han et al. 2016, section 3.1).
+
+Linear initialisation spaces the centroids evenly between the smallest and largest weight, which
+the paper found best because it keeps centroids for the rare large weights that matter most.
+Lloyd's iterations run on the sorted weights with prefix sums, so each iteration costs
+O(k log n) instead of O(n k): a 100M-weight layer clusters in seconds.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 100) -> Tuple[np.ndarray, np.ndarray]:
+    """Cluster ``values`` into at most ``k`` centroids.
+
+    Returns ``(codebook, labels)``: the float32 centroids in ascending order (empty clusters
+    dropped) and, for every value, the index of its nearest centroid. Deterministic.
+    """
+    values = np.asarray(values, dtype=np.float32).ravel()
+    if values.size == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    x = np.sort(values.astype(np.float64))
+    prefix = np.concatenate(([0.0], np.cumsum(x)))
+    centroids = np.linspace(x[0], x[-1], k)
+    for _ in range(iterations):
+        ends = np.searchsorted(x, (centroids[1:] + centroids[:-1]) / 2)
+        starts = np.concatenate(([0], ends))
+        stops = np.concatenate((ends, [x.size]))
+        counts = stops - starts
+        sums = prefix[stops] - prefix[starts]
+        updated = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        if np.array_equal(updated, centroids):
+            break
+        centroids = updated
+    ends = np.searchsorted(x, (centroids[1:] + centroids[:-1]) / 2)
+    counts = np.diff(np.concatenate(([0], ends, [x.size])))
+    codebook = np.unique(centroids[counts > 0].astype(np.float32))
+    return codebook, assign(values, codebook)
+
+
+def assign(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of a sorted ``codebook`` for every value."""
+    if codebook.size == 1:
+        return np.zeros(values.shape, np.int64)
+    mids = (codebook[1:].astype(np.float64) + codebook[:-1]) / 2
+    return np.searchsorted(mids, values.astype(np.float64), side="left")

@@ -1,0 +1,106 @@
+"""``dcrt.convert``: a source model to a ``.dcm`` file through the Deep Compression pipeline.
+
+frontend -> graph clean-up (BatchNorm folding) -> operator check -> plan -> prune -> cluster ->
+entropy-code -> atomic write -> report.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from dcrt.errors import ConversionError, UnsupportedOperatorError
+from dcrt.format.tensor import TensorRecord
+from dcrt.format.writer import write_dcm
+from dcrt.graph import Model
+
+from . import passes
+from .compress import compress_tensor
+from .plan import LayerPlan, load_config, make_plan, plan_to_json
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ConversionResult:
+    """What ``convert`` produced: the per-tensor records, the decoded weights, the sizes."""
+
+    output: str
+    file_bytes: int
+    source: Dict[str, Any]
+    records: Dict[str, TensorRecord]
+    plans: Dict[str, LayerPlan]
+    weights: Dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # what the file decodes to
+    model: Optional[Model] = field(repr=False, default=None)
+
+
+def load_model(path: str, weights: Optional[str] = None) -> Model:
+    """Read any supported source model into the IR, by file extension."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        from .onnx_frontend import from_onnx
+        return from_onnx(path)
+    if ext in (".h5", ".keras", ".hdf5", ".prototxt", ".caffemodel"):
+        raise ConversionError(f"{path}: the Keras and Caffe frontends are not in this version of dcrt yet; "
+                              "export the model to ONNX (tf2onnx, or caffe2onnx) and convert the .onnx")
+    raise ConversionError(f"{path}: unknown model format {ext!r}; dcrt converts .onnx files")
+
+
+def source_info(path: str, model: Model) -> Dict[str, Any]:
+    """Sizes of the original model file(s): what `dcrt size` compares against."""
+    files = [path]
+    if path.lower().endswith(".onnx"):
+        from .onnx_frontend import external_files, onnx
+        files += external_files(onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path)))
+    data = b"".join(open(f, "rb").read() for f in files if os.path.exists(f))
+    weight_bytes = sum(v.nbytes for v in model.graph.initializers.values())
+    return {"format": "onnx", "file_name": os.path.basename(path), "file_bytes": len(data),
+            "gzip_bytes": len(gzip.compress(data, 9, mtime=0)), "weight_bytes": weight_bytes}
+
+
+def check_operators(model: Model) -> None:
+    """Refuse a model whose operators the runtime cannot run, listing all of them at once."""
+    from dcrt.runtime.ops import unsupported
+    missing = unsupported(model.graph)
+    if missing:
+        raise UnsupportedOperatorError(
+            f"the model uses operator(s) dcrt's runtime does not implement: {', '.join(missing)}", missing)
+
+
+def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Optional[int] = None,
+            sparsity: Optional[float] = None, threshold: Optional[float] = None, prune: bool = True,
+            coder: Optional[str] = None, config: Optional[str | Dict[str, Any]] = None, force: bool = False,
+            progress: Optional[Progress] = None) -> ConversionResult:
+    """Convert ``source`` (an ``.onnx`` file) into ``output`` (``.dcm``).
+
+    ``bits``, ``sparsity``, ``threshold``, ``coder`` override the paper's per-category defaults for
+    every layer; ``config`` (a YAML/JSON path or dict) sets them per op type or per layer;
+    ``prune=False`` keeps every non-zero weight. Returns a :class:`ConversionResult`.
+    """
+    if os.path.exists(output) and not force:
+        raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
+    model = load_model(source, weights)
+    info = source_info(source, model)
+    passes.simplify(model.graph)
+    check_operators(model)
+    if isinstance(config, str):
+        config = load_config(config)
+    flags = {"bits": bits, "sparsity": sparsity, "threshold": threshold, "coder": coder}
+    if not prune:
+        flags["prune"] = False
+    plans = make_plan(model.graph, flags, config)
+    records: Dict[str, TensorRecord] = {}
+    decoded: Dict[str, np.ndarray] = {}
+    for i, name in enumerate(sorted(plans)):
+        if progress:
+            progress(i, len(plans), name)
+        records[name], decoded[name] = compress_tensor(name, model.graph.initializers[name], plans[name])
+    if progress:
+        progress(len(plans), len(plans), "")
+    size = write_dcm(output, model, records, info, plan_to_json(plans))
+    for name, value in model.graph.initializers.items():
+        decoded.setdefault(name, value)
+    return ConversionResult(output, size, info, records, plans, decoded, model)

@@ -1,0 +1,148 @@
+"""ONNX frontend: an ``onnx.ModelProto`` (or ``.onnx`` file) to dcrt's graph IR.
+
+Initializers become numpy arrays (external data files are read), top-level ``Constant`` nodes become
+initializers (exporters often hold weights in them), initializers listed again as graph inputs are
+dropped from the inputs, and attribute values become plain Python values.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Tuple, Union
+
+import numpy as np
+
+from dcrt.errors import ConversionError
+from dcrt.graph import Graph, Model, Node, ValueInfo
+
+try:
+    import onnx
+    from onnx import helper, numpy_helper
+except ImportError as e:  # pragma: no cover - the [convert] extra is missing
+    raise ConversionError("converting ONNX models needs the onnx package: pip install 'dcrt[convert]'") from e
+
+
+def load(path: str) -> onnx.ModelProto:
+    """Read an ONNX file with its external data; ConversionError if it is unreadable."""
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise ConversionError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    missing = sorted({_external_location(t) for t in _all_initializers(model.graph)
+                      if t.data_location == onnx.TensorProto.EXTERNAL
+                      and not os.path.exists(os.path.join(folder, _external_location(t)))})
+    if missing:
+        raise ConversionError(f"{path} keeps its weights in external data file(s) {', '.join(missing)} "
+                              f"that are not in {folder}; put them next to the model file")
+    try:
+        onnx.load_external_data_for_model(model, folder)
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot read external data ({e})") from None
+    return model
+
+
+def external_files(model: onnx.ModelProto, folder: str) -> list:
+    """Paths of the external data files a model refers to (for size reports)."""
+    names = {_external_location(t) for t in _all_initializers(model.graph)
+             if t.data_location == onnx.TensorProto.EXTERNAL}
+    return sorted(os.path.join(folder, n) for n in names if n)
+
+
+def from_onnx(model: Union[onnx.ModelProto, str]) -> Model:
+    """Translate an ONNX model (proto or path) into the dcrt IR."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load(os.fspath(model))
+    opsets = {o.domain if o.domain != "ai.onnx" else "": int(o.version) for o in model.opset_import}
+    graph = _graph(model.graph, top=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return Model(graph, opsets or {"": 17}, meta)
+
+
+def _external_location(t) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _all_initializers(g):
+    yield from g.initializer
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_initializers(sub)
+
+
+def _array(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:
+        raise ConversionError(f"tensor {t.name!r} cannot be read ({e})") from None
+    if arr.dtype == object:
+        raise ConversionError(f"tensor {t.name!r} holds strings, which dcrt does not support")
+    return np.array(arr)  # own, writable, contiguous
+
+
+def _value_info(vi: onnx.ValueInfoProto) -> ValueInfo:
+    tt = vi.type.tensor_type
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.float32
+    except Exception:
+        raise ConversionError(f"value {vi.name!r} has an element type dcrt does not support "
+                              f"({onnx.TensorProto.DataType.Name(tt.elem_type)})") from None
+    shape = None
+    if tt.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return ValueInfo(vi.name, dtype, shape)
+
+
+def _attr(a: onnx.AttributeProto) -> Any:
+    kind = a.type
+    if kind == onnx.AttributeProto.TENSOR:
+        return _array(a.t)
+    if kind == onnx.AttributeProto.TENSORS:
+        return [_array(t) for t in a.tensors]
+    if kind == onnx.AttributeProto.GRAPH:
+        return _graph(a.g)
+    if kind == onnx.AttributeProto.GRAPHS:
+        return [_graph(g) for g in a.graphs]
+    if kind in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS,
+                onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+        raise ConversionError(f"attribute {a.name!r} has type {onnx.AttributeProto.AttributeType.Name(kind)}, "
+                              "which dcrt does not support")
+    value = helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, list):
+        return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def _constant_value(node: Node):
+    """The tensor a Constant node produces, or None if it is not a plain constant."""
+    a = node.attrs
+    if "value" in a:
+        return a["value"]
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return np.array(a[key], dtype=dtype)
+    return None
+
+
+def _graph(g: onnx.GraphProto, top: bool = False) -> Graph:
+    inits: Dict[str, np.ndarray] = {t.name: _array(t) for t in g.initializer}
+    nodes = []
+    outputs = {o.name for o in g.output}
+    for n in g.node:
+        node = Node(n.op_type, list(n.input), list(n.output), {a.name: _attr(a) for a in n.attribute},
+                    n.name, n.domain if n.domain != "ai.onnx" else "")
+        value = _constant_value(node) if (top and node.op_type == "Constant" and not node.domain) else None
+        if value is not None and node.outputs[0] not in outputs:
+            inits[node.outputs[0]] = np.asarray(value)
+            continue
+        nodes.append(node)
+    inputs = [_value_info(v) for v in g.input if v.name not in inits]
+    return Graph(nodes, inputs, [_value_info(v) for v in g.output], inits, g.name)

@@ -1,0 +1,126 @@
+"""Graph clean-up before compression: fold BatchNorm into the layer before it, drop Dropout/Identity.
+
+Folding matters for compression, not only speed: the BN scale is multiplied into the weights before
+they are clustered, so the codebook describes the weights actually used at inference.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from dcrt.graph import Graph, Node
+
+
+def simplify(graph: Graph) -> Graph:
+    """Apply every pass in order; returns the same (mutated) graph."""
+    fold_batchnorm(graph)
+    drop_identities(graph)
+    return graph
+
+
+def _rename_input(graph: Graph, old: str, new: str) -> None:
+    for node in graph.nodes:
+        node.inputs = [new if i == old else i for i in node.inputs]
+        for value in node.attrs.values():  # subgraphs may read outer-scope names
+            for sub in (value if isinstance(value, list) else [value]):
+                if isinstance(sub, Graph):
+                    _rename_input(sub, old, new)
+
+
+def _used_in_subgraph(graph: Graph, name: str) -> bool:
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, list) else [value]):
+                if isinstance(sub, Graph) and (any(name in n.inputs for n in sub.nodes)
+                                               or _used_in_subgraph(sub, name)):
+                    return True
+    return False
+
+
+def drop_identities(graph: Graph) -> None:
+    """Remove Identity and inference-time Dropout nodes whose output is not a graph output."""
+    outputs = {o.name for o in graph.outputs}
+    kept: List[Node] = []
+    for node in graph.nodes:
+        removable = (node.op_type in ("Identity", "Dropout") and not node.domain
+                     and node.inputs and node.inputs[0]
+                     and node.outputs[0] not in outputs
+                     and all(not o for o in node.outputs[1:]))
+        if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
+            removable = False  # training_mode given as an input: leave it to the runtime
+        if removable:
+            _rename_input(graph, node.outputs[0], node.inputs[0])
+        else:
+            kept.append(node)
+    graph.nodes = kept
+
+
+def fold_batchnorm(graph: Graph) -> None:
+    """Fold ``BatchNormalization`` into a preceding Conv / ConvTranspose (group 1) / Gemm.
+
+    Only when the layer's weights are initializers used by that layer alone and the layer's output
+    feeds the BatchNormalization alone.
+    """
+    inits = graph.initializers
+    consumers = graph.consumers()
+    producers = graph.producers()
+    outputs = {o.name for o in graph.outputs}
+    weight_users: Dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            weight_users[name] = weight_users.get(name, 0) + 1
+    removed = set()
+    for bn in graph.nodes:
+        if bn.op_type != "BatchNormalization" or bn.domain or len([o for o in bn.outputs if o]) != 1:
+            continue
+        if bn.attrs.get("training_mode", 0) or not all(i in inits for i in bn.inputs[1:5]):
+            continue
+        layer = producers.get(bn.inputs[0])
+        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or layer.domain:
+            continue
+        x = bn.inputs[0]
+        if len(consumers.get(x, [])) != 1 or x in outputs or _used_in_subgraph(graph, x):
+            continue
+        weights = layer.inputs[1] if len(layer.inputs) > 1 else ""
+        bias = layer.inputs[2] if len(layer.inputs) > 2 else ""
+        if weights not in inits or weight_users.get(weights, 0) != 1:
+            continue
+        if bias and (bias not in inits or weight_users.get(bias, 0) != 1):
+            continue
+        scale, beta, mean, var = (inits[n].astype(np.float64) for n in bn.inputs[1:5])
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        factor = scale / np.sqrt(var + eps)
+        w = inits[weights].astype(np.float64)
+        if layer.op_type == "Conv":
+            w = w * factor.reshape((-1,) + (1,) * (w.ndim - 1))
+            b = inits[bias].astype(np.float64) if bias else np.zeros(w.shape[0])
+        elif layer.op_type == "ConvTranspose":
+            if layer.attrs.get("group", 1) != 1:
+                continue
+            w = w * factor.reshape((1, -1) + (1,) * (w.ndim - 2))
+            b = inits[bias].astype(np.float64) if bias else np.zeros(w.shape[1])
+        else:  # Gemm: y = alpha * A @ B' + beta * C, BN per output column
+            if layer.attrs.get("transA", 0) or w.ndim != 2:
+                continue
+            alpha, beta_c = float(layer.attrs.get("alpha", 1.0)), float(layer.attrs.get("beta", 1.0))
+            trans_b = layer.attrs.get("transB", 0)
+            w = alpha * (w * factor[:, None] if trans_b else w * factor[None, :])
+            c = inits[bias].astype(np.float64) if bias else np.zeros(1)
+            if c.ndim > 1 and c.shape[0] != 1:
+                continue
+            b = beta_c * np.broadcast_to(c.reshape(-1), factor.shape)
+            layer.attrs["alpha"], layer.attrs["beta"] = 1.0, 1.0
+        b = (b - mean) * factor + beta
+        dtype = inits[weights].dtype
+        inits[weights] = w.astype(dtype)
+        bias_name = bias or f"{weights}.bn_bias"
+        inits[bias_name] = b.astype(dtype)
+        layer.inputs = [layer.inputs[0], weights, bias_name]
+        layer.outputs = [bn.outputs[0]]
+        removed.add(id(bn))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    used = {i for n in graph.nodes for i in n.inputs}
+    for n in list(inits):
+        if n not in used and not _used_in_subgraph(graph, n):
+            del inits[n]

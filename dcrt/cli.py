@@ -1,0 +1,203 @@
+"""The ``dcrt`` command line: convert, inspect, size, verify, run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+from . import __version__
+from .errors import DcrtError
+from .report import human
+
+
+def _progress_bar(stream=sys.stderr):
+    """A per-layer progress bar on stderr (one line per layer when not a terminal)."""
+    start = time.perf_counter()
+    tty = stream.isatty()
+
+    def show(done: int, total: int, name: str) -> None:
+        width = 24
+        filled = width * done // max(total, 1)
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {done}/{total} {name}"
+        if done == total:
+            line = f"[{bar}] {total}/{total} layers in {time.perf_counter() - start:.1f} s"
+        if tty:
+            stream.write("\r" + line[:100].ljust(100) + ("\n" if done == total else ""))
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+    return show
+
+
+def _cmd_convert(a) -> int:
+    from .converters.convert import convert
+    from .report import inspect, size
+    result = convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity,
+                     threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=a.config,
+                     force=a.force, progress=None if a.quiet else _progress_bar())
+    if not a.quiet:
+        info = inspect(a.output)
+        _print_layers(info, only_coded=True)
+        _print_size(size(a.output))
+    return 0
+
+
+def _print_layers(info, only_coded: bool = False) -> None:
+    rows = [r for r in info["layers"] if not only_coded or r["encoding"] != "raw"]
+    head = f"{'layer':<28} {'op':<13} {'shape':<18} {'sparsity':>8} {'codebook':>8} {'bits/w':>7} " \
+           f"{'coder':<12} {'original':>10} {'coded':>10} {'ratio':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"]) or "scalar"
+        print(f"{r['layer'][:28]:<28} {r['op'][:13]:<13} {shape[:18]:<18} {100 * r['sparsity']:7.1f}% "
+              f"{r['codebook'] or '-':>8} {r['bits_per_weight']:7.2f} {r['coder'][:12]:<12} "
+              f"{human(r['original_bytes']):>10} {human(r['coded_bytes']):>10} {r['ratio']:6.1f}x")
+    t = info["total"]
+    print("-" * len(head))
+    print(f"{'total (all ' + str(t['layers']) + ' tensors)':<28} {'':<13} {t['weights']:<18,} "
+          f"{100 * t['sparsity']:7.1f}% {'':>8} {t['bits_per_weight']:7.2f} {'':<12} "
+          f"{human(t['original_bytes']):>10} {human(t['coded_bytes']):>10} {t['ratio']:6.1f}x")
+
+
+def _print_size(r) -> None:
+    o, m = r["original"], r["memory_bytes"]
+    print()
+    print(f"{'':<34} {'.dcm':>10} {'original':>10} {'ratio':>7}")
+    rows = [("download (gzip -9)", r["download_bytes"], o.get("gzip_bytes")),
+            ("extracted (installed file)", r["extracted_bytes"], o.get("file_bytes")),
+            ("memory, index mode (default)", m["index"], o.get("weight_bytes")),
+            ("memory, dense mode (float32)", m["dense"], o.get("weight_bytes")),
+            ("memory, stream mode (peak)", m["stream"], o.get("weight_bytes"))]
+    for label, ours, theirs in rows:
+        ratio = f"{theirs / ours:6.1f}x" if theirs and ours else ""
+        print(f"{label:<34} {human(ours):>10} {human(theirs) if theirs else '-':>10} {ratio:>7}")
+    if o.get("file_name"):
+        print(f"(original: {o['file_name']}; memory rows compare with its weights as stored)")
+
+
+def _cmd_inspect(a) -> int:
+    from .report import inspect
+    info = inspect(a.model)
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['file']}: {info['producer']}, format {info['format_version']}, {info['nodes']} nodes, "
+          f"opsets {info['opsets']}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            print(f"  {kind[:-1]} {v['name']}: {v['dtype']} {v['shape']}")
+    _print_layers(info)
+    return 0
+
+
+def _cmd_size(a) -> int:
+    from .report import size
+    r = size(a.model, a.original)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(a.model)
+        _print_size(r)
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from .format import open_dcm
+    with open_dcm(a.model) as dcm:
+        problems = dcm.verify()
+        for name, problem in problems.items():
+            print(f"DAMAGED {name}: {problem}")
+        if problems:
+            return 1
+        print(f"{a.model}: graph and {len(dcm.tensors)} tensors verified, all decode")
+    return 0
+
+
+def _cmd_run(a) -> int:
+    import numpy as np
+
+    from .runtime.session import Session
+    sess = Session(a.model, mode=a.mode)
+    feeds = {}
+    names = [i.name for i in sess.get_inputs()]
+    for spec in a.input:
+        name, _, path = spec.rpartition("=")
+        feeds[name or names[len(feeds)]] = np.load(path)
+    outputs = sess.run(None, feeds)
+    if a.output:
+        if len(outputs) == 1:
+            np.save(a.output, outputs[0])
+        else:
+            np.savez(a.output, **{o.name: v for o, v in zip(sess.get_outputs(), outputs)})
+    for o, v in zip(sess.get_outputs(), outputs):
+        print(f"{o.name}: {v.dtype} {list(v.shape)}")
+        if not a.output:
+            print(np.array2string(v, threshold=50, precision=5))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcrt", description="Deep Compression converter and runtime for edge devices")
+    p.add_argument("--version", action="version", version=f"dcrt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="compress an ONNX model into a .dcm file")
+    c.add_argument("model", help="source model (.onnx)")
+    c.add_argument("-o", "--output", required=True, help="the .dcm file to write")
+    c.add_argument("--weights", help="weights file (Caffe .caffemodel)")
+    c.add_argument("--bits", type=int, help="codebook index bits for every layer (default: 8 conv, 5 fc); 32 = no clustering")
+    c.add_argument("--sparsity", type=float, help="fraction of weights to prune in every layer (default: 0.5 conv, 0.9 fc)")
+    c.add_argument("--threshold", type=float, help="prune weights with |w| <= threshold instead")
+    c.add_argument("--no-prune", action="store_true", help="keep every non-zero weight")
+    c.add_argument("--coder", help="none, huffman (default), lzw, huffman+lzw, lzw+huffman or auto (smallest per stream)")
+    c.add_argument("--config", help="per-layer plan (YAML or JSON): defaults / op_types / layers")
+    c.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("inspect", help="per-layer table of a .dcm (no decoding)")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("size", help="download / installed / memory size against the original model")
+    s.add_argument("model")
+    s.add_argument("original", nargs="?", help="the original model file (default: sizes stored at conversion)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_size)
+
+    v = sub.add_parser("verify", help="check every checksum and decode every tensor")
+    v.add_argument("model")
+    v.set_defaults(func=_cmd_verify)
+
+    r = sub.add_parser("run", help="run a .dcm on inputs saved with numpy.save")
+    r.add_argument("model")
+    r.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE.npy")
+    r.add_argument("--output", help="save the output (.npy, or .npz for several outputs)")
+    r.add_argument("--mode", default="index", choices=("index", "dense", "stream"))
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``dcrt`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DcrtError as e:
+        print(f"dcrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dcrt: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"dcrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

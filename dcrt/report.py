@@ -1,0 +1,102 @@
+"""Size and per-layer reports (``dcrt size``, ``dcrt inspect``) computed from a ``.dcm`` file alone."""
+from __future__ import annotations
+
+import gzip
+import os
+from typing import Any, Dict, List, Optional
+
+from .format import DcmFile, open_dcm
+from .format.tensor import QUANTIZED, SPARSE
+from .memory import resident_bytes
+
+
+def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
+    """One row per stored tensor, in graph order, from the stored stats (no decoding)."""
+    graph = dcm.model.graph
+    order, ops = [], {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name in graph.initializers and name not in ops:
+                ops[name] = node.op_type
+                order.append(name)
+    order += sorted(set(graph.initializers) - set(ops))
+    rows = []
+    for name in order:
+        t = graph.initializers[name]
+        s, rec = t.stats, t.record
+        coded = rec.encoding in (QUANTIZED, SPARSE)
+        rows.append({
+            "layer": name, "op": ops.get(name, ""), "shape": list(t.shape), "encoding": t.encoding,
+            "weights": s.element_count, "sparsity": s.sparsity, "codebook": s.codebook_size,
+            "index_bits": s.index_bits if coded else 0, "coder": rec.indices.name() if rec.indices else "-",
+            "bits_per_weight": s.bits_per_weight, "original_bytes": s.original_bytes,
+            "coded_bytes": s.coded_bytes, "ratio": s.ratio})
+    return rows
+
+
+def totals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Totals over rows: weights, bytes, average bits per weight, compression ratio."""
+    weights = sum(r["weights"] for r in rows)
+    nonzero = sum(r["weights"] * (1 - r["sparsity"]) for r in rows)
+    orig, coded = sum(r["original_bytes"] for r in rows), sum(r["coded_bytes"] for r in rows)
+    return {"layers": len(rows), "weights": weights, "sparsity": 1 - nonzero / weights if weights else 0.0,
+            "original_bytes": orig, "coded_bytes": coded,
+            "bits_per_weight": 8.0 * coded / weights if weights else 0.0,
+            "ratio": orig / coded if coded else 1.0}
+
+
+def inspect(path: str) -> Dict[str, Any]:
+    """Everything ``dcrt inspect`` shows, as a dictionary."""
+    with open_dcm(path) as dcm:
+        rows = layer_rows(dcm)
+        g = dcm.model.graph
+        return {"file": path, "producer": dcm.producer, "format_version": "%d.%d" % dcm.format_version,
+                "opsets": dcm.model.opsets, "source": dcm.source,
+                "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
+                "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.outputs],
+                "nodes": len(g.nodes), "layers": rows, "total": totals(rows)}
+
+
+def gzip_size(data: bytes) -> int:
+    """Bytes after ``gzip -9``: what an app store or a download actually moves."""
+    return len(gzip.compress(data, 9, mtime=0))
+
+
+def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
+    """Download / extracted / in-memory sizes of a ``.dcm``, against the original model."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open_dcm(data) as dcm:
+        memory = resident_bytes(t.record for t in dcm.tensors.values())
+        source = dict(dcm.source)
+    if original:
+        from_files = [original] + _external_files(original)
+        blob = b"".join(open(p, "rb").read() for p in from_files)
+        source.update(file_name=os.path.basename(original), file_bytes=len(blob), gzip_bytes=gzip_size(blob))
+    report = {"file": path, "download_bytes": gzip_size(data), "extracted_bytes": len(data),
+              "memory_bytes": memory, "original": source}
+    if source.get("file_bytes"):
+        report["download_ratio"] = source["gzip_bytes"] / report["download_bytes"]
+        report["extracted_ratio"] = source["file_bytes"] / report["extracted_bytes"]
+    return report
+
+
+def _external_files(path: str) -> List[str]:
+    """External data files beside an ONNX model (only when onnx is installed)."""
+    if not path.lower().endswith(".onnx"):
+        return []
+    try:
+        import onnx
+    except ImportError:
+        return []
+    from .converters.onnx_frontend import external_files
+    return external_files(onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path)))
+
+
+def human(n: float) -> str:
+    """Bytes as B / KB / MB (powers of 1000, like app stores)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"
