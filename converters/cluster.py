@@ -12,7 +12,7 @@ from typing import Tuple
 import numpy as np
 
 
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 100) -> Tuple[np.ndarray, np.ndarray]:
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
     """Cluster ``values`` into at most ``k`` centroids.
 
     Returns ``(codebook, labels)``: the float32 centroids in ascending order (empty clusters

@@ -156,7 +156,7 @@ def weight_uses(graph: Graph) -> Dict[str, List[Tuple[str, str, int]]]:
 
 def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
               config: Optional[Dict[str, Any]] = None) -> Dict[str, LayerPlan]:
-    """The plan of every initializer that will be compressed (others are stored raw)."""
+    """The plan of every compressible initializer (those with ``skip`` are stored raw, as are the rest)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     check_values(flags, "options")
     config = config or {}
@@ -176,9 +176,7 @@ def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
         for pattern, layer_opts in (config.get("layers") or {}).items():
             if fnmatch.fnmatchcase(name, pattern) or (node and fnmatch.fnmatchcase(node, pattern)):
                 opts.update(layer_opts)
-        plan = replace(LayerPlan(category=category, op_type=op_type, node=node), **opts)
-        if not plan.skip:
-            plans[name] = plan
+        plans[name] = replace(LayerPlan(category=category, op_type=op_type, node=node), **opts)
     return plans
 
 

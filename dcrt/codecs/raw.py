@@ -8,6 +8,7 @@ checking the common stage fields and the symbols given to an encoder, and MSB-fi
 """
 from __future__ import annotations
 
+import os
 import sys
 from numbers import Integral
 from typing import Tuple, Union
@@ -35,6 +36,27 @@ def as_bytes(payload: Payload) -> np.ndarray:
         return np.frombuffer(payload, dtype=np.uint8)
     except (TypeError, ValueError) as exc:
         raise FormatError(f"payload is not a contiguous byte buffer ({exc})") from None
+
+
+def numba_kernels():
+    """The compiled kernels module (``dcrt.codecs._numba``), or None if numba is missing or disabled.
+
+    Setting the environment variable ``DCRT_NO_NUMBA`` (to anything but ``0``) forces the numpy
+    decoders; it is read on every call so tests and benchmarks can flip it.
+    """
+    global _KERNELS
+    if os.environ.get("DCRT_NO_NUMBA", "0") not in ("", "0"):
+        return None
+    if _KERNELS is None:
+        try:
+            from . import _numba as kernels
+        except Exception:  # numba absent or broken (e.g. built against another numpy): fall back to numpy
+            kernels = False
+        _KERNELS = kernels
+    return _KERNELS or None
+
+
+_KERNELS = None
 
 
 def check_stage(stage: Stage, coder: Coder, max_alphabet: int) -> Tuple[int, int]:
