@@ -91,7 +91,8 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     flags = {"bits": bits, "sparsity": sparsity, "threshold": threshold, "coder": coder}
     if not prune:
         flags["prune"] = False
-    plans = make_plan(model.graph, flags, config)
+    all_plans = make_plan(model.graph, flags, config)
+    plans = {name: p for name, p in all_plans.items() if not p.skip}
     records: Dict[str, TensorRecord] = {}
     decoded: Dict[str, np.ndarray] = {}
     for i, name in enumerate(sorted(plans)):
@@ -100,7 +101,7 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
         records[name], decoded[name] = compress_tensor(name, model.graph.initializers[name], plans[name])
     if progress:
         progress(len(plans), len(plans), "")
-    size = write_dcm(output, model, records, info, plan_to_json(plans))
+    size = write_dcm(output, model, records, info, plan_to_json(all_plans))
     for name, value in model.graph.initializers.items():
         decoded.setdefault(name, value)
     return ConversionResult(output, size, info, records, plans, decoded, model)
