@@ -12,8 +12,9 @@ from .errors import DcrtError
 from .report import human
 
 
-def _progress_bar(stream=sys.stderr):
+def _progress_bar(stream=None):
     """A per-layer progress bar on stderr (one line per layer when not a terminal)."""
+    stream = stream or sys.stderr
     start = time.perf_counter()
     tty = stream.isatty()
 

@@ -342,16 +342,16 @@ def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np
     base = 8 * base_byte  # positions below are counted from this bit
     limit = int(c.ends[last - 1]) - base
     nbytes = -(-limit // 8)
-    win = w32[base_byte: base_byte + nbytes]
+    win = w32[base_byte: base_byte + nbytes + 1]  # one spare window: sink positions peek there
     # Length of the code starting at every bit position of the group (0: no code starts there).
     if rows is not None:
-        at = np.take(rows, win >> 16).view(np.uint8)
+        at = np.take(rows, win[:nbytes] >> 16).view(np.uint8)
         hard = np.flatnonzero(at == 0)  # a long code at a high bit offset, or no code at all
         at[hard] = lens[(win[hard >> 3] >> (16 - (hard & 7)).astype(np.uint32)) & 0xFFFF]
         nocode = hard[at[hard] == 0]
     else:
         shifts = np.arange(16, 8, -1, dtype=np.uint32)
-        at = lens[((win[:, None] >> shifts) & 0xFFFF).ravel()]
+        at = lens[((win[:nbytes, None] >> shifts) & 0xFFFF).ravel()]
         nocode = np.flatnonzero(at == 0)
     # next[p]: where the following code starts; `sink` marks no code, or a code running past the group.
     sink = limit + 1

@@ -1,0 +1,88 @@
+"""The dcrt command: convert / inspect / size / verify, and errors as messages with a non-zero exit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dcrt.cli import main
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, onnx_path):
+    out = tmp_path_factory.mktemp("cli") / "lenet5.dcm"
+    assert main(["convert", str(onnx_path("lenet5")), "-o", str(out), "-q"]) == 0
+    return out
+
+
+def test_convert_prints_progress_table_and_summary(tmp_path, onnx_path, capsys):
+    out = tmp_path / "m.dcm"
+    assert main(["convert", str(onnx_path("lenet_300_100")), "-o", str(out), "--bits", "4",
+                 "--sparsity", "0.8", "--coder", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "3/3 layers" in captured.err                       # the progress bar ran to the end
+    assert "fc1.weight" in captured.out and "download (gzip -9)" in captured.out
+    assert "80.0%" in captured.out
+
+
+def test_inspect_json_matches_stored_stats(converted, capsys):
+    assert main(["inspect", str(converted), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = {r["layer"]: r for r in info["layers"]}
+    assert rows["fc1.weight"]["shape"] == [500, 800] and rows["fc1.weight"]["codebook"] <= 31
+    assert rows["fc1.weight"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert rows["conv1.weight"]["sparsity"] == pytest.approx(0.5, abs=2e-3)
+    assert info["total"]["weights"] == 431080
+    assert info["total"]["ratio"] > 10
+    assert main(["inspect", str(converted)]) == 0
+    text = capsys.readouterr().out
+    assert "bits/w" in text and "conv2.weight" in text and "total" in text
+
+
+def test_size_against_original(converted, onnx_path, capsys):
+    original = onnx_path("lenet5")
+    assert main(["size", str(converted), str(original), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["extracted_bytes"] == converted.stat().st_size
+    assert r["original"]["file_bytes"] == original.stat().st_size
+    assert r["download_bytes"] <= r["extracted_bytes"] < r["original"]["gzip_bytes"]
+    assert r["memory_bytes"]["index"] < r["memory_bytes"]["dense"] / 3
+    assert r["memory_bytes"]["stream"] < r["memory_bytes"]["dense"]
+    assert main(["size", str(converted)]) == 0                 # original sizes stored in the file
+    assert "lenet5.onnx" in capsys.readouterr().out
+
+
+def test_verify(converted, tmp_path, capsys):
+    assert main(["verify", str(converted)]) == 0
+    data = bytearray(converted.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(bytes(data))
+    assert main(["verify", str(bad)]) != 0
+    out = capsys.readouterr()
+    assert "DAMAGED" in out.out or "damaged" in out.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/nonexistent.dcm"], "cannot open"),
+    (["convert", "/nonexistent.onnx", "-o", "x.dcm"], "no such file"),
+    (["convert", "model.h5", "-o", "x.dcm"], "Keras"),
+    (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--bits", "99"], "bits must be"),
+    (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--sparsity", "1.2"], "sparsity must be"),
+    (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--coder", "zip"], "coder must be"),
+])
+def test_errors_are_messages_not_tracebacks(args, message, tmp_path, onnx_path, capsys):
+    args = [a.format(onnx=onnx_path("lenet_300_100"), tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_python_m_dcrt_and_not_a_dcm(tmp_path):
+    bogus = tmp_path / "bogus.dcm"
+    bogus.write_bytes(b"\x00" * 64)
+    proc = subprocess.run([sys.executable, "-m", "dcrt", "inspect", str(bogus)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a .dcm" in proc.stderr and "Traceback" not in proc.stderr
