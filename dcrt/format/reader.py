@@ -72,6 +72,8 @@ class StoredTensor:
         self.verify()
         return self.record.decode()
 
+    dense = decode  # what the runtime's kernels call on a weight they cannot use in index form
+
     def index_form(self) -> Tuple[np.ndarray, np.ndarray]:
         """``(codebook, indices)`` with ``codebook[indices]`` the dense values (see TensorRecord)."""
         self.verify()

@@ -1,0 +1,177 @@
+"""``dcrt.Session``: run a ``.dcm`` model, with the API onnxruntime users already know.
+
+    sess = dcrt.Session("model.dcm")             # memory-mapped; nothing decoded yet
+    y = sess.run(x)                               # one input: the output (a list if several)
+    ys = sess.run(None, {"input": x})             # onnxruntime style: a list of outputs
+
+Weights are decoded lazily, on first use, and kept in one of three modes:
+
+- ``"index"`` (default): codebook + indices (and sparse positions) stay resident; Gemm, MatMul,
+  Conv and the RNN gate matrices compute from them without a dense float32 copy of the weight.
+- ``"dense"``: each weight is decoded to float32 once; fastest on a machine with memory to spare.
+- ``"stream"``: compressed weights are decoded for each use and dropped; lowest resident memory.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from dcrt import memory
+from dcrt.errors import InputError
+from dcrt.format import open_dcm
+from dcrt.format.reader import StoredTensor
+from dcrt.format.tensor import QUANTIZED, SPARSE
+from dcrt.graph import ValueInfo
+
+from .executor import Executor
+from .indexed import IndexedWeight, SparseWeight
+
+MODES = memory.MODES
+_ONNX_TYPE = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float64): "tensor(double)",
+              np.dtype(np.float16): "tensor(float16)", np.dtype(np.int64): "tensor(int64)",
+              np.dtype(np.int32): "tensor(int32)", np.dtype(np.int8): "tensor(int8)",
+              np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.bool_): "tensor(bool)"}
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """A model input or output, as onnxruntime's ``NodeArg``: name, shape (ints, names or None), type."""
+
+    name: str
+    shape: Optional[List[Any]]
+    type: str
+    dtype: np.dtype
+
+
+def _node_arg(v: ValueInfo) -> NodeArg:
+    return NodeArg(v.name, None if v.shape is None else list(v.shape),
+                   _ONNX_TYPE.get(v.dtype, f"tensor({v.dtype})"), v.dtype)
+
+
+def indexed_weight(t: StoredTensor):
+    """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``)."""
+    if t.record.encoding == SPARSE and memory.sparse_layout(t.record) == "csr":
+        col_ptr, rows, symbols = t.csc()
+        return SparseWeight.from_csc(t.codebook, col_ptr, rows, symbols, t.shape)
+    return IndexedWeight(*t.index_form())
+
+
+class Session:
+    """An inference session over a ``.dcm`` file (path, bytes or bytearray)."""
+
+    def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self._file = open_dcm(model)
+        m = self._file.model
+        self._executor = Executor(m.graph, m.opsets)
+        self._tensors: Dict[str, StoredTensor] = m.graph.initializers
+        self._inputs = [_node_arg(v) for v in m.graph.inputs]
+        self._outputs = [_node_arg(v) for v in m.graph.outputs]
+        self._cache: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- model facts ---------------------------------------------------------------------------
+    def get_inputs(self) -> List[NodeArg]:
+        """The model's inputs (name, shape, type)."""
+        return list(self._inputs)
+
+    def get_outputs(self) -> List[NodeArg]:
+        """The model's outputs (name, shape, type)."""
+        return list(self._outputs)
+
+    def get_modelmeta(self) -> Dict[str, Any]:
+        """Producer, format version, opsets, metadata and the source model's facts."""
+        f = self._file
+        return {"producer": f.producer, "format_version": f.format_version, "opsets": f.model.opsets,
+                "metadata": f.model.metadata, "source": f.source}
+
+    def resident_bytes(self) -> Dict[str, int]:
+        """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
+        report = memory.resident_bytes(t.record for t in self._tensors.values())
+        with self._lock:
+            report["now"] = sum(getattr(v, "nbytes", 0) for v in self._cache.values())
+        return report
+
+    # -- weights -------------------------------------------------------------------------------
+    def _weight(self, name: str) -> Any:
+        value = self._cache.get(name)
+        if value is not None:
+            return value
+        t = self._tensors[name]
+        compressed = t.record.encoding in (QUANTIZED, SPARSE)
+        if self.mode == "stream" and compressed:
+            return t.decode()
+        with self._lock:       # one thread decodes; the others wait and reuse it
+            value = self._cache.get(name)
+            if value is None:
+                value = indexed_weight(t) if compressed and self.mode == "index" else t.decode()
+                self._cache[name] = value
+        return value
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, output_names: Any = None, input_feed: Optional[Mapping[str, Any]] = None):
+        """Run the model.
+
+        ``run(None, {"name": x})`` / ``run(["out"], feed)``: a list of outputs, as onnxruntime.
+        ``run(x)`` for a one-input model: the output array, or a list when there are several.
+        """
+        short = input_feed is None and output_names is not None and not (
+            isinstance(output_names, (list, tuple)) and all(isinstance(n, str) for n in output_names))
+        if short:
+            if len(self._inputs) != 1:
+                raise InputError(f"the model has {len(self._inputs)} inputs "
+                                 f"({', '.join(i.name for i in self._inputs)}); pass a dict: run(None, {{name: array}})")
+            input_feed, output_names = {self._inputs[0].name: output_names}, None
+        if input_feed is None:
+            raise InputError("no inputs given: run(None, {name: array}) or run(x)")
+        feeds = self._check(input_feed)
+        names = list(output_names) if output_names is not None else [o.name for o in self._outputs]
+        known = {o.name for o in self._outputs}
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise InputError(f"unknown output(s) {', '.join(bad)}; the model's outputs are {', '.join(sorted(known))}")
+        results = self._executor.run(feeds, self._weight, names)
+        outputs = [results[n] for n in names]
+        if short:
+            return outputs[0] if len(outputs) == 1 else outputs
+        return outputs
+
+    def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+        expected = {i.name: i for i in self._inputs}
+        unknown = [n for n in feed if n not in expected]
+        if unknown:
+            raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the model's inputs are "
+                             + ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs))
+        missing = [n for n in expected if n not in feed]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(missing)}; expected "
+                             + ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs))
+        feeds = {}
+        for name, value in feed.items():
+            arg, x = expected[name], np.asarray(value)
+            if x.dtype != arg.dtype:
+                raise InputError(f"input {name!r} must be {arg.dtype} ({arg.type}), got {x.dtype}; "
+                                 f"convert it with x.astype(np.{arg.dtype.name})")
+            if arg.shape is not None:
+                if x.ndim != len(arg.shape) or any(isinstance(d, int) and d != s for d, s in zip(arg.shape, x.shape)):
+                    raise InputError(f"input {name!r} must have shape {arg.shape} "
+                                     f"(names are free dimensions), got {list(x.shape)}")
+            feeds[name] = x
+        return feeds
+
+    def close(self) -> None:
+        """Drop decoded weights and unmap the file."""
+        self._cache.clear()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
