@@ -15,7 +15,8 @@ from .cluster import assign, kmeans_1d
 from .plan import LayerPlan
 
 LOSSLESS_BITS = 32
-MAX_EXACT_CODEBOOK = 1 << 16   # a lossless codebook needs every distinct value as a centroid
+MAX_EXACT_CODEBOOK = 1 << 16
+RELATIVE_INDEX_BITS = (2, 3, 4, 5, 6, 7, 8)   # widths tried when the plan does not fix one   # a lossless codebook needs every distinct value as a centroid
 
 
 def prune_mask(w: np.ndarray, plan: LayerPlan) -> np.ndarray:
@@ -87,15 +88,18 @@ def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRe
     indices_q = _encode(sym.ravel(), len(book_q), plan.coder)
     candidates = [(QUANTIZED, book_q, indices_q, None, None)]
 
-    # Candidate 2, sparse: CSC of the kept weights with relative indices and fillers.
+    # Candidates 2.., sparse: CSC of the kept weights with relative indices and fillers, for each
+    # relative index width tried (a lossless choice: keep whichever codes smallest).
     if pruned:
         rows, cols = sparse.matrix_shape(shape)
         sym2 = np.zeros((rows, cols), np.int64)
         sym2.reshape(w.shape)[keep] = labels + 1
-        entries, relative, counts = sparse.encode_csc(sym2, plan.relative_index_bits)
-        candidates.append((SPARSE, codebook, _encode(entries, len(codebook) + 1, plan.coder),
-                           _encode(relative, 1 << plan.relative_index_bits, plan.coder),
-                           _encode(counts, int(counts.max(initial=0)) + 1, plan.coder)))
+        widths = [plan.relative_index_bits] if plan.relative_index_bits else RELATIVE_INDEX_BITS
+        for bits in widths:
+            entries, relative, counts = sparse.encode_csc(sym2, bits)
+            candidates.append((SPARSE, codebook, _encode(entries, len(codebook) + 1, plan.coder),
+                               _encode(relative, 1 << bits, plan.coder),
+                               _encode(counts, int(counts.max(initial=0)) + 1, plan.coder)))
 
     def cost(c) -> int:
         return 4 * len(c[1]) + sum(_stream_cost(s) for s in c[2:])
@@ -104,7 +108,7 @@ def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRe
     stats = LayerStats(element_count=w.size, nonzero_count=nonzero, original_bytes=w.nbytes,
                        coded_bytes=cost((encoding, book, indices, relative_s, counts_s)),
                        codebook_size=len(codebook), index_bits=min(plan.bits, 16),
-                       relative_index_bits=plan.relative_index_bits if encoding == SPARSE else 0)
+                       relative_index_bits=relative_s.alphabet.bit_length() - 1 if encoding == SPARSE else 0)
     rec = TensorRecord(name, dtypes.to_onnx(np.float32), shape, encoding, b"", np.asarray(book, np.float32),
                        indices, relative_s, counts_s, stats)
     rec.checksum = rec.digest()

@@ -1,8 +1,9 @@
 """The compression plan: which tensors are compressed, and with what sparsity, bits and coder.
 
 Each weight gets a *category* from the operator that uses it; the category gives the paper's
-defaults (Han et al. 2016: 8-bit codebooks for conv, 5-bit for fully-connected, FC pruned harder;
-relative indices of 8 bits for conv and 5 bits for FC). Options then override in this order, later
+defaults (Han et al. 2016: 8-bit codebooks for conv, 5-bit for fully-connected, FC pruned harder).
+The paper fixes relative indices at 8 bits for conv and 5 for FC; here each layer takes the width
+of 2..8 bits that codes it smallest, unless the plan sets ``relative_index_bits``. Options then override in this order, later
 winning: category defaults < command-line flags < config ``defaults`` < config ``op_types`` <
 config ``layers`` (glob patterns on the tensor name or the name of the node that uses it).
 
@@ -44,15 +45,15 @@ class LayerPlan:
     threshold: Optional[float] = None  # prune |w| <= threshold instead of a sparsity
     prune: bool = True
     coder: str = "huffman"
-    relative_index_bits: int = 8
+    relative_index_bits: Optional[int] = None  # None: the smallest of 2..8 bits for this layer
     skip: bool = False            # store raw
 
 
 CATEGORY_DEFAULTS = {
-    "conv": dict(bits=8, sparsity=0.5, relative_index_bits=8),
-    "fc": dict(bits=5, sparsity=0.9, relative_index_bits=5),
-    "rnn": dict(bits=8, sparsity=0.6, relative_index_bits=5),
-    "embedding": dict(bits=8, sparsity=0.5, relative_index_bits=5),
+    "conv": dict(bits=8, sparsity=0.5),
+    "fc": dict(bits=5, sparsity=0.9),
+    "rnn": dict(bits=8, sparsity=0.6),
+    "embedding": dict(bits=8, sparsity=0.5),
 }
 
 # (op_type, input slot) -> category of the weight in that slot
