@@ -20,12 +20,20 @@ from typing import Tuple
 
 import numpy as np
 
-TILE_BYTES = 1 << 20        # a tile expanded from the codebook: small next to any weight worth compressing
+TILE_BYTES = 1 << 20        # largest tile expanded from the codebook at once
+TILE_FRACTION = 4           # ... and at most a quarter of the weight: never a dense copy of it
 SMALL_BATCH = 8             # up to this many rows of x, a sparse product goes entry by entry
+ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
 
 
-def _tile_rows(row_elems: int) -> int:
-    return max(1, TILE_BYTES // max(1, 4 * row_elems))
+def _tile_rows(rows: int, row_elems: int) -> int:
+    """Rows per expanded tile: within TILE_BYTES and a 1/TILE_FRACTION share of the weight.
+
+    An element of a tile costs 12 bytes while it is built: numpy turns the uint8/uint16 indices into
+    an intp array (8 bytes) before gathering the float32 centroids (4 bytes).
+    """
+    budget = min(TILE_BYTES, 4 * rows * row_elems // TILE_FRACTION)
+    return max(1, budget // max(1, 12 * row_elems))
 
 
 class IndexedWeight:
@@ -56,7 +64,7 @@ class IndexedWeight:
         """``x @ W.T`` for a 2-D weight ``[N, K]``, one tile of output columns at a time."""
         n, k = self.indices.shape
         out = np.empty(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
-        step = _tile_rows(k)
+        step = _tile_rows(n, k)
         for a in range(0, n, step):
             out[..., a:a + step] = x @ self.codebook[self.indices[a:a + step]].T
         return out
@@ -65,7 +73,7 @@ class IndexedWeight:
         """``x @ W`` for a 2-D weight ``[K, N]``, accumulating one tile of the contraction at a time."""
         k, n = self.indices.shape
         out = np.zeros(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
-        step = _tile_rows(n)
+        step = _tile_rows(k, n)
         for a in range(0, k, step):
             out += x[..., a:a + step] @ self.codebook[self.indices[a:a + step]]
         return out
@@ -98,7 +106,7 @@ class SparseWeight:
         order = np.argsort(rows_idx, kind="stable")     # CSC is column-major: regroup by row
         row_ptr = np.zeros(rows + 1, np.int64)
         np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
-        return cls(codebook[:], row_ptr, col_of[order], np.asarray(symbols)[order], shape)
+        return cls(codebook, row_ptr, col_of[order], np.asarray(symbols)[order], shape)
 
     def _view(self, row_ptr, shape) -> "SparseWeight":
         view = SparseWeight.__new__(SparseWeight)
@@ -108,16 +116,24 @@ class SparseWeight:
 
     def __getitem__(self, key) -> "SparseWeight":
         if isinstance(key, (int, np.integer)):
-            key = int(key) % self.shape[0]
-            rows = self.shape[1] if self.ndim > 1 else 1
-            if self.ndim < 2:
-                raise IndexError("cannot index a 1-D sparse weight to a scalar")
-            # row `key` of a 3-D+ weight: its trailing axes become rows of the result
-            return _SubMatrix(self, key).materialise()
+            return self._row_matrix(int(key) % self.shape[0])
         start, stop, step = key.indices(self.shape[0])
         if step != 1:
             raise IndexError("sparse weights support contiguous row slices only")
         return self._view(self.row_ptr[start:stop + 1], (stop - start,) + self.shape[1:])
+
+    def _row_matrix(self, r: int) -> "SparseWeight":
+        """Row ``r`` of a weight with 3+ axes (one direction of an LSTM's ``W``) as its own CSR."""
+        if self.ndim < 3:
+            raise IndexError("integer indexing of a sparse weight needs 3 or more axes")
+        inner = self.shape[1:]
+        width = int(np.prod(inner[1:], dtype=np.int64))
+        lo, hi = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
+        new_rows, new_cols = np.divmod(self.cols[lo:hi], width)   # columns ascend, so rows do too
+        row_ptr = np.zeros(inner[0] + 1, np.int64)
+        np.cumsum(np.bincount(new_rows, minlength=inner[0]), out=row_ptr[1:])
+        return SparseWeight(self.codebook[1:], row_ptr, new_cols.astype(np.int32),
+                            self.symbols[lo:hi], inner)
 
     def reshape(self, *shape) -> "SparseWeight":
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
@@ -126,10 +142,13 @@ class SparseWeight:
             raise ValueError(f"a sparse weight reshapes only its trailing axes, not {self.shape} -> {shape}")
         return self._view(self.row_ptr, (self.shape[0], total))
 
-    def _rows_cols_values(self):
+    def _entry_blocks(self):
+        """``(rows, cols, values)`` of the kept weights, ENTRY_BLOCK entries at a time (bounded temporaries)."""
         lo, hi = int(self.row_ptr[0]), int(self.row_ptr[-1])
-        rows = np.repeat(np.arange(len(self.row_ptr) - 1), np.diff(self.row_ptr))
-        return rows, self.cols[lo:hi], self.codebook[self.symbols[lo:hi]]
+        for a in range(lo, hi, ENTRY_BLOCK):
+            b = min(hi, a + ENTRY_BLOCK)
+            rows = np.searchsorted(self.row_ptr, np.arange(a, b), side="right") - 1
+            yield rows, self.cols[a:b], self.codebook[self.symbols[a:b]]
 
     def _tile(self, a: int, b: int) -> np.ndarray:
         """Rows ``[a, b)`` expanded to dense float32 (a small temporary)."""
@@ -154,12 +173,13 @@ class SparseWeight:
         n = self.shape[0]
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= SMALL_BATCH:
-            rows, cols, vals = self._rows_cols_values()
-            out = np.stack([np.bincount(rows, weights=xi[cols] * vals, minlength=n) for xi in x2]) \
-                if x2.shape[0] else np.zeros((0, n))
+            out = np.zeros((x2.shape[0], n))
+            for rows, cols, vals in self._entry_blocks():
+                for i, xi in enumerate(x2):
+                    out[i] += np.bincount(rows, weights=xi[cols] * vals, minlength=n)
         else:
             out = np.empty((x2.shape[0], n), np.float32)
-            step = _tile_rows(self.shape[1])
+            step = _tile_rows(n, self.shape[1])
             for a in range(0, n, step):
                 b = min(n, a + step)
                 out[:, a:b] = x2 @ self._tile(a, b).T
@@ -170,34 +190,14 @@ class SparseWeight:
         k, n = self.shape
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= SMALL_BATCH:
-            rows, cols, vals = self._rows_cols_values()
-            out = np.stack([np.bincount(cols, weights=xi[rows] * vals, minlength=n) for xi in x2]) \
-                if x2.shape[0] else np.zeros((0, n))
+            out = np.zeros((x2.shape[0], n))
+            for rows, cols, vals in self._entry_blocks():
+                for i, xi in enumerate(x2):
+                    out[i] += np.bincount(cols, weights=xi[rows] * vals, minlength=n)
         else:
             out = np.zeros((x2.shape[0], n), np.float32)
-            step = _tile_rows(n)
+            step = _tile_rows(k, n)
             for a in range(0, k, step):
                 b = min(k, a + step)
                 out += x2[:, a:b] @ self._tile(a, b)
         return out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
-
-
-class _SubMatrix:
-    """Row ``r`` of a sparse weight with 3+ axes (e.g. one direction of an LSTM's ``W``)."""
-
-    def __init__(self, weight: SparseWeight, r: int):
-        self.weight, self.r = weight, r
-
-    def materialise(self) -> SparseWeight:
-        w = self.weight
-        inner = w.shape[1:]
-        width = int(np.prod(inner[1:], dtype=np.int64))
-        lo, hi = int(w.row_ptr[self.r]), int(w.row_ptr[self.r + 1])
-        cols, syms = w.cols[lo:hi], w.symbols[lo:hi]
-        new_rows, new_cols = np.divmod(cols, width)
-        row_ptr = np.zeros(inner[0] + 1, np.int64)
-        np.cumsum(np.bincount(new_rows, minlength=inner[0]), out=row_ptr[1:])
-        sub = SparseWeight.__new__(SparseWeight)
-        sub.codebook, sub.row_ptr, sub.shape = w.codebook, row_ptr, tuple(inner)
-        sub.cols, sub.symbols = new_cols.astype(np.int32), syms     # CSR order is kept: rows ascend
-        return sub

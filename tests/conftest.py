@@ -29,3 +29,20 @@ def onnx_path(tmp_path_factory, zoo):
             onnx.save(zoo.ZOO[name](), str(path))
         return path
     return make
+
+
+@pytest.fixture(scope="session")
+def dcm_path(tmp_path_factory, onnx_path):
+    """``dcm_path(name, **options)``: the zoo model converted with ``dcrt.convert`` (cached)."""
+    from dcrt.converters.convert import convert
+    folder = tmp_path_factory.mktemp("dcm")
+    made = {}
+
+    def make(name: str, **options) -> pathlib.Path:
+        key = (name, tuple(sorted(options.items())))
+        if key not in made:
+            path = folder / f"{name}-{len(made)}.dcm"
+            convert(str(onnx_path(name)), str(path), **options)
+            made[key] = path
+        return made[key]
+    return make

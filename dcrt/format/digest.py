@@ -55,3 +55,17 @@ def graph_digest(graph: Graph, tensor_checksum: Callable[[str, Any], int], crc: 
         put(name)
         crc = zlib.crc32(struct.pack("<I", tensor_checksum(name, graph.initializers[name]) & 0xFFFFFFFF), crc)
     return crc
+
+
+SOURCE_FIELDS = ("format", "file_name", "file_bytes", "gzip_bytes", "weight_bytes")
+
+
+def model_digest(graph: Graph, tensor_checksum: Callable[[str, Any], int], opsets: dict, metadata: dict,
+                 producer: str, source: dict) -> int:
+    """The ``graph_checksum`` of a file: the graph plus opsets, metadata, producer and source facts."""
+    crc = graph_digest(graph, tensor_checksum)
+    text = "\0".join([f"{d}={v}" for d, v in sorted(opsets.items())]
+                     + [f"{k}={v}" for k, v in sorted(metadata.items())]
+                     + [producer] + [str(source.get(k, "" if k in ("format", "file_name") else 0))
+                                     for k in SOURCE_FIELDS])
+    return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)

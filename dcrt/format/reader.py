@@ -20,7 +20,7 @@ from ..codecs import Coder, EncodedStream, Stage
 from ..errors import FormatError, VersionError
 from ..graph import Graph, Model, Node, ValueInfo
 from . import FILE_IDENTIFIER, FORMAT_MAJOR, dtypes
-from .digest import graph_digest
+from .digest import model_digest
 from .fb.Model import Model as FbModel
 from .tensor import ENCODING_NAMES, RAW, LayerStats, TensorRecord
 
@@ -110,12 +110,13 @@ class DcmFile:
                 "file_bytes": src.FileBytes(), "gzip_bytes": src.GzipBytes(),
                 "weight_bytes": src.WeightBytes()}
             stored = root.GraphChecksum()
-        self.plan = json.loads(metadata.pop("dcrt.plan", "null") or "null")
-        self.model = Model(graph, opsets or {"": 17}, metadata, self.producer)
-        actual = graph_digest(graph, lambda n, v: v.record.checksum)
+        actual = model_digest(graph, lambda n, v: v.record.checksum, opsets, metadata, self.producer,
+                              self.source)
         if actual != stored:
             raise FormatError("the .dcm graph is damaged (graph checksum mismatch); "
                               "download or convert the model again")
+        self.plan = json.loads(metadata.pop("dcrt.plan", "null") or "null")
+        self.model = Model(graph, opsets or {"": 17}, metadata, self.producer)
 
     @property
     def tensors(self) -> Dict[str, StoredTensor]:

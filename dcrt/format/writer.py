@@ -13,7 +13,7 @@ from .. import __version__
 from ..codecs import EncodedStream
 from ..graph import Graph, Model, Node, ValueInfo
 from . import FILE_IDENTIFIER, FORMAT_MAJOR, FORMAT_MINOR, dtypes
-from .digest import graph_digest
+from .digest import model_digest
 from .fb import (Attribute, CoderStage, Dim, IndexStream, KeyValue, LayerStats as FbStats,
                  OpsetId, Source, Tensor)
 from .fb import Graph as FbGraph
@@ -243,7 +243,6 @@ class _Writer:
 
     def model(self, model: Model, source: Dict[str, Any], plan: Optional[Dict[str, Any]]) -> bytes:
         b = self.b
-        digest = graph_digest(model.graph, lambda n, v: self.record(n, v).checksum)
         graph = self.graph(model.graph)
         opsets = []
         for domain, version in sorted(model.opsets.items()):
@@ -272,7 +271,10 @@ class _Writer:
         Source.AddGzipBytes(b, int(source.get("gzip_bytes", 0)))
         Source.AddWeightBytes(b, int(source.get("weight_bytes", 0)))
         src = Source.End(b)
-        producer = b.CreateString(model.producer or f"dcrt {__version__}")
+        producer_name = model.producer or f"dcrt {__version__}"
+        digest = model_digest(model.graph, lambda n, v: self.record(n, v).checksum, model.opsets, meta,
+                              producer_name, source)
+        producer = b.CreateString(producer_name)
         FbModel.Start(b)
         FbModel.AddFormatMajor(b, FORMAT_MAJOR)
         FbModel.AddFormatMinor(b, FORMAT_MINOR)

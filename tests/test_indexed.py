@@ -1,0 +1,47 @@
+"""Index-mode weights compute exactly what their dense expansion computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dcrt import sparse
+from runtime_helpers import random_weight
+
+from dcrt.runtime.indexed import IndexedWeight, SparseWeight
+
+
+def forms(shape, density=0.2, seed=0):
+    codebook, symbols = random_weight(shape, density, seed)     # symbols: 0 = pruned, s -> codebook[s-1]
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    rows, cols = sparse.matrix_shape(shape)
+    s2 = symbols.reshape(rows, cols)
+    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
+    r_idx = np.nonzero(s2.T)[1]
+    syms = s2.T[s2.T != 0]
+    return dense, [IndexedWeight(np.concatenate([[0], codebook]), symbols),
+                   SparseWeight.from_csc(codebook, col_ptr, r_idx, syms, shape)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_matmul_both_ways(batch, density):
+    dense, weights = forms((37, 53), density, seed=batch)
+    x = np.random.default_rng(1).standard_normal((batch, 53)).astype(np.float32)
+    xt = np.random.default_rng(2).standard_normal((2, batch, 37)).astype(np.float32)
+    for w in weights:
+        np.testing.assert_allclose(w.matmul_t(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(w.matmul(xt), xt @ dense, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(w.dense(), dense)
+
+
+def test_views_rows_reshape_and_take():
+    dense, weights = forms((2, 24, 6, 3, 3), 0.3)
+    idx = np.array([[1, 0], [1, 1]])
+    for w in weights:
+        assert w.shape == dense.shape and w.ndim == 5 and w.dtype == np.float32
+        np.testing.assert_array_equal(w[1].dense(), dense[1])                       # one direction
+        np.testing.assert_array_equal(w[1][4:9].reshape(5, -1).dense(), dense[1, 4:9].reshape(5, -1))
+        np.testing.assert_array_equal(w.take_rows(idx), dense[idx])
+        x = np.random.default_rng(0).standard_normal((3, 54)).astype(np.float32)
+        np.testing.assert_allclose(w[0].reshape(24, -1).matmul_t(x), x @ dense[0].reshape(24, -1).T,
+                                   rtol=1e-5, atol=1e-5)

@@ -1,0 +1,199 @@
+"""dcrt.Session: the onnxruntime-style API, memory modes, computing from indices, threads, damage."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import dcrt
+from dcrt.errors import FormatError, InputError
+from dcrt.runtime.indexed import IndexedWeight, SparseWeight
+
+LOSSLESS = dict(prune=False, bits=32)
+WHOLE_MODELS = ["resnet18_tiny", "mobilenet_v2_tiny", "lstm_classifier", "gru_classifier", "dcgan_generator",
+                "tiny_yolo", "crnn", "resnet_small", "lenet5", "with_constant_weights", "resnet50_tiny"]
+
+
+def ort_run(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("name", WHOLE_MODELS)
+def test_lossless_matches_onnxruntime(name, onnx_path, dcm_path, zoo):
+    feeds = zoo.sample_input(onnx.load(str(onnx_path(name))), batch=2)
+    expected = ort_run(onnx_path(name), feeds)
+    for mode in ("index", "dense", "stream"):
+        got = dcrt.Session(str(dcm_path(name, **LOSSLESS)), mode=mode).run(None, feeds)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.dtype == e.dtype
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lstm_classifier", "resnet_small"])
+def test_compressed_model_computes_with_its_decoded_weights(name, onnx_path, dcm_path, zoo):
+    """Default compression: dcrt's output equals onnxruntime running the decoded weights."""
+    from onnx_export import run_ort, to_onnx
+    path = dcm_path(name)
+    feeds = zoo.sample_input(onnx.load(str(onnx_path(name))), batch=3)
+    dcm = dcrt.open_dcm(str(path))
+    expected = run_ort(to_onnx(dcm.model, {n: t.decode() for n, t in dcm.tensors.items()}), feeds)
+    for mode in ("index", "dense", "stream"):
+        for g, e in zip(dcrt.Session(str(path), mode=mode).run(None, feeds), expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_api_forms(dcm_path, zoo):
+    sess = dcrt.Session(dcm_path("lenet5"))
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.name == "input" and inp.shape == ["N", 1, 28, 28] and inp.type == "tensor(float)"
+    assert out.name == "logits"
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    y = sess.run(x)
+    assert isinstance(y, np.ndarray) and y.shape == (2, 10)
+    (y2,) = sess.run(None, {"input": x})
+    (y3,) = sess.run(["logits"], {"input": x})
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(y, y3)
+    from_bytes = dcrt.Session(dcm_path("lenet5").read_bytes())
+    np.testing.assert_array_equal(from_bytes.run(x), y)
+
+
+@pytest.mark.parametrize("feed, message", [
+    ({"image": np.zeros((1, 1, 28, 28), np.float32)}, "unknown input"),
+    ({"input": np.zeros((1, 1, 28, 28), np.float64)}, "must be float32"),
+    ({"input": np.zeros((1, 3, 28, 28), np.float32)}, r"must have shape \['N', 1, 28, 28\]"),
+    ({"input": np.zeros((1, 28, 28), np.float32)}, "must have shape"),
+    ({}, "missing input"),
+])
+def test_wrong_inputs(feed, message, dcm_path):
+    sess = dcrt.Session(dcm_path("lenet5"))
+    with pytest.raises(InputError, match=message):
+        sess.run(None, feed)
+    with pytest.raises(InputError, match="unknown output"):
+        sess.run(["nope"], {"input": np.zeros((1, 1, 28, 28), np.float32)})
+
+
+def test_lazy_loading_and_modes(dcm_path):
+    path = dcm_path("lenet_300_100")
+    x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
+    results, resident = {}, {}
+    for mode in ("index", "dense", "stream"):
+        sess = dcrt.Session(str(path), mode=mode)
+        assert sess.resident_bytes()["now"] == 0                 # nothing decoded at open
+        results[mode] = sess.run(x)
+        resident[mode] = sess.resident_bytes()
+    np.testing.assert_allclose(results["index"], results["dense"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["stream"], results["dense"], rtol=1e-5, atol=1e-6)
+    # what dcrt size predicts is what the session holds
+    assert resident["index"]["now"] == resident["index"]["index"]
+    assert resident["dense"]["now"] == resident["dense"]["dense"]
+    assert resident["stream"]["now"] < resident["index"]["now"] < 0.2 * resident["dense"]["now"]
+
+
+def test_index_mode_never_expands_a_compressed_weight(dcm_path, monkeypatch):
+    """By construction (dense() refuses) and by measurement (peak allocation < a quarter weight)."""
+    from dcrt.format.reader import StoredTensor
+
+    def refuse(self):
+        raise AssertionError("a compressed weight was expanded to dense float32")
+    monkeypatch.setattr(IndexedWeight, "dense", refuse)
+    monkeypatch.setattr(SparseWeight, "dense", refuse)
+    original_decode = StoredTensor.decode
+    monkeypatch.setattr(StoredTensor, "decode",
+                        lambda self: refuse(self) if self.encoding != "raw" else original_decode(self))
+    for name, shape, dtype in [("lenet_300_100", (1, 784), np.float32), ("lenet5", (1, 1, 28, 28), np.float32),
+                               ("lstm_classifier", (1, 16), np.int64)]:
+        sess = dcrt.Session(str(dcm_path(name)))
+        x = np.random.default_rng(0).integers(0, 1000, shape).astype(dtype) if dtype == np.int64 \
+            else np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        sess.run(x)                                    # decode indices once
+        largest = max(t.size * 4 for t in sess._tensors.values() if t.encoding != "raw")
+        tracemalloc.start()
+        sess.run(x)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < largest / 2, (name, peak, largest)
+
+
+def test_threads_share_one_session(dcm_path):
+    sess = dcrt.Session(dcm_path("resnet_small"))
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(8)]
+    expected = [dcrt.Session(dcm_path("resnet_small")).run(x) for x in xs]
+    results = [None] * len(xs)
+
+    def work(i):
+        for j in range(i, len(xs), 4):
+            results[j] = sess.run(xs[j])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, e in zip(results, expected):
+        np.testing.assert_array_equal(r, e)
+
+
+def test_damaged_file_fails_cleanly(dcm_path):
+    data = dcm_path("lenet5").read_bytes()
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    rng = np.random.default_rng(0)
+    outcomes = {"error": 0, "ok": 0}
+    expected = dcrt.Session(data).run(x)
+    for trial in range(60):
+        buf = bytearray(data)
+        if trial % 3 == 0:
+            buf = buf[: rng.integers(1, len(buf))]
+        else:
+            for _ in range(rng.integers(1, 4)):
+                buf[rng.integers(0, len(buf))] ^= 1 << int(rng.integers(0, 8))
+        try:
+            y = dcrt.Session(bytes(buf)).run(x)
+        except FormatError:
+            outcomes["error"] += 1
+            continue
+        np.testing.assert_array_equal(y, expected)    # a flip in padding may be harmless, never silent
+        outcomes["ok"] += 1
+    assert outcomes["error"] >= 50
+
+
+def test_runtime_imports_nothing_heavy(dcm_path, tmp_path):
+    """Run a model with onnx, onnxruntime, h5py, protobuf and numba blocked from import."""
+    script = tmp_path / "blocked.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("onnx", "onnxruntime", "h5py", "google", "numba", "yaml"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np, dcrt
+        sess = dcrt.Session({str(dcm_path("lenet5"))!r})
+        y = sess.run(np.zeros((1, 1, 28, 28), np.float32))
+        assert y.shape == (1, 10)
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime", "google", "numba", "h5py")]
+        assert not heavy, heavy
+        print("ok")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_dcrt_run_command(dcm_path, tmp_path, capsys):
+    from dcrt.cli import main
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(dcm_path("lenet5")), "--input", str(tmp_path / "x.npy"),
+                 "--output", str(tmp_path / "y.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), dcrt.Session(dcm_path("lenet5")).run(x))
+    np.save(tmp_path / "bad.npy", x[0])
+    assert main(["run", str(dcm_path("lenet5")), "--input", str(tmp_path / "bad.npy")]) == 2
+    assert "must have shape" in capsys.readouterr().err
