@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,27 +37,41 @@ class ConversionResult:
     model: Optional[Model] = field(repr=False, default=None)
 
 
-def load_model(path: str, weights: Optional[str] = None) -> Model:
-    """Read any supported source model into the IR, by file extension."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".onnx":
-        from .onnx_frontend import from_onnx
-        return from_onnx(path)
-    if ext in (".h5", ".keras", ".hdf5", ".prototxt", ".caffemodel"):
-        raise ConversionError(f"{path}: the Keras and Caffe frontends are not in this version of dcrt yet; "
-                              "export the model to ONNX (tf2onnx, or caffe2onnx) and convert the .onnx")
-    raise ConversionError(f"{path}: unknown model format {ext!r}; dcrt converts .onnx files")
-
-
-def source_info(path: str, model: Model) -> Dict[str, Any]:
-    """Sizes of the original model file(s): what `dcrt size` compares against."""
-    files = [path]
+def source_files(path: str, weights: Optional[str] = None) -> List[str]:
+    """The file(s) a source model consists of (model, external data, Caffe weights)."""
+    files = [path] + ([weights] if weights else [])
     if path.lower().endswith(".onnx"):
         from .onnx_frontend import external_files, onnx
         files += external_files(onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path)))
+    return files
+
+
+def load_model(path: str, weights: Optional[str] = None) -> Tuple[Model, str]:
+    """Read any supported source model into the IR, by file extension; returns (model, format)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        from .onnx_frontend import from_onnx
+        return from_onnx(path), "onnx"
+    if ext in (".h5", ".hdf5", ".keras"):
+        from .keras_frontend import from_keras
+        return from_keras(path), "keras"
+    if ext == ".prototxt":
+        if not weights:
+            raise ConversionError(f"{path}: a Caffe model needs its weights too: --weights model.caffemodel")
+        from .caffe_frontend import from_caffe
+        return from_caffe(path, weights), "caffe"
+    if ext == ".caffemodel":
+        raise ConversionError(f"{path}: give the network definition first: "
+                              f"dcrt convert deploy.prototxt --weights {os.path.basename(path)} -o model.dcm")
+    raise ConversionError(f"{path}: unknown model format {ext!r}; dcrt converts .onnx, .h5/.keras "
+                          "and .prototxt (+ --weights .caffemodel) files")
+
+
+def source_info(files: List[str], model: Model, fmt: str) -> Dict[str, Any]:
+    """Sizes of the original model file(s): what `dcrt size` compares against."""
     data = b"".join(open(f, "rb").read() for f in files if os.path.exists(f))
     weight_bytes = sum(v.nbytes for v in model.graph.initializers.values())
-    return {"format": "onnx", "file_name": os.path.basename(path), "file_bytes": len(data),
+    return {"format": fmt, "file_name": os.path.basename(files[0]), "file_bytes": len(data),
             "gzip_bytes": len(gzip.compress(data, 9, mtime=0)), "weight_bytes": weight_bytes}
 
 
@@ -74,7 +88,7 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
             sparsity: Optional[float] = None, threshold: Optional[float] = None, prune: bool = True,
             coder: Optional[str] = None, config: Optional[str | Dict[str, Any]] = None, force: bool = False,
             progress: Optional[Progress] = None) -> ConversionResult:
-    """Convert ``source`` (an ``.onnx`` file) into ``output`` (``.dcm``).
+    """Convert ``source`` (``.onnx``, ``.h5``/``.keras``, or ``.prototxt`` with ``weights``) into ``output``.
 
     ``bits``, ``sparsity``, ``threshold``, ``coder`` override the paper's per-category defaults for
     every layer; ``config`` (a YAML/JSON path or dict) sets them per op type or per layer;
@@ -82,8 +96,8 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     """
     if os.path.exists(output) and not force:
         raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
-    model = load_model(source, weights)
-    info = source_info(source, model)
+    model, fmt = load_model(source, weights)
+    info = source_info(source_files(source, weights), model, fmt)
     passes.simplify(model.graph)
     check_operators(model)
     if isinstance(config, str):

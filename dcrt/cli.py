@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -10,6 +11,10 @@ from typing import List, Optional
 from . import __version__
 from .errors import DcrtError
 from .report import human
+
+
+# Modules that add subcommands: each has ``add_commands(subparsers)``; a command sets ``func(args) -> int``.
+EXTENSIONS = ("dcrt.converters.accuracy_cli",)
 
 
 def _progress_bar(stream=None):
@@ -146,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dcrt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="compress an ONNX model into a .dcm file")
-    c.add_argument("model", help="source model (.onnx)")
+    c = sub.add_parser("convert", help="compress an ONNX, Keras or Caffe model into a .dcm file")
+    c.add_argument("model", help="source model: .onnx, .h5 / .keras, or .prototxt (with --weights)")
     c.add_argument("-o", "--output", required=True, help="the .dcm file to write")
     c.add_argument("--weights", help="weights file (Caffe .caffemodel)")
     c.add_argument("--bits", type=int, help="codebook index bits for every layer (default: 8 conv, 5 fc); 32 = no clustering")
@@ -181,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="save the output (.npy, or .npz for several outputs)")
     r.add_argument("--mode", default="index", choices=("index", "dense", "stream"))
     r.set_defaults(func=_cmd_run)
+    for module in EXTENSIONS:
+        try:
+            add = importlib.import_module(module).add_commands
+        except ImportError:
+            continue            # a host-side command whose extra is not installed
+        add(sub)
     return p
 
 

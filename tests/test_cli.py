@@ -68,7 +68,7 @@ def test_verify(converted, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["inspect", "/nonexistent.dcm"], "cannot open"),
     (["convert", "/nonexistent.onnx", "-o", "x.dcm"], "no such file"),
-    (["convert", "model.h5", "-o", "x.dcm"], "Keras"),
+    (["convert", "model.h5", "-o", "x.dcm"], "no such file"),
     (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--bits", "99"], "bits must be"),
     (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--sparsity", "1.2"], "sparsity must be"),
     (["convert", "{onnx}", "-o", "{tmp}/x.dcm", "--coder", "zip"], "coder must be"),
