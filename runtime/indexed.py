@@ -20,9 +20,12 @@ from typing import Tuple
 
 import numpy as np
 
+from .numba_kernels import LOCK, kernels
+
 TILE_BYTES = 1 << 20        # largest tile expanded from the codebook at once
 TILE_FRACTION = 4           # ... and at most a quarter of the weight: never a dense copy of it
 SMALL_BATCH = 8             # up to this many rows of x, a sparse product goes entry by entry
+COMPILED_BATCH = 32         # up to this many rows of x, the numba kernels beat expanded tiles + BLAS
 ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
 
 
@@ -34,6 +37,22 @@ def _tile_rows(rows: int, row_elems: int) -> int:
     """
     budget = min(TILE_BYTES, 4 * rows * row_elems // TILE_FRACTION)
     return max(1, budget // max(1, 12 * row_elems))
+
+
+def _compiled(x: np.ndarray, inner: int):
+    """The numba kernels when they apply: float32 input with few rows (batch-like products)."""
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if x.dtype != np.float32 or rows > COMPILED_BATCH or x.shape[-1] != inner:
+        return None
+    return kernels()
+
+
+def _run(kernel, x: np.ndarray, n: int, *weight) -> np.ndarray:
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty((x2.shape[0], n), np.float32)
+    with LOCK:
+        kernel(x2, *weight, out)
+    return out.reshape(x.shape[:-1] + (n,))
 
 
 class IndexedWeight:
@@ -63,6 +82,9 @@ class IndexedWeight:
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
         """``x @ W.T`` for a 2-D weight ``[N, K]``, one tile of output columns at a time."""
         n, k = self.indices.shape
+        compiled = _compiled(x, self.indices.shape[1])
+        if compiled is not None:
+            return _run(compiled.index_matmul_t, x, n, self.indices, self.codebook)
         out = np.empty(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
         step = _tile_rows(n, k)
         for a in range(0, n, step):
@@ -72,6 +94,9 @@ class IndexedWeight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """``x @ W`` for a 2-D weight ``[K, N]``, accumulating one tile of the contraction at a time."""
         k, n = self.indices.shape
+        compiled = _compiled(x, k)
+        if compiled is not None:
+            return _run(compiled.index_matmul, x, n, self.indices, self.codebook)
         out = np.zeros(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
         step = _tile_rows(k, n)
         for a in range(0, k, step):
@@ -171,6 +196,9 @@ class SparseWeight:
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
         """``x @ W.T`` for a 2-D weight ``[N, K]``."""
         n = self.shape[0]
+        compiled = _compiled(x, self.shape[1])
+        if compiled is not None:
+            return _run(compiled.csr_matmul_t, x, n, self.row_ptr, self.cols, self.symbols, self.codebook)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= SMALL_BATCH:
             out = np.zeros((x2.shape[0], n))
@@ -188,6 +216,9 @@ class SparseWeight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """``x @ W`` for a 2-D weight ``[K, N]``."""
         k, n = self.shape
+        compiled = _compiled(x, k)
+        if compiled is not None:
+            return _run(compiled.csr_matmul, x, n, self.row_ptr, self.cols, self.symbols, self.codebook)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= SMALL_BATCH:
             out = np.zeros((x2.shape[0], n))

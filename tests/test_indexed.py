@@ -45,3 +45,23 @@ def test_views_rows_reshape_and_take():
         x = np.random.default_rng(0).standard_normal((3, 54)).astype(np.float32)
         np.testing.assert_allclose(w[0].reshape(24, -1).matmul_t(x), x @ dense[0].reshape(24, -1).T,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_numba_kernels_agree_with_numpy(monkeypatch):
+    """Every compiled kernel against its numpy twin (DCRT_NO_NUMBA forces the twin)."""
+    pytest.importorskip("numba")
+    from dcrt.runtime.numba_kernels import kernels
+    assert kernels() is not None
+    for density in (0.1, 0.6):
+        dense, weights = forms((70, 130), density, seed=3)
+        x = np.random.default_rng(4).standard_normal((3, 130)).astype(np.float32)
+        xt = np.random.default_rng(5).standard_normal((2, 70)).astype(np.float32)
+        x[0, ::3] = 0                                  # zeros are skipped by the scatter kernels
+        for w in weights:
+            compiled = (w.matmul_t(x), w.matmul(xt), w[10:50].matmul_t(x))
+            monkeypatch.setenv("DCRT_NO_NUMBA", "1")
+            twin = (w.matmul_t(x), w.matmul(xt), w[10:50].matmul_t(x))
+            monkeypatch.delenv("DCRT_NO_NUMBA")
+            for c, t in zip(compiled, twin):
+                np.testing.assert_allclose(c, t, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(compiled[0], x @ dense.T, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import FormatError
+
 
 class Coder(IntEnum):
     """Coder ids; the values are the ``Coder`` enum of ``schema/dcm.fbs``."""
@@ -57,6 +59,7 @@ class EncodedStream:
 
     @property
     def alphabet(self) -> int:
+        """Symbols of the stream are in ``[0, alphabet)``."""
         return self.stages[0].alphabet if self.stages else 0
 
     def name(self) -> str:
@@ -78,7 +81,10 @@ def parse_chain(spec: str) -> List[Coder]:
 def _module(coder: Coder):
     from . import huffman, lzw, raw
 
-    return {Coder.NONE: raw, Coder.HUFFMAN: huffman, Coder.LZW: lzw}[coder]
+    try:
+        return {Coder.NONE: raw, Coder.HUFFMAN: huffman, Coder.LZW: lzw}[coder]
+    except KeyError:
+        raise FormatError(f"unknown coder {coder!r}; a newer dcrt may read this file") from None
 
 
 def encode(symbols: np.ndarray, alphabet: int, chain: Union[str, Sequence[Coder]] = "huffman") -> EncodedStream:
@@ -100,6 +106,10 @@ def encode(symbols: np.ndarray, alphabet: int, chain: Union[str, Sequence[Coder]
 
 def decode(stream: EncodedStream) -> np.ndarray:
     """Inverse of :func:`encode`: the symbols, as the smallest unsigned integer dtype that holds them."""
+    if not stream.stages:
+        return np.zeros(0, dtype=np.uint8)
+    if any(s.alphabet != 256 for s in stream.stages[1:]):
+        raise FormatError("a chained coder stage must code bytes (alphabet 256)")
     data = stream.payload
     for stage in reversed(stream.stages):
         data = _module(stage.coder).decode(data, stage)

@@ -11,36 +11,80 @@ import numpy as np
 from numba import njit, prange
 
 
+_LANES = 4  # chunks one thread decodes interleaved: independent chains hide the lookup latency
+
+
+@njit(inline="always")
+def _huffman_next(buf, table, pos, end):  # pragma: no cover - compiled
+    """Table entry ``(length << 16) | symbol`` of the code at bit ``pos``, or -1 if none or ``pos >= end``."""
+    if pos >= end:  # also keeps every read inside the (padded) buffer
+        return np.int64(-1)
+    b = pos >> 3
+    window = (np.int64(buf[b]) << 16) | (np.int64(buf[b + 1]) << 8) | np.int64(buf[b + 2])
+    entry = np.int64(table[(window >> (8 - (pos & 7))) & 0xFFFF])
+    return entry if entry >= 0x10000 else np.int64(-1)
+
+
+@njit(inline="always")
+def _huffman_chunk(buf, table, offsets, ends, chunk_size, out, final, c):  # pragma: no cover - compiled
+    """Decode chunk ``c`` alone (see huffman_chunks)."""
+    pos = np.int64(offsets[c])
+    end = np.int64(ends[c])
+    first = c * chunk_size
+    for i in range(first, min(first + chunk_size, out.size)):
+        entry = _huffman_next(buf, table, pos, end)
+        if entry < 0:
+            final[c] = -1
+            return
+        out[i] = entry & 0xFFFF
+        pos += entry >> 16
+    final[c] = pos if pos <= end else -1
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def huffman_chunks(buf, table, offsets, ends, chunk_size, out, final):  # pragma: no cover - compiled
-    """Decode every Huffman chunk (in parallel) into ``out``.
+    """Decode every Huffman chunk into ``out``: groups of four chunks on parallel threads.
 
     ``buf``: payload plus >= 3 zero bytes; ``table``: ``(length << 16) | symbol`` per 16-bit peek, 0 for
     no code; chunk ``c`` holds bits ``[offsets[c], ends[c])``. ``final[c]`` receives the bit where the
     chunk's last code ends, or -1 if a code is invalid or crosses ``ends[c]``.
     """
     count = out.size
-    for c in prange(offsets.size):
-        pos = np.int64(offsets[c])
-        end = np.int64(ends[c])
-        first = c * chunk_size
-        last = min(first + chunk_size, count)
-        for i in range(first, last):
-            if pos >= end:
-                pos = -1
+    nchunks = offsets.size
+    for g in prange((nchunks + _LANES - 1) // _LANES):
+        c = g * _LANES
+        if c + _LANES > nchunks or (c + _LANES) * chunk_size > count:
+            for k in range(c, min(c + _LANES, nchunks)):  # a partial group, or the short last chunk
+                _huffman_chunk(buf, table, offsets, ends, chunk_size, out, final, k)
+            continue
+        # Four chunks interleaved, written out by hand so the four positions stay in registers.
+        p0, p1 = np.int64(offsets[c]), np.int64(offsets[c + 1])
+        p2, p3 = np.int64(offsets[c + 2]), np.int64(offsets[c + 3])
+        e0, e1 = np.int64(ends[c]), np.int64(ends[c + 1])
+        e2, e3 = np.int64(ends[c + 2]), np.int64(ends[c + 3])
+        o0 = c * chunk_size
+        o1, o2, o3 = o0 + chunk_size, o0 + 2 * chunk_size, o0 + 3 * chunk_size
+        ok = True
+        for i in range(chunk_size):
+            a0 = _huffman_next(buf, table, p0, e0)
+            a1 = _huffman_next(buf, table, p1, e1)
+            a2 = _huffman_next(buf, table, p2, e2)
+            a3 = _huffman_next(buf, table, p3, e3)
+            if (a0 | a1 | a2 | a3) < 0:
+                ok = False
                 break
-            b = pos >> 3
-            window = (np.int64(buf[b]) << 16) | (np.int64(buf[b + 1]) << 8) | np.int64(buf[b + 2])
-            entry = np.int64(table[(window >> (8 - (pos & 7))) & 0xFFFF])
-            length = entry >> 16
-            if length == 0:
-                pos = -1
-                break
-            out[i] = entry & 0xFFFF
-            pos += length
-        if pos > end:
-            pos = -1
-        final[c] = pos
+            out[o0 + i] = a0 & 0xFFFF
+            out[o1 + i] = a1 & 0xFFFF
+            out[o2 + i] = a2 & 0xFFFF
+            out[o3 + i] = a3 & 0xFFFF
+            p0 += a0 >> 16
+            p1 += a1 >> 16
+            p2 += a2 >> 16
+            p3 += a3 >> 16
+        final[c] = p0 if ok and p0 <= e0 else -1
+        final[c + 1] = p1 if ok and p1 <= e1 else -1
+        final[c + 2] = p2 if ok and p2 <= e2 else -1
+        final[c + 3] = p3 if ok and p3 <= e3 else -1
 
 
 @njit(cache=True, nogil=True)

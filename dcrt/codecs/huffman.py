@@ -12,14 +12,16 @@ Format (what a stage and its payload mean):
 
 Decoding peeks 16 bits at a time into a table of 2^16 entries that gives the symbol and the length of
 the code starting there. :func:`decode_numpy` advances every chunk by one symbol per Python-level
-step; :func:`decode_numba` decodes each chunk in a compiled loop, chunks on parallel threads.
+step; :func:`decode_numba` decodes chunks in a compiled loop, four interleaved per thread (their
+independent dependency chains overlap in the CPU) and groups of four on parallel threads.
 :func:`decode` picks the compiled one when numba is importable and ``DCRT_NO_NUMBA`` is not set.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from numbers import Integral
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -35,8 +37,11 @@ MAX_DECODE_CHUNK_SIZE = 1 << 20  # largest chunk a decoder accepts (the encoder 
 
 _TARGET_CHUNKS = 32
 _PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup
-_GROUP_BITS = 1 << 23    # decode_numpy builds per-bit arrays for this many payload bits at a time
+_GROUP_BITS = 1 << 23    # decode_numpy's per-bit arrays (~6 bytes a bit) cover this many payload bits at a time
 _ROW_TABLE_MIN_BITS = 1 << 18  # below this, building the per-byte row table costs more than it saves
+# numba's fallback threading layer (workqueue) aborts on concurrent parallel launches; one decode at
+# a time uses every core anyway.
+_PARALLEL_LOCK = threading.Lock()
 
 
 def chunk_size_for(count: int) -> int:
@@ -232,6 +237,8 @@ def _check(payload: Payload, stage: Stage) -> _Checked:
     if np.any(bits < sizes * int(used.min())) or np.any(bits[:-1] > sizes[:-1] * int(used.max())):
         raise FormatError(f"Huffman stage: chunk offsets do not fit {count} symbols of "
                           f"{int(used.min())}..{int(used.max())} bits in {data.size} payload bytes")
+    if nbits - 8 >= int(offsets[-1]) + int(sizes[-1]) * int(used.max()):
+        raise FormatError(f"Huffman stage: {data.size} payload bytes are more than {count} symbols can fill")
     return _Checked(data, count, alphabet, lengths, chunk, offsets, ends)
 
 
@@ -274,7 +281,9 @@ def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
     if c.count == 0:
         return out
     final = np.empty(c.offsets.size, dtype=np.int64)
-    _numba.huffman_chunks(_padded(c.data), _decode_table(c.lengths), c.offsets, c.ends, c.chunk_size, out, final)
+    buf, table = _padded(c.data), _decode_table(c.lengths)
+    with _PARALLEL_LOCK:
+        _numba.huffman_chunks(buf, table, c.offsets, c.ends, c.chunk_size, out, final)
     bad = np.flatnonzero(final[:-1] != c.ends[:-1])
     if final[-1] < 0 or bad.size:
         chunk = int(bad[0]) if bad.size else c.offsets.size - 1
@@ -336,7 +345,7 @@ def _row_table(lens: np.ndarray) -> np.ndarray:
 
 
 def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np.ndarray,
-                  lens: np.ndarray, rows, out: np.ndarray) -> None:
+                  lens: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -> None:
     """Decode chunks ``[first, last)`` into ``out``."""
     base_byte = int(c.offsets[first]) >> 3
     base = 8 * base_byte  # positions below are counted from this bit
@@ -381,9 +390,13 @@ def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np
                           "(damaged payload, code lengths or chunk offsets)")
     if is_last:
         _check_end(int(end[-1]), c.data)
+    del nxt, tail, take, at  # the per-bit arrays are most of the memory: free them first
 
-    peek = (win[pos >> 3] >> (16 - (pos & 7)).astype(np.uint32)) & 0xFFFF
-    symbols = table[peek].astype(out.dtype)  # steps x lanes; column j is chunk first + j
+    # The 16-bit peek at every visited position, in place: shifting a uint32 left drops the bits before it.
+    peek = win.take(pos >> 3)
+    peek <<= (pos & 7).view(np.uint32)
+    peek >>= 16
+    symbols = (table & 0xFFFF).astype(out.dtype).take(peek)  # steps x lanes; column j is chunk first + j
     lo = first * c.chunk_size
     full = lanes if sizes[-1] == steps else lanes - 1
     out[lo: lo + full * steps].reshape(full, steps)[...] = symbols[:, :full].T

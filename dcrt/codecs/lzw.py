@@ -159,9 +159,10 @@ def decode_numpy(payload: Payload, stage: Stage) -> np.ndarray:
     """Decode with numpy only, vectorised (no Python loop per code or per symbol).
 
     1. Code ``k``'s width depends only on ``k``, so all codes are read at once.
-    2. A code ``>= alphabet`` names the entry made at step ``code - alphabet + 1`` from the string of
-       code ``p = code - alphabet`` plus one symbol, so each string is one longer than its parent's;
-       string lengths are tree depths, found by pointer jumping.
+    2. A code ``>= alphabet`` names the entry made at step ``code - alphabet + 1``: the string that
+       code number ``p = code - alphabet`` of the payload stood for, plus one symbol. So each string
+       is one longer than its parent's (code number ``p``); lengths are tree depths, found by pointer
+       jumping.
     3. Every output symbol is a copy of an earlier one (or a literal code); pointer jumping again
        resolves each to its literal.
     """
@@ -226,7 +227,8 @@ def _read_codes(data: np.ndarray, starts: np.ndarray, widths: np.ndarray) -> np.
 
 
 def _string_lengths(codes: np.ndarray, alphabet: int) -> np.ndarray:
-    """Length of each code's string: 1 for a literal, else one more than its parent code's (list ranking)."""
+    """Length of each code's string: 1 for a literal, else one more than that of code number
+    ``code - alphabet`` (its parent), computed by list ranking."""
     n = codes.size
     copied = codes >= alphabet
     ancestor = np.where(copied, codes - alphabet, np.arange(n, dtype=np.int64))

@@ -11,19 +11,21 @@ from __future__ import annotations
 import os
 import sys
 from numbers import Integral
-from typing import Tuple, Union
+from types import ModuleType
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import FormatError
 from . import Coder, Stage, symbol_dtype
 
-MAX_ALPHABET = 1 << 32
+MAX_ALPHABET = (1 << 32) - 1  # the schema stores the alphabet as a uint32
 
 Payload = Union[bytes, bytearray, memoryview, np.ndarray]
 
 _LITTLE = sys.byteorder == "little"
 _PACK_BLOCK = 1 << 20  # codes packed per pass: bounds the temporaries of pack_codes
+_KERNELS = None  # dcrt.codecs._numba once imported, False if it cannot be
 
 
 def as_bytes(payload: Payload) -> np.ndarray:
@@ -38,7 +40,7 @@ def as_bytes(payload: Payload) -> np.ndarray:
         raise FormatError(f"payload is not a contiguous byte buffer ({exc})") from None
 
 
-def numba_kernels():
+def numba_kernels() -> Optional[ModuleType]:
     """The compiled kernels module (``dcrt.codecs._numba``), or None if numba is missing or disabled.
 
     Setting the environment variable ``DCRT_NO_NUMBA`` (to anything but ``0``) forces the numpy
@@ -55,8 +57,6 @@ def numba_kernels():
         _KERNELS = kernels
     return _KERNELS or None
 
-
-_KERNELS = None
 
 
 def check_stage(stage: Stage, coder: Coder, max_alphabet: int) -> Tuple[int, int]:
