@@ -1,0 +1,276 @@
+"""The graph executor: runs a ``dcrt.graph.Graph`` node by node with the operator table.
+
+Everything that does not depend on the inputs is done once, at construction: the support check (all
+missing operators reported at once), the topological order, and for every value the step after which
+nothing reads it any more, so that ``run`` frees each intermediate array as early as possible and
+the peak memory is that of the live values, not of the whole graph.
+
+``run`` keeps all of its state in local variables, so one ``Executor`` serves many threads at once.
+Initializers are never assumed to be ``np.ndarray``: the ``weights`` callable given to ``run``
+returns whatever the model holds (an array or an indexed weight), handed unchanged to the operator
+inputs that accept weights, and expanded with ``kernels.dense`` for any other input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from dcrt.errors import DcrtError, FormatError, InputError, UnsupportedOperatorError
+from dcrt.graph import Graph, Node
+
+from . import kernels
+from .ops import OPS, WEIGHT_INPUTS, supported
+
+WeightSource = Callable[[str], Any]
+
+
+def _subgraphs(node: Node) -> List[Tuple[str, Graph]]:
+    """The ``(attribute name, subgraph)`` pairs held by ``node``."""
+    found = []
+    for key, value in node.attrs.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Graph):
+                found.append((key, item))
+    return found
+
+
+def free_names(graph: Graph) -> Set[str]:
+    """Names ``graph`` (and its nested subgraphs) reads without defining them: its outer-scope reads."""
+    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    defined |= {out for node in graph.nodes for out in node.outputs if out}
+    used: Set[str] = set()
+    for node in graph.nodes:
+        used.update(name for name in node.inputs if name)
+        for _, sub in _subgraphs(node):
+            used |= free_names(sub)
+    used.update(v.name for v in graph.outputs)
+    return used - defined
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One node, ready to run: its function, prepared attributes and value bookkeeping."""
+
+    node: Node
+    fn: Callable[..., Any]
+    attrs: Dict[str, Any]
+    inputs: Tuple[str, ...]  # declared inputs ("" = omitted), then captured outer-scope names
+    raw: FrozenSet[int]  # input positions passed as they are (weights, captures)
+    outputs: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The steps needed for a set of requested outputs, and what to free after each of them."""
+
+    steps: Tuple[_Step, ...]
+    frees: Tuple[Tuple[str, ...], ...]  # frees[i]: values dead after steps[i]
+    outputs: Tuple[str, ...]
+
+
+class Subgraph:
+    """A compiled subgraph (an ``If`` branch, a ``Loop`` body) that reads values of its enclosing scope.
+
+    ``captures`` names the outer values it reads; the enclosing executor passes them as extra inputs
+    of the node, so they stay alive until the node has run, and ``run`` receives their values.
+    """
+
+    def __init__(self, graph: Graph, opsets: Mapping[str, int], outer: Iterable[str]):
+        self.graph = graph
+        self.captures: Tuple[str, ...] = tuple(sorted(free_names(graph)))
+        self.executor = Executor(graph, opsets, outer_scope=outer)
+
+    def run(self, captured: Mapping[str, Any], feeds: Optional[Mapping[str, Any]] = None) -> List[np.ndarray]:
+        """Run with the captured outer values (plus ``feeds`` for the subgraph's own inputs)."""
+        values = dict(captured)
+        if feeds:
+            values.update(feeds)
+        result = self.executor.run(values, self.graph.initializers.__getitem__)
+        return [result[v.name] for v in self.graph.outputs]
+
+
+class Executor:
+    """Runs one graph. Construction validates and plans; ``run`` may be called from many threads.
+
+    ``opsets`` maps an operator domain to its version (``{"": 13}``); operators read the default
+    domain's version from ``attrs["_opset"]``. ``outer_scope`` lists names defined by an enclosing
+    graph (for subgraphs only).
+    """
+
+    def __init__(self, graph: Graph, opsets: Optional[Mapping[str, int]] = None,
+                 outer_scope: Iterable[str] = ()):
+        self.graph = graph
+        self.opsets = dict(opsets or {"": 17})
+        self.opset = int(self.opsets.get("", self.opsets.get("ai.onnx", 17)))
+        missing = supported(graph)
+        if missing:
+            raise UnsupportedOperatorError(
+                f"the model uses {len(missing)} operator(s) dcrt does not implement: "
+                f"{', '.join(missing)}. Simplify or re-export the model without them "
+                f"(e.g. a lower-level opset), or add them to dcrt/runtime/ops.", missing)
+        self.input_names = [v.name for v in graph.inputs]
+        self.output_names = [v.name for v in graph.outputs]
+        outer = set(outer_scope)
+        self._steps = self._order(graph, outer)
+        self._produced = {name for step in self._steps for name in step.outputs if name}
+        self._known = self._produced | set(self.input_names) | set(graph.initializers) | outer
+        for name in self.output_names:
+            if name not in self._known:
+                raise FormatError(f"graph output '{name}' is not produced by any node")
+        self._default_plan = self._make_plan(tuple(self.output_names))
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _prepare(self, node: Node, available: Set[str]) -> _Step:
+        """Bind a node to its function; compile its subgraphs (which see everything defined so far)."""
+        attrs = dict(node.attrs)
+        attrs["_opset"] = self.opset
+        attrs["_nout"] = len(node.outputs)
+        inputs = list(node.inputs)
+        raw = set(WEIGHT_INPUTS.get(node.op_type, ()))
+        subs = _subgraphs(node)
+        if subs:
+            compiled: Dict[str, Any] = {}
+            captures: Set[str] = set()
+            for key, sub in subs:
+                compiled_sub = Subgraph(sub, self.opsets, available)
+                captures.update(compiled_sub.captures)
+                value = node.attrs[key]
+                if isinstance(value, list):
+                    compiled.setdefault(key, []).append(compiled_sub)
+                else:
+                    compiled[key] = compiled_sub
+            attrs.update(compiled)
+            attrs["_captures"] = tuple(sorted(captures))
+            raw.update(range(len(inputs), len(inputs) + len(captures)))
+            inputs.extend(attrs["_captures"])
+        return _Step(node, OPS[node.op_type], attrs, tuple(inputs), frozenset(raw),
+                     tuple(node.outputs))
+
+    def _order(self, graph: Graph, outer: Set[str]) -> Tuple[_Step, ...]:
+        """Topologically sort the nodes (Kahn); a cycle or an undefined input is a FormatError."""
+        producer: Dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for out in node.outputs:
+                if out:
+                    if out in producer:
+                        raise FormatError(f"value '{out}' is produced by two nodes")
+                    producer[out] = i
+        given = {v.name for v in graph.inputs} | set(graph.initializers) | outer
+        reads: List[Set[str]] = []
+        for node in graph.nodes:
+            names = {n for n in node.inputs if n}
+            for _, sub in _subgraphs(node):
+                names |= free_names(sub)
+            reads.append(names)
+        deps: List[Set[int]] = []
+        for i, names in enumerate(reads):
+            needed = set()
+            for name in names:
+                if name in producer:
+                    needed.add(producer[name])
+                elif name not in given:
+                    node = graph.nodes[i]
+                    raise FormatError(f"node '{node.name or node.op_type}' reads '{name}', which no "
+                                      f"node, input or initializer defines")
+            deps.append(needed)
+        users: Dict[int, List[int]] = {}
+        for i, needed in enumerate(deps):
+            for j in needed:
+                users.setdefault(j, []).append(i)
+        waiting = [len(d) for d in deps]
+        ready = [i for i, w in enumerate(waiting) if w == 0]
+        order: List[int] = []
+        while ready:
+            i = ready.pop(0)
+            order.append(i)
+            for j in users.get(i, ()):
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    ready.append(j)
+        if len(order) != len(graph.nodes):
+            stuck = [graph.nodes[i].name or graph.nodes[i].op_type for i in range(len(graph.nodes))
+                     if waiting[i] > 0]
+            raise FormatError(f"the graph has a cycle through node(s): {', '.join(stuck[:5])}")
+        available = set(given)
+        steps = []
+        for i in order:
+            steps.append(self._prepare(graph.nodes[i], available))
+            available.update(o for o in graph.nodes[i].outputs if o)
+        return tuple(steps)
+
+    def _make_plan(self, outputs: Tuple[str, ...]) -> _Plan:
+        """Keep the steps the outputs need; free each value right after its last reader."""
+        for name in outputs:
+            if name not in self._known:
+                raise InputError(f"'{name}' is not a value of this model; known outputs: "
+                                 f"{', '.join(self.output_names)}")
+        needed = set(outputs)
+        kept = []
+        for step in reversed(self._steps):
+            if any(o in needed for o in step.outputs if o):
+                kept.append(step)
+                needed.update(n for n in step.inputs if n)
+        kept.reverse()
+        last: Dict[str, int] = {}
+        for i, step in enumerate(kept):
+            for name in step.outputs:
+                if name:
+                    last[name] = i  # never read: dead right after it is made
+            for name in step.inputs:
+                if name:
+                    last[name] = i
+        keep = set(outputs)
+        frees: List[List[str]] = [[] for _ in kept]
+        for name, i in last.items():
+            if name not in keep:
+                frees[i].append(name)
+        return _Plan(tuple(kept), tuple(tuple(f) for f in frees), outputs)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, feeds: Mapping[str, Any], weights: Optional[WeightSource] = None,
+            outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """Compute ``outputs`` (default: the graph outputs) from ``feeds``.
+
+        ``weights(name)`` returns an initializer's value (default: the graph's ``initializers``).
+        A graph input that is also an initializer takes the fed value when given. Any value name of
+        the graph may be requested as an output.
+        """
+        if weights is None:
+            weights = self.graph.initializers.__getitem__
+        plan = self._default_plan if outputs is None else self._make_plan(tuple(outputs))
+        env: Dict[str, Any] = dict(feeds)
+        for name in self.input_names:
+            if name not in env and name not in self.graph.initializers:
+                raise InputError(f"missing input '{name}'; the model's inputs are "
+                                 f"{', '.join(self.input_names)}")
+
+        def fetch(name: str, raw: bool) -> Any:
+            value = env[name] if name in env else weights(name)
+            if raw or isinstance(value, np.ndarray):
+                return value
+            return kernels.dense(value)
+
+        for step, dead in zip(plan.steps, plan.frees):
+            args = [fetch(name, i in step.raw) if name else None for i, name in enumerate(step.inputs)]
+            try:
+                result = step.fn(step.attrs, *args)
+            except DcrtError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - add the node to the message, keep the cause
+                shapes = ", ".join("None" if a is None else str(getattr(a, "shape", "?")) for a in args)
+                raise DcrtError(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}) "
+                                f"failed on inputs of shape [{shapes}]: {type(exc).__name__}: {exc}"
+                                ) from exc
+            del args
+            if not isinstance(result, tuple):
+                result = (result,)
+            for name, value in zip(step.outputs, result):
+                if name and value is not None:
+                    env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+            for name in dead:
+                env.pop(name, None)
+        return {name: fetch(name, False) for name in plan.outputs}

@@ -1,0 +1,460 @@
+"""Neural-network operators: convolutions, dense layers, pooling, normalisation, softmax.
+
+Weight inputs (Conv/ConvTranspose ``W``, Gemm/MatMul ``B``) go through ``runtime.kernels`` only,
+so they may be indexed weights (codebook + indices) as well as arrays.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import kernels
+from . import register
+
+Attrs = Dict[str, Any]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def resolve_pads(attrs: Attrs, insize: Sequence[int], kernel: Sequence[int],
+                 strides: Sequence[int], dilations: Sequence[int]) -> List[int]:
+    """``[begin..., end...]`` pads from ``auto_pad`` (SAME_UPPER/SAME_LOWER/VALID) or ``pads``.
+
+    SAME keeps ``ceil(in / stride)`` outputs; the odd pixel of padding goes at the end (UPPER) or
+    the beginning (LOWER).
+    """
+    dims = len(kernel)
+    mode = _text(attrs.get("auto_pad", "NOTSET"))
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(insize, kernel, strides, dilations):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+            small, big = total // 2, total - total // 2
+            begin.append(small if mode == "SAME_UPPER" else big)
+            end.append(big if mode == "SAME_UPPER" else small)
+        return begin + end
+    if mode == "VALID":
+        return [0] * (2 * dims)
+    pads = list(attrs.get("pads") or [0] * (2 * dims))
+    return [int(p) for p in pads]
+
+
+def _geometry(attrs: Attrs, x: np.ndarray, kernel: Sequence[int]) -> Tuple[List[int], List[int]]:
+    dims = len(kernel)
+    strides = [int(s) for s in attrs.get("strides") or [1] * dims]
+    dilations = [int(d) for d in attrs.get("dilations") or [1] * dims]
+    return strides, dilations
+
+
+# -- convolution and dense layers ------------------------------------------------------------------
+
+
+@register("Conv", weights=(1,))
+def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) -> np.ndarray:
+    """N-D convolution with groups (depthwise included), dilations, strides, pads or auto_pad."""
+    kernel = [int(k) for k in w.shape[2:]]
+    strides, dilations = _geometry(attrs, x, kernel)
+    pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
+    y = kernels.conv(x, w, b, strides, dilations, pads, int(attrs.get("group", 1)))
+    return y.astype(x.dtype, copy=False)
+
+
+@register("ConvTranspose", weights=(1,))
+def conv_transpose(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) -> np.ndarray:
+    """Transposed convolution with output_padding, output_shape, pads or auto_pad, groups.
+
+    The full result has ``stride * (in - 1) + output_padding + (k - 1) * dilation + 1`` pixels per
+    axis; pads crop it. With SAME auto_pad the output is ``in * stride`` (or ``output_shape``) and
+    the crop is split between both ends; an explicit ``output_shape`` replaces the pads.
+    """
+    kernel = [int(k) for k in w.shape[2:]]
+    dims = len(kernel)
+    strides, dilations = _geometry(attrs, x, kernel)
+    group = int(attrs.get("group", 1))
+    extra = [int(p) for p in attrs.get("output_padding") or [0] * dims]
+    insize = x.shape[2:]
+    full = [s * (n - 1) + e + (k - 1) * d + 1
+            for n, s, e, k, d in zip(insize, strides, extra, kernel, dilations)]
+    mode = _text(attrs.get("auto_pad", "NOTSET"))
+    out_shape = attrs.get("output_shape")
+    if out_shape is not None and len(out_shape) > dims:
+        out_shape = out_shape[-dims:]  # a full [N, C, ...] shape is accepted too
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        # the output is in * stride (or output_shape); the odd pixel is cropped at the end for
+        # SAME_UPPER, at the beginning for SAME_LOWER
+        out = [int(o) for o in out_shape] if out_shape is not None else [n * s for n, s in zip(insize, strides)]
+        total = [f - o for f, o in zip(full, out)]
+        begin = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in total]
+    elif out_shape is not None:
+        # an explicit size overrides pads: crop max(0, full - size), the odd pixel at the beginning
+        # (the spec's rule, as onnxruntime applies it); a larger size adds zeros at the end
+        out = [int(o) for o in out_shape]
+        total = [max(0, f - o) for f, o in zip(full, out)]
+        begin = [t - t // 2 for t in total]
+    else:
+        pads = [int(p) for p in attrs.get("pads") or [0] * (2 * dims)] if mode != "VALID" else [0] * (2 * dims)
+        begin = pads[:dims]
+        out = [f - pads[i] - pads[i + dims] for i, f in enumerate(full)]
+    y = kernels.conv_transpose(x, w, b, strides, dilations, begin, out, group)
+    return y.astype(x.dtype, copy=False)
+
+
+@register("Gemm", weights=(1,))
+def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) -> np.ndarray:
+    """``alpha * A' @ B' + beta * C`` with optional transposes; B is the weight."""
+    if attrs.get("transA", 0):
+        a = a.T
+    y = kernels.matmul_t(a, b) if attrs.get("transB", 0) else kernels.matmul(a, b)
+    alpha = attrs.get("alpha", 1.0)
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        beta = attrs.get("beta", 1.0)
+        y = y + (c * beta if beta != 1.0 else c)
+    return y.astype(a.dtype, copy=False)
+
+
+@register("MatMul", weights=(1,))
+def matmul(attrs: Attrs, a: np.ndarray, b: Any) -> np.ndarray:
+    """numpy ``matmul`` semantics; a 2-D ``B`` (the usual weight) goes through the kernel."""
+    if b.ndim == 2:
+        y = kernels.matmul(a, b)
+    else:
+        y = np.matmul(a, kernels.dense(b))
+    return np.asarray(y).astype(a.dtype, copy=False)
+
+
+@register("Einsum")
+def einsum(attrs: Attrs, *xs: np.ndarray) -> np.ndarray:
+    """Einstein summation (numpy's, which implements the ONNX equation grammar)."""
+    equation = _text(attrs["equation"]).replace(" ", "")
+    return np.asarray(np.einsum(equation, *xs, optimize=len(xs) > 2)).astype(xs[0].dtype, copy=False)
+
+
+# -- pooling ---------------------------------------------------------------------------------------
+
+
+def _pool_layout(attrs: Attrs, x: np.ndarray) -> Tuple[List[int], List[int], List[int], List[int], List[int]]:
+    """Kernel, strides, dilations, begin pads and output size of a pooling node.
+
+    With ``ceil_mode`` the output may need windows that run past the end pad; a window must still
+    start inside the input or its begin pad (the PyTorch/onnxruntime rule).
+    """
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    dims = len(kernel)
+    strides, dilations = _geometry(attrs, x, kernel)
+    pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
+    ceil = bool(attrs.get("ceil_mode", 0))
+    out = []
+    for i, n in enumerate(x.shape[2:]):
+        span = n + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)
+        o = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
+        if ceil and (o - 1) * strides[i] >= n + pads[i]:
+            o -= 1
+        out.append(o)
+    return kernel, strides, dilations, pads, out
+
+
+def _padded(x: np.ndarray, pads: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+            dilations: Sequence[int], out: Sequence[int], fill: Any) -> np.ndarray:
+    """``x`` padded with ``fill`` so every window of the output lies inside it."""
+    dims = len(kernel)
+    widths = [(0, 0), (0, 0)]
+    for i in range(dims):
+        need = (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+        widths.append((pads[i], max(0, need - x.shape[2 + i] - pads[i])))
+    return np.pad(x, widths, constant_values=fill)
+
+
+def _taps(kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], out: Sequence[int]):
+    """For each kernel tap: its offsets and the slices of the padded input it reads."""
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        yield offset, (slice(None), slice(None)) + tuple(
+            slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilations, out, strides))
+
+
+def _lowest(dtype: np.dtype) -> Any:
+    return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+
+
+@register("MaxPool")
+def max_pool(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """Max pooling (ceil_mode, dilations, pads, auto_pad) with the optional flat ``Indices`` output
+    (row-major, or column-major with ``storage_order=1``), computed only when the node asks for it."""
+    kernel, strides, dilations, pads, out = _pool_layout(attrs, x)
+    xp = _padded(x, pads, kernel, strides, dilations, out, _lowest(x.dtype))
+    want_indices = attrs.get("_nout", 2) > 1
+    spatial = x.shape[2:]
+    # flat-index strides of the input's spatial axes
+    order = range(len(spatial)) if attrs.get("storage_order", 0) == 1 else reversed(range(len(spatial)))
+    step, size = [0] * len(spatial), 1
+    for i in order:
+        step[i], size = size, size * spatial[i]
+    y: Optional[np.ndarray] = None
+    best: Optional[np.ndarray] = None
+    for offset, region in _taps(kernel, strides, dilations, out):
+        v = xp[region]
+        take = None if y is None or not want_indices else v > y  # the first maximum wins ties
+        y = v.copy() if y is None else np.maximum(y, v, out=y)
+        if want_indices:
+            flat = np.zeros(out, dtype=np.int64)
+            for i in range(len(spatial)):
+                coord = np.arange(out[i]) * strides[i] + offset[i] * dilations[i] - pads[i]
+                flat = flat + (coord * step[i]).reshape([-1 if j == i else 1 for j in range(len(spatial))])
+            best = np.broadcast_to(flat, v.shape).copy() if take is None else np.where(take, flat, best)
+    assert y is not None
+    if not want_indices:
+        return y
+    assert best is not None
+    base = np.arange(x.shape[0] * x.shape[1], dtype=np.int64).reshape(x.shape[:2] + (1,) * len(spatial))
+    return y, best + base * size
+
+
+@register("AveragePool")
+def average_pool(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Average pooling; the divisor counts the pad cells only with ``count_include_pad=1``.
+
+    Cells added past the end pad for ``ceil_mode`` are never counted.
+    """
+    kernel, strides, dilations, pads, out = _pool_layout(attrs, x)
+    dims = len(kernel)
+    xp = _padded(x, pads, kernel, strides, dilations, out, 0)
+    # a 0/1 map of the cells that count, pooled the same way, gives each window's divisor
+    inside = np.ones((1, 1) + x.shape[2:], dtype=np.float64)
+    if attrs.get("count_include_pad", 0):
+        inside = np.pad(inside, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)],
+                        constant_values=1)
+        inside = _padded(inside, [0] * (2 * dims), kernel, strides, dilations, out, 0)
+    else:
+        inside = _padded(inside, pads, kernel, strides, dilations, out, 0)
+    total = np.zeros(x.shape[:2] + tuple(out), dtype=np.float64 if x.dtype == np.float64 else np.float32)
+    count = np.zeros((1, 1) + tuple(out))
+    for _, region in _taps(kernel, strides, dilations, out):
+        total += xp[region]
+        count += inside[region]
+    return (total / np.maximum(count, 1)).astype(x.dtype, copy=False)
+
+
+@register("LpPool")
+def lp_pool(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """``(sum |x|^p) ** (1/p)`` over each window (pads contribute zeros)."""
+    kernel, strides, dilations, pads, out = _pool_layout(attrs, x)
+    p = float(attrs.get("p", 2))
+    xp = _padded(np.abs(x) ** p, pads, kernel, strides, dilations, out, 0)
+    total = sum(xp[region] for _, region in _taps(kernel, strides, dilations, out))
+    return (total ** (1 / p)).astype(x.dtype, copy=False)
+
+
+@register("GlobalAveragePool")
+def global_average_pool(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Mean over all spatial axes, kept as size-1 axes."""
+    return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True).astype(x.dtype, copy=False)
+
+
+@register("GlobalMaxPool")
+def global_max_pool(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Max over all spatial axes, kept as size-1 axes."""
+    return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+@register("GlobalLpPool")
+def global_lp_pool(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """p-norm over all spatial axes."""
+    p = float(attrs.get("p", 2))
+    axes = tuple(range(2, x.ndim))
+    return (np.sum(np.abs(x) ** p, axis=axes, keepdims=True) ** (1 / p)).astype(x.dtype, copy=False)
+
+
+@register("MaxUnpool")
+def max_unpool(attrs: Attrs, x: np.ndarray, indices: np.ndarray,
+               output_shape: Optional[np.ndarray] = None) -> np.ndarray:
+    """Scatter pooled values back to the positions MaxPool's ``Indices`` recorded."""
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    dims = len(kernel)
+    strides = [int(s) for s in attrs.get("strides") or [1] * dims]
+    pads = [int(p) for p in attrs.get("pads") or [0] * (2 * dims)]
+    # the indices address the default unpooled shape; a larger output_shape adds zeros at the end
+    shape = x.shape[:2] + tuple((n - 1) * s - pads[i] - pads[i + dims] + k
+                                for i, (n, s, k) in enumerate(zip(x.shape[2:], strides, kernel)))
+    y = np.zeros(int(np.prod(shape)), dtype=x.dtype)
+    y[indices.reshape(-1)] = x.reshape(-1)
+    y = y.reshape(shape)
+    if output_shape is not None:
+        target = tuple(int(s) for s in output_shape)
+        y = np.pad(y, [(0, max(0, t - s)) for t, s in zip(target, shape)])[tuple(slice(0, t) for t in target)]
+    return y
+
+
+# -- normalisation ---------------------------------------------------------------------------------
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-channel vector shaped to broadcast over ``[N, C, *spatial]``."""
+    return np.asarray(v).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@register("BatchNormalization")
+def batch_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                        mean: np.ndarray, var: np.ndarray) -> Any:
+    """Inference: normalise with the running statistics. ``training_mode=1``: with the batch's own,
+    also returning the updated running mean and variance (momentum 0.9)."""
+    eps = attrs.get("epsilon", 1e-5)
+    if attrs.get("training_mode", 0):
+        axes = (0,) + tuple(range(2, x.ndim))
+        batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+        m = attrs.get("momentum", 0.9)
+        y = (x - _channel(batch_mean, x.ndim)) / np.sqrt(_channel(batch_var, x.ndim) + eps)
+        y = y * _channel(scale, x.ndim) + _channel(bias, x.ndim)
+        return (y.astype(x.dtype, copy=False), (mean * m + batch_mean * (1 - m)).astype(mean.dtype),
+                (var * m + batch_var * (1 - m)).astype(var.dtype))
+    factor = scale / np.sqrt(var + eps)
+    y = x * _channel(factor, x.ndim) + _channel(bias - mean * factor, x.ndim)
+    return y.astype(x.dtype, copy=False)
+
+
+@register("InstanceNormalization")
+def instance_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Normalise each (sample, channel) over its spatial axes."""
+    axes = tuple(range(2, x.ndim))
+    mu = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    y = (x - mu) / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    return (y * _channel(scale, x.ndim) + _channel(bias, x.ndim)).astype(x.dtype, copy=False)
+
+
+@register("LayerNormalization")
+def layer_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray,
+                        bias: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+    """Normalise over the axes from ``axis`` (-1) on; also returns Mean and InvStdDev."""
+    axis = attrs.get("axis", -1) % x.ndim
+    axes = tuple(range(axis, x.ndim))
+    xs = x.astype(np.float32) if attrs.get("stash_type", 1) == 1 and x.dtype != np.float64 else x
+    mu = xs.mean(axis=axes, keepdims=True)
+    inv = 1 / np.sqrt(((xs - mu) ** 2).mean(axis=axes, keepdims=True) + attrs.get("epsilon", 1e-5))
+    y = (xs - mu) * inv * scale
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype, copy=False), mu, inv
+
+
+@register("RMSNormalization")
+def rms_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + epsilon) * scale`` over the axes from ``axis`` (-1) on."""
+    axis = attrs.get("axis", -1) % x.ndim
+    xs = x.astype(np.float32) if x.dtype != np.float64 else x
+    ms = np.mean(xs * xs, axis=tuple(range(axis, x.ndim)), keepdims=True)
+    return (xs / np.sqrt(ms + attrs.get("epsilon", 1e-5)) * scale).astype(x.dtype, copy=False)
+
+
+@register("GroupNormalization")
+def group_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Normalise channel groups; scale/bias per channel (opset 21) or per group (opset 18)."""
+    groups = int(attrs["num_groups"])
+    n, c = x.shape[:2]
+    xs = x.reshape((n, groups, -1)).astype(np.float32 if x.dtype != np.float64 else x.dtype)
+    mu = xs.mean(axis=2, keepdims=True)
+    var = xs.var(axis=2, keepdims=True)
+    y = ((xs - mu) / np.sqrt(var + attrs.get("epsilon", 1e-5))).reshape(x.shape)
+    if scale.shape[0] != c:  # per-group parameters: repeat over each group's channels
+        scale, bias = np.repeat(scale, c // groups), np.repeat(bias, c // groups)
+    return (y * _channel(scale, x.ndim) + _channel(bias, x.ndim)).astype(x.dtype, copy=False)
+
+
+@register("LpNormalization")
+def lp_normalization(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Divide by the L1 or L2 norm along ``axis`` (zero vectors stay zero)."""
+    axis, p = attrs.get("axis", -1), attrs.get("p", 2)
+    norm = np.sum(np.abs(x), axis=axis, keepdims=True) if p == 1 else np.sqrt(
+        np.sum(x * x, axis=axis, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm == 0, 0, x / norm).astype(x.dtype, copy=False)
+
+
+@register("MeanVarianceNormalization")
+def mean_variance_normalization(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """``(x - mean) / (std + 1e-9)`` over ``axes`` ([0, 2, 3])."""
+    axes = tuple(attrs.get("axes", [0, 2, 3]))
+    mu = x.mean(axis=axes, keepdims=True)
+    std = np.sqrt((x * x).mean(axis=axes, keepdims=True) - mu * mu)
+    return ((x - mu) / (std + 1e-9)).astype(x.dtype, copy=False)
+
+
+@register("LRN")
+def lrn(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Local response normalisation across channels (AlexNet)."""
+    size = int(attrs["size"])
+    alpha, beta, bias = attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = np.pad(x * x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+    c = x.shape[1]
+    total = sum(sq[:, i:i + c] for i in range(size))
+    return (x / (bias + alpha / size * total) ** beta).astype(x.dtype, copy=False)
+
+
+# -- softmax family --------------------------------------------------------------------------------
+
+
+def _softmax_axes(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Before opset 13 softmax treats ``x`` as 2-D ``[prod(shape[:axis]), prod(shape[axis:])]``."""
+    if attrs.get("_opset", 17) < 13:
+        axis = attrs.get("axis", 1) % max(x.ndim, 1)
+        return x.reshape((int(np.prod(x.shape[:axis], dtype=np.int64)), -1)), 1
+    return x, attrs.get("axis", -1)
+
+
+@register("Softmax")
+def softmax(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """``exp(x - max) / sum`` along ``axis`` (-1; opset < 13: 1, over the flattened tail)."""
+    v, axis = _softmax_axes(attrs, x)
+    e = np.exp(v - v.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).reshape(x.shape).astype(x.dtype, copy=False)
+
+
+@register("LogSoftmax")
+def log_softmax(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """``x - max - log(sum(exp(x - max)))`` along ``axis`` (semantics as Softmax)."""
+    v, axis = _softmax_axes(attrs, x)
+    shifted = v - v.max(axis=axis, keepdims=True)
+    y = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return y.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+@register("Hardmax")
+def hardmax(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """1 at the first maximum along ``axis``, 0 elsewhere (semantics as Softmax)."""
+    v, axis = _softmax_axes(attrs, x)
+    first = np.expand_dims(np.argmax(v, axis=axis), axis)
+    y = np.zeros_like(v)
+    np.put_along_axis(y, first, 1, axis=axis)
+    return y.reshape(x.shape)
+
+
+@register("DepthToSpace")
+def depth_to_space(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Move channel blocks to ``blocksize x blocksize`` spatial tiles (DCR or CRD order)."""
+    b = int(attrs["blocksize"])
+    n, c, h, w = x.shape
+    if _text(attrs.get("mode", "DCR")) == "CRD":
+        y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@register("SpaceToDepth")
+def space_to_depth(attrs: Attrs, x: np.ndarray) -> np.ndarray:
+    """Inverse of DepthToSpace (DCR order, or CRD)."""
+    b = int(attrs["blocksize"])
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b)
+    if _text(attrs.get("mode", "DCR")) == "CRD":
+        y = y.transpose(0, 1, 3, 5, 2, 4)
+    else:
+        y = y.transpose(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+

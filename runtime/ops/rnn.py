@@ -1,0 +1,251 @@
+"""Recurrent operators: LSTM, GRU and RNN (forward, reverse, bidirectional).
+
+The input projection of all time steps is one ``matmul_t`` per direction; each step then adds
+``matmul_t(h, R)``. ``W`` and ``R`` (``[directions, gates * hidden, ...]``) may be indexed weights:
+they are only sliced along their leading axis and handed to the kernels.
+
+``sequence_lens`` is honoured: past its length a batch entry's state stops changing and its outputs
+are zero; the reverse direction starts at the last valid step of each sequence. ``layout=1`` means
+batch-major inputs and outputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import kernels
+from . import register
+from .elementwise import sigmoid
+
+Attrs = Dict[str, Any]
+Activation = Callable[[np.ndarray], np.ndarray]
+
+
+def _activation(name: str, alpha: Optional[float], beta: Optional[float]) -> Activation:
+    """An activation function by its ONNX RNN name, with its optional alpha/beta."""
+    key = name.decode() if isinstance(name, bytes) else name
+    key = key.lower()
+    if key == "sigmoid":
+        return sigmoid
+    if key == "tanh":
+        return np.tanh
+    if key == "relu":
+        return lambda v: np.maximum(v, 0)
+    if key == "leakyrelu":
+        a = 0.01 if alpha is None else alpha
+        return lambda v: np.where(v >= 0, v, a * v)
+    if key == "thresholdedrelu":
+        a = 1.0 if alpha is None else alpha
+        return lambda v: np.where(v > a, v, 0)
+    if key == "scaledtanh":
+        a, b = (1.0 if alpha is None else alpha), (1.0 if beta is None else beta)
+        return lambda v: a * np.tanh(b * v)
+    if key == "hardsigmoid":
+        a, b = (0.2 if alpha is None else alpha), (0.5 if beta is None else beta)
+        return lambda v: np.clip(a * v + b, 0, 1)
+    if key == "elu":
+        a = 1.0 if alpha is None else alpha
+        return lambda v: np.where(v > 0, v, a * np.expm1(np.minimum(v, 0)))
+    if key == "softsign":
+        return lambda v: v / (1 + np.abs(v))
+    if key == "softplus":
+        return lambda v: np.logaddexp(0, v)
+    if key == "affine":
+        a, b = (1.0 if alpha is None else alpha), (0.0 if beta is None else beta)
+        return lambda v: a * v + b
+    raise NotImplementedError(f"RNN activation '{name}'")
+
+
+_TAKES_ALPHA = {"leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu", "affine"}
+_TAKES_BETA = {"scaledtanh", "hardsigmoid", "affine"}
+
+
+def _activations(attrs: Attrs, defaults: Sequence[str], directions: int) -> List[List[Activation]]:
+    """Per direction, the activation functions (``activations`` attribute or the defaults).
+
+    ``activation_alpha``/``activation_beta`` are consumed in order by the functions that take them.
+    """
+    names = list(attrs.get("activations") or list(defaults) * directions)
+    if len(names) == len(defaults) and directions == 2:
+        names = names * 2
+    alphas = list(attrs.get("activation_alpha") or [])
+    betas = list(attrs.get("activation_beta") or [])
+    funcs = []
+    for name in names:
+        key = (name.decode() if isinstance(name, bytes) else name).lower()
+        alpha = alphas.pop(0) if key in _TAKES_ALPHA and alphas else None
+        beta = betas.pop(0) if key in _TAKES_BETA and betas else None
+        funcs.append(_activation(name, alpha, beta))
+    n = len(defaults)
+    return [funcs[d * n:(d + 1) * n] for d in range(directions)]
+
+
+def _reverse_within(x: np.ndarray, lengths: Optional[np.ndarray]) -> np.ndarray:
+    """Reverse ``[T, B, ...]`` along time, each batch entry within its own length."""
+    if lengths is None:
+        return x[::-1]
+    steps = x.shape[0]
+    t = np.arange(steps)[:, None]
+    n = lengths[None, :]
+    src = np.where(t < n, n - 1 - t, t)  # [T, B]: padding steps stay where they are
+    return np.take_along_axis(x, src.reshape(src.shape + (1,) * (x.ndim - 2)), axis=0)
+
+
+class _Recurrence:
+    """What the three operators share: directions, layout, sequence lengths, clipping."""
+
+    def __init__(self, attrs: Attrs, x: np.ndarray, w: Any, seq_lens: Optional[np.ndarray],
+                 gates: int):
+        self.attrs = attrs
+        self.batch_major = bool(attrs.get("layout", 0))
+        self.x = np.swapaxes(x, 0, 1) if self.batch_major else x  # [T, B, I]
+        self.directions = int(w.shape[0])
+        self.hidden = int(attrs.get("hidden_size") or w.shape[1] // gates)
+        self.steps, self.batch = self.x.shape[:2]
+        self.clip = attrs.get("clip")
+        self.dtype = x.dtype
+        lens = None if seq_lens is None else np.asarray(seq_lens).astype(np.int64).reshape(-1)
+        if lens is not None and np.all(lens >= self.steps):
+            lens = None  # every sequence is full length: no masking needed
+        self.lens = lens
+
+    def initial(self, state: Optional[np.ndarray]) -> np.ndarray:
+        """An initial state as ``[directions, B, H]`` (zeros when absent)."""
+        if state is None:
+            return np.zeros((self.directions, self.batch, self.hidden), dtype=self.dtype)
+        return np.swapaxes(state, 0, 1) if self.batch_major else state
+
+    def inputs(self, direction: int) -> np.ndarray:
+        """The time-major input in processing order for a direction."""
+        reverse = self.direction_is_reverse(direction)
+        return _reverse_within(self.x, self.lens) if reverse else self.x
+
+    def direction_is_reverse(self, direction: int) -> bool:
+        mode = self.attrs.get("direction", "forward")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        return mode == "reverse" or (mode == "bidirectional" and direction == 1)
+
+    def clipped(self, v: np.ndarray) -> np.ndarray:
+        return v if self.clip is None else np.clip(v, -self.clip, self.clip)
+
+    def active(self, t: int) -> Optional[np.ndarray]:
+        """``[B, 1]`` mask of the batch entries still inside their sequence at step ``t``."""
+        return None if self.lens is None else (t < self.lens)[:, None]
+
+    def finish(self, direction: int, ys: List[np.ndarray]) -> np.ndarray:
+        """Stack a direction's per-step outputs back into time order: ``[T, B, H]``."""
+        y = np.stack(ys) if ys else np.zeros((0, self.batch, self.hidden), dtype=self.dtype)
+        if self.lens is not None:
+            y = np.where((np.arange(self.steps)[:, None] < self.lens[None, :])[..., None], y, 0)
+        return _reverse_within(y, self.lens) if self.direction_is_reverse(direction) else y
+
+    def outputs(self, ys: List[np.ndarray], states: List[np.ndarray]) -> Tuple[np.ndarray, ...]:
+        """``Y [T, D, B, H]`` (or ``[B, T, D, H]``) and each final state ``[D, B, H]`` (or ``[B, D, H]``)."""
+        y = np.stack(ys, axis=1).astype(self.dtype, copy=False)
+        finals = [s.astype(self.dtype, copy=False) for s in states]
+        if self.batch_major:
+            y = y.transpose(2, 0, 1, 3)
+            finals = [np.swapaxes(s, 0, 1) for s in finals]
+        return (y, *finals)
+
+
+def _step(mask: Optional[np.ndarray], new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    return new if mask is None else np.where(mask, new, old)
+
+
+@register("LSTM", weights=(1, 2))
+def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
+         seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None,
+         c0: Optional[np.ndarray] = None, p: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+    """LSTM with gates ``i, o, f, c``, optional peepholes ``P``, ``input_forget`` and ``clip``."""
+    rec = _Recurrence(attrs, x, w, seq_lens, 4)
+    hsz = rec.hidden
+    funcs = _activations(attrs, ("Sigmoid", "Tanh", "Tanh"), rec.directions)
+    hs, cs = rec.initial(h0), rec.initial(c0)
+    ys, h_last, c_last = [], [], []
+    for d in range(rec.directions):
+        f, g, act_h = funcs[d]
+        proj = kernels.matmul_t(rec.inputs(d), w[d])  # [T, B, 4H]
+        if b is not None:
+            proj = proj + (b[d, :4 * hsz] + b[d, 4 * hsz:])
+        rd = r[d]
+        pi, po, pf = (p[d, :hsz], p[d, hsz:2 * hsz], p[d, 2 * hsz:]) if p is not None else (0, 0, 0)
+        h, c = hs[d], cs[d]
+        out = []
+        for t in range(rec.steps):
+            gates = proj[t] + kernels.matmul_t(h, rd)
+            gi, go, gf, gc = (gates[:, k * hsz:(k + 1) * hsz] for k in range(4))
+            i = f(rec.clipped(gi + pi * c))
+            fg = 1 - i if attrs.get("input_forget", 0) else f(rec.clipped(gf + pf * c))
+            c_new = fg * c + i * g(rec.clipped(gc))
+            o = f(rec.clipped(go + po * c_new))
+            h_new = o * act_h(c_new)
+            mask = rec.active(t)
+            h, c = _step(mask, h_new, h), _step(mask, c_new, c)
+            out.append(h)
+        ys.append(rec.finish(d, out))
+        h_last.append(h)
+        c_last.append(c)
+    return rec.outputs(ys, [np.stack(h_last), np.stack(c_last)])
+
+
+@register("GRU", weights=(1, 2))
+def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
+        seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+    """GRU with gates ``z, r, h``; ``linear_before_reset`` applies the reset after ``R_h``."""
+    rec = _Recurrence(attrs, x, w, seq_lens, 3)
+    hsz = rec.hidden
+    funcs = _activations(attrs, ("Sigmoid", "Tanh"), rec.directions)
+    before_reset = bool(attrs.get("linear_before_reset", 0))
+    hs = rec.initial(h0)
+    ys, h_last = [], []
+    for d in range(rec.directions):
+        f, g = funcs[d]
+        proj = kernels.matmul_t(rec.inputs(d), w[d])  # [T, B, 3H]
+        wb = b[d, :3 * hsz] if b is not None else np.zeros(3 * hsz, dtype=rec.dtype)
+        rb = b[d, 3 * hsz:] if b is not None else np.zeros(3 * hsz, dtype=rec.dtype)
+        proj = proj + wb
+        rd = r[d]
+        r_zr, r_h = (rd, None) if before_reset else (rd[:2 * hsz], rd[2 * hsz:])
+        h = hs[d]
+        out = []
+        for t in range(rec.steps):
+            rec_zr = kernels.matmul_t(h, r_zr)  # [B, 3H] or [B, 2H]
+            z = f(rec.clipped(proj[t, :, :hsz] + rec_zr[:, :hsz] + rb[:hsz]))
+            reset = f(rec.clipped(proj[t, :, hsz:2 * hsz] + rec_zr[:, hsz:2 * hsz] + rb[hsz:2 * hsz]))
+            if before_reset:
+                cand = proj[t, :, 2 * hsz:] + reset * (rec_zr[:, 2 * hsz:] + rb[2 * hsz:])
+            else:
+                cand = proj[t, :, 2 * hsz:] + kernels.matmul_t(reset * h, r_h) + rb[2 * hsz:]
+            h_new = (1 - z) * g(rec.clipped(cand)) + z * h
+            h = _step(rec.active(t), h_new, h)
+            out.append(h)
+        ys.append(rec.finish(d, out))
+        h_last.append(h)
+    return rec.outputs(ys, [np.stack(h_last)])
+
+
+@register("RNN", weights=(1, 2))
+def rnn(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
+        seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+    """Simple recurrent layer ``H = f(X W^T + H R^T + Wb + Rb)`` (``f`` = Tanh)."""
+    rec = _Recurrence(attrs, x, w, seq_lens, 1)
+    hsz = rec.hidden
+    funcs = _activations(attrs, ("Tanh",), rec.directions)
+    hs = rec.initial(h0)
+    ys, h_last = [], []
+    for d in range(rec.directions):
+        (f,) = funcs[d]
+        proj = kernels.matmul_t(rec.inputs(d), w[d])
+        if b is not None:
+            proj = proj + (b[d, :hsz] + b[d, hsz:])
+        rd = r[d]
+        h = hs[d]
+        out = []
+        for t in range(rec.steps):
+            h = _step(rec.active(t), f(rec.clipped(proj[t] + kernels.matmul_t(h, rd))), h)
+            out.append(h)
+        ys.append(rec.finish(d, out))
+        h_last.append(h)
+    return rec.outputs(ys, [np.stack(h_last)])
