@@ -183,6 +183,8 @@ def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
 
 def plan_to_json(plans: Dict[str, LayerPlan]) -> Dict[str, Any]:
     """The plan as the ``layers`` section of a config file (stored in the .dcm, reusable as --config)."""
+    default = LayerPlan()
     return {"layers": {name: {k: v for k, v in asdict(p).items()
-                              if k not in ("category", "op_type", "node") and v is not None}
+                              if k not in ("category", "op_type", "node") and v is not None
+                              and (k in ("bits", "sparsity") or v != getattr(default, k))}
                        for name, p in sorted(plans.items())}}

@@ -225,8 +225,8 @@ def test_huffman_single_symbol_costs_one_bit():
 
 
 def test_huffman_chunk_size_rule():
-    assert [huffman.chunk_size_for(n) for n in (0, 1, 32 * 1024, 32 * 1024 + 1, 100_000, 10**6)] == \
-        [1024, 1024, 1024, 2048, 4096, 8192]
+    assert [huffman.chunk_size_for(n) for n in (0, 1, 32 * 2048, 32 * 2048 + 1, 100_000, 10**6)] == \
+        [2048, 2048, 2048, 4096, 4096, 8192]
 
 
 def test_lzw_known_answer():

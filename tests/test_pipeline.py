@@ -71,7 +71,7 @@ def test_compression_ratio_of_lenet_300_100(onnx_path, tmp_path):
     src = onnx_path("lenet_300_100")
     result = convert(str(src), str(tmp_path / "m.dcm"))
     ratio = os.path.getsize(src) / result.file_bytes
-    assert ratio > 25, ratio                   # the paper reports 40x with retraining; random weights code worse
+    assert ratio >= 30, ratio                  # the paper reports 40x with retraining; random weights code worse
     assert result.file_bytes < result.source["gzip_bytes"] / 20
 
 
@@ -126,6 +126,15 @@ def test_bad_inputs_leave_no_file(tmp_path, onnx_path):
     assert out.read_bytes() == b"keep me"
     convert(str(onnx_path("lenet_300_100")), str(out), force=True)
     assert open_dcm(str(out)).tensors
+
+
+def test_output_permissions_follow_umask(tmp_path, onnx_path):
+    old = os.umask(0o022)
+    try:
+        convert(str(onnx_path("lenet_300_100")), str(tmp_path / "m.dcm"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.dcm").stat().st_mode & 0o777 == 0o644
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, onnx_path, monkeypatch):

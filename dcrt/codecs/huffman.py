@@ -31,7 +31,7 @@ from .raw import Payload, as_bytes, check_stage, check_symbols, numba_kernels, p
 
 MAX_ALPHABET = 1 << 16
 MAX_CODE_LENGTH = 16
-MIN_CHUNK_SIZE = 1024
+MIN_CHUNK_SIZE = 2048  # smaller chunks cost more in offsets (4 bytes each) than they gain in parallelism
 MAX_CHUNK_SIZE = 8192
 MAX_DECODE_CHUNK_SIZE = 1 << 20  # largest chunk a decoder accepts (the encoder writes <= MAX_CHUNK_SIZE)
 

@@ -229,7 +229,7 @@ def _stream(fb) -> Optional[EncodedStream]:
             raise FormatError(f"unknown coder id {s.Coder()}; a newer dcrt may read this file") from None
         lengths = None if s.CodeLengthsIsNone() else _array(s.CodeLengthsAsNumpy, s.CodeLengthsLength, np.uint8)
         offsets = None if s.ChunkBitOffsetsIsNone() else _array(
-            s.ChunkBitOffsetsAsNumpy, s.ChunkBitOffsetsLength, np.uint64)
+            s.ChunkBitOffsetsAsNumpy, s.ChunkBitOffsetsLength, np.uint32)
         stages.append(Stage(coder, int(s.Count()), int(s.Alphabet()), lengths, int(s.ChunkSize()),
                             offsets, int(s.MaxCodeWidth())))
     payload = _array(fb.PayloadAsNumpy, fb.PayloadLength, np.uint8)

@@ -94,9 +94,9 @@ class TensorRecord:
             for s in stream.stages:
                 crc = zlib.crc32(struct.pack("<BQIIB", int(s.coder), s.count, s.alphabet,
                                              s.chunk_size, s.max_code_width), crc)
-                for side in (s.code_lengths, s.chunk_bit_offsets):
-                    if side is not None:
-                        crc = zlib.crc32(np.ascontiguousarray(side).tobytes(), crc)
+                for side, dtype in ((s.code_lengths, "u1"), (s.chunk_bit_offsets, "<u8")):
+                    if side is not None:   # hashed in one width whatever width the file stores
+                        crc = zlib.crc32(np.ascontiguousarray(side, dtype=dtype).tobytes(), crc)
             crc = zlib.crc32(stream.payload, crc)
         return zlib.crc32(self.stats.pack(), crc)
 

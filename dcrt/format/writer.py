@@ -22,7 +22,8 @@ from .fb import Node as FbNode
 from .fb import ValueInfo as FbValueInfo
 from .tensor import RAW, LayerStats, TensorRecord
 
-ALIGN = 16  # large byte vectors start on 16 bytes so numpy can view a memory-mapped file in place
+ALIGN = 16         # raw tensor values start on 16 bytes so numpy can view a memory-mapped file in place
+PAYLOAD_ALIGN = 4  # coded payloads are read as bytes (uncoded symbols as at most uint32)
 
 
 def raw_record(name: str, array: np.ndarray) -> TensorRecord:
@@ -59,6 +60,9 @@ def atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".dcrt-", suffix=".part", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; a model file is as readable as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -81,11 +85,16 @@ class _Writer:
         return self.records[name] if name in self.records else raw_record(name, value)
 
     # -- vectors ------------------------------------------------------------------------------------
-    def bytes_vector(self, data) -> int:
+    def string(self, text: str) -> int:
+        """A string stored once however often it occurs (names recur in nodes and tensors)."""
+        shared = getattr(self.b, "CreateSharedString", self.b.CreateString)  # flatbuffers >= 23
+        return shared(text)
+
+    def bytes_vector(self, data, align: int = ALIGN) -> int:
         data = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
             np.ascontiguousarray(data).view(np.uint8).ravel())
         b, n = self.b, len(data)
-        b.StartVector(1, n, ALIGN)
+        b.StartVector(1, n, align)
         b.head = b.head - n
         b.Bytes[b.head:b.head + n] = data
         return b.EndVector()
@@ -101,7 +110,7 @@ class _Writer:
         return b.EndVector()
 
     def strings_vector(self, strings) -> int:
-        return self.offsets_vector([self.b.CreateString(s) for s in strings])
+        return self.offsets_vector([self.string(s) for s in strings])
 
     # -- tables ------------------------------------------------------------------------------------
     def stream(self, stream: Optional[EncodedStream]) -> int:
@@ -110,7 +119,12 @@ class _Writer:
         stages = []
         for s in stream.stages:
             lengths = self.numpy_vector(s.code_lengths, "u1") if s.code_lengths is not None else 0
-            offsets = self.numpy_vector(s.chunk_bit_offsets, "<u8") if s.chunk_bit_offsets is not None else 0
+            offsets = 0
+            if s.chunk_bit_offsets is not None:
+                if len(s.chunk_bit_offsets) and int(np.max(s.chunk_bit_offsets)) >= 1 << 32:
+                    raise ValueError("a coded stream over 2^32 bits (512 MB) cannot be stored; "
+                                     "split the tensor or use a smaller plan")
+                offsets = self.numpy_vector(s.chunk_bit_offsets, "<u4")
             CoderStage.Start(self.b)
             CoderStage.AddCoder(self.b, int(s.coder))
             CoderStage.AddCount(self.b, int(s.count))
@@ -123,7 +137,7 @@ class _Writer:
             CoderStage.AddMaxCodeWidth(self.b, int(s.max_code_width))
             stages.append(CoderStage.End(self.b))
         stage_vec = self.offsets_vector(stages)
-        payload = self.bytes_vector(stream.payload)
+        payload = self.bytes_vector(stream.payload, PAYLOAD_ALIGN)
         IndexStream.Start(self.b)
         IndexStream.AddStages(self.b, stage_vec)
         IndexStream.AddPayload(self.b, payload)
@@ -131,7 +145,7 @@ class _Writer:
 
     def tensor(self, rec: TensorRecord) -> int:
         b = self.b
-        name = b.CreateString(rec.name)
+        name = self.string(rec.name)
         shape = self.numpy_vector(np.asarray(rec.shape, dtype=np.int64), "<i8")
         raw = self.bytes_vector(rec.raw) if rec.encoding == RAW else 0
         book = self.numpy_vector(rec.codebook, "<f4") if rec.codebook is not None else 0
@@ -176,7 +190,7 @@ class _Writer:
             offs["tensors"] = self.offsets_vector([self.tensor(raw_record("", v)) for v in value])
         elif kind == 10:
             offs["graphs"] = self.offsets_vector([self.graph(g) for g in value])
-        name_off = b.CreateString(name)
+        name_off = self.string(name)
         Attribute.Start(b)
         Attribute.AddName(b, name_off)
         Attribute.AddType(b, kind)
@@ -196,7 +210,7 @@ class _Writer:
         b = self.b
         attrs = self.offsets_vector([self.attribute(k, node.attrs[k]) for k in sorted(node.attrs)])
         ins, outs = self.strings_vector(node.inputs), self.strings_vector(node.outputs)
-        name, op, domain = (b.CreateString(x) for x in (node.name, node.op_type, node.domain))
+        name, op, domain = (self.string(x) for x in (node.name, node.op_type, node.domain))
         FbNode.Start(b)
         FbNode.AddName(b, name)
         FbNode.AddOpType(b, op)
@@ -210,7 +224,7 @@ class _Writer:
         b = self.b
         dims = []
         for d in vi.shape or []:
-            param = b.CreateString(d) if isinstance(d, str) else 0
+            param = self.string(d) if isinstance(d, str) else 0
             Dim.Start(b)
             if isinstance(d, (int, np.integer)):
                 Dim.AddValue(b, int(d))
@@ -218,7 +232,7 @@ class _Writer:
                 Dim.AddParam(b, param)
             dims.append(Dim.End(b))
         dim_vec = self.offsets_vector(dims)
-        name = b.CreateString(vi.name)
+        name = self.string(vi.name)
         FbValueInfo.Start(b)
         FbValueInfo.AddName(b, name)
         FbValueInfo.AddDataType(b, dtypes.to_onnx(vi.dtype))
@@ -254,7 +268,7 @@ class _Writer:
         opset_vec = self.offsets_vector(opsets)
         meta = dict(model.metadata)
         if plan is not None:
-            meta["dcrt.plan"] = json.dumps(plan, sort_keys=True)
+            meta["dcrt.plan"] = json.dumps(plan, sort_keys=True, separators=(",", ":"))
         pairs = []
         for key, value in sorted(meta.items()):
             k, v = b.CreateString(key), b.CreateString(value)

@@ -89,14 +89,14 @@ class CoderStage(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
         if o != 0:
             a = self._tab.Vector(o)
-            return self._tab.Get(flatbuffers.number_types.Uint64Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 8))
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
         return 0
 
     # CoderStage
     def ChunkBitOffsetsAsNumpy(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
         if o != 0:
-            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint64Flags, o)
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint32Flags, o)
         return 0
 
     # CoderStage
@@ -142,7 +142,7 @@ def AddChunkSize(builder, chunkSize):
 def CoderStageAddChunkBitOffsets(builder, chunkBitOffsets): builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(chunkBitOffsets), 0)
 def AddChunkBitOffsets(builder, chunkBitOffsets):
     return CoderStageAddChunkBitOffsets(builder, chunkBitOffsets)
-def CoderStageStartChunkBitOffsetsVector(builder, numElems): return builder.StartVector(8, numElems, 8)
+def CoderStageStartChunkBitOffsetsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def StartChunkBitOffsetsVector(builder, numElems):
     return CoderStageStartChunkBitOffsetsVector(builder, numElems)
 def CoderStageAddMaxCodeWidth(builder, maxCodeWidth): builder.PrependUint8Slot(6, maxCodeWidth, 0)
