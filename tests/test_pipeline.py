@@ -213,3 +213,21 @@ def test_batchnorm_is_folded(onnx_path):
     assert any(n.op_type == "BatchNormalization" for n in g.nodes)
     passes.simplify(g)
     assert not any(n.op_type == "BatchNormalization" for n in g.nodes)
+
+
+def test_huffman_streams_are_within_2_percent_of_entropy(onnx_path, tmp_path):
+    from dcrt import codecs
+    result = convert(str(onnx_path("lenet5")), str(tmp_path / "m.dcm"))
+    checked = 0
+    for rec in result.records.values():
+        for stream in (rec.indices, rec.relative_index, rec.column_counts):
+            if stream is None or stream.name() != "huffman" or stream.count < 1000:
+                continue
+            symbols = codecs.decode(stream).astype(np.int64)
+            p = np.bincount(symbols) / symbols.size
+            p = p[p > 0]
+            entropy = -(p * np.log2(p)).sum() * symbols.size / 8
+            table = len(stream.stages[0].code_lengths) + 4 * len(stream.stages[0].chunk_bit_offsets)
+            assert len(stream.payload) <= 1.02 * entropy + table, (rec.name, len(stream.payload), entropy)
+            checked += 1
+    assert checked >= 4
