@@ -185,7 +185,7 @@ def psnr(reference: np.ndarray, approx: np.ndarray) -> float:
         return float("inf")
     if peak == 0.0:
         return float("-inf")
-    return 10.0 * np.log10(peak * peak / mse)
+    return float(10.0 * np.log10(peak * peak / mse))
 
 
 def cosine(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -284,9 +284,16 @@ def to_onnx(model: Model, as_inputs: Sequence[str] = (), extra_outputs: Sequence
 
 def _ort_session(payload: bytes):
     import onnxruntime as ort
+    return ort.InferenceSession(payload, _ort_options(), providers=["CPUExecutionProvider"])
+
+
+def _ort_options():
+    import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    # idle onnxruntime threads spin by default and starve the numpy work done between runs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 class Runner:
@@ -362,10 +369,8 @@ def run_onnx_file(path: str, feeds: Feeds, batch_size: int = BATCH) -> List[np.n
         import onnxruntime as ort
     except ImportError:
         raise ConversionError("the reference model runs on onnxruntime: pip install 'dcrt[convert]'") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(path, _ort_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors are not dcrt errors
         raise ConversionError(f"onnxruntime cannot load {path}: {e}") from None
     names = [o.name for o in sess.get_outputs()]

@@ -137,6 +137,51 @@ def _as_groups(x: np.ndarray) -> np.ndarray:
     return x[None] if x.ndim == 2 else x
 
 
+def _by_products(xg, tg, w_g, lab_g, k, gram, rhs) -> None:
+    """Normal equations through ``z[row, output, cluster]`` (cheap when ``K`` is small).
+
+    ``z`` sums the inputs that meet the weights of each cluster; ``G += z^T z``: ``rows * outputs * K^2``.
+    """
+    n = xg.shape[0]
+    per_group = lab_g.shape[0]
+    kept_per_row = max(1, int(np.count_nonzero(lab_g >= 0)) // max(1, per_group))
+    step = max(1, CHUNK_ELEMENTS // (n * max(k, kept_per_row)))
+    for r0 in range(0, per_group, step):
+        lab = lab_g[r0:r0 + step]
+        r = lab.shape[0]
+        rows, cols = np.nonzero(lab >= 0)
+        if rows.size == 0:
+            continue
+        keys = rows * k + lab[rows, cols]
+        order = np.argsort(keys, kind="stable")
+        keys, cols = keys[order], cols[order]
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        z = np.zeros((n, r * k))
+        z[:, keys[starts]] = np.add.reduceat(xg[:, cols], starts, axis=1)
+        z = z.reshape(n * r, k)
+        target = (tg @ w_g[r0:r0 + r].T).reshape(-1)
+        gram += z.T @ z
+        rhs += z.T @ target
+
+
+def _by_covariance(xg, tg, w_g, lab_g, k, gram, rhs) -> None:
+    """Normal equations through the input covariance ``C = X^T X`` (cheap when ``K`` is large).
+
+    For output ``o`` with kept features ``S`` and labels ``l``: ``G[l_i, l_j] += C[S_i, S_j]`` and
+    ``b[l_i] += (X^T X_t w_o)[S_i]``: ``sum_o |S_o|^2`` scattered adds instead of ``K^2`` per row.
+    """
+    cov = xg.T @ xg
+    cross = w_g @ (tg.T @ xg)               # row o: (X^T X_t w_o)^T
+    for o in range(lab_g.shape[0]):
+        s = np.flatnonzero(lab_g[o] >= 0)
+        if s.size == 0:
+            continue
+        lab = lab_g[o, s]
+        keys = (lab[:, None] * k + lab[None, :]).ravel()
+        gram += np.bincount(keys, weights=cov[np.ix_(s, s)].ravel(), minlength=k * k).reshape(k, k)
+        rhs += np.bincount(lab, weights=cross[o, s], minlength=k)
+
+
 def normal_equations(x: np.ndarray, weight: np.ndarray, labels: np.ndarray, k: int,
                      x_target: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``(G, b)`` of the least squares ``min_c || sum_k c_k X M_k^T - X_t W^T ||^2``.
@@ -144,38 +189,25 @@ def normal_equations(x: np.ndarray, weight: np.ndarray, labels: np.ndarray, k: i
     ``x``: the layer's inputs ``[rows, features]`` (or ``[groups, rows, features]``; output row
     ``o`` of ``weight`` then belongs to group ``o // (outputs / groups)``); ``weight``: the original
     ``[outputs, features]`` matrix; ``labels``: the cluster of every weight, -1 where pruned;
-    ``x_target``: the inputs the original layer sees (default ``x``).
+    ``x_target``: the inputs the original layer sees (default ``x``). Of two equivalent ways to
+    form the equations, the one estimated cheaper for this shape is used.
     """
     xs = _as_groups(x)
     xt = xs if x_target is None else _as_groups(x_target)
-    groups, n, _ = xs.shape
+    groups, n, features = xs.shape
     outputs = weight.shape[0]
     per_group = outputs // groups
     gram = np.zeros((k, k))
     rhs = np.zeros(k)
+    kept = np.count_nonzero(labels >= 0, axis=1).astype(np.float64)
+    # rough costs in ns: BLAS ~0.1 per multiply-add, a scattered add ~8
+    cost_products = 0.1 * n * outputs * k * k + 2.0 * n * kept.sum()
+    cost_covariance = 0.2 * groups * n * features * features + 8.0 * float(np.sum(kept ** 2)) \
+        + 20000.0 * outputs
+    method = _by_products if cost_products <= cost_covariance else _by_covariance
     for g in range(groups):
-        xg, tg = xs[g], xt[g]
-        lab_g = labels[g * per_group:(g + 1) * per_group]
-        w_g = np.asarray(weight[g * per_group:(g + 1) * per_group], np.float64)
-        kept_per_row = max(1, int(np.count_nonzero(lab_g >= 0)) // max(1, per_group))
-        step = max(1, CHUNK_ELEMENTS // (n * max(k, kept_per_row)))
-        for r0 in range(0, per_group, step):
-            lab = lab_g[r0:r0 + step]
-            r = lab.shape[0]
-            rows, cols = np.nonzero(lab >= 0)
-            if rows.size == 0:
-                continue
-            keys = rows * k + lab[rows, cols]
-            order = np.argsort(keys, kind="stable")
-            keys, cols = keys[order], cols[order]
-            starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-            # z[n, row, cluster]: the sum of the inputs that meet the weights of that cluster
-            z = np.zeros((n, r * k))
-            z[:, keys[starts]] = np.add.reduceat(xg[:, cols], starts, axis=1)
-            z = z.reshape(n * r, k)
-            target = (tg @ w_g[r0:r0 + r].T).reshape(-1)
-            gram += z.T @ z
-            rhs += z.T @ target
+        method(xs[g], xt[g], np.asarray(weight[g * per_group:(g + 1) * per_group], np.float64),
+               labels[g * per_group:(g + 1) * per_group], k, gram, rhs)
     return gram, rhs
 
 
@@ -290,6 +322,22 @@ class Calibration:
     layers: Dict[str, LayerCalibration] = field(default_factory=dict)
 
 
+def _upstream_weights(graph: Graph, value: str) -> set:
+    """The initializers that ``value`` depends on (so a layer fed straight by the input needs no rerun)."""
+    producers = graph.producers()
+    seen, todo, found = set(), [value], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in graph.initializers:
+            found.add(v)
+        elif v in producers:
+            todo.extend(i for i in producers[v].inputs if i)
+    return found
+
+
 def _order(graph: Graph, names: Sequence[str]) -> List[str]:
     wanted, seen = set(names), []
     for node in graph.nodes:
@@ -322,7 +370,21 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
     views = {n: layer_view(graph, n) for n in names}
     acts = sorted({v.node.inputs[0] for v in views.values() if v is not None})
     runner = Runner(model, variable=names, extra_outputs=acts)
+    upstream = {n: _upstream_weights(graph, v.node.inputs[0]) for n, v in views.items() if v is not None}
     rng = np.random.default_rng(seed)
+    # the original model's layer inputs, one pass for all layers, sampled down to the rows used
+    originals: Dict[str, Tuple[np.ndarray, np.ndarray, Tuple[int, ...]]] = {}
+    values = dict(zip(acts, runner.run(feeds, None, acts))) if acts else {}
+    for name in names:
+        view = views[name]
+        if view is None:
+            continue
+        x = values[view.node.inputs[0]]
+        wshape = np.shape(graph.initializers[name])
+        total = row_count(view, x.shape, wshape)
+        rows = np.sort(rng.choice(total, size=min(total, max_rows), replace=False))
+        originals[name] = (rows, layer_rows(view, x, wshape, rows).astype(np.float64), x.shape)
+    del values
     result = Calibration({}, {})
     current: Dict[str, np.ndarray] = {}        # compressed values of the layers done so far
     for i, name in enumerate(names):
@@ -335,13 +397,11 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
             current[name] = quantize(w, plan)[0]
             result.layers[name] = LayerCalibration(name, False, "operator not refined (k-means only)")
             continue
-        act = view.node.inputs[0]
-        x_orig = runner.run(feeds, None, [act])[0]
-        x_comp = runner.run(feeds, current, [act])[0] if sequential and current else x_orig
-        total = row_count(view, x_orig.shape, w.shape)
-        rows = np.sort(rng.choice(total, size=min(total, max_rows), replace=False))
-        xo = layer_rows(view, x_orig, w.shape, rows).astype(np.float64)
-        xc = xo if x_comp is x_orig else layer_rows(view, x_comp, w.shape, rows).astype(np.float64)
+        rows, xo, _ = originals[name]
+        xc = xo
+        if sequential and any(n in current for n in upstream[name]):
+            x_comp = runner.run(feeds, current, [view.node.inputs[0]])[0]
+            xc = layer_rows(view, x_comp, w.shape, rows).astype(np.float64)
         keep = None
         if saliency == "activation":
             norms = np.sqrt(np.sum(xo ** 2, axis=1))                    # [groups, features]

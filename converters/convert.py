@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -67,10 +68,9 @@ def load_model(path: str, weights: Optional[str] = None) -> Tuple[Model, str]:
                           "and .prototxt (+ --weights .caffemodel) files")
 
 
-def source_info(files: List[str], model: Model, fmt: str) -> Dict[str, Any]:
+def source_info(files: List[str], weight_bytes: int, fmt: str) -> Dict[str, Any]:
     """Sizes of the original model file(s): what `dcrt size` compares against."""
     data = b"".join(open(f, "rb").read() for f in files if os.path.exists(f))
-    weight_bytes = sum(v.nbytes for v in model.graph.initializers.values())
     return {"format": fmt, "file_name": os.path.basename(files[0]), "file_bytes": len(data),
             "gzip_bytes": len(gzip.compress(data, 9, mtime=0)), "weight_bytes": weight_bytes}
 
@@ -97,7 +97,10 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     if os.path.exists(output) and not force:
         raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
     model, fmt = load_model(source, weights)
-    info = source_info(source_files(source, weights), model, fmt)
+    # gzip -9 of a large original takes seconds; zlib releases the GIL, so it overlaps the compression.
+    pool = ThreadPoolExecutor(max_workers=1)
+    weight_bytes = sum(v.nbytes for v in model.graph.initializers.values())
+    info_job = pool.submit(source_info, source_files(source, weights), weight_bytes, fmt)
     passes.simplify(model.graph)
     check_operators(model)
     if isinstance(config, str):
@@ -115,6 +118,8 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
         records[name], decoded[name] = compress_tensor(name, model.graph.initializers[name], plans[name])
     if progress:
         progress(len(plans), len(plans), "")
+    info = info_job.result()
+    pool.shutdown()
     size = write_dcm(output, model, records, info, plan_to_json(all_plans))
     for name, value in model.graph.initializers.items():
         decoded.setdefault(name, value)

@@ -28,23 +28,34 @@ def matrix_shape(shape) -> Tuple[int, int]:
     return rows, cols
 
 
-def encode_csc(symbols: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Code a 2-D array of symbols (0 = pruned) as CSC entries.
-
-    Returns ``(entry_symbols, relative_indices, column_counts)``: one symbol and one relative index
-    per stored entry (kept weights and fillers, column by column, rows ascending), and the number of
-    entries of every column.
-    """
+def kept_positions(symbols: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cols, rows, kept_symbols)`` of the non-zero symbols of a 2-D array, column by column."""
     if symbols.ndim != 2:
-        raise ValueError("encode_csc expects a 2-D array")
-    step = 1 << bits                       # a filler bridges 2**bits - 1 zeros plus itself
+        raise ValueError("a sparse tensor is coded over a 2-D view")
     cols, rows = np.nonzero(symbols.T)     # column-major order, rows ascending within a column
-    kept = symbols.T[cols, rows]
+    return cols, rows, symbols.T[cols, rows]
+
+
+def zero_gaps(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Zeros skipped before each kept weight within its column (the relative index before fillers)."""
     first = np.ones(len(rows), dtype=bool)
     first[1:] = cols[1:] != cols[:-1]
     previous_end = np.zeros(len(rows), dtype=np.int64)
     previous_end[1:] = rows[:-1] + 1
-    gaps = rows - np.where(first, 0, previous_end)
+    return rows - np.where(first, 0, previous_end)
+
+
+def encode_csc(symbols: np.ndarray, bits: int, positions=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Code a 2-D array of symbols (0 = pruned) as CSC entries.
+
+    Returns ``(entry_symbols, relative_indices, column_counts)``: one symbol and one relative index
+    per stored entry (kept weights and fillers, column by column, rows ascending), and the number of
+    entries of every column. ``positions`` (from :func:`kept_positions`) saves recomputing them when
+    several widths are tried.
+    """
+    cols, rows, kept = positions if positions is not None else kept_positions(symbols)
+    step = 1 << bits                       # a filler bridges 2**bits - 1 zeros plus itself
+    gaps = zero_gaps(cols, rows)
     fillers = gaps // step
     per_kept = fillers + 1
     total = int(per_kept.sum())
@@ -55,6 +66,27 @@ def encode_csc(symbols: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray, 
     relative[at] = gaps - fillers * step
     counts = np.bincount(cols, weights=per_kept, minlength=symbols.shape[1]).astype(np.int64)
     return entry_symbols, relative, counts
+
+
+def entries_entropy_bits(gaps: np.ndarray, kept: np.ndarray, bits: int) -> float:
+    """Order-0 entropy (bits) of the symbol and relative-index streams for a relative index width.
+
+    Used to pick the width without entropy-coding every candidate: fillers add entries (symbol 0,
+    relative index at its maximum) to both streams.
+    """
+    step = 1 << bits
+    fillers = gaps // step
+    n_fill = int(fillers.sum())
+    rel_counts = np.bincount(gaps - fillers * step, minlength=step).astype(np.float64)
+    rel_counts[step - 1] += n_fill
+    sym_counts = np.bincount(kept.astype(np.int64)).astype(np.float64)
+    sym_counts[0] += n_fill
+
+    def h(counts):
+        total = counts.sum()
+        p = counts[counts > 0] / total
+        return float(-(p * np.log2(p)).sum() * total)
+    return h(rel_counts) + h(sym_counts) + 8 * step   # + a code-length table of 2**bits bytes
 
 
 def decode_csc(entry_symbols: np.ndarray, relative: np.ndarray, counts: np.ndarray,
