@@ -4,6 +4,13 @@ Every value read from the file is untrusted: the buffer is size-prefixed (trunca
 once), flatbuffers offsets are bounds-checked by ``np.frombuffer``/``struct``, the graph's digest is
 verified at open, and each tensor's checksum is verified before its first decode. Any inconsistency
 becomes a :class:`~dcrt.errors.FormatError`; never a flatbuffers or numpy traceback.
+
+A checksum is a CRC, not a signature: a hostile file can carry valid ones. So the parse itself is
+bounded too (:class:`_Limits`): the work done (tables visited, list items built) by the file's size,
+subgraph nesting by ``MAX_DEPTH``, and the elements all tensor shapes claim, per tensor by
+``MAX_ELEMENTS`` and in total by ``ELEMENTS_PER_BYTE`` times the file's size (at least
+``MIN_ELEMENT_BUDGET``). Decoding (``dcrt.format.tensor``) then checks each stream's symbol counts
+against the tensor's shape before decoding it, so no allocation exceeds what the shapes claim.
 """
 from __future__ import annotations
 
@@ -26,6 +33,55 @@ from .tensor import ENCODING_NAMES, RAW, LayerStats, TensorRecord
 
 MAX_RANK = 32
 MAX_DIM = 1 << 40
+MAX_ELEMENTS = (1 << 31) - 1      # elements of one tensor (indexable with int32, as on 32-bit ARM)
+MAX_DEPTH = 64                    # subgraphs nested in subgraphs (If / Loop bodies)
+# Elements all the file's tensors may claim together: ELEMENTS_PER_BYTE per byte of file, at least
+# MIN_ELEMENT_BUDGET. Files the converter writes claim at most ~8 a byte (the paper's 35-49x
+# compression is ~10); 256 leaves room for extreme pruning while refusing a small file that claims
+# gigabytes of weights (all-zero sparse columns, an LZW bomb) with valid checksums.
+# A trusted file beyond these limits can be opened after raising them (dcrt.format.reader.*).
+ELEMENTS_PER_BYTE = 256
+MIN_ELEMENT_BUDGET = 1 << 24
+
+
+class _Limits:
+    """What one parse may still spend: work units (tables and list items) and tensor elements.
+
+    The work budget is one unit per byte of file. A table, offset or list item costs a unit and takes
+    at least 4 bytes of a file; a payload byte costs a sixteenth. Files the converter writes spend
+    about 0.06 units a byte (and claim at most ~8 elements a byte): only a file whose offsets share
+    tables (a DAG or cycle where the reader expects a tree) can exhaust the budget, and it is refused
+    instead of being parsed exponentially.
+    """
+
+    def __init__(self, file_bytes: int):
+        self.work = max(int(file_bytes), 4096)
+        self.elements = max(MIN_ELEMENT_BUDGET, ELEMENTS_PER_BYTE * int(file_bytes))
+        self.depth = 0
+
+    def spend(self, units: int = 1) -> None:
+        self.work -= int(units)
+        if self.work < 0:
+            raise FormatError("the file's structure is damaged: its tables refer to each other more "
+                              "often than a file of this size can hold (shared or cyclic offsets)")
+
+    def spend_bytes(self, nbytes: int) -> None:
+        """A vector the checksum will read: a sixteenth of a unit a byte, so that tables sharing one
+        large payload cannot make verification read the file many times over."""
+        self.spend(int(nbytes) >> 4)
+
+    def claim(self, name: str, shape: Tuple[int, ...]) -> None:
+        elements = 1
+        for d in shape:
+            elements *= d                     # Python ints: no overflow
+        if elements > MAX_ELEMENTS:
+            raise FormatError(f"tensor {name!r} has {elements} elements (shape {shape}), more than "
+                              f"dcrt reads ({MAX_ELEMENTS}); the file is damaged")
+        self.elements -= elements
+        if self.elements < 0:
+            raise FormatError(f"the tensor shapes (at {name!r}) claim more elements than a file of this "
+                              f"size can hold ({ELEMENTS_PER_BYTE} a byte): the file is damaged or hostile; "
+                              "if you trust it, raise dcrt.format.reader.ELEMENTS_PER_BYTE")
 
 
 class StoredTensor:
@@ -97,9 +153,11 @@ class DcmFile:
         self.file_bytes = len(buffer)
         with _as_format_error("the file's structure"):
             root = _root(buffer)
+            limits = _Limits(self.file_bytes)
             self.format_version = (root.FormatMajor(), root.FormatMinor())
             self.producer = _str(root.Producer())
-            graph = _graph(root.Graph(), top=True)
+            graph = _graph(root.Graph(), limits, top=True)
+            limits.spend(root.OpsetsLength() + root.MetadataLength())
             opsets = {_str(o.Domain()): int(o.Version())
                       for o in (root.Opsets(i) for i in range(root.OpsetsLength()))}
             metadata = {_str(kv.Key()): _str(kv.Value())
@@ -115,7 +173,10 @@ class DcmFile:
         if actual != stored:
             raise FormatError("the .dcm graph is damaged (graph checksum mismatch); "
                               "download or convert the model again")
-        self.plan = json.loads(metadata.pop("dcrt.plan", "null") or "null")
+        try:
+            self.plan = json.loads(metadata.pop("dcrt.plan", "null") or "null")
+        except (ValueError, RecursionError) as e:
+            raise FormatError(f"the .dcm's stored compression plan is not valid JSON ({type(e).__name__})") from None
         self.model = Model(graph, opsets or {"": 17}, metadata, self.producer)
 
     @property
@@ -217,10 +278,11 @@ def _array(getter, length_getter, dtype) -> np.ndarray:
     return getter()
 
 
-def _stream(fb) -> Optional[EncodedStream]:
+def _stream(fb, limits: _Limits) -> Optional[EncodedStream]:
     if fb is None:
         return None
     stages = []
+    limits.spend(1 + fb.StagesLength())
     for i in range(fb.StagesLength()):
         s = fb.Stages(i)
         try:
@@ -230,17 +292,28 @@ def _stream(fb) -> Optional[EncodedStream]:
         lengths = None if s.CodeLengthsIsNone() else _array(s.CodeLengthsAsNumpy, s.CodeLengthsLength, np.uint8)
         offsets = None if s.ChunkBitOffsetsIsNone() else _array(
             s.ChunkBitOffsetsAsNumpy, s.ChunkBitOffsetsLength, np.uint32)
+        limits.spend_bytes(0 if lengths is None else lengths.nbytes)
+        limits.spend_bytes(0 if offsets is None else offsets.nbytes)
         stages.append(Stage(coder, int(s.Count()), int(s.Alphabet()), lengths, int(s.ChunkSize()),
                             offsets, int(s.MaxCodeWidth())))
     payload = _array(fb.PayloadAsNumpy, fb.PayloadLength, np.uint8)
+    limits.spend_bytes(payload.nbytes)
     return EncodedStream(stages, payload)
 
 
-def _tensor(fb) -> TensorRecord:
-    shape = tuple(int(d) for d in _array(fb.ShapeAsNumpy, fb.ShapeLength, np.int64))
+def _tensor(fb, limits: _Limits) -> TensorRecord:
+    if fb is None:
+        raise FormatError("a tensor table is missing")
+    limits.spend()
     name = _str(fb.Name())
-    if len(shape) > MAX_RANK or any(d < 0 or d > MAX_DIM for d in shape):
+    if fb.ShapeLength() > MAX_RANK:
+        raise FormatError(f"tensor {name!r} has rank {fb.ShapeLength()}, more than {MAX_RANK}")
+    shape = tuple(int(d) for d in _array(fb.ShapeAsNumpy, fb.ShapeLength, np.int64))
+    if any(d < 0 or d > MAX_DIM for d in shape):
         raise FormatError(f"tensor {name!r} has an invalid shape {shape}")
+    limits.claim(name, shape)
+    if fb.Encoding() not in ENCODING_NAMES:
+        raise FormatError(f"tensor {name!r} has an unknown encoding {fb.Encoding()}; a newer dcrt may read it")
     dtypes.to_numpy(fb.DataType())
     st = fb.Stats()
     stats = LayerStats() if st is None else LayerStats(
@@ -249,17 +322,19 @@ def _tensor(fb) -> TensorRecord:
     book = None if fb.CodebookIsNone() else np.asarray(
         _array(fb.CodebookAsNumpy, fb.CodebookLength, np.float32), dtype=np.float32)
     raw = _array(fb.RawAsNumpy, fb.RawLength, np.uint8) if fb.Encoding() == RAW else b""
+    limits.spend_bytes(len(raw) + (0 if book is None else book.nbytes))
     return TensorRecord(name, fb.DataType(), shape, fb.Encoding(), raw, book,
-                        _stream(fb.Indices()), _stream(fb.RelativeIndex()), _stream(fb.ColumnCounts()),
-                        stats, fb.Checksum())
+                        _stream(fb.Indices(), limits), _stream(fb.RelativeIndex(), limits),
+                        _stream(fb.ColumnCounts(), limits), stats, fb.Checksum())
 
 
-def _small_tensor(fb) -> np.ndarray:
+def _small_tensor(fb, limits: _Limits) -> np.ndarray:
     """A tensor inside an attribute (Constant value etc.): small, decoded and verified at open."""
-    return _tensor(fb).decode()
+    return _tensor(fb, limits).decode()
 
 
-def _attribute(fb) -> Tuple[str, Any]:
+def _attribute(fb, limits: _Limits) -> Tuple[str, Any]:
+    limits.spend()
     kind, name = fb.Type(), _str(fb.Name())
     if kind == 1:
         return name, float(np.float32(fb.F()))
@@ -268,23 +343,27 @@ def _attribute(fb) -> Tuple[str, Any]:
     if kind == 3:
         return name, _str(fb.S())
     if kind == 4:
-        return name, _small_tensor(fb.T())
+        return name, _small_tensor(fb.T(), limits)
     if kind == 5:
-        return name, _graph(fb.G())
+        return name, _graph(fb.G(), limits)
     if kind == 6:
+        limits.spend(fb.FloatsLength())
         return name, [float(v) for v in _array(fb.FloatsAsNumpy, fb.FloatsLength, np.float32)]
     if kind == 7:
+        limits.spend(fb.IntsLength())
         return name, [int(v) for v in _array(fb.IntsAsNumpy, fb.IntsLength, np.int64)]
     if kind == 8:
+        limits.spend(fb.StringsLength())
         return name, [_str(fb.Strings(i)) for i in range(fb.StringsLength())]
     if kind == 9:
-        return name, [_small_tensor(fb.Tensors(i)) for i in range(fb.TensorsLength())]
+        return name, [_small_tensor(fb.Tensors(i), limits) for i in range(fb.TensorsLength())]
     if kind == 10:
-        return name, [_graph(fb.Graphs(i)) for i in range(fb.GraphsLength())]
+        return name, [_graph(fb.Graphs(i), limits) for i in range(fb.GraphsLength())]
     raise FormatError(f"attribute {name!r} has an unknown type {kind}")
 
 
-def _value_info(fb) -> ValueInfo:
+def _value_info(fb, limits: _Limits) -> ValueInfo:
+    limits.spend(1 + fb.ShapeLength())
     shape = None
     if fb.HasShape():
         shape = []
@@ -295,19 +374,29 @@ def _value_info(fb) -> ValueInfo:
     return ValueInfo(_str(fb.Name()), dtypes.to_numpy(fb.DataType()), shape)
 
 
-def _graph(fb, top: bool = False) -> Graph:
+def _graph(fb, limits: _Limits, top: bool = False) -> Graph:
     if fb is None:
         raise FormatError("the file has no graph")
+    if limits.depth >= MAX_DEPTH:
+        raise FormatError(f"subgraphs are nested more than {MAX_DEPTH} deep; the file is damaged")
+    limits.depth += 1
+    limits.spend()
+    limits.spend(fb.NodesLength() + fb.InitializersLength() + fb.InputsLength() + fb.OutputsLength())
     nodes = []
     for i in range(fb.NodesLength()):
         n = fb.Nodes(i)
-        attrs = dict(_attribute(n.Attributes(j)) for j in range(n.AttributesLength()))
+        limits.spend(n.AttributesLength())
+        limits.spend(1 + n.InputsLength() + n.OutputsLength())
+        attrs = dict(_attribute(n.Attributes(j), limits) for j in range(n.AttributesLength()))
         nodes.append(Node(_str(n.OpType()), [_str(n.Inputs(j)) for j in range(n.InputsLength())],
                           [_str(n.Outputs(j)) for j in range(n.OutputsLength())], attrs,
                           _str(n.Name()), _str(n.Domain())))
     inits = {}
     for i in range(fb.InitializersLength()):
-        rec = _tensor(fb.Initializers(i))
+        rec = _tensor(fb.Initializers(i), limits)
         inits[rec.name] = StoredTensor(rec)
-    return Graph(nodes, [_value_info(fb.Inputs(i)) for i in range(fb.InputsLength())],
-                 [_value_info(fb.Outputs(i)) for i in range(fb.OutputsLength())], inits, _str(fb.Name()))
+    graph = Graph(nodes, [_value_info(fb.Inputs(i), limits) for i in range(fb.InputsLength())],
+                  [_value_info(fb.Outputs(i), limits) for i in range(fb.OutputsLength())], inits,
+                  _str(fb.Name()))
+    limits.depth -= 1
+    return graph

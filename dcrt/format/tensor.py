@@ -107,9 +107,9 @@ class TensorRecord:
                               "the .dcm file was corrupted: download or convert it again")
 
     # -- decoding -------------------------------------------------------------------------------
+    # Decoding trusts the payloads: call verify() first (StoredTensor does, once per tensor).
     def decode(self) -> np.ndarray:
-        """The tensor's values as a dense array of its dtype (after checking the checksum)."""
-        self.verify()
+        """The tensor's values as a dense array of its dtype."""
         with _damage(self.name):
             if self.encoding == RAW:
                 data = np.frombuffer(self.raw, dtype=self.dtype.newbyteorder("<"))
@@ -121,7 +121,10 @@ class TensorRecord:
 
     def symbols(self) -> np.ndarray:
         """The decoded index stream (QUANTIZED: one per element; SPARSE: one per entry)."""
-        return _decode_stream(self.indices, self.name, "indices")
+        if self.encoding == QUANTIZED:
+            return _decode_stream(self.indices, self.name, "indices", exact=self.size)
+        # SPARSE: every entry (kept weight or filler) takes at least one row of its column
+        return _decode_stream(self.indices, self.name, "indices", at_most=self.size)
 
     def index_form(self) -> Tuple[np.ndarray, np.ndarray]:
         """``(codebook, indices)`` with ``indices`` shaped like the tensor: ``value = codebook[indices]``.
@@ -151,12 +154,11 @@ class TensorRecord:
         """
         if self.encoding != SPARSE:
             raise FormatError(f"tensor {self.name!r} is not stored sparse")
-        self.verify()
         rows, cols = sparse.matrix_shape(self.shape)
         with _damage(self.name):
             sym = self.symbols()
-            rel = _decode_stream(self.relative_index, self.name, "relative_index")
-            counts = _decode_stream(self.column_counts, self.name, "column_counts")
+            rel = _decode_stream(self.relative_index, self.name, "relative_index", exact=len(sym))
+            counts = _decode_stream(self.column_counts, self.name, "column_counts", exact=cols)
             if len(counts) != cols:
                 raise FormatError(f"{len(counts)} column counts for {cols} columns")
             if sym.size and int(sym.max()) > len(self._codebook()):
@@ -190,8 +192,37 @@ class _damage:
         return False
 
 
-def _decode_stream(stream: Optional[EncodedStream], name: str, what: str) -> np.ndarray:
+def _decode_stream(stream: Optional[EncodedStream], name: str, what: str, exact: Optional[int] = None,
+                   at_most: Optional[int] = None) -> np.ndarray:
     if stream is None:
         raise FormatError(f"tensor {name!r} has no {what} stream")
+    _check_counts(stream, name, what, exact, at_most)
     with _damage(name):
         return codecs.decode(stream)
+
+
+def _check_counts(stream: EncodedStream, name: str, what: str, exact: Optional[int],
+                  at_most: Optional[int]) -> None:
+    """Refuse, before decoding anything, symbol counts the tensor's shape cannot need.
+
+    Stage 0 decodes to the stream's symbols: ``exact`` (or ``at_most``) of them, as the shape says.
+    Stage k > 0 decodes to the payload bytes of stage k - 1, which cannot be more than that stage's
+    symbols can fill (Huffman and LZW codes are at most 16 bits; uncoded symbols at most 4 bytes).
+    So the largest array a decoder makes is bounded by the shape, which the reader has bounded.
+    """
+    stages = stream.stages
+    count = int(stages[0].count) if stages else 0
+    if not stages and len(stream.payload):
+        raise FormatError(f"tensor {name!r}: {what} stream has no coder stage but a payload")
+    if (exact is not None and count != exact) or (at_most is not None and count > at_most):
+        need = f"{exact}" if exact is not None else f"at most {at_most}"
+        raise FormatError(f"tensor {name!r}: {what} stream has {count} symbols, its shape needs {need}")
+    for k, (before, stage) in enumerate(zip(stages, stages[1:]), start=1):
+        if int(before.coder) == int(codecs.Coder.NONE):
+            most = int(before.count) * codecs.symbol_dtype(int(before.alphabet)).itemsize
+        else:
+            most = (int(before.count) * 16 + 7) // 8
+        if int(stage.count) > most:
+            raise FormatError(f"tensor {name!r}: {what} stream's stage {k} decodes to "
+                              f"{int(stage.count)} bytes, more than its previous stage's {int(before.count)} "
+                              "symbols can take")
