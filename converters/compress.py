@@ -19,10 +19,19 @@ MAX_EXACT_CODEBOOK = 1 << 16
 RELATIVE_INDEX_BITS = (2, 3, 4, 5, 6, 7, 8)   # widths tried when the plan does not fix one   # a lossless codebook needs every distinct value as a centroid
 
 
+PRUNED_ELSEWHERE = 0.2   # a weight with this fraction of exact zeros was pruned before dcrt saw it
+
+
 def prune_mask(w: np.ndarray, plan: LayerPlan) -> np.ndarray:
-    """True where a weight is kept. Exact zeros are always pruned (they cost nothing sparse)."""
+    """True where a weight is kept. Exact zeros are always pruned (they cost nothing sparse).
+
+    A weight that already has ``PRUNED_ELSEWHERE`` or more exact zeros was pruned by the user's own
+    tools (tfmot, torch pruning, possibly with retraining): its mask is kept as it is, unless the
+    plan gives a ``threshold`` explicitly.
+    """
     keep = w != 0
-    if not plan.prune:
+    already = 1.0 - np.count_nonzero(keep) / max(w.size, 1)
+    if not plan.prune or (already >= PRUNED_ELSEWHERE and plan.threshold is None):
         return keep
     magnitude = np.abs(w)
     if plan.threshold is not None:

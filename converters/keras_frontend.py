@@ -122,12 +122,13 @@ class _Source:
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise ConversionError(f"{self.path} is neither an HDF5 (.h5) nor a zip (.keras) Keras model ({e})") from None
+            raise ConversionError(f"{self.path} is neither an HDF5 (.h5) nor a zip (.keras) Keras model "
+                                  f"({e})") from None
         attrs = self._h5.attrs
         if "model_config" not in attrs:
             if "layer_names" in attrs:
-                raise ConversionError(f"{self.path} holds weights only (model.save_weights); save the whole model "
-                                      "with model.save('model.h5') or model.save('model.keras')")
+                raise ConversionError(f"{self.path} holds weights only (model.save_weights); save the whole "
+                                      "model with model.save('model.h5') or model.save('model.keras')")
             raise ConversionError(f"{self.path} is an HDF5 file without a Keras model_config attribute")
         self.config = json.loads(_text(attrs["model_config"]))
         self.keras_version = _text(attrs.get("keras_version", "2"))
@@ -208,9 +209,10 @@ def _activation_name(value: Any) -> Optional[str]:
     if isinstance(value, dict):
         module = str(value.get("module") or "keras.activations")
         inner = value.get("config")
-        if module.startswith("keras") and isinstance(inner, str) and value.get("class_name") in ("function", None):
+        builtin = module.startswith("keras")
+        if builtin and isinstance(inner, str) and value.get("class_name") in ("function", None):
             return inner
-        if module.startswith("keras") and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+        if builtin and isinstance(inner, dict) and isinstance(inner.get("name"), str):
             return inner["name"]
     return None
 
@@ -370,7 +372,9 @@ class _Unsupported(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
-# layer translations: fn(builder, layer_name, config, inputs, weights, ctx) -> outputs
+# layer translations: fn(builder, node name, layer config, input tensors, layer weights, ctx) -> the
+# layer's output tensors. Node and value names follow the node name (the layer's name, or
+# "<layer>_call<n>" for a shared layer's later calls); weights follow ctx.layer.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -380,10 +384,11 @@ class _Ctx:
     layer: str = ""  # the Keras layer being translated: its weights are named after it
 
 
-def _spatial_perm(rank: int, cfg: dict) -> Tuple[Perm, bool]:
-    """The permutation giving an NC... view of a ``data_format`` layer's input."""
-    first = cfg.get("data_format", "channels_last") == "channels_first"
-    return (_identity(rank) if first else _channels_first(rank, rank - 1)), first
+def _spatial_perm(rank: int, cfg: dict) -> Perm:
+    """The permutation giving the NC... (ONNX) view of a ``data_format`` layer's input."""
+    if cfg.get("data_format", "channels_last") == "channels_first":
+        return _identity(rank)
+    return _channels_first(rank, rank - 1)
 
 
 def _out_tensor(shape: Shape, dtype: Any, perm: Perm, name: str, base: str) -> _Tensor:
@@ -398,7 +403,8 @@ def _keras_shape(nc_shape: Shape, perm: Perm) -> Shape:
     return [nc_shape[i] for i in inv]
 
 
-def _same_pads(sizes: Shape, kernel: List[int], strides: List[int], dilations: List[int]) -> Optional[List[int]]:
+def _same_pads(sizes: Shape, kernel: List[int], strides: List[int],
+               dilations: List[int]) -> Optional[List[int]]:
     """TensorFlow's 'same' padding as explicit ONNX pads (the odd pixel at the end), or None when
     it depends on an unknown input size (then SAME_UPPER does the same at run time)."""
     begin, end = [], []
@@ -433,44 +439,41 @@ def _padding_attrs(padding: str, sizes: Shape, kernel, strides, dilations) -> Di
 
 
 def _apply_activation(b: _Builder, act: Optional[str], x: str, name: str, ctx: _Ctx, axis: int = 1,
-                      final: Optional[str] = None) -> str:
-    """Append the activation ``act`` (a Keras name) to IR value ``x``; ``axis`` is softmax's axis."""
+                      final: Optional[str] = None, own: bool = False) -> str:
+    """Append the activation ``act`` (a Keras name) to IR value ``x``; ``axis`` is softmax's axis.
+
+    The node is ``name/act`` (a layer's fused activation) or ``name`` when ``own`` (an Activation layer).
+    """
     act = (act or "linear").lower()
     if act == "linear":
         return x
     out = final if final is not None else f"{name}.{act}"
+    node = name if own else f"{name}/{act}"
     simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softplus": "Softplus",
               "softsign": "Softsign", "exponential": "Exp"}
     if act in simple:
-        return b.node(simple[act], [x], f"{name}/{act}", out=out)
+        return b.node(simple[act], [x], node, out=out)
     if act in ("softmax", "log_softmax"):
-        return b.node("Softmax" if act == "softmax" else "LogSoftmax", [x], f"{name}/{act}", out=out, axis=axis)
+        return b.node("Softmax" if act == "softmax" else "LogSoftmax", [x], node, out=out, axis=axis)
     if act == "leaky_relu":
-        return b.node("LeakyRelu", [x], f"{name}/{act}", out=out, alpha=0.2)  # Keras 3's default slope
+        return b.node("LeakyRelu", [x], node, out=out, alpha=0.2)  # Keras 3's default slope
     if act == "elu":
-        return b.node("Elu", [x], f"{name}/{act}", out=out, alpha=1.0)
+        return b.node("Elu", [x], node, out=out, alpha=1.0)
     if act == "selu":  # Keras's constants (ONNX's defaults are the same to float32 precision)
-        return b.node("Selu", [x], f"{name}/{act}", out=out, alpha=1.6732632423543772, gamma=1.0507009873554805)
+        return b.node("Selu", [x], node, out=out, alpha=1.6732632423543772, gamma=1.0507009873554805)
     if act == "hard_sigmoid":
         slope = 1.0 / 6.0 if ctx.keras_major >= 3 else 0.2
-        return b.node("HardSigmoid", [x], f"{name}/{act}", out=out, alpha=slope, beta=0.5)
+        return b.node("HardSigmoid", [x], node, out=out, alpha=slope, beta=0.5)
     if act == "relu6":
-        return b.node("Clip", [x, b.const(f"{name}.min", 0.0), b.const(f"{name}.max", 6.0)], f"{name}/{act}", out=out)
+        return b.node("Clip", [x, b.const(f"{name}.min", 0.0), b.const(f"{name}.max", 6.0)], node, out=out)
     if act in ("swish", "silu"):
-        gate = b.node("Sigmoid", [x], f"{name}/{act}.sigmoid")
-        return b.node("Mul", [x, gate], f"{name}/{act}", out=out)
+        gate = b.node("Sigmoid", [x], f"{node}.sigmoid")
+        return b.node("Mul", [x, gate], node, out=out)
     raise _Unsupported(f"activation {act!r}")
 
 
 ACTIVATIONS = {"linear", "relu", "sigmoid", "tanh", "softplus", "softsign", "exponential", "softmax",
                "log_softmax", "leaky_relu", "elu", "selu", "hard_sigmoid", "relu6", "swish", "silu"}
-
-
-def _fused_activation(b: _Builder, cfg: dict, y: str, name: str, ctx: _Ctx, out_final: str) -> str:
-    act = _activation_name(cfg.get("activation"))
-    if act is None or act.lower() == "linear":
-        return y
-    return _apply_activation(b, act, y, name, ctx, final=out_final)
 
 
 def _bias(w: List[np.ndarray], cfg: dict, index: int) -> Optional[np.ndarray]:
@@ -483,7 +486,7 @@ def _conv_like(b: _Builder, name: str, cfg: dict, x: _Tensor, kernel_oi: np.ndar
     """An ONNX Conv over ``x`` with weights already in ``[out, in/group, *k]`` layout."""
     rank = x.rank
     dims = rank - 2
-    perm, _ = _spatial_perm(rank, cfg)
+    perm = _spatial_perm(rank, cfg)
     xin = b.view(x, perm)
     nc_in = [x.shape[a] for a in perm]
     kernel = list(kernel_oi.shape[2:])
@@ -537,7 +540,8 @@ def _separable(b, name, cfg, ins, w, ctx):
     x = ins[0]
     cin = w[0].shape[-2]
     depth = _conv_like(b, name, cfg, x, _depthwise_kernel(w[0]), None, cin, ctx,
-                       weight_name=f"{ctx.layer}.depthwise.weight", apply_act=False, node_name=f"{name}.depthwise")
+                       weight_name=f"{ctx.layer}.depthwise.weight", apply_act=False,
+                       node_name=f"{name}.depthwise")
     point_cfg = dict(cfg, strides=1, dilation_rate=1, padding="valid")
     return [_conv_like(b, name, point_cfg, depth, _hwio_to_oihw(w[1]), _bias(w, cfg, 2), 1, ctx)]
 
@@ -546,7 +550,7 @@ def _conv_transpose(b, name, cfg, ins, w, ctx):
     x = ins[0]
     rank = x.rank
     dims = rank - 2
-    perm, _ = _spatial_perm(rank, cfg)
+    perm = _spatial_perm(rank, cfg)
     xin = b.view(x, perm)
     nc_in = [x.shape[a] for a in perm]
     kernel = w[0]  # [*k, out, in]
@@ -597,7 +601,7 @@ def _pool(op: str):
         x = ins[0]
         rank = x.rank
         dims = rank - 2
-        perm, _ = _spatial_perm(rank, cfg)
+        perm = _spatial_perm(rank, cfg)
         xin = b.view(x, perm)
         nc_in = [x.shape[a] for a in perm]
         kernel = _ints(cfg.get("pool_size", 2), dims)
@@ -616,7 +620,7 @@ def _global_pool(op: str):
     def run(b, name, cfg, ins, w, ctx):
         x = ins[0]
         rank = x.rank
-        perm, first = _spatial_perm(rank, cfg)
+        perm = _spatial_perm(rank, cfg)
         xin = b.view(x, perm)
         channels = x.shape[perm[1]]
         if cfg.get("keepdims", False):
@@ -647,9 +651,11 @@ def _batchnorm(b, name, cfg, ins, w, ctx):
     c = mean.shape[0]
     perm = _channels_first(x.rank, axis)  # ONNX normalises along axis 1
     xin = b.view(x, perm)
+    gamma = np.ones(c) if gamma is None else gamma    # scale=False / center=False: identity parts
+    beta = np.zeros(c) if beta is None else beta
     inputs = [xin,
-              b.weight(f"{ctx.layer}.weight", lambda: (gamma if gamma is not None else np.ones(c)).astype(np.float32)),
-              b.weight(f"{ctx.layer}.bias", lambda: (beta if beta is not None else np.zeros(c)).astype(np.float32)),
+              b.weight(f"{ctx.layer}.weight", lambda: gamma.astype(np.float32)),
+              b.weight(f"{ctx.layer}.bias", lambda: beta.astype(np.float32)),
               b.weight(f"{ctx.layer}.mean", lambda: mean.astype(np.float32)),
               b.weight(f"{ctx.layer}.var", lambda: var.astype(np.float32))]
     y = b.node("BatchNormalization", inputs, name, out=name, epsilon=float(cfg.get("epsilon", 1e-3)))
@@ -670,7 +676,7 @@ def _activation_layer(b, name, cfg, ins, w, ctx):
     if act.lower() == "linear":
         return [x]
     perm, src = x.primary
-    y = _apply_activation(b, act, src, name, ctx, axis=perm.index(x.rank - 1), final=name)
+    y = _apply_activation(b, act, src, name, ctx, axis=perm.index(x.rank - 1), final=name, own=True)
     return [_out_tensor(x.shape, x.dtype, perm, y, name)]
 
 
@@ -802,8 +808,8 @@ def _embedding(b, name, cfg, ins, w, ctx):
     idx = b.view(x, _identity(x.rank))
     if not np.issubdtype(x.dtype, np.integer):
         idx = b.node("Cast", [idx], f"{name}/cast", to=7)  # int64
-    y = b.node("Gather", [b.weight(f"{ctx.layer}.weight", lambda: table.astype(np.float32)), idx], name, out=name,
-               axis=0)
+    y = b.node("Gather", [b.weight(f"{ctx.layer}.weight", lambda: table.astype(np.float32)), idx], name,
+               out=name, axis=0)
     shape = list(x.shape) + [int(table.shape[1])]
     return [_out_tensor(shape, np.float32, _identity(len(shape)), y, name)]
 
@@ -843,8 +849,8 @@ def _recurrent(kind: str):
         if bias is None:
             bias = np.zeros(gates * units, dtype=np.float32)
         if kind == "LSTM":
-            order = [0, 3, 1, 2]  # Keras i, f, c, o -> ONNX i, o, f, c
-            blocks = lambda m: np.concatenate([m[g * units:(g + 1) * units] for g in order], axis=0)
+            def blocks(m: np.ndarray) -> np.ndarray:  # Keras gates i, f, c, o -> ONNX i, o, f, c
+                return np.concatenate([m[g * units:(g + 1) * units] for g in (0, 3, 1, 2)], axis=0)
             W, R, wb = blocks(W), blocks(R), blocks(bias.reshape(-1))
             B = np.concatenate([wb, np.zeros_like(wb)])
         elif kind == "GRU":
@@ -884,10 +890,10 @@ def _recurrent(kind: str):
         src = b.view(x, (1, 0, 2))  # [time, batch, features]
         if cfg.get("go_backwards"):
             # Keras runs over the reversed sequence and returns the outputs in that order
-            src = b.node("Slice", [src, b.const(f"{name}.start", [-1], np.int64),
-                                   b.const(f"{name}.end", [np.iinfo(np.int64).min], np.int64),
-                                   b.const(f"{name}.axes", [0], np.int64), b.const(f"{name}.steps", [-1], np.int64)],
-                         f"{name}/reverse")
+            bounds = [b.const(f"{name}.start", [-1], np.int64),
+                      b.const(f"{name}.end", [np.iinfo(np.int64).min], np.int64),
+                      b.const(f"{name}.axes", [0], np.int64), b.const(f"{name}.steps", [-1], np.int64)]
+            src = b.node("Slice", [src] + bounds, f"{name}/reverse")
         inputs = [src, b.weight(f"{ctx.layer}.weight", lambda: W[None].astype(np.float32)),
                   b.weight(f"{ctx.layer}.recurrent_weight", lambda: R[None].astype(np.float32)),
                   b.weight(f"{ctx.layer}.bias", lambda: B[None].astype(np.float32))]
@@ -915,7 +921,7 @@ def _upsampling(b, name, cfg, ins, w, ctx):
     x = ins[0]
     rank = x.rank
     dims = rank - 2
-    perm, _ = _spatial_perm(rank, cfg)
+    perm = _spatial_perm(rank, cfg)
     xin = b.view(x, perm)
     size = _ints(cfg.get("size", 2), dims)
     interp = str(cfg.get("interpolation", "nearest")).lower()
@@ -956,7 +962,7 @@ def _pad_layer(crop: bool):
         x = ins[0]
         rank = x.rank
         dims = rank - 2
-        perm, _ = _spatial_perm(rank, cfg)
+        perm = _spatial_perm(rank, cfg)
         xin = b.view(x, perm)
         amounts = _pairs(cfg.get("cropping" if crop else "padding", 1), dims)
         sign = -1 if crop else 1
@@ -1000,8 +1006,8 @@ def _dense(b, name, cfg, ins, w, ctx):
         y = b.node("MatMul", [src, b.weight(f"{ctx.layer}.weight", lambda: kernel.astype(np.float32))], name,
                    out=out if bias is None else f"{name}.matmul")
         if bias is not None:
-            y = b.node("Add", [y, b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32))], f"{name}/bias",
-                       out=out)
+            y = b.node("Add", [y, b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32))],
+                       f"{name}/bias", out=out)
     shape = list(x.shape[:-1]) + [units]
     if has_act:
         y = _apply_activation(b, act, y, name, ctx, axis=len(shape) - 1, final=name)
@@ -1061,37 +1067,41 @@ _TFMOT_HINTS = {
 }
 
 
-def _problems(layer: dict) -> Optional[str]:
-    """Why a layer cannot be converted (decided from its config alone), or None."""
+def _problems(layer: dict) -> Optional[Tuple[str, str]]:
+    """(kind, why) when a layer cannot be converted (decided from its config alone), else None."""
     cls, name, cfg = layer.get("class_name", "?"), _layer_name(layer), layer.get("config") or {}
     if cls == "Lambda":
-        return f"Lambda {name!r} (Python code: dcrt never executes code from a model file)"
+        return cls, f"Lambda {name!r} (Python code: dcrt never executes code from a model file)"
     if cls in _TFMOT_HINTS:
-        return f"{cls} {name!r} ({_TFMOT_HINTS[cls]})"
+        return cls, f"{cls} {name!r} ({_TFMOT_HINTS[cls]})"
     if cls in ("TFOpLambda", "SlicingOpLambda"):
-        return f"{cls} {name!r} (a TensorFlow operation called on a Keras tensor: {cfg.get('function', '?')})"
+        return cls, f"{cls} {name!r} (a TensorFlow function called on a Keras tensor: {cfg.get('function', '?')})"
     if cls in ("Functional", "Sequential", "Model"):
-        return f"nested model {name!r} (call the outer model on the inner model's layers instead)"
+        return cls, (f"nested model {name!r} (a model used as a layer is not supported yet: build the outer "
+                     "model from the inner model's layers)")
     if cls not in _LAYERS and cls != "InputLayer":
+        # Keras 3 writes a registered custom class as "package>Class"
+        short = cls.split(">")[-1]
         module = layer.get("module")
-        custom = (module is not None and not str(module).startswith("keras")) or (
+        custom = ">" in cls or (module is not None and not str(module).startswith("keras")) or (
             layer.get("registered_name") not in (None, cls))
-        return f"{cls} {name!r}" + (" (custom layer: its Python code is not in the file, and dcrt never "
-                                    "executes code from a model file)" if custom else "")
+        why = (" (custom layer: its Python code is not in the file, and dcrt never executes code from a "
+               "model file)") if custom else " (not supported)"
+        return short, f"{short} {name!r}{why}"
     policy = cfg.get("dtype")
     if isinstance(policy, dict) and "Quantized" in str(policy.get("class_name", "")):
-        return f"{cls} {name!r} (Keras-quantized weights)"
+        return cls, f"{cls} {name!r} (Keras-quantized weights)"
     if cfg.get("lora_rank"):
-        return f"{cls} {name!r} (LoRA enabled: merge it first with layer.enable_lora off / save after merging)"
-    if "activation" in cfg and _activation_name(cfg["activation"]) not in ACTIVATIONS:
-        act = _activation_name(cfg["activation"])
-        return f"{cls} {name!r} (activation {act or 'custom'!r})"
+        return cls, f"{cls} {name!r} (LoRA enabled: merge the LoRA factors into the kernel before saving)"
+    act = _activation_name(cfg["activation"]) if "activation" in cfg else "linear"
+    if (act or "").lower() not in ACTIVATIONS:
+        return cls, f"{cls} {name!r} (activation {act or 'custom'!r})"
     if cls in ("LSTM", "GRU", "SimpleRNN"):
         for key in ("stateful", "time_major"):
             if cfg.get(key):
-                return f"{cls} {name!r} ({key}=True)"
+                return cls, f"{cls} {name!r} ({key}=True)"
     if cls == "Embedding" and cfg.get("mask_zero"):
-        return f"Embedding {name!r} (mask_zero=True: masked time steps are not supported)"
+        return cls, f"Embedding {name!r} (mask_zero=True: masked time steps are not supported)"
     return None
 
 
@@ -1110,8 +1120,8 @@ def _model_layers(config: dict) -> Tuple[str, List[dict], list, list]:
     if cls in ("Functional", "Model") or "input_layers" in inner:
         return cls, layers, _refs(inner.get("input_layers", [])), _refs(inner.get("output_layers", []))
     if cls != "Sequential":
-        raise ConversionError(f"the file holds a {cls or 'unknown'} object, not a Keras Sequential or functional "
-                              "model (subclassed models are Python code: save a functional model instead)")
+        raise ConversionError(f"the file holds a {cls or 'unknown'} object, not a Keras Sequential or "
+                              "functional model (subclassed models are Python code: save a functional model)")
     # Sequential: chain the layers after an InputLayer (explicit or made from the first layer's shape)
     if not layers:
         raise ConversionError("the Sequential model has no layers")
@@ -1148,10 +1158,10 @@ def _convert(source: _Source) -> Model:
     problems: List[str] = []
     kinds: List[str] = []
     for layer in layers:
-        why = _problems(layer)
-        if why:
-            problems.append(why)
-            kinds.append(layer.get("class_name", "?"))
+        problem = _problems(layer)
+        if problem:
+            kinds.append(problem[0])
+            problems.append(problem[1])
     if problems:
         raise UnsupportedOperatorError(f"{source.path}: unsupported Keras layer(s): {'; '.join(problems)}",
                                        sorted(set(kinds)))
@@ -1170,7 +1180,7 @@ def _convert(source: _Source) -> Model:
             raise ConversionError(f"{source.path}: input {ref[0]!r} has no shape")
         dtype = np.dtype(_dtype_name(cfg.get("dtype", "float32")))
         name = b.fresh(ref[0])
-        inputs.append(ValueInfo(name, dtype, ["batch" if i == 0 and d is None else d for i, d in enumerate(shape)]))
+        inputs.append(ValueInfo(name, dtype, _io_shape(shape)))
         tensors[ref] = _out_tensor(shape, dtype, _identity(len(shape)), name, name)
 
     # every (layer, call) whose inputs exist is translated, until nothing more can be
@@ -1215,7 +1225,8 @@ def _convert(source: _Source) -> Model:
         if t is None:
             raise ConversionError(f"{source.path}: model output {ref[0]!r} cannot be computed from the inputs")
         value = b.view(t, _identity(t.rank))
-        wanted = ref[0] if ref[1:] == (0, 0) else f"{ref[0]}:{ref[1]}:{ref[2]}"
+        wanted = (ref[0] if ref[1:] == (0, 0) else f"{ref[0]}:{ref[2]}" if ref[1] == 0
+                  else f"{ref[0]}:{ref[1]}:{ref[2]}")  # a second output / a second call
         if value in input_names or any(value == v for v, _, _ in wanted_outputs):
             value = b.node("Identity", [value], f"{wanted}/output", out=f"{wanted}.output")
         wanted_outputs.append((value, wanted, t))
@@ -1225,13 +1236,18 @@ def _convert(source: _Source) -> Model:
             renamed = _rename(b, value, wanted, ".nchw" if t.rank == 4 else ".internal")
             wanted_outputs[i + 1:] = [(renamed.get(v, v), w, tt) for v, w, tt in wanted_outputs[i + 1:]]
             value = renamed.get(value, value)
-        shape = ["batch" if j == 0 and d is None else d for j, d in enumerate(t.shape)]
-        outputs.append(ValueInfo(value, t.dtype, shape))
+        outputs.append(ValueInfo(value, t.dtype, _io_shape(t.shape)))
     _prune_unused(b, {o.name for o in outputs})
     inner = source.config.get("config")
-    graph = Graph(b.nodes, inputs, outputs, b.inits, str(inner.get("name", "")) if isinstance(inner, dict) else "")
+    name = str(inner.get("name", "")) if isinstance(inner, dict) else ""
+    graph = Graph(b.nodes, inputs, outputs, b.inits, name)
     meta = {"source_format": "keras", "keras_version": source.keras_version, "keras_container": source.kind}
     return Model(graph, {"": OPSET}, meta)
+
+
+def _io_shape(shape: Shape) -> list:
+    """A model input/output shape: the batch axis is a free dimension called "batch"."""
+    return ["batch" if i == 0 and d is None else d for i, d in enumerate(shape)]
 
 
 def _rename(b: _Builder, value: str, wanted: str, suffix: str) -> Dict[str, str]:

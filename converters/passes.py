@@ -38,6 +38,15 @@ def _used_in_subgraph(graph: Graph, name: str) -> bool:
     return False
 
 
+def _free_name(taken, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... if it is taken."""
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
 def drop_identities(graph: Graph) -> None:
     """Remove Identity and inference-time Dropout nodes whose output is not a graph output."""
     outputs = {o.name for o in graph.outputs}
@@ -114,7 +123,8 @@ def fold_batchnorm(graph: Graph) -> None:
         b = (b - mean) * factor + beta
         dtype = inits[weights].dtype
         inits[weights] = w.astype(dtype)
-        bias_name = bias or f"{weights}.bn_bias"
+        bias_name = bias or _free_name(inits, weights[:-len("weight")] + "bias" if weights.endswith(".weight")
+                                       else f"{weights}.bias")
         inits[bias_name] = b.astype(dtype)
         layer.inputs = [layer.inputs[0], weights, bias_name]
         layer.outputs = [bn.outputs[0]]

@@ -197,6 +197,10 @@ def test_prune_mask_and_kmeans():
     assert np.abs(w[keep]).min() >= np.abs(w[~keep]).max()
     assert prune_mask(w, LayerPlan(threshold=1.0)).sum() == (np.abs(w) > 1.0).sum()
     assert prune_mask(w, LayerPlan(sparsity=0.9, prune=False)).sum() == w.size - 10
+    pre = w.copy()
+    pre[:, :12] = 0                                   # 30 % zeros: pruned by the user's own tools
+    assert np.array_equal(prune_mask(pre, LayerPlan(sparsity=0.9)), pre != 0)
+    assert prune_mask(pre, LayerPlan(threshold=1.0)).sum() == (np.abs(pre) > 1.0).sum()
     values = rng.standard_normal(20000).astype(np.float32)
     book, labels = kmeans_1d(values, 16)
     assert len(book) == 16 and np.all(np.diff(book) > 0)
