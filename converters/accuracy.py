@@ -15,11 +15,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dcrt.errors import ConversionError, DcrtError, InputError
+from dcrt.errors import ConversionError, InputError
 from dcrt.graph import Graph, Model, ValueInfo
 
 #: Batch size used to run data sets through a model (bounded memory, BLAS-friendly).
@@ -472,14 +472,5 @@ def evaluate(dcm_path: str, reference: Optional[str], data: str, labels: Optiona
     return report
 
 
-def relative_drop(metrics: Mapping[str, float]) -> Optional[float]:
-    """Top-1 accuracy lost (percentage points) when labels were given, else None."""
-    if "reference_top1_accuracy" in metrics:
-        return 100.0 * (metrics["reference_top1_accuracy"] - metrics["compressed_top1_accuracy"])
-    return None
-
-
-ProgressFn = Callable[[int, int, str], None]
-
 __all__ = ["load_data", "load_labels", "output_metrics", "weight_psnr", "psnr", "cosine", "Runner",
-           "run_onnx_file", "run_dcm", "evaluate", "layer_fidelity", "to_onnx", "DcrtError"]
+           "run_onnx_file", "run_dcm", "evaluate", "layer_fidelity", "to_onnx"]

@@ -27,7 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from dcrt.errors import ConfigError
 from dcrt.graph import Graph, Model, Node
 
-from .accuracy import Feeds, Runner, load_data, sample_count
+from .accuracy import Feeds, Runner, batches, load_data, sample_count
 from .compress import LOSSLESS_BITS, prune_mask, share_weights
 from .plan import LayerPlan
 
@@ -35,6 +35,8 @@ Progress = Callable[[int, int, str], None]
 
 #: Rows (samples x output positions) of a layer's input used for its least squares.
 MAX_ROWS = 4096
+#: Bytes of layer inputs held at once while running the calibration data (sets the batch size).
+MEMORY = 256 << 20
 #: Calibration samples run through the model (the first ones of the data set).
 MAX_SAMPLES = 1024
 #: Ridge strength relative to the mean diagonal of the normal equations: keeps clusters the data
@@ -76,7 +78,7 @@ def layer_view(graph: Graph, name: str) -> Optional[LayerView]:
         return None
     node, slot = users[0]
     w = graph.initializers[name]
-    if node.domain or slot != 1:
+    if node.domain or slot != 1 or not node.inputs[0] or node.inputs[0] in graph.initializers:
         return None
     if node.op_type == "Gemm" and w.ndim == 2:
         return LayerView(node, "gemm", transposed=not node.attrs.get("transB", 0))
@@ -371,20 +373,33 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
     acts = sorted({v.node.inputs[0] for v in views.values() if v is not None})
     runner = Runner(model, variable=names, extra_outputs=acts)
     upstream = {n: _upstream_weights(graph, v.node.inputs[0]) for n, v in views.items() if v is not None}
-    rng = np.random.default_rng(seed)
-    # the original model's layer inputs, one pass for all layers, sampled down to the rows used
-    originals: Dict[str, Tuple[np.ndarray, np.ndarray, Tuple[int, ...]]] = {}
-    values = dict(zip(acts, runner.run(feeds, None, acts))) if acts else {}
-    for name in names:
-        view = views[name]
-        if view is None:
-            continue
-        x = values[view.node.inputs[0]]
-        wshape = np.shape(graph.initializers[name])
+    # one batch of every layer input must fit in memory: size the batches from one sample
+    probe = runner.run({k: v[:1] for k, v in feeds.items()}, None, acts) if acts else []
+    runner.batch_size = int(max(1, min(runner.batch_size, MEMORY // max(1, sum(a.nbytes for a in probe)))))
+    count = sample_count(feeds)
+    parts = list(batches(feeds, runner.batch_size))
+
+    def sampled(index: int, x: np.ndarray, b: int) -> np.ndarray:
+        """The rows of layer ``names[index]`` kept from its input ``x`` on batch ``b`` (the same
+        rows whatever the weights upstream, so original and compressed inputs line up)."""
+        name = names[index]
+        view, wshape = views[name], np.shape(graph.initializers[name])
         total = row_count(view, x.shape, wshape)
-        rows = np.sort(rng.choice(total, size=min(total, max_rows), replace=False))
-        originals[name] = (rows, layer_rows(view, x, wshape, rows).astype(np.float64), x.shape)
-    del values
+        want = -(-max_rows * sample_count(parts[b]) // count)          # this batch's share, rounded up
+        rng = np.random.default_rng([seed, index, b])
+        rows = np.sort(rng.choice(total, size=min(total, want), replace=False))
+        return layer_rows(view, x, wshape, rows).astype(np.float64)
+
+    # the original model's layer inputs: one pass over the data for all layers, kept as sampled rows
+    collected: Dict[str, List[np.ndarray]] = {n: [] for n, v in views.items() if v is not None}
+    for b, part in enumerate(parts):
+        values = dict(zip(acts, runner.run(part, None, acts)))
+        for i, name in enumerate(names):
+            if name in collected:
+                collected[name].append(sampled(i, values[views[name].node.inputs[0]], b))
+        del values
+    originals = {n: np.concatenate(rows, axis=1) for n, rows in collected.items()}
+    del collected
     result = Calibration({}, {})
     current: Dict[str, np.ndarray] = {}        # compressed values of the layers done so far
     for i, name in enumerate(names):
@@ -397,11 +412,12 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
             current[name] = quantize(w, plan)[0]
             result.layers[name] = LayerCalibration(name, False, "operator not refined (k-means only)")
             continue
-        rows, xo, _ = originals[name]
+        xo = originals[name]
         xc = xo
         if sequential and any(n in current for n in upstream[name]):
-            x_comp = runner.run(feeds, current, [view.node.inputs[0]])[0]
-            xc = layer_rows(view, x_comp, w.shape, rows).astype(np.float64)
+            act = view.node.inputs[0]
+            xc = np.concatenate([sampled(i, runner.run(part, current, [act])[0], b)
+                                 for b, part in enumerate(parts)], axis=1)
         keep = None
         if saliency == "activation":
             norms = np.sqrt(np.sum(xo ** 2, axis=1))                    # [groups, features]
@@ -412,6 +428,8 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
         approx, keep, clusters, exact = quantize(w, plan, keep)
         if clusters is None or exact:
             current[name] = approx
+            if saliency == "activation":          # the data chose the mask: store it as chosen
+                result.weights[name], result.plans[name] = approx, replace(plan, sparsity=0.0, threshold=None)
             result.layers[name] = LayerCalibration(name, False, "stored exactly (lossless or few values)")
             continue
         labels, codebook = clusters
@@ -426,7 +444,7 @@ def calibrate(model: Model, plans: Mapping[str, LayerPlan], data: Union[str, Fee
         current[name] = better
         result.weights[name] = better
         result.plans[name] = replace(plan, sparsity=0.0, threshold=None, prune=True)
-        result.layers[name] = LayerCalibration(name, True, "", err_k, err_r, len(rows))
+        result.layers[name] = LayerCalibration(name, True, "", err_k, err_r, xo.shape[1])
     if progress:
         progress(len(names), len(names), "")
     return result

@@ -118,7 +118,10 @@ def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRe
     def cost(c) -> int:
         return 4 * len(c[1]) + sum(_stream_cost(s) for s in c[2:])
 
-    encoding, book, indices, relative_s, counts_s = min(candidates, key=cost)
+    best = min(candidates, key=cost)
+    if cost(best) >= w.nbytes:    # e.g. a lossless codebook of many distinct values: raw is smaller
+        return raw_record(name, w), w
+    encoding, book, indices, relative_s, counts_s = best
     stats = LayerStats(element_count=w.size, nonzero_count=nonzero, original_bytes=w.nbytes,
                        coded_bytes=cost((encoding, book, indices, relative_s, counts_s)),
                        codebook_size=len(codebook), index_bits=min(plan.bits, 16),

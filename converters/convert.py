@@ -87,12 +87,14 @@ def check_operators(model: Model) -> None:
 def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Optional[int] = None,
             sparsity: Optional[float] = None, threshold: Optional[float] = None, prune: bool = True,
             coder: Optional[str] = None, config: Optional[str | Dict[str, Any]] = None, force: bool = False,
-            progress: Optional[Progress] = None) -> ConversionResult:
+            calib: Optional[Any] = None, progress: Optional[Progress] = None) -> ConversionResult:
     """Convert ``source`` (``.onnx``, ``.h5``/``.keras``, or ``.prototxt`` with ``weights``) into ``output``.
 
     ``bits``, ``sparsity``, ``threshold``, ``coder`` override the paper's per-category defaults for
     every layer; ``config`` (a YAML/JSON path or dict) sets them per op type or per layer;
-    ``prune=False`` keeps every non-zero weight. Returns a :class:`ConversionResult`.
+    ``prune=False`` keeps every non-zero weight. ``calib`` (a data path or input arrays) refines
+    each layer's centroids by least squares on its inputs (``calibrate.py``). Returns a
+    :class:`ConversionResult`.
     """
     if os.path.exists(output) and not force:
         raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
@@ -110,12 +112,16 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
         flags["prune"] = False
     all_plans = make_plan(model.graph, flags, config)
     plans = {name: p for name, p in all_plans.items() if not p.skip}
+    sources, encode = model.graph.initializers, plans
+    if calib is not None:       # data-aware centroids: values already pruned and clustered, stored exactly
+        from .calibrate import calibrated_weights
+        sources, encode = calibrated_weights(model, plans, calib)
     records: Dict[str, TensorRecord] = {}
     decoded: Dict[str, np.ndarray] = {}
     for i, name in enumerate(sorted(plans)):
         if progress:
             progress(i, len(plans), name)
-        records[name], decoded[name] = compress_tensor(name, model.graph.initializers[name], plans[name])
+        records[name], decoded[name] = compress_tensor(name, sources[name], encode[name])
     if progress:
         progress(len(plans), len(plans), "")
     info = info_job.result()

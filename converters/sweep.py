@@ -139,14 +139,14 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
     result = Sweep([], len(reference), tuple(sparsities), tuple(bits), {n: plans[n] for n in names})
     if labels is not None:
         result.reference_top1_accuracy = output_metrics(reference, reference, labels).get("reference_top1_accuracy")
-    total, done = len(names) * len(sparsities) * len(bits), 0
-    for name in names:
+    grid = len(sparsities) * len(bits)
+    for done, name in enumerate(names):
+        if progress:                    # one step per layer: each is a whole grid of settings
+            progress(done, len(names), f"{name} ({grid} settings)")
         w = np.asarray(model.graph.initializers[name], np.float32)
         base = plans[name]
         for s in sparsities:
             for b in bits:
-                if progress:
-                    progress(done, total, f"{name} sparsity {s:g} bits {b}")
                 plan = replace(base, sparsity=float(s), bits=int(b), threshold=None, prune=s > 0 or base.prune)
                 rec, approx = compress_tensor(name, w, plan)
                 got = runner.run(feeds, {name: approx})[0]
@@ -156,9 +156,8 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
                     int(rec.stats.coded_bytes) if rec.stats is not None else int(w.nbytes),
                     m.get("top1_agreement", 1.0), m["cosine"], m["psnr_db"], weight_psnr(w, approx),
                     m.get("top5_agreement", 1.0), m.get("compressed_top1_accuracy")))
-                done += 1
     if progress:
-        progress(total, total, "")
+        progress(len(names), len(names), "")
     return result
 
 

@@ -41,9 +41,11 @@ def _progress_bar(stream=None):
 def _cmd_convert(a) -> int:
     from .converters.convert import convert
     from .report import inspect, size
+    from .converters.accuracy_cli import convert_budget_config
+    config = convert_budget_config(a) or a.config     # --target-size / --max-drop: a plan from a sweep
     result = convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity,
-                     threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=a.config,
-                     force=a.force, progress=None if a.quiet else _progress_bar())
+                     threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=config,
+                     force=a.force, calib=a.calib, progress=None if a.quiet else _progress_bar())
     if not a.quiet:
         info = inspect(a.output)
         _print_layers(info, only_coded=True)
@@ -161,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-prune", action="store_true", help="keep every non-zero weight")
     c.add_argument("--coder", help="none, huffman (default), lzw, huffman+lzw, lzw+huffman or auto (smallest per stream)")
     c.add_argument("--config", help="per-layer plan (YAML or JSON): defaults / op_types / layers")
+    c.add_argument("--calib", help="calibration inputs (.npz / .npy / folder of .npy): refine centroids on them")
+    c.add_argument("--target-size", help="choose per-layer sparsity and bits to fit this size (e.g. 2MB); needs --calib")
+    c.add_argument("--max-drop", type=float, metavar="PCT",
+                   help="choose per-layer sparsity and bits losing at most PCT %% top-1 agreement on --calib")
     c.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cmd_convert)
