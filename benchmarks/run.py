@@ -1,13 +1,32 @@
-"""Speed and memory of dcrt against onnxruntime, measured side by side in the same run.
+"""Speed and memory of dcrt against onnxruntime, measured side by side in the same process run.
 
     python benchmarks/run.py                 # small models (a few minutes)
     python benchmarks/run.py --full          # + ResNet-18, MobileNetV2, VGG-16 FC6/FC7, ResNet-50
+    python benchmarks/run.py lenet5 resnet18 # chosen models (any zoo name, or vgg_fc6_fc7)
 
-For each model: conversion time; then, in a fresh subprocess per thread setting (1 thread, all
-threads: OMP/OpenBLAS/numba threads and onnxruntime's intra-op threads), open-to-first-result time,
-latency at batch 1 and 8 for onnxruntime on the original ONNX and dcrt in each memory mode (as
-ratios: < 1 means dcrt is faster), resident weight bytes and peak RSS. Then the decode throughput of
-each coder (numpy and numba). Prints markdown tables; raw numbers go to benchmarks/out/results.json.
+Every measurement runs in a fresh subprocess whose thread environment is set before any import
+(OMP/OpenBLAS/MKL/numba threads, onnxruntime's intra-op threads): one thread, then all cores.
+
+1. Latency, per model, batch 1 and 8: onnxruntime on the original ONNX and dcrt in each memory mode
+   run *interleaved* (one call of each per round, best of the rounds), so that a busy machine slows
+   every contender alike; ratios < 1 mean dcrt is faster. With one thread the calls' CPU time is
+   also compared (``time.thread_time``): a ratio a shared machine's load cannot distort.
+2. Opening: time from ``Session(path)`` to the first result vs onnxruntime's session creation plus
+   first result, libraries imported beforehand in both cases: first in a fresh process (for dcrt
+   this includes numba's one-time initialisation and loading its cached kernels), then a second
+   session of each in the same process. Memory, each mode in its own fresh process: the weight
+   bytes a session holds (``resident_bytes``: index vs dense float32), and RSS measured from
+   ``/proc``: growth after the first result ("resident"), peak growth while opening and running
+   it, and the peak of a later, steady-state run.
+3. Conversion time (``dcrt.convert`` with the default plan; VGG FC6/FC7 pruned as the paper).
+4. Decode throughput of every coder chain, MB/s of decoded symbols: numpy, numba on one thread,
+   numba on all threads.
+5. Compile cost: the first inference in a process with an empty numba cache (compiling every kernel
+   it uses) vs a second process loading the cached kernels, plus numba's import time.
+6. The two ways of computing from a codebook at batch 1: a dot product per output (gather each
+   weight's centroid) vs the paper's sum of activations per centroid, on the example FC weights.
+
+Prints markdown tables; raw numbers go to benchmarks/out/results.json.
 """
 from __future__ import annotations
 
@@ -16,8 +35,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +46,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 SMALL = ["lenet_300_100", "lstm_classifier", "vgg_fc_small", "resnet18_tiny", "mobilenet_v2_tiny", "lenet5"]
 FULL = ["resnet18", "mobilenet_v2", "vgg_fc6_fc7", "resnet50"]
 MODES = ("index", "dense", "stream")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+COMPILE_MODELS = ["lenet_300_100", "lstm_classifier", "resnet18_tiny", "mobilenet_v2_tiny"]
 
 
 def build(name: str):
@@ -46,7 +67,7 @@ def prepare(name: str) -> dict:
     if not src.exists():
         onnx.save(build(name), str(src))
     options = {}
-    if name == "vgg_fc6_fc7":   # the paper prunes FC6 to 96 % and FC7 to 96 %; FC8 to 77 %
+    if name == "vgg_fc6_fc7":   # the paper prunes FC6 and FC7 to 96 %, FC8 to 77 %
         options["config"] = {"layers": {"fc6*": {"sparsity": 0.96}, "fc7*": {"sparsity": 0.96},
                                         "fc8*": {"sparsity": 0.77}}}
     start = time.perf_counter()
@@ -55,65 +76,120 @@ def prepare(name: str) -> dict:
             "onnx_bytes": src.stat().st_size, "dcm_bytes": result.file_bytes}
 
 
-def _best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    deadline = time.perf_counter() + 5.0
-    for _ in range(repeat):
-        t = time.perf_counter()
+# ---------------------------------------------------------------------------------------------
+# inside the measuring subprocesses
+
+
+def _interleaved(runs: dict, rounds: int, budget_s: float) -> dict:
+    """Best wall time and best thread CPU time of each callable, run in turns (one call each per round)."""
+    for fn in runs.values():         # warm up: lazy decoding, kernel loading, allocator
         fn()
-        times.append(time.perf_counter() - t)
+    wall = {k: float("inf") for k in runs}
+    cpu = dict(wall)
+    deadline = time.perf_counter() + budget_s
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            c, t = time.thread_time(), time.perf_counter()
+            fn()
+            wall[key] = min(wall[key], time.perf_counter() - t)
+            cpu[key] = min(cpu[key], time.thread_time() - c)
         if time.perf_counter() > deadline:
             break
-    return min(times)
+    return {"wall": wall, "cpu": cpu}
 
 
-def measure(onnx_path: str, dcm_path: str, threads: int) -> dict:
-    """Runs inside a subprocess whose thread environment is already set."""
-    import resource
-
+def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dict:
+    """Latency and opening time (the thread environment is already set)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     import dcrt
+    from dcrt.runtime.numba_kernels import kernels
     import zoo
+    kernels()                       # import numba before timing (as onnxruntime is imported)
     model = onnx.load(onnx_path, load_external_data=False)
     feeds = {b: zoo.sample_input(model, batch=b) for b in (1, 8)}
-    res = {}
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res: dict = {}
+    # a fresh process: numba's first use (its target initialisation, ~0.8 s, and the loading of the
+    # cached kernels) falls in dcrt's first result
     t = time.perf_counter()
     sess = dcrt.Session(dcm_path)
     sess.run(None, feeds[1])
     res["dcrt_first_s"] = time.perf_counter() - t
-    res["dcrt_peak_rss_open_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
-    res["resident"] = sess.resident_bytes()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     t = time.perf_counter()
     ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-    ref.run(None, feeds[1])
+    expected = ref.run(None, feeds[1])
     res["ort_first_s"] = time.perf_counter() - t
+    # a second session of each in the same process (a long-running app opening another model)
+    t = time.perf_counter()
+    dcrt.Session(dcm_path).run(None, feeds[1])
+    res["dcrt_first_warm_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"]).run(None, feeds[1])
+    res["ort_first_warm_s"] = time.perf_counter() - t
+    got = sess.run(None, feeds[1])
+    res["max_abs_diff_vs_ort"] = float(max(np.abs(g - e).max() for g, e in zip(got, expected)))
     sessions = {"index": sess, "dense": dcrt.Session(dcm_path, mode="dense"),
                 "stream": dcrt.Session(dcm_path, mode="stream")}
     for b, feed in feeds.items():
-        res[f"ort_b{b}"] = _best(lambda: ref.run(None, feed), 50)
-        for mode, s in sessions.items():
-            res[f"{mode}_b{b}"] = _best(lambda: s.run(None, feed), 50 if mode != "stream" else 10)
+        runs = {"ort": (lambda f=feed: ref.run(None, f))}
+        runs.update({m: (lambda s=s, f=feed: s.run(None, f)) for m, s in sessions.items() if m != "stream"})
+        timed = _interleaved(runs, 40, budget_s)
+        stream = _interleaved({"ort": runs["ort"], "stream": lambda f=feed: sessions["stream"].run(None, f)},
+                              8, budget_s / 3)
+        for kind in ("wall", "cpu"):
+            timed[kind]["stream"] = stream[kind]["stream"]
+            res[f"{kind}_b{b}"] = timed[kind]
     return res
 
 
-def run_subprocess(facts: dict, threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(threads)
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import run; "
-            f"print(json.dumps(run.measure({facts['onnx']!r}, {facts['dcm']!r}, {threads})))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _proc_status() -> dict:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")        # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(dcm_path: str, onnx_path: str, mode: str) -> dict:
+    """RSS growth of opening a session and computing the first result, and of a later run."""
+    import onnx
+
+    import dcrt
+    import zoo
+    from dcrt.runtime.numba_kernels import kernels
+    feeds = zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=1)
+    kernels()
+    warm = dcrt.Session(str(OUT / "lenet5.dcm")) if (OUT / "lenet5.dcm").exists() else None
+    if warm is not None:        # load numba's cached kernels and the allocator's first arenas
+        import numpy as np
+        warm.run(np.zeros((1, 1, 28, 28), np.float32))
+    base = _proc_status()["VmRSS"]
+    exact = _reset_peak()
+    sess = dcrt.Session(dcm_path, mode=mode)
+    sess.run(None, feeds)
+    first = _proc_status()
+    _reset_peak()
+    sess.run(None, feeds)
+    later = _proc_status()
+    return {"mode": mode, "exact_peak": exact, "weights": sess.resident_bytes(),
+            "resident": first["VmRSS"] - base, "peak_first": first["VmHWM"] - base,
+            "peak_later": later["VmHWM"] - base}
 
 
 def decode_throughput() -> list:
@@ -128,47 +204,172 @@ def decode_throughput() -> list:
         stream = codecs.encode(symbols, 32, chain)
         for engine in ("numpy", "numba"):
             os.environ["DCRT_NO_NUMBA"] = "1" if engine == "numpy" else "0"
-            seconds = _best(lambda: codecs.decode(stream), 5)
-            rows.append((chain, engine, len(stream.payload) * 8 / symbols.size, symbols.size / seconds / 1e6))
+            best = _interleaved({"d": lambda: codecs.decode(stream)}, 5, 20.0)["wall"]["d"]
+            rows.append((chain, engine, len(stream.payload) * 8 / symbols.size, symbols.size / best / 1e6))
     os.environ.pop("DCRT_NO_NUMBA", None)
     return rows
+
+
+def first_inference(dcm_paths: list, onnx_paths: list) -> dict:
+    """Import numba, then open each model and time its first result (compiles or loads kernels)."""
+    import onnx
+    t = time.perf_counter()
+    import numba  # noqa: F401
+    res = {"import_numba_s": time.perf_counter() - t}
+    import dcrt
+    import zoo
+    total = 0.0
+    for dcm, src in zip(dcm_paths, onnx_paths):
+        feeds = zoo.sample_input(onnx.load(src, load_external_data=False), batch=1)
+        t = time.perf_counter()
+        dcrt.Session(dcm).run(None, feeds)
+        total += time.perf_counter() - t
+    res["first_results_s"] = total
+    return res
+
+
+def codebook_ways(dcm_paths: list) -> list:
+    """Batch-1 products of every compressed 2-D FC weight: dot products vs sums per centroid."""
+    import numpy as np
+
+    import dcrt
+    from dcrt.runtime.indexed import IndexedWeight, SparseWeight
+    from dcrt.runtime.numba_kernels import kernels
+    k = kernels()
+    rows = []
+    for path in dcm_paths:
+        sess = dcrt.Session(path)
+        for name, t in sess._tensors.items():
+            if t.encoding == "raw" or not (len(t.shape) == 2 or (len(t.shape) == 3 and t.shape[0] == 1)):
+                continue
+            w = sess._weight(name)
+            w = w[0] if len(t.shape) == 3 else w      # one direction of an LSTM's W or R
+            x = np.random.default_rng(0).standard_normal((1, w.shape[1])).astype(np.float32)
+            out = np.empty((1, w.shape[0]), np.float32)
+            empty = np.zeros(0, np.float32)
+            if isinstance(w, SparseWeight):
+                args = (x, w.row_ptr, w.cols, w.symbols, w.codebook)
+                dot, bins, form = k.csr_matmul_t, k.csr_matmul_t_bins, f"CSR {w.nnz / np.prod(w.shape):.0%}"
+            elif isinstance(w, IndexedWeight):
+                args = (x, w.indices, w.codebook)
+                dot, bins, form = k.index_matmul_t, k.index_matmul_t_bins, f"indices {w.indices.dtype}"
+            else:
+                continue
+            times = _interleaved({"dot": lambda: dot(*args, empty, -np.inf, np.inf, False, out),
+                                  "bins": lambda: bins(*args, out)}, 200, 3.0)["cpu"]
+            rows.append((Path(path).stem, name, "x".join(map(str, w.shape)), form, times["dot"], times["bins"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _child(call: str, threads: int, extra_env: dict = None) -> object:
+    env = dict(os.environ)
+    for var in THREAD_VARS:
+        env[var] = str(threads)
+    env.update(extra_env or {})
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import run; "
+            f"print(json.dumps(run.{call}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cell(r: dict, kind: str, b: int, mode: str) -> str:
+    t, ref = r[f"{kind}_b{b}"][mode], r[f"{kind}_b{b}"]["ort"]
+    return f"{1000 * t:.2f} ms ({t / ref:.2f}x)"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="add the full-size networks")
+    ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per model, batch and thread setting")
     ap.add_argument("models", nargs="*")
     args = ap.parse_args()
     names = args.models or SMALL + (FULL if args.full else [])
     cores = os.cpu_count() or 1
-    results = []
-    print(f"machine: {cores} cores, {os.uname().machine}, python {sys.version.split()[0]}\n")
-    print("| model | threads | batch | onnxruntime ms | dcrt index | dcrt dense | dcrt stream |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    results: dict = {"models": [], "memory": [], "decode": {}, "compile": {}, "codebook": []}
+    import numba
+    import numpy
+    import onnxruntime
+    print(f"machine: {cores} cores ({os.uname().machine}), python {sys.version.split()[0]}, numpy "
+          f"{numpy.__version__}, numba {numba.__version__}, onnxruntime {onnxruntime.__version__}\n")
+
+    print("### Latency: onnxruntime vs dcrt (best of interleaved rounds; ratio < 1: dcrt faster)\n")
+    print("| model | threads | batch | onnxruntime | dcrt index | dcrt dense | dcrt stream | CPU-time ratio index / dense (1 thread) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         facts = prepare(name)
         for threads in sorted({1, cores}):
-            r = run_subprocess(facts, threads)
-            results.append({**facts, "threads": threads, **r})
+            r = _child(f"measure({facts['onnx']!r}, {facts['dcm']!r}, {threads}, {args.budget})", threads)
+            results["models"].append({**facts, "threads": threads, **r})
             for b in (1, 8):
-                ort_ms = 1000 * r[f"ort_b{b}"]
-                ratios = " | ".join(f"{1000 * r[f'{m}_b{b}']:.2f} ms ({r[f'{m}_b{b}'] / r[f'ort_b{b}']:.2f}x)"
-                                    for m in MODES)
-                print(f"| {name} | {threads} | {b} | {ort_ms:.2f} | {ratios} |", flush=True)
-    print("\n| model | convert s | ONNX MB | .dcm MB | open+first dcrt s | open+first onnxruntime s "
-          "| resident index / dense | peak RSS while opening / resident index |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        if r["threads"] != cores:
+                cpu = (f"{r[f'cpu_b{b}']['index'] / r[f'cpu_b{b}']['ort']:.2f}x / "
+                       f"{r[f'cpu_b{b}']['dense'] / r[f'cpu_b{b}']['ort']:.2f}x") if threads == 1 else ""
+                print(f"| {name} | {threads} | {b} | {1000 * r[f'wall_b{b}']['ort']:.2f} ms | "
+                      + " | ".join(_cell(r, "wall", b, m) for m in MODES) + f" | {cpu} |", flush=True)
+        for mode in ("index", "dense"):
+            mem = _child(f"measure_memory({facts['dcm']!r}, {facts['onnx']!r}, {mode!r})", 1)
+            results["memory"].append({"name": name, **mem})
+
+    print("\n### Opening, memory and conversion\n")
+    print("Open + first result, dcrt / onnxruntime, seconds: in a fresh process (dcrt: numba's one-time "
+          "initialisation included), then a second session in the same process.\n")
+    print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | second session, 1 thread | "
+          f"open+first, {cores} threads | weights index / dense float32 | RSS index / dense | "
+          "peak RSS opening / resident (index) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        runs = {r["threads"]: r for r in results["models"] if r["name"] == name}
+        one, many = runs[1], runs[max(runs)]
+        mem = {m["mode"]: m for m in results["memory"] if m["name"] == name}
+        idx, dense = mem["index"], mem["dense"]
+        w = idx["weights"]
+        print(f"| {name} | {one['convert_s']:.1f} | {one['onnx_bytes'] / 1e6:.2f} | {one['dcm_bytes'] / 1e6:.3f} | "
+              f"{one['dcrt_first_s']:.3f} / {one['ort_first_s']:.3f} | "
+              f"{one['dcrt_first_warm_s']:.3f} / {one['ort_first_warm_s']:.3f} | "
+              f"{many['dcrt_first_s']:.3f} / {many['ort_first_s']:.3f} | {w['index'] / w['dense']:.0%} | "
+              f"{idx['resident'] / 1e6:.1f} / {dense['resident'] / 1e6:.1f} MB | "
+              f"{idx['peak_first'] / max(idx['resident'], 1):.2f}x |", flush=True)
+
+    print("\n### Decode throughput (MB/s of decoded symbols; 4M symbols, 5-bit alphabet)\n")
+    print("| coder | bits/symbol | numpy | numba 1 thread | numba all threads |")
+    print("|---|---:|---:|---:|---:|")
+    one = _child("decode_throughput()", 1)
+    many = _child("decode_throughput()", cores)
+    results["decode"] = {"1": one, str(cores): many}
+    for (chain, engine, bits, mbs), (_, _, _, mbs_many) in zip(one, many):
+        if engine == "numpy":
+            numpy_mbs = mbs
             continue
-        res = r["resident"]
-        print(f"| {r['name']} | {r['convert_s']:.1f} | {r['onnx_bytes'] / 1e6:.2f} | {r['dcm_bytes'] / 1e6:.3f} | "
-              f"{r['dcrt_first_s']:.3f} | {r['ort_first_s']:.3f} | {res['index'] / res['dense']:.0%} | "
-              f"{r['dcrt_peak_rss_open_kb'] * 1024 / max(res['index'], 1):.2f}x |")
-    print("\n| coder | decoder | bits/symbol | MB/s of symbols |")
-    print("|---|---|---:|---:|")
-    for chain, engine, bits, mbs in decode_throughput():
-        print(f"| {chain} | {engine} | {bits:.2f} | {mbs:.0f} |")
+        print(f"| {chain} | {bits:.2f} | {numpy_mbs:.0f} | {mbs:.0f} | {mbs_many:.0f} |")
+
+    print("\n### Compile cost (first results of " + ", ".join(COMPILE_MODELS) + ")\n")
+    small = [prepare(n) if not (OUT / f"{n}.dcm").exists() else
+             {"dcm": str(OUT / f"{n}.dcm"), "onnx": str(OUT / f"{n}.onnx")} for n in COMPILE_MODELS]
+    call = f"first_inference({[f['dcm'] for f in small]!r}, {[f['onnx'] for f in small]!r})"
+    with tempfile.TemporaryDirectory() as cache:
+        cold = _child(call, 1, {"NUMBA_CACHE_DIR": cache})
+        warm = _child(call, 1, {"NUMBA_CACHE_DIR": cache})
+    results["compile"] = {"cold": cold, "cached": warm}
+    print("| | import numba s | first results s |")
+    print("|---|---:|---:|")
+    print(f"| empty numba cache (compiles the kernels) | {cold['import_numba_s']:.2f} | {cold['first_results_s']:.2f} |")
+    print(f"| cached kernels (cache=True, a later process) | {warm['import_numba_s']:.2f} | {warm['first_results_s']:.2f} |")
+
+    print("\n### Batch-1 products from a codebook: dot per output vs sums per centroid (CPU us, 1 thread)\n")
+    fc = [str(OUT / f"{n}.dcm") for n in names if n in ("lenet_300_100", "lstm_classifier", "vgg_fc_small",
+                                                       "vgg_fc6_fc7") and (OUT / f"{n}.dcm").exists()]
+    rows = _child(f"codebook_ways({fc!r})", 1) if fc else []
+    results["codebook"] = rows
+    print("| model | weight | shape | form | dot per output us | sums per centroid us |")
+    print("|---|---|---|---|---:|---:|")
+    for model, weight, shape, form, dot, bins in rows:
+        print(f"| {model} | {weight} | {shape} | {form} | {dot * 1e6:.1f} | {bins * 1e6:.1f} |")
+
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

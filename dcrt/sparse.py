@@ -100,7 +100,7 @@ def decode_csc(entry_symbols: np.ndarray, relative: np.ndarray, counts: np.ndarr
     if len(entry_symbols) != len(relative) or counts.sum() != len(relative) or (counts < 0).any():
         raise FormatError("sparse index streams disagree: entry count, relative indices and "
                           "column counts do not match")
-    col_of = np.repeat(np.arange(len(counts)), counts)
+    col_of = np.repeat(np.arange(len(counts)), counts.astype(np.intp))  # repeats must be intp (32-bit ARM)
     advance = np.cumsum(np.asarray(relative, dtype=np.int64) + 1)
     col_start = np.concatenate(([0], np.cumsum(counts)))
     base = np.concatenate(([0], advance))[col_start[:-1]]
@@ -119,6 +119,6 @@ def csc_to_dense_symbols(col_ptr: np.ndarray, row_indices: np.ndarray, symbols: 
     """Scatter CSC symbols into a dense ``rows x cols`` symbol matrix (0 where pruned)."""
     cols = len(col_ptr) - 1
     out = np.zeros((rows, cols), dtype=dtype or symbols.dtype)
-    col_of = np.repeat(np.arange(cols), np.diff(col_ptr))
+    col_of = np.repeat(np.arange(cols), np.diff(col_ptr).astype(np.intp))
     out[row_indices, col_of] = symbols
     return out

@@ -1,63 +1,333 @@
-"""numba kernels for index-mode products; import only through ``runtime.numba_kernels.kernels()``."""
+"""numba kernels for index-mode products; import only through ``runtime.numba_kernels.kernels()``.
+
+The products and expansions exist twice: ``name`` (one thread, no launch cost: what small products
+use) and ``name_par`` (rows spread over numba's threads, for products big enough to pay for a
+parallel launch, see ``numba_kernels.launch``). Both run the same inlined per-row helper, so they
+agree bit for bit (``csr_matmul_par`` sums per-thread partial results: to float32 rounding).
+``csc_to_csr`` builds the CSR form when a sparse weight is loaded; the ``*_bins`` kernels are the
+paper's sums per centroid, benchmarked against the dot products (``benchmarks/run.py``).
+
+How the products are computed (float32 accumulation):
+
+- one row of ``x`` (batch 1, the case the paper's speed-up is about): one dot product per output;
+  over CSR entries with four independent partial sums, over dense indices reassociated so that
+  LLVM vectorises it (the centroids are gathered);
+- several rows: ``x`` is transposed first, so each kept weight is read once and multiplies the
+  ``B`` activations it meets as one contiguous (vectorised) run.
+
+Offsets are cast to unsigned before indexing: numba then skips its negative-index wraparound check
+(about twice as fast here). The numpy twins are the methods of ``runtime/indexed.py`` (with
+``DCRT_NO_NUMBA=1``); ``tests/test_indexed.py`` and ``tests/test_kernels.py`` check that they agree.
+"""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-_COLUMN_BLOCK = 64
+_U = np.uint64
+_FAST = {"reassoc", "nsz"}      # reassociation only (vectorised sums); NaN and inf behave as usual
+_COLUMN_BLOCK = 256     # output columns one task of the scatter kernels owns
+# Tasks a parallel kernel cuts its rows into (numba hands them out to its threads). A constant, not
+# numba.get_num_threads(): reading the thread count makes a kernel uncachable.
+_PARTS = 16
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def index_matmul_t(x, indices, codebook, out):  # pragma: no cover - compiled
-    """``out[b, n] = sum_k x[b, k] * codebook[indices[n, k]]`` (weight ``[N, K]``)."""
-    rows, inner = indices.shape
-    for n in prange(rows):
-        for b in range(x.shape[0]):
+@njit(inline="always")
+def _split(count, parts, t):  # pragma: no cover - compiled
+    """Bounds of part ``t`` of ``parts`` equal parts of ``range(count)``."""
+    return t * count // parts, (t + 1) * count // parts
+
+
+@njit(inline="always")
+def _finish(v, bias, n, lo, hi, clamp):  # pragma: no cover - compiled
+    """The epilogue of output column ``n``: ``+ bias[n]`` (``bias`` may be empty), then the clamp
+    to [lo, hi] (float32 bounds, as numpy's ``np.maximum(y, np.float32(lo))``; NaN stays NaN)."""
+    if bias.size:
+        v = v + bias[n]
+    if clamp:
+        lo32 = np.float32(lo)
+        hi32 = np.float32(hi)
+        v = lo32 if v < lo32 else v
+        v = hi32 if v > hi32 else v
+    return v
+
+
+@njit(inline="always")
+def _finish_rows(out, bias, lo, hi, clamp, n0, n1):  # pragma: no cover - compiled
+    if bias.size or clamp:
+        for b in range(out.shape[0]):
+            for n in range(n0, n1):
+                out[b, n] = _finish(out[b, n], bias, n, lo, hi, clamp)
+
+
+# -- building the CSR form ------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def csc_to_csr(col_ptr, rows, symbols, row_ptr, cols_out, symbols_out):  # pragma: no cover - compiled
+    """Regroup the file's CSC entries by row (a counting sort: columns stay ascending in each row).
+
+    ``row_ptr`` is the CSR row pointer (computed from the row counts); ``cols_out`` (int32) and
+    ``symbols_out`` receive each kept weight's column and symbol. No temporary but one int64 per row.
+    """
+    fill = row_ptr[:-1].copy()
+    for c in range(col_ptr.size - 1):
+        for e in range(col_ptr[c], col_ptr[c + 1]):
+            r = rows[e]
+            p = fill[r]
+            cols_out[p] = c
+            symbols_out[p] = symbols[e]
+            fill[r] = p + 1
+
+
+# -- expanding tiles ------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _expand_rows(indices, codebook, out, r0, r1):  # pragma: no cover - compiled
+    for r in range(r0, r1):
+        for k in range(indices.shape[1]):
+            out[r, k] = codebook[indices[r, k]]
+
+
+@njit(cache=True, nogil=True)
+def expand(indices, codebook, out):  # pragma: no cover - compiled
+    """``out[r, k] = codebook[indices[r, k]]``: one tile of an indexed weight, float32."""
+    _expand_rows(indices, codebook, out, 0, indices.shape[0])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def expand_par(indices, codebook, out):  # pragma: no cover - compiled
+    parts = _PARTS
+    for t in prange(parts):
+        r0, r1 = _split(indices.shape[0], parts, t)
+        _expand_rows(indices, codebook, out, r0, r1)
+
+
+@njit(inline="always")
+def _csr_expand_rows(row_ptr, cols, symbols, codebook, out, r0, r1):  # pragma: no cover - compiled
+    for r in range(r0, r1):
+        for k in range(out.shape[1]):
+            out[r, k] = 0.0
+        for e in range(row_ptr[r], row_ptr[r + 1]):
+            out[r, _U(cols[e])] = codebook[symbols[e]]
+
+
+@njit(cache=True, nogil=True)
+def csr_expand(row_ptr, cols, symbols, codebook, out):  # pragma: no cover - compiled
+    """Rows of a CSR weight expanded into ``out`` (zeros where pruned)."""
+    _csr_expand_rows(row_ptr, cols, symbols, codebook, out, 0, out.shape[0])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def csr_expand_par(row_ptr, cols, symbols, codebook, out):  # pragma: no cover - compiled
+    parts = _PARTS
+    for t in prange(parts):
+        r0, r1 = _split(out.shape[0], parts, t)
+        _csr_expand_rows(row_ptr, cols, symbols, codebook, out, r0, r1)
+
+
+# -- x @ W.T with W [N, K] as dense indices: one dot product per output -------------------------
+
+@njit(inline="always")
+def _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragma: no cover - compiled
+    inner = indices.shape[1]
+    batch = x.shape[0]
+    if batch == 1:
+        xv = x[0]
+        for n in range(n0, n1):
+            row = indices[n]
             acc = np.float32(0.0)
-            for k in range(inner):
-                acc += x[b, k] * codebook[indices[n, k]]
+            for k in range(inner):      # reassociated: vectorised, the centroids gathered
+                acc += xv[k] * codebook[row[k]]
+            out[0, n] = _finish(acc, bias, n, lo, hi, clamp)
+        return
+    xt = np.ascontiguousarray(x.T)          # [K, B]: the activations one weight meets, contiguous
+    acc = np.empty(batch, np.float32)
+    for n in range(n0, n1):
+        row = indices[n]
+        for b in range(batch):
+            acc[b] = 0.0
+        for k in range(inner):
+            c = codebook[row[k]]
+            for b in range(batch):
+                acc[b] += c * xt[k, b]
+        for b in range(batch):
+            out[b, n] = _finish(acc[b], bias, n, lo, hi, clamp)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def index_matmul_t(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
+    """``out[b, n] = sum_k x[b, k] * codebook[indices[n, k]]`` (weight ``[N, K]``), then the epilogue:
+    ``+ bias[n]`` (``bias`` may be empty) and, with ``clamp``, clamped to [lo, hi]."""
+    _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, 0, indices.shape[0])
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def index_matmul_t_par(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
+    parts = _PARTS
+    for t in prange(parts):
+        n0, n1 = _split(indices.shape[0], parts, t)
+        _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1)
+
+
+# The paper's other way to compute from a codebook: add up the activations that share a centroid,
+# then multiply each sum by its centroid once (one multiply per centroid instead of per weight).
+# Benchmarked against the dot products above (benchmarks/run.py); not the default.
+@njit(cache=True, nogil=True)
+def index_matmul_t_bins(x, indices, codebook, out):  # pragma: no cover - compiled
+    """As :func:`index_matmul_t`, by per-centroid sums of the activations."""
+    bins = np.zeros(codebook.size, np.float32)
+    for n in range(indices.shape[0]):
+        row = indices[n]
+        for b in range(x.shape[0]):
+            xv = x[b]
+            for c in range(bins.size):
+                bins[c] = 0.0
+            for k in range(indices.shape[1]):
+                bins[row[k]] += xv[k]
+            acc = np.float32(0.0)
+            for c in range(bins.size):
+                acc += bins[c] * codebook[c]
             out[b, n] = acc
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def index_matmul(x, indices, codebook, out):  # pragma: no cover - compiled
-    """``out[b, n] = sum_k x[b, k] * codebook[indices[k, n]]`` (weight ``[K, N]``), by column blocks."""
-    inner, cols = indices.shape
-    blocks = (cols + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
-    for blk in prange(blocks):
-        lo = blk * _COLUMN_BLOCK
-        hi = min(cols, lo + _COLUMN_BLOCK)
-        acc = np.zeros(hi - lo, np.float32)
-        for b in range(x.shape[0]):
-            acc[:] = 0.0
-            for k in range(inner):
-                xv = x[b, k]
-                if xv != 0.0:
-                    for n in range(lo, hi):
-                        acc[n - lo] += xv * codebook[indices[k, n]]
-            for n in range(lo, hi):
-                out[b, n] = acc[n - lo]
+# -- x @ W with W [K, N] as dense indices: scatter the rows of W, skipping zero activations -------
 
-
-@njit(cache=True, parallel=True, nogil=True)
-def csr_matmul_t(x, row_ptr, cols, symbols, codebook, out):  # pragma: no cover - compiled
-    """``out[b, n] = sum over kept (n, k) of x[b, k] * codebook[symbol]`` (CSR weight ``[N, K]``)."""
-    for n in prange(row_ptr.size - 1):
-        for b in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for e in range(row_ptr[n], row_ptr[n + 1]):
-                acc += x[b, cols[e]] * codebook[symbols[e]]
-            out[b, n] = acc
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def csr_matmul(x, row_ptr, cols, symbols, codebook, out):  # pragma: no cover - compiled
-    """``out[b, c] = sum over kept (k, c) of x[b, k] * codebook[symbol]`` (CSR weight ``[K, N]``)."""
-    for b in prange(x.shape[0]):
-        for c in range(out.shape[1]):
-            out[b, c] = 0.0
-        for k in range(row_ptr.size - 1):
+@njit(inline="always")
+def _index_scatter_block(x, indices, codebook, out, n0, n1):  # pragma: no cover - compiled
+    for b in range(x.shape[0]):
+        dst = out[b]
+        for n in range(n0, n1):
+            dst[n] = 0.0
+        for k in range(indices.shape[0]):
             xv = x[b, k]
             if xv != 0.0:
-                for e in range(row_ptr[k], row_ptr[k + 1]):
-                    out[b, cols[e]] += xv * codebook[symbols[e]]
+                row = indices[k]
+                for n in range(n0, n1):
+                    dst[n] += xv * codebook[row[n]]
+
+
+@njit(cache=True, nogil=True)
+def index_matmul(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
+    """``out[b, n] = sum_k x[b, k] * codebook[indices[k, n]]`` (weight ``[K, N]``), then the epilogue."""
+    _index_scatter_block(x, indices, codebook, out, 0, indices.shape[1])
+    _finish_rows(out, bias, lo, hi, clamp, 0, indices.shape[1])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def index_matmul_par(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
+    cols = indices.shape[1]
+    for blk in prange((cols + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
+        n0 = blk * _COLUMN_BLOCK
+        n1 = min(cols, n0 + _COLUMN_BLOCK)
+        _index_scatter_block(x, indices, codebook, out, n0, n1)
+        _finish_rows(out, bias, lo, hi, clamp, n0, n1)
+
+
+# -- CSR weights ------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _csr_dot(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragma: no cover
+    batch = x.shape[0]
+    if batch == 1:
+        xv = x[0]
+        e = row_ptr[n0]
+        for n in range(n0, n1):
+            end = row_ptr[n + 1]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            while e + 3 < end:
+                a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+                a1 += xv[_U(cols[_U(e + 1)])] * codebook[symbols[_U(e + 1)]]
+                a2 += xv[_U(cols[_U(e + 2)])] * codebook[symbols[_U(e + 2)]]
+                a3 += xv[_U(cols[_U(e + 3)])] * codebook[symbols[_U(e + 3)]]
+                e += 4
+            while e < end:
+                a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+                e += 1
+            out[0, n] = _finish((a0 + a1) + (a2 + a3), bias, n, lo, hi, clamp)
+        return
+    xt = np.ascontiguousarray(x.T)
+    acc = np.empty(batch, np.float32)
+    for n in range(n0, n1):
+        for b in range(batch):
+            acc[b] = 0.0
+        for e in range(row_ptr[n], row_ptr[n + 1]):
+            c = codebook[symbols[_U(e)]]
+            col = _U(cols[_U(e)])
+            for b in range(batch):
+                acc[b] += c * xt[col, b]
+        for b in range(batch):
+            out[b, n] = _finish(acc[b], bias, n, lo, hi, clamp)
+
+
+@njit(cache=True, nogil=True)
+def csr_matmul_t(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  # pragma: no cover
+    """``out[b, n] = sum over kept (n, k) of x[b, k] * codebook[symbol]`` (CSR weight ``[N, K]``), then
+    the epilogue (see :func:`index_matmul_t`)."""
+    _csr_dot(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, 0, row_ptr.size - 1)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def csr_matmul_t_par(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  # pragma: no cover
+    parts = _PARTS
+    for t in prange(parts):
+        n0, n1 = _split(row_ptr.size - 1, parts, t)
+        _csr_dot(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, n0, n1)
+
+
+@njit(cache=True, nogil=True)
+def csr_matmul_t_bins(x, row_ptr, cols, symbols, codebook, out):  # pragma: no cover - compiled
+    """As :func:`csr_matmul_t`, by per-centroid sums of the activations (the paper's other way)."""
+    bins = np.zeros(codebook.size, np.float32)
+    for n in range(row_ptr.size - 1):
+        for b in range(x.shape[0]):
+            xv = x[b]
+            for c in range(bins.size):
+                bins[c] = 0.0
+            for e in range(row_ptr[n], row_ptr[n + 1]):
+                bins[symbols[_U(e)]] += xv[_U(cols[_U(e)])]
+            acc = np.float32(0.0)
+            for c in range(bins.size):
+                acc += bins[c] * codebook[c]
+            out[b, n] = acc
+
+
+@njit(inline="always")
+def _csr_scatter(x, row_ptr, cols, symbols, codebook, out, b, k0, k1):  # pragma: no cover - compiled
+    xv = x[b]
+    dst = out[b]
+    for k in range(k0, k1):
+        v = xv[k]
+        if v != 0.0:
+            for e in range(row_ptr[k], row_ptr[k + 1]):
+                dst[_U(cols[_U(e)])] += v * codebook[symbols[_U(e)]]
+
+
+@njit(cache=True, nogil=True)
+def csr_matmul(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  # pragma: no cover
+    """``out[b, c] = sum over kept (k, c) of x[b, k] * codebook[symbol]`` (CSR weight ``[K, N]``), then
+    the epilogue."""
+    out[:] = 0.0
+    for b in range(x.shape[0]):
+        _csr_scatter(x, row_ptr, cols, symbols, codebook, out, b, 0, row_ptr.size - 1)
+    _finish_rows(out, bias, lo, hi, clamp, 0, out.shape[1])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def csr_matmul_par(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  # pragma: no cover
+    """Rows of W split among the threads, each scattering into its own partial result, then summed."""
+    parts = _PARTS
+    rows = row_ptr.size - 1
+    partial = np.zeros((parts, x.shape[0], out.shape[1]), np.float32)
+    for t in prange(parts):
+        k0, k1 = _split(rows, parts, t)
+        for b in range(x.shape[0]):
+            _csr_scatter(x, row_ptr, cols, symbols, codebook, partial[t], b, k0, k1)
+    for b in range(x.shape[0]):
+        for c in range(out.shape[1]):
+            acc = np.float32(0.0)
+            for t in range(parts):
+                acc += partial[t, b, c]
+            out[b, c] = _finish(acc, bias, c, lo, hi, clamp)

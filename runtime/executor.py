@@ -21,7 +21,7 @@ from dcrt.errors import DcrtError, FormatError, InputError, UnsupportedOperatorE
 from dcrt.graph import Graph, Node
 
 from . import kernels
-from .ops import OPS, WEIGHT_INPUTS, supported
+from .ops import OPS, WEIGHT_INPUTS, nn, supported
 
 WeightSource = Callable[[str], Any]
 
@@ -201,6 +201,33 @@ class Executor:
             available.update(o for o in graph.nodes[i].outputs if o)
         return tuple(steps)
 
+    @staticmethod
+    def _fuse(steps: Tuple[_Step, ...], keep: Set[str]) -> Tuple[_Step, ...]:
+        """Merge a Relu/Clip into the Conv/Gemm/Add that produces its input when it is that value's
+        only reader and the value is not wanted (``ops.nn.fuse_clamp``): one pass, no extra array."""
+        readers: Dict[str, int] = {}
+        for step in steps:
+            for name in step.inputs:
+                if name:
+                    readers[name] = readers.get(name, 0) + 1
+        made_by = {name: i for i, step in enumerate(steps) for name in step.outputs if name}
+        merged: List[Optional[_Step]] = list(steps)
+        for j, act in enumerate(steps):
+            if act.node.op_type not in nn.CLAMPS or not act.inputs or not act.inputs[0]:
+                continue
+            value, extra = act.inputs[0], act.inputs[1:]
+            i = made_by.get(value)
+            if i is None or value in keep or readers[value] != 1 or merged[i] is None:
+                continue
+            prod = merged[i]
+            if len(prod.outputs) != 1 or any(n and made_by.get(n, -1) >= i for n in extra):
+                continue
+            fn = nn.fuse_clamp(prod.node.op_type, prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
+            if fn is not None:
+                merged[i] = _Step(prod.node, fn, prod.attrs, prod.inputs + extra, prod.raw, act.outputs)
+                merged[j] = None
+        return tuple(step for step in merged if step is not None)
+
     def _make_plan(self, outputs: Tuple[str, ...]) -> _Plan:
         """Keep the steps the outputs need; free each value right after its last reader."""
         for name in outputs:
@@ -209,7 +236,7 @@ class Executor:
                                  f"{', '.join(self.output_names)}")
         needed = set(outputs)
         kept = []
-        for step in reversed(self._steps):
+        for step in reversed(self._fuse(self._steps, needed)):
             if any(o in needed for o in step.outputs if o):
                 kept.append(step)
                 needed.update(n for n in step.inputs if n)
@@ -241,7 +268,8 @@ class Executor:
         """
         if weights is None:
             weights = self.graph.initializers.__getitem__
-        plan = self._default_plan if outputs is None else self._make_plan(tuple(outputs))
+        wanted = None if outputs is None else tuple(outputs)
+        plan = self._default_plan if wanted in (None, self._default_plan.outputs) else self._make_plan(wanted)
         env: Dict[str, Any] = dict(feeds)
         for name in self.input_names:
             if name not in env and name not in self.graph.initializers:

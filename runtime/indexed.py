@@ -4,62 +4,158 @@ Two forms, chosen per tensor by ``dcrt.memory.sparse_layout`` so that ``dcrt siz
 agree on the resident bytes:
 
 - :class:`IndexedWeight`: a codebook and one uint8/uint16 index per weight (pruned weights index a
-  zero centroid). A product is computed tile by tile: a block of rows is expanded from the codebook,
-  multiplied and dropped, so a dense float32 copy of the whole weight never exists.
+  zero centroid).
 - :class:`SparseWeight`: CSR over the 2-D view (rows = ``shape[0]``): row pointers, int32 column
-  indices and the codebook symbols of the kept weights. A small batch is multiplied entry by entry
-  with ``np.bincount``; a large one (a convolution's im2col matrix) by expanded row tiles.
+  indices and the codebook symbols of the kept weights.
+
+How a product is computed:
+
+- few rows of ``x`` (up to :data:`COMPILED_BATCH` for CSR, :data:`INDEX_BATCH` for dense indices,
+  which touch every weight): with numba, a compiled kernel reads the indices and the codebook directly (one dot product per output, float32
+  accumulation; see ``runtime/_numba_index.py``); its numpy twin is the tile path below (dense
+  indices) or ``np.bincount`` over blocks of kept weights (CSR).
+- many rows (an im2col matrix, a large batch): tile by tile. A block of rows of W is expanded from
+  the codebook into a small float32 buffer (numba ``expand``/``csr_expand``, or numpy ``take``),
+  multiplied with BLAS, and reused for the next tile. A tile holds at most :data:`TILE_BYTES` and a
+  quarter of the weight: a dense float32 copy of the whole weight never exists.
 
 Both support what the operators may do with a weight (see ``runtime/kernels.py``): ``shape``,
 ``ndim``, ``dtype``, leading-axis indexing, ``reshape(rows, -1)``, ``matmul``, ``matmul_t``,
-``take_rows`` and ``dense``.
+``lmatmul`` (``W @ x``, used by convolutions), ``take_rows``, ``dense``; and for the convolution
+kernels ``tile_rows``/``expand_rows`` (one tile, without the full expansion ``dense`` would make).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import numpy as np
 
-from .numba_kernels import LOCK, kernels
+from .numba_kernels import kernels, launch
 
-TILE_BYTES = 1 << 20        # largest tile expanded from the codebook at once
+TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (float32 bytes)
 TILE_FRACTION = 4           # ... and at most a quarter of the weight: never a dense copy of it
-SMALL_BATCH = 8             # up to this many rows of x, a sparse product goes entry by entry
-COMPILED_BATCH = 32         # up to this many rows of x, the numba kernels beat expanded tiles + BLAS
+SMALL_BATCH = 8             # numpy twin of a sparse product: up to this many rows, entry by entry
+COMPILED_BATCH = 32         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS
+INDEX_BATCH = 2             # ... and the dense-index kernels (every weight is read, not just the kept)
 ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
+TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
 
 
 def _tile_rows(rows: int, row_elems: int) -> int:
     """Rows per expanded tile: within TILE_BYTES and a 1/TILE_FRACTION share of the weight.
 
-    An element of a tile costs 12 bytes while it is built: numpy turns the uint8/uint16 indices into
-    an intp array (8 bytes) before gathering the float32 centroids (4 bytes).
+    An element costs 4 bytes when numba expands the tile; with numpy alone 12 while it is built
+    (``take`` turns the uint8/uint16 indices into intp first), so numpy's tiles are a third as big.
     """
     budget = min(TILE_BYTES, 4 * rows * row_elems // TILE_FRACTION)
-    return max(1, budget // max(1, 12 * row_elems))
+    return max(1, budget // max(1, (4 if kernels() is not None else 12) * row_elems))
 
 
-def _compiled(x: np.ndarray, inner: int):
-    """The numba kernels when they apply: float32 input with few rows (batch-like products)."""
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if x.dtype != np.float32 or rows > COMPILED_BATCH or x.shape[-1] != inner:
-        return None
-    return kernels()
+def _take_step(elements: int) -> int:
+    """Indices numpy's ``take`` turns into intp (8 bytes each) at once when it expands a tile of
+    ``elements``: at most 1/16 of them (1/8 of the tile's float32 bytes) and TAKE_BLOCK."""
+    return min(TAKE_BLOCK, max(1024, elements // 16))
 
 
-def _run(kernel, x: np.ndarray, n: int, *weight) -> np.ndarray:
-    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    out = np.empty((x2.shape[0], n), np.float32)
-    with LOCK:
-        kernel(x2, *weight, out)
+def _rows(x: np.ndarray) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _as2d(x: np.ndarray) -> np.ndarray:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.flags.c_contiguous else np.ascontiguousarray(x2)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def _epilogue_args(bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]):
+    """The kernels' epilogue arguments: bias (empty for none), lo, hi (Python floats), clamp flag."""
+    if clamp is None:
+        return (_NO_BIAS if bias is None else bias), -np.inf, np.inf, False
+    return (_NO_BIAS if bias is None else bias), float(clamp[0]), float(clamp[1]), True
+
+
+def finish(y: np.ndarray, bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    """numpy twin of the kernels' epilogue, in place on a fresh ``y``: ``+ bias``, then the clamp."""
+    if bias is not None:
+        y += bias
+    if clamp is not None:
+        lo, hi = clamp
+        if lo > -np.inf:
+            np.maximum(y, y.dtype.type(lo), out=y)
+        if hi < np.inf:
+            np.minimum(y, y.dtype.type(hi), out=y)
+    return y
+
+
+def _tiled_lmatmul(weight, x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """``W @ x`` (``x`` ``[K, P]`` or ``[B, K, P]``) by expanded tiles of W.
+
+    Tiles of rows give each output row once but make BLAS read (pack) all of ``x`` for every tile;
+    tiles of columns read each row of ``x`` once but add the partial products up. The cheaper one
+    (floats moved, roughly) is taken: columns for a weight that is wider than tall (a projection),
+    rows otherwise.
+    """
+    m, k = weight.shape
+    p = x.shape[-1]
+    if out is None:
+        out = np.empty(x.shape[:-2] + (m, p), np.result_type(x.dtype, np.float32))
+    step = weight.tile_rows()
+    tiles = -(-m // step)
+    if tiles > 1 and hasattr(weight, "expand_cols"):
+        kstep = weight.tile_cols()
+        ktiles = -(-k // kstep)
+        if k * p + 2 * (ktiles - 1) * m * p < tiles * k * p:
+            buf = np.empty((m, min(kstep, k)), np.float32)
+            for a in range(0, k, kstep):
+                b = min(k, a + kstep)
+                part = np.matmul(weight.expand_cols(a, b, buf[:, :b - a]), x[..., a:b, :],
+                                 out=out if a == 0 else None)
+                if a:
+                    out += part
+            return out
+    buf = np.empty((min(step, m), k), np.float32)
+    for a in range(0, m, step):
+        b = min(m, a + step)
+        np.matmul(weight.expand_rows(a, b, buf[:b - a]), x, out=out[..., a:b, :])
+    return out
+
+
+def _tiled_matmul_t(weight, x: np.ndarray) -> np.ndarray:
+    """``x @ W.T`` by expanded tiles of W's rows (output columns)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    out = np.empty((x2.shape[0], n), np.result_type(x.dtype, np.float32))
+    step = weight.tile_rows()
+    buf = np.empty((min(step, n), k), np.float32)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        np.matmul(x2, weight.expand_rows(a, b, buf[:b - a]).T, out=out[:, a:b])
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def _tiled_matmul(weight, x: np.ndarray) -> np.ndarray:
+    """``x @ W`` by expanded tiles of W's rows (the contraction), accumulated."""
+    k, n = weight.shape
+    x2 = x.reshape(-1, k)
+    out = np.zeros((x2.shape[0], n), np.result_type(x.dtype, np.float32))
+    step = weight.tile_rows()
+    buf = np.empty((min(step, k), n), np.float32)
+    for a in range(0, k, step):
+        b = min(k, a + step)
+        out += x2[:, a:b] @ weight.expand_rows(a, b, buf[:b - a])
     return out.reshape(x.shape[:-1] + (n,))
 
 
 class IndexedWeight:
     """``codebook[indices]`` without expanding it: ``indices`` has the weight's shape."""
 
+    fused_epilogue = True       # matmul/matmul_t take bias= and clamp= (see kernels.matmul_t)
+
     def __init__(self, codebook: np.ndarray, indices: np.ndarray):
-        self.codebook = np.asarray(codebook, dtype=np.float32)
+        self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.indices = indices
 
     shape = property(lambda self: self.indices.shape)
@@ -79,29 +175,78 @@ class IndexedWeight:
     def take_rows(self, idx: np.ndarray) -> np.ndarray:
         return self.codebook[np.take(self.indices, idx, axis=0)]
 
-    def matmul_t(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W.T`` for a 2-D weight ``[N, K]``, one tile of output columns at a time."""
-        n, k = self.indices.shape
-        compiled = _compiled(x, self.indices.shape[1])
-        if compiled is not None:
-            return _run(compiled.index_matmul_t, x, n, self.indices, self.codebook)
-        out = np.empty(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
-        step = _tile_rows(n, k)
-        for a in range(0, n, step):
-            out[..., a:a + step] = x @ self.codebook[self.indices[a:a + step]].T
+    # -- tiles ---------------------------------------------------------------------------------
+    def tile_rows(self) -> int:
+        """Rows of the 2-D view expanded at once by the tiled products."""
+        rows = self.indices.shape[0]
+        return _tile_rows(rows, self.indices.size // max(1, rows))
+
+    def expand_rows(self, a: int, b: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``[a, b)`` of the 2-D view as float32 (into ``out`` when given): one tile."""
+        idx = self.indices[a:b].reshape(b - a, -1)
+        if out is None:
+            out = np.empty(idx.shape, np.float32)
+        k = kernels()
+        if k is not None and idx.flags.c_contiguous:
+            launch(k, "expand", idx.size, idx, self.codebook, out)
+            return out
+        flat_idx, flat_out = idx.reshape(-1), out.reshape(-1)
+        step = _take_step(flat_idx.size)
+        for s in range(0, flat_idx.size, step):
+            np.take(self.codebook, flat_idx[s:s + step], out=flat_out[s:s + step])
         return out
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W`` for a 2-D weight ``[K, N]``, accumulating one tile of the contraction at a time."""
-        k, n = self.indices.shape
-        compiled = _compiled(x, k)
-        if compiled is not None:
-            return _run(compiled.index_matmul, x, n, self.indices, self.codebook)
-        out = np.zeros(x.shape[:-1] + (n,), dtype=np.result_type(x.dtype, np.float32))
-        step = _tile_rows(k, n)
-        for a in range(0, k, step):
-            out += x[..., a:a + step] @ self.codebook[self.indices[a:a + step]]
+    def tile_cols(self) -> int:
+        """Columns of a 2-D weight expanded at once (the same budget as :meth:`tile_rows`)."""
+        rows, cols = self.indices.shape
+        return max(1, _tile_rows(rows, cols) * cols // rows)
+
+    def expand_cols(self, a: int, b: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Columns ``[a, b)`` of a 2-D weight as float32 (into ``out`` when given): one tile."""
+        idx = self.indices[:, a:b]
+        if out is None:
+            out = np.empty(idx.shape, np.float32)
+        k = kernels()
+        if k is not None:
+            launch(k, "expand", idx.size, idx, self.codebook, out)
+            return out
+        step = max(1, _take_step(idx.size) // max(1, b - a))
+        for r in range(0, idx.shape[0], step):
+            np.take(self.codebook, idx[r:r + step], out=out[r:r + step])
         return out
+
+    # -- products ------------------------------------------------------------------------------
+    def matmul_t(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+                 clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W.T`` for a 2-D weight ``[N, K]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
+        n, k = self.indices.shape
+        rows = _rows(x)
+        if rows <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
+            kern = kernels()
+            if kern is not None:
+                out = np.empty((rows, n), np.float32)
+                launch(kern, "index_matmul_t", rows * n * k, _as2d(x), self.indices, self.codebook,
+                       *_epilogue_args(bias, clamp), out)
+                return out.reshape(x.shape[:-1] + (n,))
+        return finish(_tiled_matmul_t(self, x), bias, clamp)
+
+    def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+               clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W`` for a 2-D weight ``[K, N]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
+        k, n = self.indices.shape
+        rows = _rows(x)
+        if rows <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
+            kern = kernels()
+            if kern is not None:
+                out = np.empty((rows, n), np.float32)
+                launch(kern, "index_matmul", rows * n * k, _as2d(x), self.indices, self.codebook,
+                       *_epilogue_args(bias, clamp), out)
+                return out.reshape(x.shape[:-1] + (n,))
+        return finish(_tiled_matmul(self, x), bias, clamp)
+
+    def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``W @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]`` (into ``out``)."""
+        return _tiled_lmatmul(self, x, out)
 
 
 class SparseWeight:
@@ -111,6 +256,8 @@ class SparseWeight:
     ``symbols`` (uint8/uint16, >= 1) of the kept weights; a view over rows ``[r0, r1)`` and a
     reshape of the trailing axes keep these arrays and only change how they are read.
     """
+
+    fused_epilogue = True       # matmul/matmul_t take bias= and clamp= (see kernels.matmul_t)
 
     def __init__(self, codebook: np.ndarray, row_ptr: np.ndarray, cols: np.ndarray, symbols: np.ndarray,
                  shape: Tuple[int, ...]):
@@ -125,13 +272,24 @@ class SparseWeight:
 
     @classmethod
     def from_csc(cls, codebook, col_ptr, rows_idx, symbols, shape) -> "SparseWeight":
-        """Build from the file's CSC (column pointers, row indices, symbols) over the 2-D view."""
+        """Build from the file's CSC (column pointers, row indices, symbols) over the 2-D view.
+
+        CSC is column-major: the entries are regrouped by row, with numba by a counting sort into the
+        final arrays (``csc_to_csr``), else by a stable argsort (its numpy twin, with int64 and int32
+        temporaries of the entries' count: a larger peak while opening).
+        """
         rows = int(shape[0])
-        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr))
-        order = np.argsort(rows_idx, kind="stable")     # CSC is column-major: regroup by row
+        symbols = np.asarray(symbols)
         row_ptr = np.zeros(rows + 1, np.int64)
         np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
-        return cls(codebook, row_ptr, col_of[order], np.asarray(symbols)[order], shape)
+        k = kernels()
+        if k is not None:
+            cols, syms = np.empty(len(rows_idx), np.int32), np.empty_like(symbols)
+            k.csc_to_csr(np.asarray(col_ptr, np.int64), np.asarray(rows_idx), symbols, row_ptr, cols, syms)
+            return cls(codebook, row_ptr, cols, syms, shape)
+        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr))
+        order = np.argsort(rows_idx, kind="stable")
+        return cls(codebook, row_ptr, col_of[order], symbols[order], shape)
 
     def _view(self, row_ptr, shape) -> "SparseWeight":
         view = SparseWeight.__new__(SparseWeight)
@@ -152,7 +310,7 @@ class SparseWeight:
         if self.ndim < 3:
             raise IndexError("integer indexing of a sparse weight needs 3 or more axes")
         inner = self.shape[1:]
-        width = int(np.prod(inner[1:], dtype=np.int64))
+        width = math.prod(inner[1:])
         lo, hi = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
         new_rows, new_cols = np.divmod(self.cols[lo:hi], width)   # columns ascend, so rows do too
         row_ptr = np.zeros(inner[0] + 1, np.int64)
@@ -162,10 +320,18 @@ class SparseWeight:
 
     def reshape(self, *shape) -> "SparseWeight":
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
-        total = int(np.prod(self.shape[1:], dtype=np.int64))
+        total = math.prod(self.shape[1:])
         if shape[0] != self.shape[0] or (len(shape) == 2 and shape[1] not in (-1, total)):
             raise ValueError(f"a sparse weight reshapes only its trailing axes, not {self.shape} -> {shape}")
         return self._view(self.row_ptr, (self.shape[0], total))
+
+    @property
+    def nnz(self) -> int:
+        """Kept weights in this view."""
+        nnz = self.__dict__.get("_nnz")
+        if nnz is None:
+            nnz = self._nnz = int(self.row_ptr[-1] - self.row_ptr[0])
+        return nnz
 
     def _entry_blocks(self):
         """``(rows, cols, values)`` of the kept weights, ENTRY_BLOCK entries at a time (bounded temporaries)."""
@@ -175,60 +341,81 @@ class SparseWeight:
             rows = np.searchsorted(self.row_ptr, np.arange(a, b), side="right") - 1
             yield rows, self.cols[a:b], self.codebook[self.symbols[a:b]]
 
-    def _tile(self, a: int, b: int) -> np.ndarray:
-        """Rows ``[a, b)`` expanded to dense float32 (a small temporary)."""
-        width = int(np.prod(self.shape[1:], dtype=np.int64))
-        tile = np.zeros((b - a, width), np.float32)
+    # -- tiles ---------------------------------------------------------------------------------
+    def tile_rows(self) -> int:
+        """Rows of the 2-D view expanded at once by the tiled products."""
+        return _tile_rows(self.shape[0], math.prod(self.shape[1:]))
+
+    def expand_rows(self, a: int, b: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``[a, b)`` expanded to dense float32 (into ``out`` when given): one tile."""
+        width = math.prod(self.shape[1:])
+        if out is None:
+            out = np.empty((b - a, width), np.float32)
+        k = kernels()
+        if k is not None:
+            launch(k, "csr_expand", (b - a) * width, self.row_ptr[a:b + 1], self.cols, self.symbols,
+                   self.codebook, out)
+            return out
+        out[...] = 0
         lo, hi = int(self.row_ptr[a]), int(self.row_ptr[b])
         rows = np.repeat(np.arange(b - a), np.diff(self.row_ptr[a:b + 1]))
-        tile[rows, self.cols[lo:hi]] = self.codebook[self.symbols[lo:hi]]
-        return tile
+        out[rows, self.cols[lo:hi]] = self.codebook[self.symbols[lo:hi]]
+        return out
 
     def dense(self) -> np.ndarray:
-        return self._tile(0, self.shape[0]).reshape(self.shape)
+        return self.expand_rows(0, self.shape[0]).reshape(self.shape)
 
     def take_rows(self, idx: np.ndarray) -> np.ndarray:
         flat = np.asarray(idx).ravel()
-        out = np.stack([self._tile(int(i), int(i) + 1)[0] for i in flat]) if flat.size else \
+        out = np.stack([self.expand_rows(int(i), int(i) + 1)[0] for i in flat]) if flat.size else \
             np.zeros((0,) + self.shape[1:], np.float32)
         return out.reshape(np.shape(idx) + self.shape[1:])
 
-    def matmul_t(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W.T`` for a 2-D weight ``[N, K]``."""
+    # -- products ------------------------------------------------------------------------------
+    def matmul_t(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+                 clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W.T`` for a 2-D weight ``[N, K]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
         n = self.shape[0]
-        compiled = _compiled(x, self.shape[1])
-        if compiled is not None:
-            return _run(compiled.csr_matmul_t, x, n, self.row_ptr, self.cols, self.symbols, self.codebook)
+        rows = _rows(x)
+        if rows <= COMPILED_BATCH and x.dtype == np.float32:
+            kern = kernels()
+            if kern is not None:
+                out = np.empty((rows, n), np.float32)
+                launch(kern, "csr_matmul_t", rows * self.nnz, _as2d(x), self.row_ptr, self.cols, self.symbols,
+                       self.codebook, *_epilogue_args(bias, clamp), out)
+                return out.reshape(x.shape[:-1] + (n,))
+        if rows > SMALL_BATCH:
+            return finish(_tiled_matmul_t(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= SMALL_BATCH:
-            out = np.zeros((x2.shape[0], n))
-            for rows, cols, vals in self._entry_blocks():
-                for i, xi in enumerate(x2):
-                    out[i] += np.bincount(rows, weights=xi[cols] * vals, minlength=n)
-        else:
-            out = np.empty((x2.shape[0], n), np.float32)
-            step = _tile_rows(n, self.shape[1])
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                out[:, a:b] = x2 @ self._tile(a, b).T
-        return out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
+        out = np.zeros((x2.shape[0], n))
+        for r, cols, vals in self._entry_blocks():
+            for i, xi in enumerate(x2):
+                out[i] += np.bincount(r, weights=xi[cols] * vals, minlength=n)
+        out = out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
+        return finish(out, bias, clamp)
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W`` for a 2-D weight ``[K, N]``."""
+    def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+               clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W`` for a 2-D weight ``[K, N]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
         k, n = self.shape
-        compiled = _compiled(x, k)
-        if compiled is not None:
-            return _run(compiled.csr_matmul, x, n, self.row_ptr, self.cols, self.symbols, self.codebook)
+        rows = _rows(x)
+        if rows <= COMPILED_BATCH and x.dtype == np.float32:
+            kern = kernels()
+            if kern is not None:
+                out = np.empty((rows, n), np.float32)
+                launch(kern, "csr_matmul", rows * self.nnz, _as2d(x), self.row_ptr, self.cols, self.symbols,
+                       self.codebook, *_epilogue_args(bias, clamp), out)
+                return out.reshape(x.shape[:-1] + (n,))
+        if rows > SMALL_BATCH:
+            return finish(_tiled_matmul(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= SMALL_BATCH:
-            out = np.zeros((x2.shape[0], n))
-            for rows, cols, vals in self._entry_blocks():
-                for i, xi in enumerate(x2):
-                    out[i] += np.bincount(cols, weights=xi[rows] * vals, minlength=n)
-        else:
-            out = np.zeros((x2.shape[0], n), np.float32)
-            step = _tile_rows(k, n)
-            for a in range(0, k, step):
-                b = min(k, a + step)
-                out += x2[:, a:b] @ self._tile(a, b)
-        return out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
+        out = np.zeros((x2.shape[0], n))
+        for r, cols, vals in self._entry_blocks():
+            for i, xi in enumerate(x2):
+                out[i] += np.bincount(cols, weights=xi[r] * vals, minlength=n)
+        out = out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
+        return finish(out, bias, clamp)
+
+    def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``W @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]`` (into ``out``)."""
+        return _tiled_lmatmul(self, x, out)

@@ -7,23 +7,34 @@ the weight's ``shape``/``ndim``/``dtype``, leading-axis indexing (``w[i]``, ``w[
 ``w.reshape(rows, -1)`` (which merges the trailing axes), and the functions below:
 
 * ``matmul(x, w)``   = ``x @ w``   for a 2-D weight ``[K, N]`` (``x`` may be N-D: its last axis is
-  contracted)
+  contracted); optionally ``+ bias`` and a clamp in the same call (a Gemm's bias and fused Relu)
 * ``matmul_t(x, w)`` = ``x @ w.T`` for a 2-D weight ``[N, K]``
+* ``lmatmul(w, x)``  = ``w @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]``
 * ``take_rows(w, idx)`` = ``w[idx]`` (embedding lookup along axis 0)
 * ``dense(w)``       = the weight as a float ``np.ndarray`` (fallback for anything else)
 
 Here they are written for ``np.ndarray`` weights; a weight of another kind is handed to its own
-method of the same name when it has one (``w.matmul(x)``, ``w.matmul_t(x)``, ``w.take_rows(idx)``,
-``w.dense()``), else expanded with ``dense``. ``conv`` and ``conv_transpose`` are built on
-``matmul_t``/``matmul`` (im2col / col2im), so they work for any weight kind.
+method of the same name when it has one (``w.matmul(x)``, ``w.matmul_t(x)``, ``w.lmatmul(x)``,
+``w.take_rows(idx)``, ``w.dense()``), else expanded with ``dense`` (``lmatmul`` falls back to
+``matmul_t``). ``conv`` and ``conv_transpose`` are built on ``lmatmul``/``matmul`` (im2col /
+col2im), so they work for any weight kind; a weight that can expand one tile of rows at a time
+(``tile_rows``/``expand_rows``, as the index-mode weights do) lets ``conv`` choose whether to expand
+each tile once per call or build each im2col block once.
+
+With numba (``runtime/numba_kernels.py``) the 1-D/2-D im2col, the depthwise convolution and the
+bias + clamp epilogue are compiled kernels; their numpy twins here (``_im2col_numpy``,
+``_depthwise_numpy``, ``_bias_clamp_numpy``) run with ``DCRT_NO_NUMBA=1`` or without numba.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Any, List, Sequence, Tuple
+import math
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from .numba_kernels import kernels, launch
 
 Weight = Any  # np.ndarray or an indexed weight
 
@@ -40,20 +51,49 @@ def dense(w: Weight) -> np.ndarray:
     return expand() if expand is not None else np.asarray(w)
 
 
-def matmul(x: np.ndarray, w: Weight) -> np.ndarray:
-    """``x @ w`` for a 2-D weight ``w`` of shape ``[K, N]``; ``x`` is ``[..., K]``."""
+def _finish(y: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> np.ndarray:
+    """``y + bias`` then clamped, in place on a fresh product ``y``."""
+    if bias is not None:
+        y += bias
+    if clamp is not None:
+        _clamp_in_place(y, clamp)
+    return y
+
+
+def _clamp_in_place(y: np.ndarray, clamp: Tuple[float, float]) -> None:
+    """``np.clip`` in place, one bound at a time (a Relu has no upper bound; np.clip is slower)."""
+    lo, hi = clamp
+    if lo > -np.inf:
+        np.maximum(y, y.dtype.type(lo), out=y)
+    if hi < np.inf:
+        np.minimum(y, y.dtype.type(hi), out=y)
+
+
+def matmul(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
+           clamp: "Tuple[float, float] | None" = None) -> np.ndarray:
+    """``x @ w`` for a 2-D weight ``w`` of shape ``[K, N]``; ``x`` is ``[..., K]``.
+
+    ``bias`` (``[N]``, of the result's dtype) is added and ``clamp=(lo, hi)`` applied in the same
+    call: inside the compiled kernel for an index-mode weight, in place otherwise.
+    """
     if isinstance(w, np.ndarray):
-        return np.matmul(x, w)
+        return _finish(np.matmul(x, w), bias, clamp)
     own = getattr(w, "matmul", None)
-    return own(x) if own is not None else np.matmul(x, dense(w))
+    if own is not None and getattr(w, "fused_epilogue", False):
+        return own(x, bias, clamp)
+    return _finish(own(x) if own is not None else np.matmul(x, dense(w)), bias, clamp)
 
 
-def matmul_t(x: np.ndarray, w: Weight) -> np.ndarray:
-    """``x @ w.T`` for a 2-D weight ``w`` of shape ``[N, K]``; ``x`` is ``[..., K]``."""
+def matmul_t(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
+             clamp: "Tuple[float, float] | None" = None) -> np.ndarray:
+    """``x @ w.T`` for a 2-D weight ``w`` of shape ``[N, K]``; ``x`` is ``[..., K]``; epilogue as
+    :func:`matmul`."""
     if isinstance(w, np.ndarray):
-        return np.matmul(x, w.T)
+        return _finish(np.matmul(x, w.T), bias, clamp)
     own = getattr(w, "matmul_t", None)
-    return own(x) if own is not None else np.matmul(x, dense(w).T)
+    if own is not None and getattr(w, "fused_epilogue", False):
+        return own(x, bias, clamp)
+    return _finish(own(x) if own is not None else np.matmul(x, dense(w).T), bias, clamp)
 
 
 def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
@@ -66,6 +106,24 @@ def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Convolution
+
+
+def lmatmul(w: Weight, x: np.ndarray, out: "np.ndarray | None" = None) -> np.ndarray:
+    """``w @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]``, into ``out`` if given.
+
+    A convolution's output is ``W @ im2col`` in NCHW order directly; a weight without its own
+    ``lmatmul`` goes through ``matmul_t`` (``(x.T @ w.T).T``).
+    """
+    if isinstance(w, np.ndarray):
+        return np.matmul(w, x, out=out)
+    own = getattr(w, "lmatmul", None)
+    if own is not None:
+        return own(x, out=out)
+    if out is None:
+        out = np.empty(x.shape[:-2] + (int(w.shape[0]), x.shape[-1]), np.result_type(x.dtype, w.dtype))
+    for i in np.ndindex(*x.shape[:-2]):
+        out[i] = matmul_t(x[i].T, w).T
+    return out
 
 
 def _blocks(batch: int, rows: int, row_bytes: int) -> List[Tuple[int, int, int, int]]:
@@ -82,6 +140,54 @@ def _blocks(batch: int, rows: int, row_bytes: int) -> List[Tuple[int, int, int, 
     return [(n, n + 1, r, min(rows, r + step)) for n in range(batch) for r in range(0, rows, step)]
 
 
+class _ConvShape(NamedTuple):
+    """Everything about a convolution that follows from the shapes and attributes (cached)."""
+
+    kernel: Tuple[int, ...]      # 1-D convolutions are lifted to 2-D (height 1) on the numba path
+    strides: List[int]
+    dilations: List[int]
+    pads: List[int]
+    out: Tuple[int, ...]
+    cin: int
+    cout: int
+    kprod: int
+    inner: int                   # output positions per first-axis output row
+    direct: bool                 # 1x1, unit strides, no padding: x itself is the im2col matrix
+    blocks: List[Tuple[int, int, int, int]]
+    geometry: Tuple[int, ...]    # for the numba kernels: strides, dilations, begin pads, out width
+    lifted: bool
+
+
+_SHAPES: Dict[Any, _ConvShape] = {}
+
+
+def _conv_shape(key, x_shape, w_shape, strides, dilations, pads, group, compiled, itemsize) -> _ConvShape:
+    dims = len(x_shape) - 2
+    kernel = tuple(int(k) for k in w_shape[2:])
+    strides, dilations, pads = [int(s) for s in strides], [int(d) for d in dilations], [int(p) for p in pads]
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    padded = tuple(s + pads[i] + pads[i + dims] for i, s in enumerate(x_shape[2:]))
+    out = tuple((s - e) // st + 1 for s, e, st in zip(padded, extent, strides))
+    if min(out, default=1) <= 0:
+        raise ValueError(f"Conv: kernel {kernel} does not fit the padded input {padded}")
+    lifted = compiled and dims == 1
+    if lifted:   # a 1-D convolution is a 2-D one of height 1
+        kernel, strides, dilations, out = (1,) + kernel, [1] + strides, [1] + dilations, (1,) + out
+        pads = [0, pads[0], 0, pads[1]]
+    cin, cout = int(x_shape[1]) // group, int(w_shape[0]) // group
+    kprod, inner = math.prod(kernel), math.prod(out[1:])
+    direct = kprod == 1 and all(s == 1 for s in strides) and not any(pads)
+    blocks = [(0, x_shape[0], 0, out[0])] if direct else _blocks(x_shape[0], out[0], inner * cin * kprod * itemsize)
+    geometry = ((strides[0], strides[1], dilations[0], dilations[1], pads[0], pads[1], out[1])
+                if len(kernel) == 2 else ())
+    shape = _ConvShape(kernel, strides, dilations, pads, out, cin, cout, kprod, inner, direct, blocks,
+                       geometry, lifted)
+    if len(_SHAPES) > 4096:
+        _SHAPES.clear()
+    _SHAPES[key] = shape
+    return shape
+
+
 def conv(
     x: np.ndarray,
     w: Weight,
@@ -90,79 +196,203 @@ def conv(
     dilations: Sequence[int],
     pads: Sequence[int],
     group: int,
+    clamp: "Tuple[float, float] | None" = None,
 ) -> np.ndarray:
     """N-D convolution (ONNX ``Conv``) of ``x [N, C, *spatial]`` with ``w [M, C/group, *kernel]``.
 
-    ``pads`` is ``[begin..., end...]`` (already resolved from ``auto_pad``). Each group is an im2col
-    matrix ``[N*out, C/group*k]`` times the group's rows of ``w.reshape(M, -1)`` through
-    ``matmul_t``; depthwise convolutions (one input channel per group) take a direct path instead.
+    ``pads`` is ``[begin..., end...]`` (already resolved from ``auto_pad``); ``clamp=(lo, hi)``
+    clamps the result (a fused Relu or Clip). Each group is ``W_g @ cols`` where ``cols`` is the
+    im2col matrix ``[C/group*k, positions]`` of a block of samples or output rows (``lmatmul``), so
+    the result comes out in NCHW order; a 1x1 convolution with unit strides and no padding reads
+    ``x`` itself as ``cols``. Depthwise convolutions (one input channel per group) take a direct
+    path instead. With numba, 1-D and 2-D convolutions build ``cols`` (and run the depthwise case)
+    with compiled kernels that read the unpadded input. What follows from the shapes alone is
+    computed once per shape (``_conv_shape``).
     """
-    dims = x.ndim - 2
-    kernel = tuple(int(k) for k in w.shape[2:])
-    batch, channels = x.shape[:2]
-    out_channels = int(w.shape[0])
-    if any(pads):
-        x = np.pad(x, [(0, 0), (0, 0)] + [(int(pads[i]), int(pads[i + dims])) for i in range(dims)])
-    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    out = tuple((s - e) // st + 1 for s, e, st in zip(x.shape[2:], extent, strides))
-    if min(out, default=1) <= 0:
-        raise ValueError(f"Conv: kernel {kernel} does not fit the padded input {x.shape[2:]}")
-    dtype = np.result_type(x.dtype, w.dtype)
-    cin, cout = channels // group, out_channels // group
-
-    if cin == 1 and group > 1:
-        y = _depthwise(x, dense(w), kernel, strides, dilations, out, group)
+    dtype = x.dtype if x.dtype == w.dtype else np.result_type(x.dtype, w.dtype)
+    k = kernels() if dtype == np.float32 and x.ndim in (3, 4) else None
+    key = (x.shape, w.shape, tuple(strides), tuple(dilations), tuple(pads), group, k is not None, x.itemsize,
+           IM2COL_BLOCK_BYTES)
+    shape = _SHAPES.get(key) or _conv_shape(key, x.shape, w.shape, strides, dilations, pads, group, k is not None,
+                                            x.itemsize)
+    if k is not None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if shape.lifted:
+            x = x[:, :, None, :]
+    if shape.cin == 1 and group > 1:
+        y = _depthwise(k, x, w, bias, shape, group, clamp)
     else:
-        win = sliding_window_view(x, extent, axis=tuple(range(2, 2 + dims)))
-        # [N, C, *positions, *extent] -> strided positions, dilated taps: [N, C, *out, *kernel]
-        win = win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
-                  + tuple(slice(None, None, d) for d in dilations)]
-        y = np.empty((batch, out_channels) + out, dtype=dtype)
-        kprod = int(np.prod(kernel, dtype=np.int64))
-        inner = int(np.prod(out[1:], dtype=np.int64))
-        row_bytes = inner * cin * kprod * x.itemsize
-        # [N, C, *out, *kernel] -> [C, *kernel, N, *out]: a copy in this order is ~10x faster than
-        # with the channels last, and cols.T is the [positions, C*k] im2col matrix BLAS reads
-        # transposed for free
-        order = (1,) + tuple(range(2 + dims, 2 + 2 * dims)) + (0,) + tuple(range(2, 2 + dims))
-        for g in range(group):
-            wg = w[g * cout:(g + 1) * cout].reshape(cout, -1)
-            for n0, n1, r0, r1 in _blocks(batch, out[0], row_bytes):
-                block = win[n0:n1, g * cin:(g + 1) * cin, r0:r1].transpose(order)
-                cols = block.reshape(cin * kprod, -1)
-                res = matmul_t(cols.T, wg)  # [positions, cout]
-                res = res.reshape(n1 - n0, -1, cout).transpose(0, 2, 1)
-                y[n0:n1, g * cout:(g + 1) * cout, r0:r1] = res.reshape((n1 - n0, cout, r1 - r0) + out[1:])
-    if bias is not None:
-        y += np.asarray(bias).reshape((1, -1) + (1,) * dims)
+        y = _conv_im2col(k, x, w, bias, shape, group, clamp, dtype)
+    return y.reshape(y.shape[:2] + y.shape[3:]) if shape.lifted else y
+
+
+def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.ndarray:
+    """The im2col path of :func:`conv` (every convolution but depthwise).
+
+    The im2col matrix of a block is ``[C/group*k, samples * positions]``: one 2-D product per block
+    and weight tile, which BLAS runs (and threads) far better than a stack of per-sample products;
+    with several samples the result is moved to NCHW afterwards.
+    """
+    kernel, out, cin, cout, kprod, inner = shape.kernel, shape.out, shape.cin, shape.cout, shape.kprod, shape.inner
+    batch, dims = x.shape[0], len(kernel)
+    y = np.empty((batch, cout * group) + out, dtype=dtype)
+    y3 = y.reshape(batch, cout * group, -1)
+    blocks, direct = shape.blocks, shape.direct
+    if direct and group == 1 and batch == 1:    # pointwise: x itself is the im2col matrix
+        lmatmul(w.reshape(cout, -1), x.reshape(cin, -1), out=y3[0])
+        _bias_clamp(k, y3, bias, clamp)
+        return y
+    xp = None
+    if not direct and k is None:
+        pads = shape.pads
+        xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]) if any(pads) else x
+
+    def cols_of(g: int, n0: int, n1: int, r0: int, r1: int) -> np.ndarray:
+        """``[cin * k, (n1 - n0) * positions]`` of samples n0..n1, output rows r0..r1."""
+        if direct:
+            block = x[n0:n1, g * cin:(g + 1) * cin].reshape(n1 - n0, cin, -1)
+            return block[0] if n1 - n0 == 1 else np.ascontiguousarray(block.transpose(1, 0, 2)).reshape(cin, -1)
+        if k is not None:
+            cols = np.empty((cin * kprod, n1 - n0, (r1 - r0) * inner), np.float32)
+            launch(k, "im2col2d", cols.size, x, n0, g * cin, kernel[0], kernel[1], shape.geometry, r0, cols)
+            return cols.reshape(cin * kprod, -1)
+        return _im2col_numpy(xp, n0, n1, g * cin, cin, kernel, shape.strides, shape.dilations, out, r0, r1)
+
+    def product(weight, cols: np.ndarray, yg: np.ndarray, n0: int, n1: int, r0: int, r1: int, a: int, b: int) -> None:
+        """``weight @ cols`` into output channels a..b of ``yg`` for the block (NCHW)."""
+        target = yg[n0:n1, a:b, r0 * inner:r1 * inner]
+        if n1 - n0 == 1:
+            multiply(weight, cols, target[0])
+        else:
+            target[...] = multiply(weight, cols, None).reshape(b - a, n1 - n0, -1).transpose(1, 0, 2)
+
+    for g in range(group):
+        wg = (w if group == 1 else w[g * cout:(g + 1) * cout]).reshape(cout, -1)
+        yg = y3 if group == 1 else y3[:, g * cout:(g + 1) * cout]
+        tiled = len(blocks) > 1 and not isinstance(wg, np.ndarray) and hasattr(wg, "expand_rows")
+        if tiled:
+            step = wg.tile_rows()
+            tiles = -(-cout // step)
+            # expanding every tile once per block, or building every im2col block once per tile:
+            # whichever writes fewer floats
+            tiled = tiles > 1 and len(blocks) * cout > tiles * batch * out[0] * inner
+        if tiled:
+            buf = np.empty((min(step, cout), cin * kprod), np.float32)
+            multiply = _matmul_into
+            for a in range(0, cout, step):
+                b = min(cout, a + step)
+                tile = wg.expand_rows(a, b, buf[:b - a])
+                for n0, n1, r0, r1 in blocks:
+                    product(tile, cols_of(g, n0, n1, r0, r1), yg, n0, n1, r0, r1, a, b)
+            continue
+        multiply = lmatmul
+        for n0, n1, r0, r1 in blocks:
+            product(wg, cols_of(g, n0, n1, r0, r1), yg, n0, n1, r0, r1, 0, cout)
+    _bias_clamp(k, y3, bias, clamp)
     return y
 
 
-def _depthwise(
-    x: np.ndarray,
-    w: np.ndarray,
-    kernel: Tuple[int, ...],
-    strides: Sequence[int],
-    dilations: Sequence[int],
-    out: Tuple[int, ...],
-    group: int,
-) -> np.ndarray:
-    """Depthwise convolution: one multiply-accumulate over the whole map per kernel tap.
+def _matmul_into(a: np.ndarray, b: np.ndarray, out: "np.ndarray | None") -> np.ndarray:
+    return np.matmul(a, b, out=out)
 
-    The weight is tiny (``M * k`` values), so it is used dense; the loop runs over the ``k`` taps,
-    never over channels.
+
+def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> None:
+    """In place on ``y3 [N, M, P]``: add the per-channel bias, then clamp (one pass with numba)."""
+    if bias is None and clamp is None:
+        return
+    if k is not None and y3.dtype == np.float32:
+        b = _NO_BIAS if bias is None else bias if _is_vector32(bias) else np.ascontiguousarray(bias, np.float32).ravel()
+        lo, hi = clamp if clamp is not None else _NO_CLAMP
+        launch(k, "bias_clamp", y3.size, y3, b, np.float32(lo), np.float32(hi), clamp is not None)
+        return
+    _bias_clamp_numpy(y3, bias, clamp)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+_NO_CLAMP = (-np.inf, np.inf)
+
+
+def _is_vector32(a: Any) -> bool:
+    """A C-contiguous 1-D float32 array (what the kernels take for a bias, as it is)."""
+    return isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1 and a.flags.c_contiguous
+
+
+def _bias_clamp_numpy(y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> None:
+    """numpy twin of the ``bias_clamp`` kernel."""
+    if bias is not None:
+        y3 += np.asarray(bias).reshape(1, -1, 1)
+    if clamp is not None:
+        _clamp_in_place(y3, clamp)
+
+
+def _im2col_numpy(xp: np.ndarray, n0: int, n1: int, c0: int, cin: int, kernel: Sequence[int],
+                  strides: Sequence[int], dilations: Sequence[int], out: Sequence[int], r0: int,
+                  r1: int) -> np.ndarray:
+    """numpy twin of ``im2col2d`` (any number of spatial axes): ``[cin*k, nb*rows*inner]`` from the
+    padded input ``xp``."""
+    dims = len(kernel)
+    extent = [(kk - 1) * d + 1 for kk, d in zip(kernel, dilations)]
+    win = sliding_window_view(xp[n0:n1, c0:c0 + cin], extent, axis=tuple(range(2, 2 + dims)))
+    # [n, c, *positions, *extent] -> strided positions, dilated taps: [n, c, *out, *kernel]
+    win = win[(slice(None),) * 2 + tuple(slice(None, (o - 1) * s + 1, s) for o, s in zip(out, strides))
+              + tuple(slice(None, None, d) for d in dilations)]
+    win = win[:, :, r0:r1]
+    # [n, c, *out, *kernel] -> [c, *kernel, n, *out]: a copy in this order reads rows of x
+    order = (1,) + tuple(range(2 + dims, 2 + 2 * dims)) + (0,) + tuple(range(2, 2 + dims))
+    return np.ascontiguousarray(win.transpose(order)).reshape(cin * math.prod(kernel), -1)
+
+
+def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
+    """Depthwise convolution (one input channel per group, ``mult`` output channels each).
+
+    The taps are used as float32: an array weight as it is; an indexed weight a tile of channels at
+    a time (``expand_rows``: at most a quarter of the weight); any other weight kind is expanded
+    once with ``dense`` (the weight is tiny: ``M * k`` values).
     """
+    kernel, strides, dilations, pads, out = shape.kernel, shape.strides, shape.dilations, shape.pads, shape.out
     batch, dims = x.shape[0], len(kernel)
-    mult = w.shape[0] // group
-    taps = w.reshape(group, mult, -1)
-    y = np.zeros((batch, group, mult) + out, dtype=np.result_type(x.dtype, w.dtype))
-    tail = (1,) * dims
-    for t, offset in enumerate(itertools.product(*(range(k) for k in kernel))):
-        view = x[(slice(None), slice(None)) + tuple(
+    channels = int(w.shape[0])
+    mult = channels // group
+    dtype = np.result_type(x.dtype, w.dtype)
+    y = np.empty((batch, channels) + tuple(out), dtype=dtype)
+    if isinstance(w, np.ndarray) or not hasattr(w, "expand_rows"):
+        taps = [(0, channels, np.asarray(dense(w), dtype=dtype).reshape(channels, -1))]
+    else:
+        step = w.tile_rows()
+        buf = np.empty((min(step, channels), math.prod(kernel)), np.float32)
+        taps = ((a, min(channels, a + step), w.expand_rows(a, min(channels, a + step), buf[:min(channels, a + step) - a]))
+                for a in range(0, channels, step))
+    if k is not None and dtype == np.float32:
+        b = _NO_BIAS if bias is None else bias if _is_vector32(bias) else np.ascontiguousarray(bias, np.float32).ravel()
+        lo, hi = clamp if clamp is not None else _NO_CLAMP
+        geometry = shape.geometry[:6]
+        for a, b_, t in taps:
+            t = np.ascontiguousarray(t, dtype=np.float32).reshape((b_ - a,) + tuple(kernel))
+            launch(k, "depthwise2d", batch * t.size * math.prod(out), x, t, b, a, mult, geometry,
+                   np.float32(lo), np.float32(hi), clamp is not None, y)
+        return y
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]) if any(pads) else x
+    for a, b_, t in taps:
+        _depthwise_numpy(xp, t, bias, a, b_, mult, kernel, strides, dilations, out, y)
+    _bias_clamp_numpy(y.reshape(batch, channels, -1), None, clamp)
+    return y
+
+
+def _depthwise_numpy(xp: np.ndarray, taps: np.ndarray, bias: "np.ndarray | None", m0: int, m1: int, mult: int,
+                     kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], out: Sequence[int],
+                     y: np.ndarray) -> None:
+    """numpy twin of ``depthwise2d`` (any number of spatial axes): output channels ``[m0, m1)`` of
+    ``y`` from the padded input ``xp``: the bias, then one multiply-add over the whole map per tap."""
+    src = np.arange(m0, m1) // mult
+    xin = xp[:, src[0]:src[-1] + 1] if mult == 1 else xp[:, src]
+    target = y[:, m0:m1]
+    tail = (1,) * len(kernel)
+    target[...] = 0 if bias is None else np.asarray(bias).reshape(-1)[m0:m1].reshape((1, -1) + tail)
+    for t, offset in enumerate(itertools.product(*(range(kk) for kk in kernel))):
+        view = xin[(slice(None), slice(None)) + tuple(
             slice(o * d, o * d + (n - 1) * s + 1, s)
             for o, d, n, s in zip(offset, dilations, out, strides))]
-        y += view[:, :, None] * taps[:, :, t].reshape((1, group, mult) + tail)
-    return y.reshape((batch, group * mult) + out)
+        target += view * taps[:, t].reshape((1, -1) + tail)
 
 
 def conv_transpose(

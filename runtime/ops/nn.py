@@ -6,7 +6,7 @@ so they may be indexed weights (codebook + indices) as well as arrays.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,11 +57,74 @@ def _geometry(attrs: Attrs, x: np.ndarray, kernel: Sequence[int]) -> Tuple[List[
 @register("Conv", weights=(1,))
 def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) -> np.ndarray:
     """N-D convolution with groups (depthwise included), dilations, strides, pads or auto_pad."""
-    kernel = [int(k) for k in w.shape[2:]]
-    strides, dilations = _geometry(attrs, x, kernel)
-    pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
-    y = kernels.conv(x, w, b, strides, dilations, pads, int(attrs.get("group", 1)))
+    return _conv(attrs, x, w, b, None)
+
+
+def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
+          clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    shapes = (x.shape, w.shape)
+    known = attrs.get("_conv_geometry")     # the node's geometry for the last shapes it saw
+    if known is None or known[0] != shapes:
+        kernel = [int(k) for k in w.shape[2:]]
+        strides, dilations = _geometry(attrs, x, kernel)
+        pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
+        known = (shapes, tuple(strides), tuple(dilations), tuple(pads), int(attrs.get("group", 1)))
+        attrs["_conv_geometry"] = known
+    y = kernels.conv(x, w, b, known[1], known[2], known[3], known[4], clamp)
     return y.astype(x.dtype, copy=False)
+
+
+# -- fusing an activation into the node that produces its input -----------------------------------
+
+#: Activations that are a clamp: a producer computes them in its own pass over its output.
+CLAMPS = ("Relu", "Clip")
+#: Producers an activation can be fused into: a Conv clamps inside its kernel, the others return a
+#: fresh array that is clamped in place (no second array, no second pass allocating one).
+PRODUCERS = ("Conv", "Gemm", "Add")
+
+
+def _bounds(op: str, attrs: Attrs, extra: Sequence[Any]) -> Tuple[float, float]:
+    """``(lo, hi)`` of a Relu, or of a Clip (bounds from its inputs, or attributes before opset 11)."""
+    if op == "Relu":
+        return _RELU
+    lo = extra[0] if len(extra) > 0 and extra[0] is not None else attrs.get("min")
+    hi = extra[1] if len(extra) > 1 and extra[1] is not None else attrs.get("max")
+    return (-np.inf if lo is None else float(np.asarray(lo).item()),
+            np.inf if hi is None else float(np.asarray(hi).item()))
+
+
+_RELU = (0.0, np.inf)
+
+
+def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, activation: str,
+               activation_attrs: Attrs, activation_fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+    """An operator function computing ``activation(producer(...))`` in one step, or None.
+
+    It takes the producer's ``inputs`` inputs followed by the activation's other inputs (a Clip's
+    min and max). The executor uses it when the activation is the only reader of the producer's
+    output (see ``Executor``). Non-float results take the two functions one after the other.
+    """
+    if activation not in CLAMPS or producer not in PRODUCERS:
+        return None
+
+    def fused(attrs: Attrs, *args: Any) -> Any:
+        own, extra = args[:inputs], args[inputs:]
+        if producer in ("Conv", "Gemm") and own[0].dtype.kind == "f":
+            inner = _conv if producer == "Conv" else _gemm
+            return inner(attrs, own[0], own[1], own[2] if inputs > 2 else None,
+                         _bounds(activation, activation_attrs, extra))
+        y = producer_fn(attrs, *own)
+        if not isinstance(y, np.ndarray) or y.dtype.kind != "f":
+            return activation_fn(activation_attrs, y, *extra)
+        lo, hi = _bounds(activation, activation_attrs, extra)
+        if lo > -np.inf:
+            np.maximum(y, y.dtype.type(lo), out=y)
+        if hi < np.inf:
+            np.minimum(y, y.dtype.type(hi), out=y)
+        return y
+
+    fused.__name__ = f"{producer.lower()}_{activation.lower()}"
+    return fused
 
 
 @register("ConvTranspose", weights=(1,))
@@ -107,16 +170,29 @@ def conv_transpose(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] 
 @register("Gemm", weights=(1,))
 def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) -> np.ndarray:
     """``alpha * A' @ B' + beta * C`` with optional transposes; B is the weight."""
+    return _gemm(attrs, a, b, c, None)
+
+
+def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
+          clamp: Optional[Tuple[float, float]]) -> np.ndarray:
     if attrs.get("transA", 0):
         a = a.T
-    y = kernels.matmul_t(a, b) if attrs.get("transB", 0) else kernels.matmul(a, b)
-    alpha = attrs.get("alpha", 1.0)
+    trans_b = attrs.get("transB", 0)
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    product = kernels.matmul_t if trans_b else kernels.matmul
+    if alpha == 1.0 and a.dtype == np.float32 and (c is None or (
+            beta == 1.0 and c.dtype == np.float32 and c.shape == (b.shape[0 if trans_b else 1],))):
+        # the common dense layer: bias and activation in the product's own pass (see kernels.matmul)
+        return product(a, b, c, clamp)
+    y = product(a, b)
     if alpha != 1.0:
         y = y * alpha
     if c is not None:
-        beta = attrs.get("beta", 1.0)
         y = y + (c * beta if beta != 1.0 else c)
-    return y.astype(a.dtype, copy=False)
+    y = y.astype(a.dtype, copy=False)
+    if clamp is not None:
+        np.clip(y, clamp[0], clamp[1], out=y)     # float64 or rare forms: the plain way
+    return y
 
 
 @register("MatMul", weights=(1,))

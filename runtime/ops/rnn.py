@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
+from ..indexed import IndexedWeight, SparseWeight
 from . import register
 from .elementwise import sigmoid
 
@@ -170,6 +171,16 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         if b is not None:
             proj = proj + (b[d, :4 * hsz] + b[d, 4 * hsz:])
         rd = r[d]
+        fast = _compiled_lstm(attrs, rec, funcs[d], proj, rd)
+        if fast is not None:
+            h, c = np.array(hs[d], np.float32), np.array(cs[d], np.float32)
+            ys_d = np.empty(proj.shape[:2] + (hsz,), np.float32)
+            peep = np.ascontiguousarray(p[d], np.float32) if p is not None else _NO_PEEPHOLES
+            fast(np.ascontiguousarray(proj, np.float32), peep, h, c, ys_d)
+            ys.append(ys_d[::-1] if rec.direction_is_reverse(d) else ys_d)
+            h_last.append(h)
+            c_last.append(c)
+            continue
         pi, po, pf = (p[d, :hsz], p[d, hsz:2 * hsz], p[d, 2 * hsz:]) if p is not None else (0, 0, 0)
         h, c = hs[d], cs[d]
         out = []
@@ -188,6 +199,33 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         h_last.append(h)
         c_last.append(c)
     return rec.outputs(ys, [np.stack(h_last), np.stack(c_last)])
+
+
+_NO_PEEPHOLES = np.zeros(0, np.float32)
+_DEFAULT_LSTM = (sigmoid, np.tanh, np.tanh)
+
+
+def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], proj: np.ndarray,
+                   rd: Any) -> Optional[Callable[..., None]]:
+    """The numba kernel running all steps of one direction (``runtime/_numba_rnn.py``), bound to the
+    recurrent weight ``rd`` as it is held, or None: numba off, not float32, other activations, or
+    ``sequence_lens`` (the step loop below is its numpy twin)."""
+    if rec.lens is not None or rec.dtype != np.float32 or tuple(funcs) != _DEFAULT_LSTM:
+        return None
+    k = kernels.kernels()
+    if k is None:
+        return None
+    clip = np.inf if rec.clip is None else float(rec.clip)
+    forget = bool(attrs.get("input_forget", 0))
+    if isinstance(rd, np.ndarray):
+        r = np.ascontiguousarray(rd, np.float32)
+        return lambda proj_, p, h, c, ys: k.lstm_dense(proj_, r, p, clip, forget, h, c, ys)
+    if isinstance(rd, IndexedWeight) and rd.indices.flags.c_contiguous:
+        return lambda proj_, p, h, c, ys: k.lstm_index(proj_, rd.indices, rd.codebook, p, clip, forget, h, c, ys)
+    if isinstance(rd, SparseWeight):
+        return lambda proj_, p, h, c, ys: k.lstm_csr(proj_, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, p, clip,
+                                                     forget, h, c, ys)
+    return None
 
 
 @register("GRU", weights=(1, 2))

@@ -1,0 +1,397 @@
+"""numba kernels for 2-D convolutions; import only through ``runtime.numba_kernels.kernels()``.
+
+- ``depthwise2d``: a direct depthwise (grouped, one input channel per group) convolution that reads
+  the input without padding it, with the bias and an optional clamp (a fused Relu/Clip); it takes
+  the float32 taps of a tile of channels (an index-mode weight is expanded a quarter at a time).
+- ``im2col2d``: the im2col matrix ``[C*kh*kw, samples, positions]`` of a block of output rows, zeros
+  for the padding, straight from the unpadded input (no padded copy, no strided numpy copy).
+- ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output.
+
+Each has a ``_par`` twin that spreads (sample, channel) planes over numba's threads, and a numpy twin
+in ``runtime/kernels.py`` (``_depthwise_numpy``, ``_im2col_numpy``, ``_bias_clamp_numpy``).
+
+Arrays are read through flat views with unsigned offsets: numba then drops its negative-index
+check and LLVM vectorises the inner loops (3-5x faster than ``x[n, c, i, j + off]`` here).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_U = np.uint64
+_BLOCK = 16      # positions per block of the channels-last transposes
+_PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)
+# Depthwise multiply-adds may be fused (FMA), and the 3x3 rows sum per kernel row: results differ
+# from the numpy twin's (one tap at a time, each product rounded) in the last bits only; NaN and inf
+# behave as usual.
+_CONTRACT = {"contract"}
+
+
+@njit(inline="always")
+def _valid(off, stride, size, count):  # pragma: no cover - compiled
+    """``[lo, hi)``: the outputs ``o`` with ``0 <= o * stride + off < size`` (``0 <= o < count``)."""
+    lo = 0 if off >= 0 else (-off + stride - 1) // stride
+    last = size - 1 - off
+    hi = 0 if last < 0 else min(count, last // stride + 1)
+    return lo, max(lo, hi)
+
+
+@njit(inline="always")
+def _row3x3(xf, a, b, c, top, bottom, t, start, width, dst, db):  # pragma: no cover - compiled
+    """``dst[db + u]`` for ``u < width`` (>= 2): the 3x3, pad 1, stride 1 depthwise row centred on
+    input row ``b`` (flat offsets ``a``, ``b``, ``c`` of the rows above, at and below; ``top`` /
+    ``bottom`` False when that row is padding). All nine taps in one pass, so each output is written
+    once; the interior loop vectorises, with one partial sum per kernel row (three independent
+    chains of multiply-adds, not one chain of nine). Taps in the padding are skipped."""
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]
+    e = width - 1
+    v = start
+    if top:
+        v = v + t1 * xf[_U(a)] + t2 * xf[_U(a + 1)]
+    v = v + t4 * xf[_U(b)] + t5 * xf[_U(b + 1)]
+    if bottom:
+        v = v + t7 * xf[_U(c)] + t8 * xf[_U(c + 1)]
+    dst[_U(db)] = v
+    v = start
+    if top:
+        v = v + t0 * xf[_U(a + e - 1)] + t1 * xf[_U(a + e)]
+    v = v + t3 * xf[_U(b + e - 1)] + t4 * xf[_U(b + e)]
+    if bottom:
+        v = v + t6 * xf[_U(c + e - 1)] + t7 * xf[_U(c + e)]
+    dst[_U(db + e)] = v
+    if top and bottom:
+        for u in range(1, e):
+            p0 = t0 * xf[_U(a + u - 1)] + t1 * xf[_U(a + u)] + t2 * xf[_U(a + u + 1)]
+            p1 = t3 * xf[_U(b + u - 1)] + t4 * xf[_U(b + u)] + t5 * xf[_U(b + u + 1)]
+            p2 = t6 * xf[_U(c + u - 1)] + t7 * xf[_U(c + u)] + t8 * xf[_U(c + u + 1)]
+            dst[_U(db + u)] = start + (p0 + (p1 + p2))
+    elif bottom:
+        for u in range(1, e):
+            p1 = t3 * xf[_U(b + u - 1)] + t4 * xf[_U(b + u)] + t5 * xf[_U(b + u + 1)]
+            p2 = t6 * xf[_U(c + u - 1)] + t7 * xf[_U(c + u)] + t8 * xf[_U(c + u + 1)]
+            dst[_U(db + u)] = start + (p1 + p2)
+    elif top:
+        for u in range(1, e):
+            p0 = t0 * xf[_U(a + u - 1)] + t1 * xf[_U(a + u)] + t2 * xf[_U(a + u + 1)]
+            p1 = t3 * xf[_U(b + u - 1)] + t4 * xf[_U(b + u)] + t5 * xf[_U(b + u + 1)]
+            dst[_U(db + u)] = start + (p0 + p1)
+    else:
+        for u in range(1, e):
+            dst[_U(db + u)] = start + (t3 * xf[_U(b + u - 1)] + t4 * xf[_U(b + u)] + t5 * xf[_U(b + u + 1)])
+
+
+@njit(inline="always")
+def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, job):  # pragma: no cover
+    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    tiles, kh, kw = w.shape[0], w.shape[1], w.shape[2]
+    n = job // tiles
+    mt = job % tiles
+    m = m0 + mt
+    ci = m // mult
+    height, width = x.shape[2], x.shape[3]
+    oh_count, ow_count = out.shape[2], out.shape[3]
+    plane = oh_count * ow_count
+    xb = (n * x.shape[1] + ci) * height * width
+    ob = (n * out.shape[1] + m) * plane
+    start = bias[m] if bias.size else np.float32(0.0)
+    if (kh == 3 and kw == 3 and dh == 1 and dw == 1 and ph == 1 and pw == 1 and width > 1
+            and (ow_count - 1) * sw < width and (oh_count - 1) * sh < height):
+        # The common 3x3 / pad 1 case: each output row from its three input rows in one pass; with a
+        # stride the row is computed at stride 1 into ``line`` and every ``sw``-th value kept.
+        t = np.empty(9, np.float32)
+        for i in range(3):
+            for j in range(3):
+                t[i * 3 + j] = w[mt, i, j]
+        for oh in range(oh_count):
+            ih = oh * sh
+            b = xb + ih * width
+            top = ih > 0
+            bottom = ih + 1 < height
+            if sw == 1:
+                _row3x3(xf, b - width, b, b + width, top, bottom, t, start, width, of, ob + oh * ow_count)
+            else:
+                _row3x3(xf, b - width, b, b + width, top, bottom, t, start, width, line, 0)
+                for ow in range(ow_count):
+                    of[_U(ob + oh * ow_count + ow)] = line[ow * sw]
+        if clamp:
+            _clamp_run(of, ob, plane, lo, hi)
+        return
+    for p in range(plane):
+        of[_U(ob + p)] = start
+    if sh == 1 and sw == 1 and ow_count == width:
+        # Unit strides and rows as wide as the input's: each tap is one multiply-add over the flat
+        # plane (long vectorised loops); the columns a tap reaches across a row edge are saved before
+        # and restored after it, so every output sums exactly its valid taps, in tap order.
+        for i in range(kh):
+            rshift = i * dh - ph
+            oh_lo = max(0, -rshift)
+            oh_hi = min(oh_count, height - rshift)
+            if oh_lo >= oh_hi:
+                continue
+            for j in range(kw):
+                t = w[mt, i, j]
+                off = j * dw - pw
+                shift = rshift * width + off
+                ncol = min(abs(off), width)
+                c0 = 0 if off < 0 else width - ncol
+                for r in range(oh_lo, oh_hi):
+                    for c in range(ncol):
+                        save[(r - oh_lo) * ncol + c] = of[_U(ob + r * width + c0 + c)]
+                p_lo = max(oh_lo * width, -shift)
+                p_hi = min(oh_hi * width, height * width - shift)
+                for p in range(p_lo, p_hi):
+                    of[_U(ob + p)] += t * xf[_U(xb + p + shift)]
+                for r in range(oh_lo, oh_hi):
+                    for c in range(ncol):
+                        of[_U(ob + r * width + c0 + c)] = save[(r - oh_lo) * ncol + c]
+    else:
+        # Row by row. With a column stride the row is computed at stride 1 (vectorised, ``sw`` times
+        # the columns needed) into ``line``, then every ``sw``-th column is kept.
+        span = (ow_count - 1) * sw + 1
+        for oh in range(oh_count):
+            orow = ob + oh * ow_count
+            if sw > 1:
+                for u in range(span):
+                    line[u] = start
+            for i in range(kh):
+                ih = oh * sh + i * dh - ph
+                if ih < 0 or ih >= height:
+                    continue
+                xrow = xb + ih * width
+                for j in range(kw):
+                    t = w[mt, i, j]
+                    off = j * dw - pw
+                    if sw == 1:
+                        a, b = _valid(off, 1, width, ow_count)
+                        for ow in range(a, b):
+                            of[_U(orow + ow)] += t * xf[_U(xrow + ow + off)]
+                    else:
+                        a, b = _valid(off, 1, width, span)
+                        for u in range(a, b):
+                            line[_U(u)] += t * xf[_U(xrow + u + off)]
+            if sw > 1:
+                for ow in range(ow_count):
+                    of[_U(orow + ow)] = line[ow * sw]
+    if clamp:
+        _clamp_run(of, ob, plane, lo, hi)
+
+
+@njit(inline="always")
+def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
+    """Clamp ``of[start:start + count]`` to [lo, hi] in place (NaN stays NaN)."""
+    for p in range(count):
+        v = of[_U(start + p)]
+        v = lo if v < lo else v
+        v = hi if v > hi else v
+        of[_U(start + p)] = v
+
+
+@njit(inline="always")
+def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_lo, c_hi):  # pragma: no cover
+    """Channels ``[c_lo, c_hi)`` of the tile for sample ``n``, through a channels-last copy: on small
+    maps (7x7, 14x14) the per-plane loops are too short to vectorise, the loop over channels is not.
+    One input channel per output channel (``mult`` 1)."""
+    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    kh, kw = w.shape[1], w.shape[2]
+    height, width = x.shape[2], x.shape[3]
+    oh_count, ow_count = out.shape[2], out.shape[3]
+    count = c_hi - c_lo
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    pin = height * width
+    pout = oh_count * ow_count
+    xt = np.empty(pin * count, np.float32)
+    acc = np.empty(pout * count, np.float32)
+    taps = np.empty(kh * kw * count, np.float32)
+    for c in range(count):
+        for i in range(kh):
+            for j in range(kw):
+                taps[(i * kw + j) * count + c] = w[c_lo + c, i, j]
+    xb0 = (n * x.shape[1] + m0 + c_lo) * pin
+    for p0 in range(0, pin, _BLOCK):       # transposed in blocks of positions that stay in L1
+        p1 = min(pin, p0 + _BLOCK)
+        for c in range(count):
+            xb = xb0 + c * pin
+            for p in range(p0, p1):
+                xt[_U(p * count + c)] = xf[_U(xb + p)]
+    for oh in range(oh_count):
+        for ow in range(ow_count):
+            q = (oh * ow_count + ow) * count
+            for c in range(count):
+                acc[_U(q + c)] = bias[m0 + c_lo + c] if bias.size else np.float32(0.0)
+            for i in range(kh):
+                ih = oh * sh + i * dh - ph
+                if ih < 0 or ih >= height:
+                    continue
+                for j in range(kw):
+                    iw = ow * sw + j * dw - pw
+                    if iw < 0 or iw >= width:
+                        continue
+                    tb = (i * kw + j) * count
+                    sb = (ih * width + iw) * count
+                    for c in range(count):
+                        acc[_U(q + c)] += taps[_U(tb + c)] * xt[_U(sb + c)]
+            if clamp:
+                for c in range(count):
+                    v = acc[_U(q + c)]
+                    if v < lo:
+                        v = lo
+                    if v > hi:
+                        v = hi
+                    acc[_U(q + c)] = v
+    ob0 = (n * out.shape[1] + m0 + c_lo) * pout
+    for p0 in range(0, pout, _BLOCK):
+        p1 = min(pout, p0 + _BLOCK)
+        for c in range(count):
+            ob = ob0 + c * pout
+            for p in range(p0, p1):
+                of[_U(ob + p)] = acc[_U(p * count + c)]
+
+
+#: Output maps up to this many positions take the channels-last depthwise loop (up to 64 for the
+#: 3x3 / pad 1 kernels, which have their own row loop): below it the per-plane loops are too short
+#: to vectorise well.
+CHANNELS_LAST_PLANE = 256
+
+
+@njit(inline="always")
+def _channels_last(mult, w, geometry, out):  # pragma: no cover - compiled
+    plane = out.shape[2] * out.shape[3]
+    row3x3 = (w.shape[1] == 3 and w.shape[2] == 3 and geometry[2] == 1 and geometry[3] == 1
+              and geometry[4] == 1 and geometry[5] == 1)
+    return mult == 1 and plane <= (64 if row3x3 else CHANNELS_LAST_PLANE)
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def depthwise2d(x, w, bias, m0, mult, geometry, lo, hi, clamp, out):  # pragma: no cover - compiled
+    """Output channels ``[m0, m0 + len(w))`` of a depthwise convolution of ``x [N, C, H, W]``.
+
+    ``w [tile, kh, kw]``: float32 taps of those channels; ``bias`` float32 [M] or empty; channel
+    ``m`` reads input channel ``m // mult``; ``geometry`` = (stride h, stride w, dilation h,
+    dilation w, pad top, pad left); with ``clamp`` each output is clamped to [lo, hi] (NaN stays
+    NaN, as ``np.clip``). ``out [N, M, OH, OW]`` float32, C-contiguous like ``x``. Each output is
+    ``bias + tap_0 * x_0 + tap_1 * x_1 + ...`` over the taps inside the input.
+    """
+    if _channels_last(mult, w, geometry, out):
+        for n in range(x.shape[0]):
+            _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, 0, w.shape[0])
+        return
+    _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, 0, x.shape[0] * w.shape[0])
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_CONTRACT)
+def depthwise2d_par(x, w, bias, m0, mult, geometry, lo, hi, clamp, out):  # pragma: no cover - compiled
+    if _channels_last(mult, w, geometry, out):
+        tiles = w.shape[0]
+        parts = max(1, min(tiles // 8, _PARTS))
+        for t in prange(x.shape[0] * parts):
+            n = t // parts
+            k = t % parts
+            _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, k * tiles // parts,
+                                     (k + 1) * tiles // parts)
+        return
+    jobs = x.shape[0] * w.shape[0]
+    parts = min(jobs, _PARTS)
+    for t in prange(parts):
+        _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, t * jobs // parts,
+                        (t + 1) * jobs // parts)
+
+
+@njit(inline="always")
+def _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, first, last):  # pragma: no cover
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    save = np.empty(out.shape[2] * x.shape[3], np.float32)
+    line = np.empty(max(x.shape[3], (out.shape[3] - 1) * geometry[1] + 1), np.float32)
+    for job in range(first, last):
+        _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, job)
+
+
+@njit(inline="always")
+def _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job):  # pragma: no cover - compiled
+    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    ow_count = geometry[6]
+    cin = cols.shape[0] // (kh * kw)
+    samples = cols.shape[1]
+    nl = job // cin
+    c = job % cin
+    height, width = x.shape[2], x.shape[3]
+    positions = cols.shape[2]
+    rows = positions // ow_count
+    xf = x.reshape(x.size)
+    cf = cols.reshape(cols.size)
+    xb = ((n0 + nl) * x.shape[1] + c0 + c) * height * width
+    for i in range(kh):
+        for j in range(kw):
+            db = (((c * kh + i) * kw + j) * samples + nl) * positions
+            off = j * dw - pw
+            a, b = _valid(off, sw, width, ow_count)
+            for r in range(rows):
+                ih = (r0 + r) * sh + i * dh - ph
+                base = db + r * ow_count
+                if ih < 0 or ih >= height:
+                    for ow in range(ow_count):
+                        cf[_U(base + ow)] = 0.0
+                    continue
+                xrow = xb + ih * width
+                for ow in range(a):
+                    cf[_U(base + ow)] = 0.0
+                if sw == 1:
+                    for ow in range(a, b):
+                        cf[_U(base + ow)] = xf[_U(xrow + ow + off)]
+                else:
+                    for ow in range(a, b):
+                        cf[_U(base + ow)] = xf[_U(xrow + ow * sw + off)]
+                for ow in range(b, ow_count):
+                    cf[_U(base + ow)] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def im2col2d(x, n0, c0, kh, kw, geometry, r0, cols):  # pragma: no cover - compiled
+    """``cols [cin*kh*kw, nb, rows*OW]`` for samples ``n0..``, channels ``c0..`` and output rows ``r0..``.
+
+    ``x [N, C, H, W]`` C-contiguous; ``geometry`` = (stride h, stride w, dilation h, dilation w,
+    pad top, pad left, OW). Row ``(c, i, j)`` holds tap ``(i, j)`` of channel ``c`` at every output
+    position of every sample (zero where it falls in the padding): reshaped to
+    ``[cin*kh*kw, nb*rows*OW]`` it is the matrix one product multiplies.
+    """
+    for job in range(cols.shape[1] * (cols.shape[0] // (kh * kw))):
+        _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def im2col2d_par(x, n0, c0, kh, kw, geometry, r0, cols):  # pragma: no cover - compiled
+    for job in prange(cols.shape[1] * (cols.shape[0] // (kh * kw))):
+        _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job)
+
+
+@njit(inline="always")
+def _bias_clamp_plane(y, bias, lo, hi, clamp, job):  # pragma: no cover - compiled
+    m = job % y.shape[1]
+    n = job // y.shape[1]
+    row = y[n, m]
+    if bias.size:
+        b = bias[m]
+        for p in range(row.size):
+            row[p] += b
+    if clamp:
+        for p in range(row.size):
+            v = row[p]
+            if v < lo:
+                v = lo
+            if v > hi:
+                v = hi
+            row[p] = v
+
+
+@njit(cache=True, nogil=True)
+def bias_clamp(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
+    """In place on ``y [N, M, P]``: ``y += bias[m]`` (``bias`` may be empty), then clamp to [lo, hi]."""
+    for job in range(y.shape[0] * y.shape[1]):
+        _bias_clamp_plane(y, bias, lo, hi, clamp, job)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def bias_clamp_par(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
+    for job in prange(y.shape[0] * y.shape[1]):
+        _bias_clamp_plane(y, bias, lo, hi, clamp, job)

@@ -1,0 +1,133 @@
+"""numba kernels for the LSTM recurrence; import only through ``runtime.numba_kernels.kernels()``.
+
+One call runs every time step of one direction: the recurrent product ``h @ R.T`` straight from the
+weight as it is held (float32, codebook indices, or CSR of codebook symbols) and the gate update, so
+a step costs no Python and no temporary arrays. The input projection ``x @ W.T`` of all steps is
+one product computed before (``kernels.matmul_t``), passed in as ``proj`` with both biases added.
+
+The numpy twin is the step loop of ``runtime/ops/rnn.py`` (``DCRT_NO_NUMBA=1``, or any case these
+kernels do not cover: other activations, ``sequence_lens``); ``tests/test_kernels.py`` checks that
+they agree. Gate order is ONNX's ``i, o, f, c``.
+
+Dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised, with NaN and inf kept);
+results agree with the twin to float32 rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_U = np.uint64
+_FAST = {"reassoc", "nsz"}
+
+
+@njit(inline="always")
+def _sigmoid(v):  # pragma: no cover - compiled
+    """As ``elementwise.sigmoid``: no overflow for large negative inputs."""
+    e = np.exp(-abs(v))
+    return np.float32(1.0) / (np.float32(1.0) + e) if v >= 0 else e / (np.float32(1.0) + e)
+
+
+@njit(inline="always")
+def _clip(v, clip):  # pragma: no cover - compiled
+    return min(max(v, -clip), clip) if clip < np.inf else v
+
+
+@njit(inline="always")
+def _update(gates, p, clip, input_forget, h, c, y, b, hidden):  # pragma: no cover - compiled
+    """The LSTM cell for batch entry ``b`` from its gate pre-activations (``i, o, f, c``)."""
+    peep = p.size > 0
+    for j in range(hidden):
+        cj = c[b, j]
+        gi = gates[j] + (p[j] * cj if peep else np.float32(0.0))
+        i = _sigmoid(_clip(gi, clip))
+        if input_forget:
+            f = np.float32(1.0) - i
+        else:
+            gf = gates[2 * hidden + j] + (p[2 * hidden + j] * cj if peep else np.float32(0.0))
+            f = _sigmoid(_clip(gf, clip))
+        cn = f * cj + i * np.tanh(_clip(gates[3 * hidden + j], clip))
+        go = gates[hidden + j] + (p[hidden + j] * cn if peep else np.float32(0.0))
+        o = _sigmoid(_clip(go, clip))
+        hn = o * np.tanh(cn)
+        c[b, j] = cn
+        y[b, j] = hn
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def lstm_dense(proj, r, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
+    """All steps of one LSTM direction with a float32 recurrent weight ``r [4H, H]``.
+
+    ``proj [T, B, 4H]`` (input projections + biases, in processing order), ``p`` the peepholes
+    ``[3H]`` (``i, o, f``) or empty, ``clip`` (inf for none); ``h``, ``c`` ``[B, H]`` hold the initial
+    state and receive the final one; ``ys [T, B, H]`` receives every step's ``h``.
+    """
+    steps, batch, gates4 = proj.shape
+    hidden = gates4 // 4
+    gates = np.empty(gates4, np.float32)
+    for t in range(steps):
+        for b in range(batch):
+            hv = h[b]
+            for n in range(gates4):
+                row = r[n]
+                acc = np.float32(0.0)
+                for k in range(hidden):
+                    acc += hv[k] * row[k]
+                gates[n] = proj[t, b, n] + acc
+            _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
+        for b in range(batch):
+            for j in range(hidden):
+                h[b, j] = ys[t, b, j]
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def lstm_index(proj, indices, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
+    """As :func:`lstm_dense` with ``R = codebook[indices]`` (``indices [4H, H]``)."""
+    steps, batch, gates4 = proj.shape
+    hidden = gates4 // 4
+    gates = np.empty(gates4, np.float32)
+    for t in range(steps):
+        for b in range(batch):
+            hv = h[b]
+            for n in range(gates4):
+                row = indices[n]
+                acc = np.float32(0.0)
+                for k in range(hidden):
+                    acc += hv[k] * codebook[row[k]]
+                gates[n] = proj[t, b, n] + acc
+            _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
+        for b in range(batch):
+            for j in range(hidden):
+                h[b, j] = ys[t, b, j]
+
+
+@njit(cache=True, nogil=True)
+def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover
+    """As :func:`lstm_dense` with R in CSR form (rows ``4H``): ``codebook[symbols]`` at ``cols``."""
+    steps, batch, gates4 = proj.shape
+    hidden = gates4 // 4
+    gates = np.empty(gates4, np.float32)
+    for t in range(steps):
+        for b in range(batch):
+            hv = h[b]
+            e = row_ptr[0]
+            for n in range(gates4):
+                end = row_ptr[n + 1]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                while e + 3 < end:
+                    a0 += hv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+                    a1 += hv[_U(cols[_U(e + 1)])] * codebook[symbols[_U(e + 1)]]
+                    a2 += hv[_U(cols[_U(e + 2)])] * codebook[symbols[_U(e + 2)]]
+                    a3 += hv[_U(cols[_U(e + 3)])] * codebook[symbols[_U(e + 3)]]
+                    e += 4
+                while e < end:
+                    a0 += hv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+                    e += 1
+                gates[n] = proj[t, b, n] + ((a0 + a1) + (a2 + a3))
+            _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
+        for b in range(batch):
+            for j in range(hidden):
+                h[b, j] = ys[t, b, j]

@@ -1,0 +1,291 @@
+"""Every numba kernel against its numpy twin (``DCRT_NO_NUMBA=1`` selects the twins), plus the rules
+the fast paths must keep: no dense copy of a compressed weight in index mode, fused activations that
+change nothing, parallel forms that agree with the serial ones."""
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from runtime_helpers import random_weight
+
+from dcrt.graph import Graph, Node, ValueInfo
+from dcrt.runtime import indexed, kernels, numba_kernels
+from dcrt.runtime.executor import Executor
+from dcrt.runtime.indexed import IndexedWeight, SparseWeight
+from dcrt.runtime.ops import OPS
+
+pytestmark = pytest.mark.skipif(numba_kernels.kernels() is None and not os.environ.get("DCRT_NO_NUMBA"),
+                                reason="numba is not installed")
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def both(fn, monkeypatch):
+    """``fn()`` with the numba kernels, then with their numpy twins."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
+    compiled = fn()
+    monkeypatch.setenv("DCRT_NO_NUMBA", "1")
+    try:
+        twin = fn()
+    finally:
+        monkeypatch.delenv("DCRT_NO_NUMBA")
+    return compiled, twin
+
+
+def weights(shape, density, seed=0, centroids=31):
+    """The same random pruned weight as dense float32, IndexedWeight and SparseWeight (CSR)."""
+    codebook, symbols = random_weight(shape, density, seed, centroids)
+    book = np.concatenate([[0], codebook]).astype(np.float32)
+    dense = book[symbols]
+    rows = shape[0]
+    s2 = symbols.reshape(rows, -1)
+    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
+    return dense, IndexedWeight(book, symbols), SparseWeight.from_csc(
+        codebook, col_ptr, np.nonzero(s2.T)[1], s2.T[s2.T != 0], shape)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_fc_kernels_agree(batch, epilogue, monkeypatch):
+    dense, iw, sw = weights((37, 70), 0.3, seed=batch)
+    x = rand(batch, 70)
+    x[0, ::3] = 0                                   # the scatter kernels skip zero activations
+    xt = rand(batch, 37)
+    bias_t, bias = (rand(37), rand(70)) if epilogue else (None, None)
+    clamp = (-0.5, 1.5) if epilogue else None
+    for w in (iw, sw):
+        got, twin = both(lambda: (kernels.matmul_t(x, w, bias_t, clamp), kernels.matmul(xt, w, bias, clamp)),
+                         monkeypatch)
+        ref_t, ref = x @ dense.T, xt @ dense
+        if epilogue:
+            ref_t, ref = np.clip(ref_t + bias_t, *clamp), np.clip(ref + bias, *clamp)
+        for g, t, r in zip(got, twin, (ref_t, ref)):
+            np.testing.assert_allclose(g, t, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_csr_from_csc_agrees(monkeypatch):
+    """The counting-sort regrouping (numba) and the stable argsort (numpy) build the same CSR."""
+    codebook, symbols = random_weight((50, 3, 4, 5), 0.2, seed=7)
+    s2 = symbols.reshape(50, -1)
+    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
+    build = lambda: SparseWeight.from_csc(codebook, col_ptr, np.nonzero(s2.T)[1], s2.T[s2.T != 0], symbols.shape)
+    got, twin = both(build, monkeypatch)
+    for name in ("row_ptr", "cols", "symbols"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
+    np.testing.assert_array_equal(got.dense(), np.concatenate([[0], codebook]).astype(np.float32)[symbols])
+
+
+def test_codebook_sums_agree_with_dot_products():
+    """The paper's per-centroid sums compute what the dot products compute."""
+    k = numba_kernels.kernels()
+    if k is None:
+        pytest.skip("numba off")
+    _, iw, sw = weights((40, 90), 0.2, centroids=200)
+    x = rand(2, 90)
+    none = np.zeros(0, np.float32)
+    for dot, bins, args in [(k.index_matmul_t, k.index_matmul_t_bins, (iw.indices, iw.codebook)),
+                            (k.csr_matmul_t, k.csr_matmul_t_bins, (sw.row_ptr, sw.cols, sw.symbols, sw.codebook))]:
+        a, b = np.empty((2, 40), np.float32), np.empty((2, 40), np.float32)
+        dot(x, *args, none, -np.inf, np.inf, False, a)
+        bins(x, *args, b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tiles_expand_and_lmatmul(monkeypatch):
+    """Row and column tiles, one tile at a time (numba expand vs numpy take), and W @ x both ways."""
+    dense, iw, sw = weights((24, 144), 0.5)          # wider than tall: column tiles
+    dense2, iw2, sw2 = weights((144, 24), 0.5, seed=1)  # taller than wide: row tiles
+    x, x2 = rand(3, 144, 50), rand(24, 60)
+    for w, d, v in ((iw, dense, x), (sw, dense, x), (iw2, dense2, x2), (sw2, dense2, x2)):
+        got, twin = both(lambda: (w.lmatmul(v), w.expand_rows(3, 9), w.tile_rows()), monkeypatch)
+        np.testing.assert_allclose(got[0], d @ v, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(twin[0], d @ v, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(got[1], d[3:9])
+        np.testing.assert_array_equal(twin[1], d[3:9])
+        assert 1 <= twin[2] <= got[2] <= w.shape[0] // indexed.TILE_FRACTION   # numpy's tiles: a third
+    np.testing.assert_array_equal(iw.expand_cols(5, 40), dense[:, 5:40])
+
+
+CONVS = [  # x shape, w shape, strides, dilations, pads, group
+    ((2, 3, 11, 12), (4, 3, 3, 3), [1, 1], [1, 1], [1, 1, 1, 1], 1),
+    ((1, 4, 9, 10), (6, 4, 3, 2), [2, 3], [1, 1], [0, 1, 2, 1], 1),
+    ((1, 4, 13, 13), (4, 2, 3, 3), [1, 1], [2, 2], [2, 2, 2, 2], 2),
+    ((2, 8, 7, 7), (16, 8, 1, 1), [1, 1], [1, 1], [0, 0, 0, 0], 1),      # pointwise: x is the im2col
+    ((1, 8, 9, 9), (8, 8, 1, 1), [2, 2], [1, 1], [0, 0, 0, 0], 1),
+    ((2, 3, 17), (4, 3, 5), [3], [1], [2, 1], 1),                        # 1-D
+    ((1, 2, 5, 6, 7), (3, 2, 2, 3, 2), [1, 1, 1], [1, 1, 1], [1, 0, 1, 0, 1, 1], 1),  # 3-D (numpy only)
+]
+DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
+    (6, 12, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1: one-pass rows
+    (6, 12, 2, 1, 3, 1, [1, 1, 1, 1]),
+    (5, 2, 1, 1, 3, 1, [1, 1, 1, 1]),
+    (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),         # small map: channels-last
+    (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),
+    (4, 20, 1, 1, 3, 1, [1, 2, 2, 1]),         # flat taps with saved edge columns
+    (4, 19, 2, 3, 3, 1, [1, 2, 2, 1]),         # depth multiplier, row path with a stride
+    (4, 23, 1, 1, 5, 2, [4, 4, 4, 4]),
+    (8, 9, 3, 1, 4, 1, [0, 1, 2, 0]),
+]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("form", ["dense", "indexed", "sparse"])
+def test_conv_kernels_agree(case, form, monkeypatch):
+    xs, ws, strides, dilations, pads, group = case
+    d, iw, sw = weights(ws, 0.4, seed=len(xs))
+    w = {"dense": d, "indexed": iw, "sparse": sw}[form]
+    x, b = rand(*xs), rand(ws[0])
+    got, twin = both(lambda: kernels.conv(x, w, b, strides, dilations, pads, group, clamp=(-1.0, 2.0)), monkeypatch)
+    np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
+    reference = kernels.conv(x, d, b, strides, dilations, pads, group)
+    np.testing.assert_allclose(got, np.clip(reference, -1.0, 2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=str)
+def test_depthwise_kernels_agree(case, monkeypatch):
+    channels, size, stride, mult, k, dil, pads = case
+    d, iw, _ = weights((channels * mult, 1, k, k), 0.7, seed=size)
+    x, b = rand(2, channels, size, size), rand(channels * mult)
+    for w in (d, iw):
+        got, twin = both(lambda: kernels.conv(x, w, b, [stride, stride], [dil, dil], pads, channels, (0.0, 3.0)),
+                         monkeypatch)
+        np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
+
+
+def test_im2col_blocks_match_whole(monkeypatch):
+    """Row blocks and sample blocks of the im2col matrix give the unblocked result."""
+    x, w, b = rand(3, 3, 14, 10), rand(5, 3, 3, 3), rand(5)
+    whole = kernels.conv(x, w, b, [1, 2], [1, 1], [1, 1, 1, 1], 1)
+    monkeypatch.setattr(kernels, "IM2COL_BLOCK_BYTES", 600)
+    for form in (w, IndexedWeight(np.unique(w), np.searchsorted(np.unique(w), w).astype(np.uint16))):
+        got, twin = both(lambda: kernels.conv(x, form, b, [1, 2], [1, 1], [1, 1, 1, 1], 1), monkeypatch)
+        np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(twin, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_forms_agree(monkeypatch):
+    """With every product above the parallel threshold, the ``_par`` kernels give the same results."""
+    k = numba_kernels.kernels()
+    if k is None:
+        pytest.skip("numba off")
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one numba thread")
+    dense, iw, sw = weights((64, 200), 0.3)
+    x, xc = rand(1, 200), rand(2, 16, 15, 15)
+    wc = weights((16, 1, 3, 3), 0.8)[1]
+    wd, bd = rand(8, 16, 3, 3), rand(8)
+
+    def run():
+        return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), iw.expand_rows(0, 16),
+                kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
+                kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
+    serial = run()
+    monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        parallel = run()
+    finally:
+        numba.set_num_threads(threads)
+    for s, p in zip(serial, parallel):
+        np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
+
+
+def test_index_mode_conv_never_expands_the_whole_weight():
+    """A 4.7 MB (float32) conv weight in index mode, on a small map (a ResNet's last stage): the call
+    allocates less than half of the weight (tiles are at most a quarter of it)."""
+    dense, iw, _ = weights((512, 256, 3, 3), 0.5)
+    x = rand(1, 256, 4, 4)
+    for w in (iw, iw):      # the second call: kernels loaded, allocator warm
+        tracemalloc.start()
+        y = kernels.conv(x, w, None, [1, 1], [1, 1], [1, 1, 1, 1], 1)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < dense.nbytes / 2, (peak, dense.nbytes)
+    np.testing.assert_allclose(y, kernels.conv(x, dense, None, [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-4, atol=1e-4)
+
+
+def _lstm_graph(direction, hidden, peepholes, attrs, r):
+    dirs = 2 if direction == "bidirectional" else 1
+    names = ["x", "w", "r", "b", "", "h0", "c0", "p" if peepholes else ""]
+    node = Node("LSTM", names, ["y", "yh", "yc"], dict(hidden_size=hidden, direction=direction, **attrs))
+    inits = {"w": rand(dirs, 4 * hidden, 5), "b": rand(dirs, 8 * hidden) * 0.1, "r": r}
+    feeds = {"x": rand(6, 3, 5), "h0": rand(dirs, 3, hidden), "c0": rand(dirs, 3, hidden)}
+    if peepholes:
+        inits["p"] = rand(dirs, 3 * hidden)
+    graph = Graph([node], [ValueInfo(n, np.float32) for n in feeds],
+                  [ValueInfo(o, np.float32) for o in ("y", "yh", "yc")], inits)
+    return graph, feeds
+
+
+@pytest.mark.parametrize("direction,peepholes,attrs", [
+    ("forward", False, {}),
+    ("bidirectional", True, {}),
+    ("reverse", False, {"clip": 0.7, "input_forget": 1}),
+])
+@pytest.mark.parametrize("form", ["dense", "indexed", "sparse"])
+def test_lstm_kernels_agree(direction, peepholes, attrs, form, monkeypatch):
+    hidden = 7
+    dirs = 2 if direction == "bidirectional" else 1
+    d, iw, sw = weights((dirs, 4 * hidden, hidden), 0.5, seed=3)
+    graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d)
+    r = {"dense": d, "indexed": iw, "sparse": sw}[form]
+    source = {**graph.initializers, "r": r}
+    ex = Executor(graph)
+    got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
+    reference = ex.run(feeds)
+    for name in ("y", "yh", "yc"):
+        np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+def _chain(producer, inputs, act, act_inputs=(), act_attrs=None, extra_reader=False):
+    nodes = [Node(producer[0], list(inputs), ["t"], producer[1]), Node(act, ["t", *act_inputs], ["y"], act_attrs or {})]
+    outputs = [ValueInfo("y", np.float32)]
+    if extra_reader:
+        nodes.append(Node("Neg", ["t"], ["z"]))
+        outputs.append(ValueInfo("z", np.float32))
+    return nodes, outputs
+
+
+@pytest.mark.parametrize("producer,act,act_inputs,act_attrs", [
+    (("Conv", {"pads": [1, 1, 1, 1]}), "Relu", (), None),
+    (("Conv", {"pads": [1, 1, 1, 1], "group": 4}), "Clip", ("lo", "hi"), None),
+    (("Gemm", {"transB": 1}), "Relu", (), None),
+    (("Gemm", {"transB": 1, "alpha": 0.5}), "Clip", ("lo", ""), None),
+    (("Add", {}), "Relu", (), None),
+])
+def test_fused_activation_changes_nothing(producer, act, act_inputs, act_attrs):
+    """A Relu/Clip that alone reads a Conv/Gemm/Add output runs inside it, with the same result; a
+    second reader, or asking for the intermediate value, keeps them apart."""
+    if producer[0] == "Conv":
+        group = producer[1].get("group", 1)
+        inputs, feeds = ["x", "w", "b"], {"x": rand(2, 4, 6, 6)}
+        inits = {"w": rand(8, 4 // group, 3, 3), "b": rand(8)}
+    elif producer[0] == "Gemm":
+        inputs, feeds, inits = ["x", "w", "b"], {"x": rand(3, 10)}, {"w": rand(6, 10), "b": rand(6)}
+    else:
+        inputs, feeds, inits = ["x", "x2"], {"x": rand(3, 10), "x2": rand(3, 10)}, {}
+    inits.update({"lo": np.array(-0.25, np.float32), "hi": np.array(0.5, np.float32)})
+    for extra in (False, True):
+        nodes, outputs = _chain(producer, inputs, act, act_inputs, act_attrs, extra)
+        graph = Graph(nodes, [ValueInfo(n, np.float32) for n in feeds], outputs, inits)
+        ex = Executor(graph)
+        steps = ex._default_plan.steps
+        assert len(steps) == (3 if extra else 1)
+        got = ex.run(feeds)
+        t = OPS[producer[0]](dict(producer[1]), *[feeds.get(n, inits.get(n)) for n in inputs])
+        expected = OPS[act]({}, t, *[inits[n] if n else None for n in act_inputs])
+        np.testing.assert_allclose(got["y"], expected, rtol=1e-6, atol=1e-6)
+        apart = ex.run(feeds, outputs=["y", "t"])             # the intermediate asked for: not fused
+        np.testing.assert_allclose(apart["t"], t, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(apart["y"], expected, rtol=1e-6, atol=1e-6)
