@@ -1,0 +1,176 @@
+"""The runtime check run on a device (or an emulated one): numpy + flatbuffers + dcrt's core and runtime.
+
+    python device_check.py [--numba yes|no|any] [--models DIR]
+
+Run from the payload folder made by ``make_payload.py`` (it holds ``dcrt/``, ``models/`` and this
+script). It imports nothing but the standard library, numpy, flatbuffers and dcrt (onnx, onnxruntime,
+h5py, protobuf, yaml and the converters are blocked), prints the platform (machine, byte order,
+pointer size, numpy version) and checks, for every model:
+
+- every compressed tensor decodes to exactly the host's values (bit for bit), from a memory-mapped
+  path and from bytes; ``verify()`` finds nothing;
+- ``Session.run`` in each mode matches the host's dcrt output (rtol 1e-4) and, for lossless files,
+  onnxruntime's output on the original model (rtol 1e-3);
+- a copy with one payload byte flipped is reported as damaged, naming a tensor;
+
+and that the codecs round-trip random symbols (every chain) on this machine. Exits 1 on any
+failure; the last line is ``RESULT <machine>: <passed>/<total> checks passed``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import struct
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+BLOCKED = ("onnx", "onnxruntime", "h5py", "google", "yaml", "dcrt.converters")
+
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name in BLOCKED or name.split(".")[0] in BLOCKED[:5]:
+            raise ImportError(f"{name} is blocked: the runtime must not need it")
+        return None
+
+
+sys.meta_path.insert(0, _Block())
+
+import numpy as np  # noqa: E402
+
+import dcrt  # noqa: E402
+from dcrt import codecs  # noqa: E402
+from dcrt.codecs.raw import numba_kernels  # noqa: E402
+from dcrt.errors import FormatError  # noqa: E402
+
+MODES = ("index", "dense", "stream")
+
+
+class Checks:
+    def __init__(self):
+        self.passed = 0
+        self.failed = []
+
+    def check(self, label, fn):
+        start = time.time()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the next check runs
+            self.failed.append(label)
+            print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc(limit=-4)  # the innermost frames: where it failed
+            return
+        self.passed += 1
+        print(f"ok   {label} ({time.time() - start:.1f} s)", flush=True)
+
+
+def close(got, want, rtol, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{what}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
+    if want.dtype.kind == "f":
+        scale = max(float(np.max(np.abs(want))), 1e-6) if want.size else 1.0
+        err = float(np.max(np.abs(got.astype(np.float64) - want))) / scale if want.size else 0.0
+        assert err <= rtol, f"{what}: max error {err:.2e} of the largest value (allowed {rtol:.0e})"
+    else:
+        assert np.array_equal(got, want), f"{what}: values differ"
+
+
+def check_model(c: Checks, folder: str, name: str, info: dict) -> None:
+    path = os.path.join(folder, name + ".dcm")
+    with np.load(os.path.join(folder, name + ".npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    feeds = {k[5:]: v for k, v in arrays.items() if k.startswith("feed.")}
+
+    def weights():
+        data = open(path, "rb").read()
+        for source in (path, data):
+            with dcrt.open_dcm(source) as f:
+                assert f.verify() == {}, "verify() found damage in a sound file"
+                for k, tname in enumerate(info["tensors"]):
+                    got, want = f.tensors[tname].decode(), arrays[f"w.{k}"]
+                    assert got.dtype == want.dtype and got.shape == want.shape, tname
+                    assert np.array_equal(got, want), f"{tname} decodes differently than on the host"
+    c.check(f"{name}: {len(info['tensors'])} compressed tensors decode bit-exactly (mmap and bytes)", weights)
+
+    for mode in MODES:
+        def run(mode=mode):
+            outs = dcrt.Session(path, mode=mode).run(None, feeds)
+            for j, y in enumerate(outs):
+                close(y, arrays[f"host.{mode}.{j}"], 1e-4, f"output {j} vs host dcrt")
+                if info["lossless"] and f"ort.{j}" in arrays:
+                    close(y, arrays[f"ort.{j}"], 1e-3, f"output {j} vs onnxruntime")
+        c.check(f"{name}: run in {mode} mode matches the host" + (" and onnxruntime" if info["lossless"] else ""), run)
+
+    def damaged():
+        data = bytearray(open(path, "rb").read())
+        with dcrt.open_dcm(bytes(data)) as f:      # the largest tensor's payload (coded or raw)
+            rec = max((t.record for t in f.tensors.values()),
+                      key=lambda r: len(r.raw) if r.indices is None else len(r.indices.payload))
+            payload = bytes(rec.raw if rec.indices is None else rec.indices.payload)
+        assert len(payload) >= 8
+        at = bytes(data).find(payload[: min(len(payload), 32)])
+        assert at > 0
+        data[at + min(len(payload) - 1, 5)] ^= 0x10
+        with dcrt.open_dcm(bytes(data)) as f:
+            problems = f.verify()
+        assert problems and all("damaged" in p for p in problems.values()), problems
+        try:
+            dcrt.Session(bytes(data)).run(None, feeds)
+        except FormatError as e:
+            assert "damaged" in str(e)
+        else:
+            raise AssertionError("a damaged file ran")
+    c.check(f"{name}: a flipped payload bit is reported as damage", damaged)
+
+
+def check_codecs(c: Checks) -> None:
+    rng = np.random.default_rng(0)
+    for chain in codecs.CHAINS:
+        def round_trip(chain=chain):
+            for alphabet, n in ((2, 1000), (33, 20000), (256, 5000), (3000, 3000)):
+                if not codecs.usable(chain, alphabet):
+                    continue
+                symbols = np.minimum(rng.geometric(0.2, n) - 1, alphabet - 1)
+                stream = codecs.encode(symbols, alphabet, chain)
+                got = codecs.decode(stream)
+                assert np.array_equal(got, symbols), f"{chain} alphabet {alphabet}"
+        c.check(f"codec {chain} round-trips on this machine", round_trip)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--numba", choices=("yes", "no", "any"), default="any")
+    ap.add_argument("--models", default=os.path.join(HERE, "models"))
+    a = ap.parse_args(argv)
+    import flatbuffers
+    machine = platform.machine()
+    kernels = numba_kernels()
+    print(f"machine {machine}, {sys.byteorder}-endian, {8 * struct.calcsize('P')}-bit pointers, "
+          f"np.intp {np.dtype(np.intp).itemsize * 8}-bit, Python {platform.python_version()}, "
+          f"numpy {np.__version__}, flatbuffers {getattr(flatbuffers, '__version__', '?')}, "
+          f"numba {'in use' if kernels is not None else 'not in use'}; dcrt from {os.path.dirname(dcrt.__file__)}",
+          flush=True)
+    c = Checks()
+    if a.numba != "any":
+        def numba_state():
+            assert (kernels is not None) == (a.numba == "yes"), f"numba kernels in use: {kernels is not None}"
+        c.check(f"numba {'used' if a.numba == 'yes' else 'not used'}", numba_state)
+    check_codecs(c)
+    with open(os.path.join(a.models, "manifest.json")) as f:
+        manifest = json.load(f)
+    for name, info in manifest.items():
+        check_model(c, a.models, name, info)
+    total = c.passed + len(c.failed)
+    print(f"RESULT {machine}: {c.passed}/{total} checks passed" + (f"; failed: {c.failed}" if c.failed else ""))
+    return 0 if not c.failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
