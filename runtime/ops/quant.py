@@ -9,6 +9,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from dcrt.errors import UnsupportedOperatorError
+
 from . import register
 from .tensor import onnx_dtype
 
@@ -56,7 +58,7 @@ def quantize_linear(attrs: Attrs, x: np.ndarray, scale: np.ndarray,
     else:
         out = np.dtype(np.uint8)
     if out not in _RANGES:
-        raise NotImplementedError(f"QuantizeLinear to {out}")
+        raise UnsupportedOperatorError(f"QuantizeLinear to {out}")
     precision = onnx_dtype(attrs["precision"]) if attrs.get("precision") else None
     v = x.astype(precision) if precision is not None else x
     q = np.rint(v / _spread(scale, x.shape, axis, block).astype(v.dtype)).astype(np.int64)

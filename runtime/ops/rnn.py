@@ -16,6 +16,8 @@ import numpy as np
 
 from .. import kernels
 from ..indexed import IndexedWeight, SparseWeight
+from dcrt.errors import UnsupportedOperatorError
+
 from . import register
 from .elementwise import sigmoid
 
@@ -55,7 +57,7 @@ def _activation(name: str, alpha: Optional[float], beta: Optional[float]) -> Act
     if key == "affine":
         a, b = (1.0 if alpha is None else alpha), (0.0 if beta is None else beta)
         return lambda v: a * v + b
-    raise NotImplementedError(f"RNN activation '{name}'")
+    raise UnsupportedOperatorError(f"RNN activation '{name}'")
 
 
 _TAKES_ALPHA = {"leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu", "affine"}

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
+from dcrt.errors import UnsupportedOperatorError
+
 from . import register
 
 Attrs = Dict[str, Any]
@@ -26,11 +28,11 @@ ONNX_DTYPES: Dict[int, np.dtype] = {
 
 
 def onnx_dtype(code: int) -> np.dtype:
-    """The numpy dtype of an ONNX element type code (``NotImplementedError`` for bfloat16, float8...)."""
+    """The numpy dtype of an ONNX element type code (``UnsupportedOperatorError`` for bfloat16, float8...)."""
     try:
         return ONNX_DTYPES[int(code)]
     except KeyError:
-        raise NotImplementedError(f"ONNX element type {code} has no numpy equivalent") from None
+        raise UnsupportedOperatorError(f"ONNX element type {code} has no numpy equivalent") from None
 
 
 def _ints(v: Any) -> List[int]:
@@ -64,7 +66,7 @@ def dropout(attrs: Attrs, x: np.ndarray, ratio: Optional[np.ndarray] = None,
     """Inference: the input unchanged, and an all-true mask."""
     rate = float(ratio) if ratio is not None else attrs.get("ratio", 0.5)
     if training is not None and bool(training) and rate > 0:
-        raise NotImplementedError("Dropout in training mode is random; dcrt only runs inference")
+        raise UnsupportedOperatorError("Dropout in training mode is random; dcrt only runs inference")
     return x, np.ones(x.shape, dtype=bool)
 
 
@@ -80,7 +82,7 @@ def constant(attrs: Attrs) -> np.ndarray:
     for key in ("value_string", "value_strings"):
         if key in attrs:
             return np.asarray(attrs[key], dtype=object)
-    raise NotImplementedError(f"Constant with attributes {sorted(k for k in attrs if k[0] != '_')}")
+    raise UnsupportedOperatorError(f"Constant with attributes {sorted(k for k in attrs if k[0] != '_')}")
 
 
 @register("Cast")
@@ -548,7 +550,7 @@ def _source_coords(mode: str, out: int, length: int, scale: float, roi: Tuple[fl
         if resized == 1:
             return np.full(out, (end - start) * (length - 1) / 2 + start * (length - 1))
         return start * (length - 1) + x * (end - start) * (length - 1) / (resized - 1)
-    raise NotImplementedError(f"Resize coordinate_transformation_mode '{mode}'")
+    raise UnsupportedOperatorError(f"Resize coordinate_transformation_mode '{mode}'")
 
 
 def _cubic(t: np.ndarray, a: float) -> np.ndarray:
@@ -582,7 +584,7 @@ def _resize_taps(attrs: Attrs, src: np.ndarray, length: int, scale: float) -> Tu
         offsets = np.arange(start, 2 - start)
         weights = _cubic((offsets - r) * shrink, attrs.get("cubic_coeff_a", -0.75))
     else:
-        raise NotImplementedError(f"Resize mode '{mode}'")
+        raise UnsupportedOperatorError(f"Resize mode '{mode}'")
     index = base[:, None] + offsets
     if attrs.get("exclude_outside", 0):
         weights = np.where((index < 0) | (index > length - 1), 0.0, weights)
