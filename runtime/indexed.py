@@ -173,7 +173,7 @@ class IndexedWeight:
         return self.codebook[self.indices]
 
     def take_rows(self, idx: np.ndarray) -> np.ndarray:
-        return self.codebook[np.take(self.indices, idx, axis=0)]
+        return self.codebook[np.take(self.indices, np.asarray(idx).astype(np.intp, copy=False), axis=0)]
 
     # -- tiles ---------------------------------------------------------------------------------
     def tile_rows(self) -> int:
@@ -281,13 +281,13 @@ class SparseWeight:
         rows = int(shape[0])
         symbols = np.asarray(symbols)
         row_ptr = np.zeros(rows + 1, np.int64)
-        np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
+        np.cumsum(np.bincount(np.asarray(rows_idx).astype(np.intp, copy=False), minlength=rows), out=row_ptr[1:])
         k = kernels()
         if k is not None:
             cols, syms = np.empty(len(rows_idx), np.int32), np.empty_like(symbols)
             k.csc_to_csr(np.asarray(col_ptr, np.int64), np.asarray(rows_idx), symbols, row_ptr, cols, syms)
             return cls(codebook, row_ptr, cols, syms, shape)
-        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr))
+        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr).astype(np.intp, copy=False))
         order = np.argsort(rows_idx, kind="stable")
         return cls(codebook, row_ptr, col_of[order], symbols[order], shape)
 
@@ -314,7 +314,7 @@ class SparseWeight:
         lo, hi = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
         new_rows, new_cols = np.divmod(self.cols[lo:hi], width)   # columns ascend, so rows do too
         row_ptr = np.zeros(inner[0] + 1, np.int64)
-        np.cumsum(np.bincount(new_rows, minlength=inner[0]), out=row_ptr[1:])
+        np.cumsum(np.bincount(new_rows.astype(np.intp, copy=False), minlength=inner[0]), out=row_ptr[1:])
         return SparseWeight(self.codebook[1:], row_ptr, new_cols.astype(np.int32),
                             self.symbols[lo:hi], inner)
 
@@ -358,7 +358,7 @@ class SparseWeight:
             return out
         out[...] = 0
         lo, hi = int(self.row_ptr[a]), int(self.row_ptr[b])
-        rows = np.repeat(np.arange(b - a), np.diff(self.row_ptr[a:b + 1]))
+        rows = np.repeat(np.arange(b - a), np.diff(self.row_ptr[a:b + 1]).astype(np.intp, copy=False))
         out[rows, self.cols[lo:hi]] = self.codebook[self.symbols[lo:hi]]
         return out
 

@@ -99,7 +99,7 @@ def matmul_t(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
 def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
     """``w[idx]`` along axis 0 (``idx`` already non-negative, any shape): an embedding lookup."""
     if isinstance(w, np.ndarray):
-        return np.take(w, idx, axis=0)
+        return np.take(w, np.asarray(idx).astype(np.intp, copy=False), axis=0)
     own = getattr(w, "take_rows", None)
     return own(idx) if own is not None else np.take(dense(w), idx, axis=0)
 

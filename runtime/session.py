@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from dcrt import memory
-from dcrt.errors import InputError
+from dcrt.errors import FormatError, InputError
 from dcrt.format import open_dcm
 from dcrt.format.reader import StoredTensor
 from dcrt.format.tensor import QUANTIZED, SPARSE
@@ -103,7 +103,9 @@ class Session:
         value = self._cache.get(name)
         if value is not None:
             return value
-        t = self._tensors[name]
+        t = self._tensors.get(name)
+        if t is None:     # e.g. an If branch of a damaged or hostile graph that never produced it
+            raise FormatError(f"the graph reads {name!r}, which no node produces and the file does not store")
         compressed = t.record.encoding in (QUANTIZED, SPARSE)
         if self.mode == "stream" and compressed:
             return t.decode()

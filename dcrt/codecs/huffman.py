@@ -246,7 +246,7 @@ def _decode_table(lengths: np.ndarray) -> np.ndarray:
     """uint32 ``(length << 16) | symbol`` for every 16-bit peek; 0 where no code starts (incomplete code)."""
     order, ln = _canonical_order(lengths)
     # Canonical codes tile [0, 2^16) in (length, symbol) order, so the table is a run-length expansion.
-    filled = np.repeat(((ln << 16) | order).astype(np.uint32), np.int64(1) << (_PEEK - ln))
+    filled = np.repeat(((ln << 16) | order).astype(np.uint32), (np.int64(1) << (_PEEK - ln)).astype(np.intp, copy=False))
     table = np.zeros(1 << _PEEK, dtype=np.uint32)
     table[: filled.size] = filled
     return table
@@ -354,7 +354,7 @@ def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np
     win = w32[base_byte: base_byte + nbytes + 1]  # one spare window: sink positions peek there
     # Length of the code starting at every bit position of the group (0: no code starts there).
     if rows is not None:
-        at = np.take(rows, win[:nbytes] >> 16).view(np.uint8)
+        at = np.take(rows, (win[:nbytes] >> 16).astype(np.intp, copy=False)).view(np.uint8)
         hard = np.flatnonzero(at == 0)  # a long code at a high bit offset, or no code at all
         at[hard] = lens[(win[hard >> 3] >> (16 - (hard & 7)).astype(np.uint32)) & 0xFFFF]
         nocode = hard[at[hard] == 0]
@@ -393,10 +393,10 @@ def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np
     del nxt, tail, take, at  # the per-bit arrays are most of the memory: free them first
 
     # The 16-bit peek at every visited position, in place: shifting a uint32 left drops the bits before it.
-    peek = win.take(pos >> 3)
+    peek = win.take((pos >> 3).astype(np.intp, copy=False))
     peek <<= (pos & 7).view(np.uint32)
     peek >>= 16
-    symbols = (table & 0xFFFF).astype(out.dtype).take(peek)  # steps x lanes; column j is chunk first + j
+    symbols = (table & 0xFFFF).astype(out.dtype).take(peek.astype(np.intp, copy=False))  # steps x lanes; column j is chunk first + j
     lo = first * c.chunk_size
     full = lanes if sizes[-1] == steps else lanes - 1
     out[lo: lo + full * steps].reshape(full, steps)[...] = symbols[:, :full].T

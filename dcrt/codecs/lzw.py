@@ -200,7 +200,7 @@ def decode_numpy(payload: Payload, stage: Stage) -> np.ndarray:
 
     # 3. Output: where each symbol is copied from, then chase the copies down to literals.
     index = np.int32 if count < 1 << 31 else np.int64
-    emission = np.repeat(np.arange(used, dtype=index), lengths)
+    emission = np.repeat(np.arange(used, dtype=index), lengths.astype(np.intp, copy=False))
     position = np.arange(count, dtype=index)
     offset = position - starts[emission]
     literal = codes < alphabet

@@ -107,7 +107,7 @@ def pack_codes(codes: np.ndarray, widths: np.ndarray, starts: np.ndarray, nbits:
         start = starts[lo:hi].astype(np.int64)
         byte = start >> 3
         first = int(byte[0])
-        byte -= first
+        byte = (byte - first).astype(np.intp, copy=False)  # bincount needs intp indices (32-bit ARM)
         # Left-align each code in a 24-bit window that begins at its first byte.
         shift = 24 - (start & 7) - widths[lo:hi].astype(np.int64)
         value = codes[lo:hi].astype(np.int64) << shift

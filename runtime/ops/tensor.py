@@ -279,7 +279,7 @@ def gather(attrs: Attrs, data: Any, indices: np.ndarray) -> np.ndarray:
     idx = _wrap(indices, data.shape[axis])
     if axis == 0:
         return kernels.take_rows(data, idx)
-    return np.take(kernels.dense(data), idx, axis=axis)
+    return np.take(kernels.dense(data), np.asarray(idx).astype(np.intp, copy=False), axis=axis)
 
 
 @register("GatherElements")
@@ -603,7 +603,7 @@ def _resize_axis(attrs: Attrs, x: np.ndarray, axis: int, out: int, scale: float,
     shape[axis] = out
     y = None
     for t in range(index.shape[1]):
-        term = np.take(x, index[:, t], axis=axis)
+        term = np.take(x, index[:, t].astype(np.intp, copy=False), axis=axis)
         if weights.shape[1] > 1 or _text(attrs.get("mode", "nearest")) != "nearest":
             term = term * weights[:, t].reshape(shape).astype(x.dtype if x.dtype.kind == "f" else np.float64)
         y = term if y is None else y + term
