@@ -330,7 +330,9 @@ def _tensor(fb, limits: _Limits) -> TensorRecord:
 
 def _small_tensor(fb, limits: _Limits) -> np.ndarray:
     """A tensor inside an attribute (Constant value etc.): small, decoded and verified at open."""
-    return _tensor(fb, limits).decode()
+    record = _tensor(fb, limits)
+    record.verify()   # TensorRecord.decode() no longer verifies: StoredTensor does, and so must this
+    return record.decode()
 
 
 def _attribute(fb, limits: _Limits) -> Tuple[str, Any]:
