@@ -226,27 +226,35 @@ def index_matmul_par(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma:
 # -- CSR weights ------------------------------------------------------------------------------------
 
 @njit(inline="always")
+def csr_row_dot(xv, cols, symbols, codebook, e, end):  # pragma: no cover - compiled
+    """``sum xv[cols[k]] * codebook[symbols[k]]`` over the entries ``[e, end)`` of one CSR row.
+
+    Four accumulators hide the gather latency; the LSTM kernel (``_numba_rnn``) shares this.
+    """
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    while e + 3 < end:
+        a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+        a1 += xv[_U(cols[_U(e + 1)])] * codebook[symbols[_U(e + 1)]]
+        a2 += xv[_U(cols[_U(e + 2)])] * codebook[symbols[_U(e + 2)]]
+        a3 += xv[_U(cols[_U(e + 3)])] * codebook[symbols[_U(e + 3)]]
+        e += 4
+    while e < end:
+        a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
+        e += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(inline="always")
 def _csr_dot(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragma: no cover
     batch = x.shape[0]
     if batch == 1:
         xv = x[0]
-        e = row_ptr[n0]
         for n in range(n0, n1):
-            end = row_ptr[n + 1]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            while e + 3 < end:
-                a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
-                a1 += xv[_U(cols[_U(e + 1)])] * codebook[symbols[_U(e + 1)]]
-                a2 += xv[_U(cols[_U(e + 2)])] * codebook[symbols[_U(e + 2)]]
-                a3 += xv[_U(cols[_U(e + 3)])] * codebook[symbols[_U(e + 3)]]
-                e += 4
-            while e < end:
-                a0 += xv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
-                e += 1
-            out[0, n] = _finish((a0 + a1) + (a2 + a3), bias, n, lo, hi, clamp)
+            acc = csr_row_dot(xv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
+            out[0, n] = _finish(acc, bias, n, lo, hi, clamp)
         return
     xt = np.ascontiguousarray(x.T)
     acc = np.empty(batch, np.float32)

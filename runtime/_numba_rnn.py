@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._numba_index import csr_row_dot
+
 _U = np.uint64
 _FAST = {"reassoc", "nsz"}
 
@@ -110,23 +112,8 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
     for t in range(steps):
         for b in range(batch):
             hv = h[b]
-            e = row_ptr[0]
             for n in range(gates4):
-                end = row_ptr[n + 1]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                while e + 3 < end:
-                    a0 += hv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
-                    a1 += hv[_U(cols[_U(e + 1)])] * codebook[symbols[_U(e + 1)]]
-                    a2 += hv[_U(cols[_U(e + 2)])] * codebook[symbols[_U(e + 2)]]
-                    a3 += hv[_U(cols[_U(e + 3)])] * codebook[symbols[_U(e + 3)]]
-                    e += 4
-                while e < end:
-                    a0 += hv[_U(cols[_U(e)])] * codebook[symbols[_U(e)]]
-                    e += 1
-                gates[n] = proj[t, b, n] + ((a0 + a1) + (a2 + a3))
+                gates[n] = proj[t, b, n] + csr_row_dot(hv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
             _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
         for b in range(batch):
             for j in range(hidden):
