@@ -89,29 +89,50 @@ def entries_entropy_bits(gaps: np.ndarray, kept: np.ndarray, bits: int) -> float
     return h(rel_counts) + h(sym_counts) + 8 * step   # + a code-length table of 2**bits bytes
 
 
+CHUNK_ENTRIES = 1 << 20     # decode_csc works through the entries in column blocks of about this many
+
+
 def decode_csc(entry_symbols: np.ndarray, relative: np.ndarray, counts: np.ndarray,
                rows: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of :func:`encode_csc` without the fillers.
 
-    Returns ``(col_ptr, row_indices, symbols)`` of the kept weights (standard CSC, int64 pointers).
+    Returns ``(col_ptr, row_indices, symbols)`` of the kept weights (standard CSC: int64 column
+    pointers, int32 row indices). The entries are decoded in blocks of whole columns, so that
+    the int64 temporaries stay about :data:`CHUNK_ENTRIES` long whatever the tensor's size: opening
+    a 100M-weight layer costs little more than its final arrays.
     Raises :class:`FormatError` when the entries do not fit a matrix with ``rows`` rows.
     """
     counts = np.asarray(counts, dtype=np.int64)
     if len(entry_symbols) != len(relative) or counts.sum() != len(relative) or (counts < 0).any():
         raise FormatError("sparse index streams disagree: entry count, relative indices and "
                           "column counts do not match")
-    col_of = np.repeat(np.arange(len(counts)), counts.astype(np.intp))  # repeats must be intp (32-bit ARM)
-    advance = np.cumsum(np.asarray(relative, dtype=np.int64) + 1)
-    col_start = np.concatenate(([0], np.cumsum(counts)))
-    base = np.concatenate(([0], advance))[col_start[:-1]]
-    row = advance - base[col_of] - 1
-    if len(row) and (row.max() >= rows):
-        raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
+    if rows > np.iinfo(np.int32).max:
+        raise FormatError(f"a sparse tensor with {rows} rows is beyond the format's limits")
+    entry_symbols = np.asarray(entry_symbols)
+    col_start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=col_start[1:])
     keep = entry_symbols != 0
-    kept_cols = col_of[keep]
+    kept_per_col = np.zeros(len(counts), dtype=np.int64)
+    row_out = np.empty(int(np.count_nonzero(keep)), dtype=np.int32)
+    # blocks of whole columns with about CHUNK_ENTRIES entries (a longer column is a block of its own)
+    firsts = np.searchsorted(col_start, np.arange(0, len(relative), CHUNK_ENTRIES), "right") - 1
+    bounds = np.unique(np.concatenate(([0], firsts, [len(counts)])))
+    at = 0
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        e0, e1 = col_start[c0], col_start[c1]
+        advance = np.cumsum(np.asarray(relative[e0:e1], dtype=np.int64) + 1)
+        base = np.concatenate(([0], advance))[col_start[c0:c1] - e0]   # rows passed before each column
+        col_of = np.repeat(np.arange(c1 - c0), counts[c0:c1].astype(np.intp))  # intp: 32-bit ARM
+        row = advance - base[col_of] - 1
+        if len(row) and row.max() >= rows:
+            raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
+        kept = keep[e0:e1]
+        row_out[at:at + np.count_nonzero(kept)] = row[kept]
+        at += np.count_nonzero(kept)
+        kept_per_col[c0:c1] = np.bincount(col_of[kept], minlength=c1 - c0)
     col_ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(kept_cols, minlength=len(counts)), out=col_ptr[1:])
-    return col_ptr, row[keep], np.asarray(entry_symbols)[keep]
+    np.cumsum(kept_per_col, out=col_ptr[1:])
+    return col_ptr, row_out, entry_symbols[keep]
 
 
 def csc_to_dense_symbols(col_ptr: np.ndarray, row_indices: np.ndarray, symbols: np.ndarray,

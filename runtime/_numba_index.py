@@ -4,7 +4,7 @@ The products and expansions exist twice: ``name`` (one thread, no launch cost: w
 use) and ``name_par`` (rows spread over numba's threads, for products big enough to pay for a
 parallel launch, see ``numba_kernels.launch``). Both run the same inlined per-row helper, so they
 agree bit for bit (``csr_matmul_par`` sums per-thread partial results: to float32 rounding).
-``csc_to_csr`` builds the CSR form when a sparse weight is loaded; the ``*_bins`` kernels are the
+``entries_to_csr`` builds the CSR form when a sparse weight is loaded; the ``*_bins`` kernels are the
 paper's sums per centroid, benchmarked against the dot products (``benchmarks/run.py``).
 
 How the products are computed (float32 accumulation):
@@ -63,20 +63,40 @@ def _finish_rows(out, bias, lo, hi, clamp, n0, n1):  # pragma: no cover - compil
 # -- building the CSR form ------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def csc_to_csr(col_ptr, rows, symbols, row_ptr, cols_out, symbols_out):  # pragma: no cover - compiled
-    """Regroup the file's CSC entries by row (a counting sort: columns stay ascending in each row).
+def entries_to_csr(symbols, relative, counts, row_ptr, cols_out, symbols_out):  # pragma: no cover - compiled
+    """The CSR form of a sparse weight straight from the file's CSC entries (fillers included).
 
-    ``row_ptr`` is the CSR row pointer (computed from the row counts); ``cols_out`` (int32) and
-    ``symbols_out`` receive each kept weight's column and symbol. No temporary but one int64 per row.
+    Two passes over the entries, no temporary: the first counts the kept weights of each row into
+    ``row_ptr`` (zeros, ``rows + 1`` long), the second places each one's column (``cols_out``,
+    int32) and symbol; columns stay ascending within each row. Returns False, with the outputs
+    unfinished, when a relative index runs past the last row (a damaged file).
     """
+    rows = row_ptr.size - 1
+    e = 0
+    for c in range(counts.size):
+        r = -1
+        for _ in range(counts[c]):
+            r += np.int64(relative[e]) + 1
+            if r >= rows:
+                return False
+            if symbols[e] != 0:
+                row_ptr[r + 1] += 1
+            e += 1
+    for r in range(rows):
+        row_ptr[r + 1] += row_ptr[r]
     fill = row_ptr[:-1].copy()
-    for c in range(col_ptr.size - 1):
-        for e in range(col_ptr[c], col_ptr[c + 1]):
-            r = rows[e]
-            p = fill[r]
-            cols_out[p] = c
-            symbols_out[p] = symbols[e]
-            fill[r] = p + 1
+    e = 0
+    for c in range(counts.size):
+        r = -1
+        for _ in range(counts[c]):
+            r += np.int64(relative[e]) + 1
+            if symbols[e] != 0:
+                p = fill[r]
+                cols_out[p] = c
+                symbols_out[p] = symbols[e]
+                fill[r] = p + 1
+            e += 1
+    return True
 
 
 # -- expanding tiles ------------------------------------------------------------------------------

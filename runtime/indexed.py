@@ -31,6 +31,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from dcrt import sparse
+from dcrt.errors import FormatError
+
 from .numba_kernels import kernels, launch
 
 TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (float32 bytes)
@@ -271,25 +274,31 @@ class SparseWeight:
                       + self.codebook.nbytes)
 
     @classmethod
-    def from_csc(cls, codebook, col_ptr, rows_idx, symbols, shape) -> "SparseWeight":
-        """Build from the file's CSC (column pointers, row indices, symbols) over the 2-D view.
+    def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
+        """Build from the file's CSC entries (symbols, relative indices, column counts: see
+        :mod:`dcrt.sparse`) over the 2-D view.
 
-        CSC is column-major: the entries are regrouped by row, with numba by a counting sort into the
-        final arrays (``csc_to_csr``), else by a stable argsort (its numpy twin, with int64 and int32
-        temporaries of the entries' count: a larger peak while opening).
+        With numba, ``entries_to_csr`` places the kept weights straight into the final arrays (no
+        temporary as long as the entries); its numpy twin decodes the CSC (``sparse.decode_csc``)
+        and regroups it by row with a stable argsort (a larger peak while opening).
+        Raises FormatError when a relative index runs past the rows.
         """
         rows = int(shape[0])
-        symbols = np.asarray(symbols)
-        row_ptr = np.zeros(rows + 1, np.int64)
-        np.cumsum(np.bincount(np.asarray(rows_idx).astype(np.intp, copy=False), minlength=rows), out=row_ptr[1:])
         k = kernels()
         if k is not None:
-            cols, syms = np.empty(len(rows_idx), np.int32), np.empty_like(symbols)
-            k.csc_to_csr(np.asarray(col_ptr, np.int64), np.asarray(rows_idx), symbols, row_ptr, cols, syms)
+            symbols = np.asarray(symbols)
+            kept = int(np.count_nonzero(symbols))
+            row_ptr = np.zeros(rows + 1, np.int64)
+            cols, syms = np.empty(kept, np.int32), np.empty(kept, symbols.dtype)
+            if not k.entries_to_csr(symbols, np.asarray(relative), np.asarray(counts), row_ptr, cols, syms):
+                raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
             return cls(codebook, row_ptr, cols, syms, shape)
+        col_ptr, rows_idx, syms = sparse.decode_csc(symbols, relative, counts, rows)
+        row_ptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
         col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr).astype(np.intp, copy=False))
         order = np.argsort(rows_idx, kind="stable")
-        return cls(codebook, row_ptr, col_of[order], symbols[order], shape)
+        return cls(codebook, row_ptr, col_of[order], syms[order], shape)
 
     def _view(self, row_ptr, shape) -> "SparseWeight":
         view = SparseWeight.__new__(SparseWeight)

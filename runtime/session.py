@@ -55,8 +55,11 @@ def _node_arg(v: ValueInfo) -> NodeArg:
 def indexed_weight(t: StoredTensor):
     """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``)."""
     if t.record.encoding == SPARSE and memory.sparse_layout(t.record) == "csr":
-        col_ptr, rows, symbols = t.csc()
-        return SparseWeight.from_csc(t.codebook, col_ptr, rows, symbols, t.shape)
+        entries = t.entries()
+        try:
+            return SparseWeight.from_entries(t.codebook, *entries, t.shape)
+        except FormatError as error:
+            raise FormatError(f"tensor {t.name!r}: {error}") from None
     return IndexedWeight(*t.index_form())
 
 
@@ -73,6 +76,8 @@ class Session:
         self._tensors: Dict[str, StoredTensor] = m.graph.initializers
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
         self._outputs = [_node_arg(v) for v in m.graph.outputs]
+        self._expected = {i.name: i for i in self._inputs}
+        self._output_names = [o.name for o in self._outputs]
         self._cache: Dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -133,11 +138,11 @@ class Session:
         if input_feed is None:
             raise InputError("no inputs given: run(None, {name: array}) or run(x)")
         feeds = self._check(input_feed)
-        names = list(output_names) if output_names is not None else [o.name for o in self._outputs]
-        known = {o.name for o in self._outputs}
-        bad = [n for n in names if n not in known]
+        names = list(output_names) if output_names is not None else self._output_names
+        bad = [n for n in names if n not in self._output_names]
         if bad:
-            raise InputError(f"unknown output(s) {', '.join(bad)}; the model's outputs are {', '.join(sorted(known))}")
+            raise InputError(f"unknown output(s) {', '.join(bad)}; the model's outputs are "
+                             f"{', '.join(sorted(self._output_names))}")
         results = self._executor.run(feeds, self._weight, names)
         outputs = [results[n] for n in names]
         if short:
@@ -145,7 +150,7 @@ class Session:
         return outputs
 
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-        expected = {i.name: i for i in self._inputs}
+        expected = self._expected
         unknown = [n for n in feed if n not in expected]
         if unknown:
             raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the model's inputs are "

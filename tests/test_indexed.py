@@ -14,12 +14,9 @@ def forms(shape, density=0.2, seed=0):
     codebook, symbols = random_weight(shape, density, seed)     # symbols: 0 = pruned, s -> codebook[s-1]
     dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
     rows, cols = sparse.matrix_shape(shape)
-    s2 = symbols.reshape(rows, cols)
-    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
-    r_idx = np.nonzero(s2.T)[1]
-    syms = s2.T[s2.T != 0]
+    entries = sparse.encode_csc(symbols.reshape(rows, cols), 3)
     return dense, [IndexedWeight(np.concatenate([[0], codebook]), symbols),
-                   SparseWeight.from_csc(codebook, col_ptr, r_idx, syms, shape)]
+                   SparseWeight.from_entries(codebook, *entries, shape)]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 40])

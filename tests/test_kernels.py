@@ -11,6 +11,8 @@ import pytest
 
 from runtime_helpers import random_weight
 
+from dcrt import sparse
+from dcrt.errors import FormatError
 from dcrt.graph import Graph, Node, ValueInfo
 from dcrt.runtime import indexed, kernels, numba_kernels
 from dcrt.runtime.executor import Executor
@@ -44,11 +46,8 @@ def weights(shape, density, seed=0, centroids=31):
     codebook, symbols = random_weight(shape, density, seed, centroids)
     book = np.concatenate([[0], codebook]).astype(np.float32)
     dense = book[symbols]
-    rows = shape[0]
-    s2 = symbols.reshape(rows, -1)
-    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
-    return dense, IndexedWeight(book, symbols), SparseWeight.from_csc(
-        codebook, col_ptr, np.nonzero(s2.T)[1], s2.T[s2.T != 0], shape)
+    entries = sparse.encode_csc(symbols.reshape(shape[0], -1), 4)
+    return dense, IndexedWeight(book, symbols), SparseWeight.from_entries(codebook, *entries, shape)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
@@ -71,16 +70,22 @@ def test_fc_kernels_agree(batch, epilogue, monkeypatch):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_csr_from_csc_agrees(monkeypatch):
-    """The counting-sort regrouping (numba) and the stable argsort (numpy) build the same CSR."""
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_csr_from_entries_agrees(monkeypatch, bits):
+    """The two-pass placement (numba) and decode_csc + stable argsort (numpy) build the same CSR;
+    both refuse relative indices that run past the rows."""
     codebook, symbols = random_weight((50, 3, 4, 5), 0.2, seed=7)
-    s2 = symbols.reshape(50, -1)
-    col_ptr = np.concatenate([[0], np.cumsum((s2 != 0).sum(0))])
-    build = lambda: SparseWeight.from_csc(codebook, col_ptr, np.nonzero(s2.T)[1], s2.T[s2.T != 0], symbols.shape)
-    got, twin = both(build, monkeypatch)
+    entries = sparse.encode_csc(symbols.reshape(50, -1), bits)
+    got, twin = both(lambda: SparseWeight.from_entries(codebook, *entries, symbols.shape), monkeypatch)
     for name in ("row_ptr", "cols", "symbols"):
         np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
     np.testing.assert_array_equal(got.dense(), np.concatenate([[0], codebook]).astype(np.float32)[symbols])
+    sym, rel, counts = entries
+    too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
+    for off in ("0", "1"):
+        monkeypatch.setenv("DCRT_NO_NUMBA", off)
+        with pytest.raises(FormatError, match="run past"):
+            SparseWeight.from_entries(codebook, *too_far, symbols.shape)
 
 
 def test_codebook_sums_agree_with_dot_products():

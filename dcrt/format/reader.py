@@ -140,6 +140,11 @@ class StoredTensor:
         self.verify()
         return self.record.csc()
 
+    def entries(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sparse tensors: the stored entries ``(symbols, relative_indices, column_counts)``."""
+        self.verify()
+        return self.record.entries()
+
     def __repr__(self) -> str:
         return f"StoredTensor({self.name!r}, shape={self.shape}, {self.encoding})"
 

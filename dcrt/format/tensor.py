@@ -147,11 +147,10 @@ class TensorRecord:
             return book, dense.reshape(self.shape)
         raise FormatError(f"tensor {self.name!r} is stored raw and has no codebook indices")
 
-    def csc(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """SPARSE: ``(col_ptr, row_indices, symbols)`` of the kept weights over the 2-D view.
-
-        A symbol ``s`` stands for ``codebook[s - 1]``.
-        """
+    def entries(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SPARSE: the stored CSC entries ``(symbols, relative_indices, column_counts)``, fillers
+        included (see :mod:`dcrt.sparse`); checked against each other and the codebook, but whether
+        the relative indices stay within the rows is left to their decoder (``sparse.decode_csc``)."""
         if self.encoding != SPARSE:
             raise FormatError(f"tensor {self.name!r} is not stored sparse")
         rows, cols = sparse.matrix_shape(self.shape)
@@ -159,11 +158,21 @@ class TensorRecord:
             sym = self.symbols()
             rel = _decode_stream(self.relative_index, self.name, "relative_index", exact=len(sym))
             counts = _decode_stream(self.column_counts, self.name, "column_counts", exact=cols)
-            if len(counts) != cols:
-                raise FormatError(f"{len(counts)} column counts for {cols} columns")
+            if len(counts) != cols or int(np.sum(counts, dtype=np.int64)) != len(sym) or (counts < 0).any():
+                raise FormatError(f"{len(counts)} column counts of {int(np.sum(counts, dtype=np.int64))} "
+                                  f"entries for {cols} columns and {len(sym)} entries")
             if sym.size and int(sym.max()) > len(self._codebook()):
                 raise FormatError("an index points past the codebook")
-            return sparse.decode_csc(sym, rel, counts, rows)
+            return sym, rel, counts
+
+    def csc(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SPARSE: ``(col_ptr, row_indices, symbols)`` of the kept weights over the 2-D view.
+
+        A symbol ``s`` stands for ``codebook[s - 1]``.
+        """
+        entries = self.entries()
+        with _damage(self.name):
+            return sparse.decode_csc(*entries, sparse.matrix_shape(self.shape)[0])
 
     def _codebook(self) -> np.ndarray:
         book = self.codebook if self.codebook is not None else np.zeros(0, np.float32)
