@@ -10,7 +10,7 @@ runtime needs numpy and flatbuffers only.
 __version__ = "0.1.0"
 
 from .errors import (ConfigError, ConversionError, DcrtError, FormatError, InputError,  # noqa: E402
-                     UnsupportedOperatorError, VersionError)
+                     LimitError, UnsupportedOperatorError, VersionError)
 
 
 def __getattr__(name):
@@ -28,4 +28,5 @@ def __getattr__(name):
 
 
 __all__ = ["Session", "convert", "open_dcm", "DcrtError", "FormatError", "VersionError",
-           "ConversionError", "UnsupportedOperatorError", "ConfigError", "InputError", "__version__"]
+           "ConversionError", "UnsupportedOperatorError", "ConfigError", "InputError", "LimitError",
+           "__version__"]

@@ -33,5 +33,9 @@ class ConfigError(DcrtError):
     """A compression plan (``--config`` file or options) is malformed."""
 
 
+class LimitError(DcrtError):
+    """A model or its inputs ask the runtime for an array beyond its limit (``DCRT_MAX_TENSOR_BYTES``)."""
+
+
 class InputError(DcrtError):
     """Inputs given to ``Session.run`` do not match the model (name, shape or dtype)."""

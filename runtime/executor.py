@@ -12,12 +12,13 @@ inputs that accept weights, and expanded with ``kernels.dense`` for any other in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from dcrt.errors import DcrtError, FormatError, InputError, UnsupportedOperatorError
+from dcrt.errors import DcrtError, FormatError, InputError, LimitError, UnsupportedOperatorError
 from dcrt.graph import Graph, Node
 
 from . import kernels
@@ -59,6 +60,10 @@ class _Step:
     inputs: Tuple[str, ...]  # declared inputs ("" = omitted), then captured outer-scope names
     raw: FrozenSet[int]  # input positions passed as they are (weights, captures)
     outputs: Tuple[str, ...]
+    reads: Tuple[Tuple[str, bool], ...] = field(init=False)  # (name, raw) per input: what run walks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", tuple((name, i in self.raw) for i, name in enumerate(self.inputs)))
 
 
 @dataclass(frozen=True)
@@ -181,10 +186,10 @@ class Executor:
             for j in needed:
                 users.setdefault(j, []).append(i)
         waiting = [len(d) for d in deps]
-        ready = [i for i, w in enumerate(waiting) if w == 0]
+        ready = deque(i for i, w in enumerate(waiting) if w == 0)
         order: List[int] = []
         while ready:
-            i = ready.pop(0)
+            i = ready.popleft()
             order.append(i)
             for j in users.get(i, ()):
                 waiting[j] -= 1
@@ -283,9 +288,12 @@ class Executor:
             return kernels.dense(value)
 
         for step, dead in zip(plan.steps, plan.frees):
-            args = [fetch(name, i in step.raw) if name else None for i, name in enumerate(step.inputs)]
+            args = [(env[name] if name in env and not raw else fetch(name, raw)) if name else None
+                    for name, raw in step.reads]
             try:
                 result = step.fn(step.attrs, *args)
+            except LimitError as exc:
+                raise LimitError(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}): {exc}") from None
             except DcrtError:
                 raise
             except Exception as exc:  # noqa: BLE001 - add the node to the message, keep the cause

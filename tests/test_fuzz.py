@@ -30,8 +30,9 @@ Inputs tried: the default run tries ``DCRT_FUZZ_EXAMPLES`` (default 1500, about 
 always the same ones (hypothesis ``derandomize``); set ``DCRT_FUZZ_SEED=<int>`` for another random
 sequence and ``DCRT_FUZZ_EXAMPLES`` for a longer run (``tests/fuzz_atheris.py`` is the coverage-guided
 long run). While this was written, seeds 1-4 ran 13,000 more examples: no failure once the reader was
-hardened; resealed hostile graphs made operators attempt huge arrays (Conv / MaxPool pads of 2**24 and
-more), counted as "op-memory" (a runtime finding, see ``STRICT``).
+hardened, but resealed hostile graphs made operators attempt huge arrays (Conv / MaxPool pads of 2**24
+and more); operators now check the size of what they create first (``runtime.ops.bounded``, a
+LimitError), and seed 1 ran 5,000 more examples with no MemoryError anywhere.
 """
 from __future__ import annotations
 
@@ -55,10 +56,6 @@ SCHEMA = ROOT / "schema" / "dcm.fbs"
 
 EXAMPLES = int(os.environ.get("DCRT_FUZZ_EXAMPLES", "1500"))
 SEED = os.environ.get("DCRT_FUZZ_SEED")
-# Hostile graphs (resealed graph checksum) can ask operators for huge arrays: the executor turns the
-# MemoryError into a DcrtError naming the node, but the allocation was attempted. That is the runtime's
-# concern (reported to the runtime's owners); DCRT_FUZZ_STRICT=1 makes it fail this test too.
-STRICT = os.environ.get("DCRT_FUZZ_STRICT", "0") not in ("", "0")
 EXAMPLE_SECONDS = 10        # SIGALRM bound of one example in the worker
 STALL_SECONDS = 60          # the watchdog kills a worker that has not started a new example for this long
 MEMORY_BOUND = 1 << 30      # bytes of address space an example may add to the warmed-up worker
@@ -344,14 +341,11 @@ def _chain(error: BaseException):
 
 
 def check_one(data: bytes, feeds: Dict[str, np.ndarray], expected: List[np.ndarray], *,
-              exact: bool, mode: str = "index", forged_graph: bool = False) -> str:
+              exact: bool, mode: str = "index") -> str:
     """Open, run and verify ``data``; returns "ok" or the dcrt error's class name.
 
     Raises AssertionError for anything the reader must never do. ``exact``: the file was not
-    resealed, so a result must equal ``expected``. ``forged_graph``: the graph checksum was resealed,
-    so nodes and attributes may be hostile; an operator that then fails to allocate what the hostile
-    graph asks for (a Conv padded by 2**24) is reported as "op-memory" (a runtime finding, see
-    ``STRICT``) rather than failing the test.
+    resealed, so a result must equal ``expected``.
     """
     import dcrt
     from dcrt.errors import DcrtError
@@ -364,9 +358,6 @@ def check_one(data: bytes, feeds: Dict[str, np.ndarray], expected: List[np.ndarr
             problems = dcm.verify()
     except DcrtError as e:
         bad = [type(c).__name__ for c in _chain(e) if isinstance(c, BAD_CAUSES)]
-        if bad and forged_graph and not STRICT and type(e) is DcrtError and bad == ["MemoryError"] \
-                and str(e).startswith("node "):
-            return "op-memory"
         assert not bad, f"{type(e).__name__} caused by {bad}: {e}"
         return type(e).__name__
     except ExampleTimeout:
@@ -489,17 +480,10 @@ def worker(folder: pathlib.Path, examples: int, seed: Optional[int]) -> int:
         os.environ["DCRT_NO_NUMBA"] = "0" if numba else "1"
         signal.alarm(EXAMPLE_SECONDS)
         try:
-            outcome = check_one(mutated, feeds, expected[mode, numba], exact=resealed == "no", mode=mode,
-                                forged_graph=forged)
+            outcome = check_one(mutated, feeds, expected[mode, numba], exact=resealed == "no", mode=mode)
         finally:
             signal.alarm(0)
         stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
-        if outcome == "op-memory" and stats["outcomes"][outcome] <= 5:
-            found = folder / "findings"
-            found.mkdir(exist_ok=True)
-            k = stats["outcomes"][outcome]
-            (found / f"op-memory-{k}.dcm").write_bytes(mutated)
-            (found / f"op-memory-{k}.txt").write_text((folder / "current.txt").read_text())
 
     if seed is not None:
         fuzz = hseed(seed)(fuzz)

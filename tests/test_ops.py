@@ -707,3 +707,61 @@ def test_runtime_imports_without_converter_packages(tmp_path: Any) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# -- limits: a node that asks for a huge array is refused before allocating ------------------------
+
+_I64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+HUGE = [  # (op, inputs, attrs, weights): each asks for far more than 1 GiB from small inputs
+    ("Conv", dict(x=rand(1, 1, 4, 4), w=rand(1, 1, 1, 1)), dict(pads=[2**26, 2**26, 0, 0]), ("w",)),
+    ("MaxPool", dict(x=rand(1, 1, 4, 4)), dict(kernel_shape=[1, 1], pads=[2**26, 0, 2**26, 0]), ()),
+    ("AveragePool", dict(x=rand(1, 1, 4, 4)), dict(kernel_shape=[1, 1], pads=[0, 2**26, 0, 2**26]), ()),
+    ("ConvTranspose", dict(x=rand(1, 1, 4, 4), w=rand(1, 1, 1, 1)), dict(strides=[2**15, 2**15]), ("w",)),
+    ("Pad", dict(x=rand(2, 2), pads=_I64(0, 0, 2**20, 2**20)), {}, ("pads",)),
+    ("Tile", dict(x=rand(2, 2), repeats=_I64(2**16, 2**16)), {}, ("repeats",)),
+    ("Expand", dict(x=rand(1, 1), shape=_I64(2**16, 2**16)), {}, ("shape",)),
+    ("ConstantOfShape", dict(shape=_I64(2**20, 2**20)), {}, ("shape",)),
+    ("Range", dict(start=np.array(0, np.int64), limit=np.array(2**40, np.int64), delta=np.array(1, np.int64)),
+     {}, ("start", "limit", "delta")),
+    ("OneHot", dict(indices=_I64(1, 2), depth=_I64(2**31), values=np.array([0, 1], np.float32)), {},
+     ("depth", "values")),
+    ("Resize", dict(x=rand(1, 1, 2, 2), roi=np.zeros(0, np.float32),
+                    scales=np.array([1, 1, 2**15, 2**15], np.float32)), {}, ("roi", "scales")),
+    ("Add", dict(a=rand(2**15, 1), b=rand(1, 2**15)), {}, ()),
+    ("Where", dict(c=np.ones((2**15, 1), bool), a=rand(1, 2**15), b=rand(1)), {}, ()),
+    ("MatMul", dict(a=rand(2**10, 1, 1, 8), b=rand(1, 2**10, 8, 2**9)), {}, ()),
+    ("CenterCropPad", dict(x=rand(2, 2), shape=_I64(2**20, 2**20)), {}, ("shape",)),
+]
+
+
+@pytest.mark.parametrize("op, inputs, attrs, weights", HUGE, ids=[c[0] for c in HUGE])
+def test_huge_results_are_refused_before_allocating(op: str, inputs: Dict[str, np.ndarray],
+                                                    attrs: Dict[str, Any], weights: Sequence[str]) -> None:
+    """A LimitError naming the node, raised before the array exists (no allocation near its size)."""
+    import tracemalloc
+
+    from dcrt.errors import LimitError
+    model = one_node_model(op, inputs, attrs, weights=weights, opset=18)
+    model.graph.node[0].name = "greedy"
+    ir = from_onnx(model)
+    feeds = {n: v for n, v in inputs.items() if n not in weights}
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitError, match=r"node 'greedy' \(" + op + r"\).*GiB.*DCRT_MAX_TENSOR_BYTES"):
+            Executor(ir.graph, ir.opsets).run(feeds, ir.graph.initializers.__getitem__)
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_tensor_limit_is_configurable(tmp_path: Any) -> None:
+    """DCRT_MAX_TENSOR_BYTES lowers (or raises) the limit for a process."""
+    import subprocess
+    import sys
+    script = ("import numpy as np; from dcrt.runtime.ops import tensor; from dcrt.errors import LimitError\n"
+              "tensor.tile({}, np.zeros((4, 4), np.float32), np.array([8, 8]))\n"
+              "try:\n    tensor.tile({}, np.zeros((4, 4), np.float32), np.array([9, 8])); print('allocated')\n"
+              "except LimitError as e:\n    print('refused', e)\n")
+    env = dict(__import__("os").environ, DCRT_MAX_TENSOR_BYTES=str(32 * 32 * 4))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("refused") and "[36, 32]" in out

@@ -19,9 +19,20 @@ Adding an operator touches one module of this package and its test.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, FrozenSet, List
+import math
+import os
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List
+
+import numpy as np
+
+from dcrt.errors import LimitError
 
 OpFn = Callable[..., Any]
+
+#: The largest array an operator creates, in bytes (``DCRT_MAX_TENSOR_BYTES``, default 1 GiB). A
+#: broken or hostile model (a Conv padded by 2**24, a Tile by 10**9, a broadcast of two long vectors)
+#: gets a LimitError naming the node before anything is allocated, not an exhausted device.
+MAX_TENSOR_BYTES = int(os.environ.get("DCRT_MAX_TENSOR_BYTES", str(1 << 30)))
 
 #: ONNX operator name -> implementation.
 OPS: Dict[str, OpFn] = {}
@@ -30,6 +41,27 @@ WEIGHT_INPUTS: Dict[str, FrozenSet[int]] = {}
 
 #: Domains whose operators this table implements (the ONNX default domain).
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def bounded(shape: Iterable[Any], itemsize: int = 4) -> List[int]:
+    """``shape`` as ints, once an array of that shape and item size is known to fit the limit."""
+    dims = [int(d) for d in shape]
+    size = math.prod(max(d, 0) for d in dims) * itemsize
+    if size > MAX_TENSOR_BYTES:
+        raise LimitError(f"it would create an array of shape {dims} ({size / 2**30:.3g} GiB), over the "
+                         f"runtime's limit of {MAX_TENSOR_BYTES / 2**30:.3g} GiB per array: the model "
+                         f"or its inputs are malformed, or set DCRT_MAX_TENSOR_BYTES if the device has "
+                         f"the memory")
+    return dims
+
+
+def bounded_broadcast(*arrays: Any) -> None:
+    """Check the broadcast of ``arrays`` fits the limit (the precise shape only when it may not)."""
+    shaped = [a for a in arrays if hasattr(a, "shape")]
+    if all(a.shape == shaped[0].shape for a in shaped):
+        return
+    if math.prod(a.size for a in shaped) * 8 > MAX_TENSOR_BYTES:
+        bounded(np.broadcast_shapes(*(a.shape for a in shaped)), max(a.itemsize for a in shaped))
 
 
 def register(*names: str, weights: tuple = ()) -> Callable[[OpFn], OpFn]:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from . import register
+from . import bounded_broadcast, register
 
 Attrs = Dict[str, Any]
 
@@ -27,24 +27,28 @@ def _same(x: np.ndarray, y: Any) -> np.ndarray:
 @register("Add")
 def add(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a + b``."""
+    bounded_broadcast(a, b)
     return _same(a, a + b)
 
 
 @register("Sub")
 def sub(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a - b``."""
+    bounded_broadcast(a, b)
     return _same(a, a - b)
 
 
 @register("Mul")
 def mul(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a * b``."""
+    bounded_broadcast(a, b)
     return _same(a, a * b)
 
 
 @register("Div")
 def div(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a / b``; integer division truncates toward zero (C semantics), as onnxruntime does."""
+    bounded_broadcast(a, b)
     if np.issubdtype(a.dtype, np.integer):
         q = np.floor_divide(a, b)
         # floor and truncation differ when the signs differ and the division is inexact
@@ -56,6 +60,7 @@ def div(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @register("Pow")
 def power(attrs: Attrs, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``x ** y`` with the base's dtype (ONNX), computed without integer-power errors."""
+    bounded_broadcast(x, y)
     if np.issubdtype(x.dtype, np.integer) and not np.issubdtype(y.dtype, np.integer):
         return _same(x, np.power(x.astype(np.float64), y))
     if np.issubdtype(x.dtype, np.integer):
@@ -66,6 +71,7 @@ def power(attrs: Attrs, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 @register("Mod")
 def mod(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Remainder: sign of the divisor (Python ``%``) unless ``fmod=1`` (sign of the dividend, C)."""
+    bounded_broadcast(a, b)
     if attrs.get("fmod", 0):
         return _same(a, np.fmod(a, b))
     return _same(a, np.mod(a, b))
@@ -74,6 +80,7 @@ def mod(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _variadic(ufunc: Any) -> Any:
     def run(attrs: Attrs, *xs: Optional[np.ndarray]) -> np.ndarray:
         arrays = [x for x in xs if x is not None]
+        bounded_broadcast(*arrays)
         return _same(arrays[0], functools.reduce(ufunc, arrays))
 
     return run
@@ -88,6 +95,7 @@ register("Min")(_variadic(np.minimum))
 def mean(attrs: Attrs, *xs: np.ndarray) -> np.ndarray:
     """Elementwise mean of any number of broadcastable inputs."""
     arrays = [x for x in xs if x is not None]
+    bounded_broadcast(*arrays)
     return _same(arrays[0], functools.reduce(np.add, arrays) / len(arrays))
 
 
@@ -160,6 +168,7 @@ def leaky_relu(attrs: Attrs, x: np.ndarray) -> np.ndarray:
 @register("PRelu")
 def prelu(attrs: Attrs, x: np.ndarray, slope: np.ndarray) -> np.ndarray:
     """Leaky ReLU with a learned slope broadcast to ``x``."""
+    bounded_broadcast(x, slope)
     return _same(x, np.where(x >= 0, x, x * slope))
 
 
@@ -251,6 +260,7 @@ def clip(attrs: Attrs, x: np.ndarray, lo: Optional[np.ndarray] = None,
 
 def _binary(name: str, fn: Any) -> None:
     def run(attrs: Attrs, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        bounded_broadcast(a, b)
         return np.asarray(fn(a, b))
 
     run.__name__ = name.lower()
@@ -290,10 +300,12 @@ def isinf(attrs: Attrs, x: np.ndarray) -> np.ndarray:
 def bit_shift(attrs: Attrs, x: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Shift unsigned integers ``LEFT`` or ``RIGHT``."""
     fn = np.left_shift if attrs["direction"] == "LEFT" else np.right_shift
+    bounded_broadcast(x, n)
     return _same(x, fn(x, n.astype(x.dtype)))
 
 
 @register("Where")
 def where(attrs: Attrs, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a`` where ``cond`` else ``b``, broadcasting all three."""
+    bounded_broadcast(cond, a, b)
     return _same(a, np.where(cond, a, b))

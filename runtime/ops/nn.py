@@ -6,12 +6,13 @@ so they may be indexed weights (codebook + indices) as well as arrays.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import kernels
-from . import register
+from . import bounded, register
 
 Attrs = Dict[str, Any]
 
@@ -51,6 +52,16 @@ def _geometry(attrs: Attrs, x: np.ndarray, kernel: Sequence[int]) -> Tuple[List[
     return strides, dilations
 
 
+def _bounded_windows(x: np.ndarray, channels: int, kernel: Sequence[int], strides: Sequence[int],
+                     dilations: Sequence[int], pads: Sequence[int]) -> None:
+    """Check the padded input and the ``[N, channels, *out]`` result of a sliding window fit the limit."""
+    dims = len(kernel)
+    padded = [n + pads[i] + pads[i + dims] for i, n in enumerate(x.shape[2:])]
+    bounded(list(x.shape[:2]) + padded, x.itemsize)
+    out = [max(p - (k - 1) * d - 1, 0) // max(s, 1) + 1 for p, k, d, s in zip(padded, kernel, dilations, strides)]
+    bounded([x.shape[0], channels] + out, x.itemsize)
+
+
 # -- convolution and dense layers ------------------------------------------------------------------
 
 
@@ -68,6 +79,7 @@ def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         kernel = [int(k) for k in w.shape[2:]]
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
+        _bounded_windows(x, w.shape[0], kernel, strides, dilations, pads)
         known = (shapes, tuple(strides), tuple(dilations), tuple(pads), int(attrs.get("group", 1)))
         attrs["_conv_geometry"] = known
     y = kernels.conv(x, w, b, known[1], known[2], known[3], known[4], clamp)
@@ -163,6 +175,8 @@ def conv_transpose(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] 
         pads = [int(p) for p in attrs.get("pads") or [0] * (2 * dims)] if mode != "VALID" else [0] * (2 * dims)
         begin = pads[:dims]
         out = [f - pads[i] - pads[i + dims] for i, f in enumerate(full)]
+    for size in (full, out):
+        bounded([x.shape[0], w.shape[1] * group] + list(size), x.itemsize)
     y = kernels.conv_transpose(x, w, b, strides, dilations, begin, out, group)
     return y.astype(x.dtype, copy=False)
 
@@ -198,6 +212,8 @@ def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
 @register("MatMul", weights=(1,))
 def matmul(attrs: Attrs, a: np.ndarray, b: Any) -> np.ndarray:
     """numpy ``matmul`` semantics; a 2-D ``B`` (the usual weight) goes through the kernel."""
+    if a.ndim > 2 and b.ndim > 2:       # the batch axes broadcast
+        bounded(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.itemsize)
     if b.ndim == 2:
         y = kernels.matmul(a, b)
     else:
@@ -225,6 +241,7 @@ def _pool_layout(attrs: Attrs, x: np.ndarray) -> Tuple[List[int], List[int], Lis
     dims = len(kernel)
     strides, dilations = _geometry(attrs, x, kernel)
     pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
+    _bounded_windows(x, x.shape[1], kernel, strides, dilations, pads)
     ceil = bool(attrs.get("ceil_mode", 0))
     out = []
     for i, n in enumerate(x.shape[2:]):
@@ -357,11 +374,11 @@ def max_unpool(attrs: Attrs, x: np.ndarray, indices: np.ndarray,
     # the indices address the default unpooled shape; a larger output_shape adds zeros at the end
     shape = x.shape[:2] + tuple((n - 1) * s - pads[i] - pads[i + dims] + k
                                 for i, (n, s, k) in enumerate(zip(x.shape[2:], strides, kernel)))
-    y = np.zeros(int(np.prod(shape)), dtype=x.dtype)
+    y = np.zeros(math.prod(bounded(shape, x.itemsize)), dtype=x.dtype)
     y[indices.reshape(-1)] = x.reshape(-1)
     y = y.reshape(shape)
     if output_shape is not None:
-        target = tuple(int(s) for s in output_shape)
+        target = tuple(bounded(output_shape.reshape(-1), x.itemsize))
         y = np.pad(y, [(0, max(0, t - s)) for t, s in zip(target, shape)])[tuple(slice(0, t) for t in target)]
     return y
 

@@ -13,7 +13,7 @@ import numpy as np
 from .. import kernels
 from dcrt.errors import UnsupportedOperatorError
 
-from . import register
+from . import bounded, register
 
 Attrs = Dict[str, Any]
 
@@ -212,6 +212,7 @@ def pad(attrs: Attrs, x: np.ndarray, pads: Optional[np.ndarray] = None,
     x = x[tuple(slice(-b if b < 0 else 0, x.shape[i] + e if e < 0 else None)
                 for i, (b, e) in enumerate(widths))]
     widths = [(max(b, 0), max(e, 0)) for b, e in widths]
+    bounded([n + b + e for n, (b, e) in zip(x.shape, widths)], x.itemsize)
     mode = _text(attrs.get("mode", "constant"))
     if mode == "constant":
         fill = value.reshape(-1)[0] if value is not None and value.size else attrs.get("value", 0)
@@ -222,13 +223,15 @@ def pad(attrs: Attrs, x: np.ndarray, pads: Optional[np.ndarray] = None,
 @register("Tile")
 def tile(attrs: Attrs, x: np.ndarray, repeats: np.ndarray) -> np.ndarray:
     """Repeat the whole tensor ``repeats[i]`` times along axis ``i``."""
-    return np.tile(x, _ints(repeats))
+    times = _ints(repeats)
+    bounded([n * t for n, t in zip(x.shape, times)] + times[x.ndim:], x.itemsize)
+    return np.tile(x, times)
 
 
 @register("Expand")
 def expand(attrs: Attrs, x: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Broadcast to ``np.broadcast_shapes(x.shape, shape)`` (shape may be smaller than x's)."""
-    out = np.broadcast_shapes(x.shape, tuple(_ints(target)))
+    out = tuple(bounded(np.broadcast_shapes(x.shape, tuple(_ints(target))), x.itemsize))
     return np.broadcast_to(x, out).copy()
 
 
@@ -237,7 +240,7 @@ def constant_of_shape(attrs: Attrs, target: np.ndarray) -> np.ndarray:
     """A tensor of the given shape filled with ``value`` (float32 zero by default)."""
     value = attrs.get("value")
     value = np.zeros(1, dtype=np.float32) if value is None else np.asarray(value)
-    return np.full(_ints(target), value.reshape(-1)[0], dtype=value.dtype)
+    return np.full(bounded(_ints(target), value.itemsize), value.reshape(-1)[0], dtype=value.dtype)
 
 
 @register("Range")
@@ -245,6 +248,7 @@ def range_(attrs: Attrs, start: np.ndarray, limit: np.ndarray, delta: np.ndarray
     """``start, start + delta, ...`` below ``limit``: ``max(ceil((limit - start) / delta), 0)`` items."""
     start, limit, delta = (np.asarray(v).reshape(-1)[0] for v in (start, limit, delta))
     count = max(int(math.ceil((float(limit) - float(start)) / float(delta))), 0)
+    bounded([count], 8)
     return (start + np.arange(count, dtype=np.float64 if start.dtype.kind == "f" else np.int64)
             * delta).astype(start.dtype)
 
@@ -350,6 +354,7 @@ def one_hot(attrs: Attrs, indices: np.ndarray, depth: np.ndarray, values: np.nda
     idx = np.where(idx < 0, idx + d, idx)
     axis = attrs.get("axis", -1)
     axis = axis + idx.ndim + 1 if axis < 0 else axis
+    bounded(idx.shape + (d,), max(values.itemsize, 1))
     hot = np.expand_dims(idx, axis) == np.arange(d).reshape([-1 if i == axis else 1 for i in range(idx.ndim + 1)])
     return np.where(hot, values[1], values[0]).astype(values.dtype)
 
@@ -636,6 +641,7 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
         for a, s in zip(axes, scales):
             full_scale[a] = float(s)
             full_size[a] = int(float(s) * x.shape[a])
+    bounded(full_size, 8 if x.dtype.kind != "f" else x.itemsize)
     boxes = [(0.0, 1.0)] * rank
     if roi is not None and len(roi):
         n = len(roi) // 2

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from . import register
+from . import bounded, register
 
 Attrs = Dict[str, Any]
 
@@ -66,7 +66,8 @@ def center_crop_pad(attrs: Attrs, x: np.ndarray, shape: np.ndarray) -> np.ndarra
     """Crop or zero-pad each of ``axes`` (all by default) to the given size, centred."""
     sizes = [int(v) for v in shape.reshape(-1)]
     axes = [a % x.ndim for a in attrs.get("axes") or range(x.ndim)]
-    out = np.zeros([sizes[axes.index(i)] if i in axes else n for i, n in enumerate(x.shape)], dtype=x.dtype)
+    out = np.zeros(bounded([sizes[axes.index(i)] if i in axes else n for i, n in enumerate(x.shape)], x.itemsize),
+                   dtype=x.dtype)
     src, dst = [slice(None)] * x.ndim, [slice(None)] * x.ndim
     for a, target in zip(axes, sizes):
         n = x.shape[a]
@@ -94,7 +95,7 @@ def col2im(attrs: Attrs, x: np.ndarray, image_shape: np.ndarray, block_shape: np
     n, _, _ = x.shape
     channels = x.shape[1] // int(np.prod(block))
     cols = x.reshape([n, channels, int(np.prod(block))] + counts)
-    y = np.zeros([n, channels] + padded, dtype=x.dtype)
+    y = np.zeros(bounded([n, channels] + padded, x.itemsize), dtype=x.dtype)
     for t, offset in enumerate(itertools.product(*(range(k) for k in block))):
         region = tuple(slice(o * d, o * d + (c - 1) * s + 1, s)
                        for o, d, c, s in zip(offset, dilations, counts, strides))
