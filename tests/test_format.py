@@ -119,3 +119,21 @@ def test_every_single_bit_flip_is_caught_or_harmless():
             continue
         for name, value in model.graph.initializers.items():
             assert np.array_equal(values[name], value), f"byte {i}: silent corruption of {name}"
+
+
+def test_graph_digest_does_not_depend_on_byte_order():
+    """A big-endian reader holds attribute tensors and dtypes in its own byte order; the digest
+    hashes them as the file stores them (little-endian), so it still matches the writer's."""
+    from dcrt.format.digest import graph_digest
+
+    def graph(order: str) -> Graph:
+        f4, i8 = np.dtype(order + "f4"), np.dtype(order + "i8")
+        value = np.arange(6, dtype=f4).reshape(2, 3)
+        return Graph([Node("Constant", [], ["c"], name="k", attrs={"value": value, "ints": [1, 2]})],
+                     [ValueInfo("x", f4, [2, 3])], [ValueInfo("c", f4, [2, 3]), ValueInfo("i", i8, None)])
+
+    checksum = lambda name, value: 0  # noqa: E731
+    assert graph_digest(graph(">"), checksum) == graph_digest(graph("<"), checksum)
+    changed = graph("<")
+    changed.nodes[0].attrs["value"][0, 0] = 7
+    assert graph_digest(changed, checksum) != graph_digest(graph("<"), checksum)

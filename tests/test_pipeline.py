@@ -148,6 +148,29 @@ def test_interrupted_write_leaves_nothing(tmp_path, onnx_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_killed_conversion_keeps_the_destination(tmp_path, onnx_path):
+    """SIGKILL in the middle of writing (after the bytes, before the rename): the destination keeps
+    its old content; the orphaned temporary file is removed by the next write into the folder."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "out.dcm"
+    out.write_bytes(b"previous model")
+    script = ("import os, signal, dcrt.format.writer as w\n"
+              "w.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"import dcrt; dcrt.convert({str(onnx_path('lenet_300_100'))!r}, {str(out)!r}, force=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    assert out.read_bytes() == b"previous model"
+    orphans = [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+    assert len(orphans) == 1 and (tmp_path / orphans[0]).stat().st_size > 30000   # it was mid-write
+    mine = tmp_path / f".dcrt-{os.getpid()}-inprogress.part"
+    mine.write_bytes(b"a live writer's file")           # a running process's temp file is kept
+    convert(str(onnx_path("lenet_300_100")), str(out), force=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([mine.name, "out.dcm"])
+    assert open_dcm(str(out)).tensors
+
+
 def test_plan_precedence_and_config(onnx_path, tmp_path):
     graph = from_onnx(str(onnx_path("lenet5"))).graph
     plans = make_plan(graph)

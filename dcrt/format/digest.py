@@ -2,7 +2,8 @@
 
 Tensor payloads have their own checksums (verified lazily, on first use); this digest covers
 everything else and includes each initializer's checksum, so one number vouches for the whole graph.
-Floats are hashed as float32 and ints as int64: exactly what the file can hold.
+Floats are hashed as float32 and ints as int64: exactly what the file can hold; arrays and dtypes
+as little-endian, as the file stores them, so that a big-endian reader computes the same digest.
 """
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from typing import Any, Callable
 import numpy as np
 
 from ..graph import Graph
+
+
+def _little(dtype) -> np.dtype:
+    """``dtype`` in little-endian byte order (unchanged for one-byte and non-numeric types)."""
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder("<") if dtype.byteorder in ("=", ">") else dtype
 
 
 def graph_digest(graph: Graph, tensor_checksum: Callable[[str, Any], int], crc: int = 0) -> int:
@@ -28,8 +35,9 @@ def graph_digest(graph: Graph, tensor_checksum: Callable[[str, Any], int], crc: 
             put("graph")
             crc = graph_digest(value, tensor_checksum, crc)
         elif isinstance(value, np.ndarray):
-            put(f"tensor {value.dtype.str} {value.shape}")
-            crc = zlib.crc32(np.ascontiguousarray(value).tobytes(), crc)
+            little = _little(value.dtype)
+            put(f"tensor {little.str} {value.shape}")
+            crc = zlib.crc32(np.ascontiguousarray(value, dtype=little).tobytes(), crc)
         elif isinstance(value, (list, tuple)):
             put(f"list {len(value)}")
             for v in value:
@@ -50,7 +58,7 @@ def graph_digest(graph: Graph, tensor_checksum: Callable[[str, Any], int], crc: 
             put(key)
             put_value(node.attrs[key])
     for vi in list(graph.inputs) + ["|"] + list(graph.outputs):
-        put(vi if isinstance(vi, str) else f"{vi.name} {vi.dtype.str} {vi.shape}")
+        put(vi if isinstance(vi, str) else f"{vi.name} {_little(vi.dtype).str} {vi.shape}")
     for name in sorted(graph.initializers):
         put(name)
         crc = zlib.crc32(struct.pack("<I", tensor_checksum(name, graph.initializers[name]) & 0xFFFFFFFF), crc)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any, Dict, Mapping, Optional
 
@@ -56,9 +57,14 @@ def write_dcm(path: str, model: Model, records: Optional[Mapping[str, TensorReco
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
+
+    A process killed mid-write (SIGKILL, power loss) leaves ``path`` as it was and a
+    ``.dcrt-<pid>-*.part`` file, which the next write into that folder removes once its process is gone.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dcrt-", suffix=".part", dir=folder)
+    _remove_orphans(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".dcrt-{os.getpid()}-", suffix=".part", dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -74,6 +80,28 @@ def atomic_write(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _remove_orphans(folder: str) -> None:
+    """Delete the temporary files of writers that were killed (POSIX: their pid no longer exists)."""
+    if os.name != "posix":
+        return
+    for name in os.listdir(folder):
+        match = _PART.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)    # signal 0: does the process exist?
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        except (OSError, OverflowError):
+            pass    # it exists under another user, or the name is odd: leave it
+
+
+_PART = re.compile(r"\.dcrt-(\d+)-\w+\.part")
 
 
 class _Writer:
