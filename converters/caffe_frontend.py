@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover - the [convert] extra is missing
                           "pip install 'dcrt[convert]'") from e
 
 from . import caffe_pb2
+from .passes import check_shape
 
 OPSET = 17
 Shape = List[int]
@@ -221,11 +222,32 @@ def _check_count(layer: _Layer, want: int, shapes: List[Shape]) -> List[np.ndarr
                               f"the caffemodel has {len(layer.blobs)}")
     out = []
     for blob, shape in zip(layer.blobs[:want], shapes):
-        if blob.size != int(np.prod(shape, dtype=np.int64)):
+        # Caffe itself insists on the exact shape; 1s are ignored here for old 4-D blobs ([1, 1, n, k]),
+        # and a flat blob (or one whose stated shape was unusable) only needs the right size
+        squeeze = [d for d in blob.shape if d != 1] != [int(d) for d in shape if d != 1]
+        if blob.size != int(np.prod(shape, dtype=np.int64)) or (blob.ndim > 1 and squeeze):
             raise ConversionError(f"layer {layer.name!r} ({layer.param.type}): a weight blob of shape "
-                                  f"{list(blob.shape)} where {shape} is expected")
+                                  f"{list(blob.shape)} where {shape} is expected: the caffemodel does not "
+                                  "belong to this prototxt, or it is damaged")
         out.append(blob.reshape(shape))
     return out
+
+
+def _zero_params(layer) -> List[str]:
+    """The settings of a layer that Caffe requires to be >= 1 but are 0 (they would divide by zero)."""
+    kind, zero = layer.type, []
+    if kind in ("Convolution", "Deconvolution"):
+        p = layer.convolution_param
+        zero = ([n for n in ("num_output", "group") if getattr(p, n) == 0]
+                + [n for n in ("stride", "dilation") if 0 in getattr(p, n)]
+                + ["stride_h/stride_w"] * bool((p.stride_h or p.stride_w) and not (p.stride_h and p.stride_w)))
+    elif kind == "Pooling" and not layer.pooling_param.global_pooling:
+        p = layer.pooling_param
+        hw = p.stride_h or p.stride_w
+        zero = ["stride_h/stride_w"] if hw and not (p.stride_h and p.stride_w) else ["stride"] * (p.stride == 0)
+    elif kind == "InnerProduct":
+        zero = ["num_output"] * (layer.inner_product_param.num_output == 0)
+    return zero
 
 
 # -- one function per layer type: fn(builder, layer) -> output values -------------------------------
@@ -633,6 +655,7 @@ def _net_inputs(net) -> List[Tuple[str, Shape]]:
             shape = [int(d) for d in net.input_dim[4 * i:4 * i + 4]]
         else:
             raise ConversionError(f"net input {name!r} has no input_shape or input_dim")
+        check_shape(shape, f"net input {name!r}")
         inputs.append((name, shape))
     return inputs
 
@@ -701,8 +724,12 @@ class _Converter:
         for i, layer in enumerate(layers):
             missing = [x for x in layer.bottom if x not in values]
             if missing:
+                # Caffe runs layers in file order, so reading a later layer's top is the only way to loop
+                later = [x for x in missing if x in last_def]
+                why = (f" ({', '.join(later)} only written by a later layer: a cycle, or layers out of order)"
+                       if later else "")
                 raise ConversionError(f"{self.where}: layer {layer.name!r} reads blob(s) {', '.join(missing)} "
-                                      "that no earlier layer writes")
+                                      f"that no earlier layer writes{why}; the prototxt is damaged or incomplete")
             ins = [values[x] for x in layer.bottom]
             for x in layer.bottom:
                 available.pop(x, None)
@@ -713,6 +740,7 @@ class _Converter:
                     raise ConversionError(f"{self.where}: Input layer {layer.name!r} gives no shape")
                 for j, top in enumerate(layer.top):
                     shape = [int(d) for d in shapes[j if len(shapes) > 1 else 0]]
+                    check_shape(shape, f"{self.where}: Input layer {layer.name!r}")
                     values[top] = _Value(top, shape)
                     graph_inputs.append(ValueInfo(top, np.float32, ["batch"] + shape[1:]))
                     version[top] = i
@@ -726,6 +754,10 @@ class _Converter:
                     version[top] = i
                     available[top] = None
                 continue
+            zero = _zero_params(layer)
+            if zero:
+                raise ConversionError(f"{self.where}: layer {layer.name!r} ({kind}) has {', '.join(zero)} 0; "
+                                      "Caffe requires at least 1: the prototxt is damaged")
             outs = [top if last_def[top] == i else b.fresh(f"{top}/{layer.name}") for top in layer.top]
             in_shapes = [x.shape for x in ins]
             try:
@@ -739,8 +771,11 @@ class _Converter:
             else:
                 blobs = self.weights.get(layer.name, [])
                 if expected and not blobs:
+                    known = ", ".join(sorted(self.weights)[:8]) + (" ..." if len(self.weights) > 8 else "")
                     raise ConversionError(f"{self.where}: layer {layer.name!r} ({kind}) has no weights in the "
-                                          "caffemodel (layers are matched by name)")
+                                          f"caffemodel (layers are matched by name; it has weights for: "
+                                          f"{known or 'no layer'}): give the caffemodel trained with this "
+                                          "prototxt, complete and undamaged")
             item = _Layer(layer, ins, blobs, outs)
             if layer.bottom:
                 item.input_readers = readers.get((layer.bottom[0], version.get(layer.bottom[0], -1)), 0)
@@ -749,6 +784,10 @@ class _Converter:
             except _Unsupported as e:
                 problems.append(f"{kind} {layer.name!r} ({e})")
                 continue
+            except ConversionError as e:  # name the file too
+                if type(e) is not ConversionError:
+                    raise
+                raise ConversionError(f"{self.where}: {e}") from None
             for top, value in zip(layer.top, results):
                 values[top] = value
                 version[top] = i

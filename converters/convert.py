@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dcrt.errors import ConversionError, UnsupportedOperatorError
+from dcrt.errors import ConversionError, DcrtError, UnsupportedOperatorError
 from dcrt.format.tensor import TensorRecord
 from dcrt.format.writer import write_dcm
 from dcrt.graph import Model
@@ -48,7 +48,24 @@ def source_files(path: str, weights: Optional[str] = None) -> List[str]:
 
 
 def load_model(path: str, weights: Optional[str] = None) -> Tuple[Model, str]:
-    """Read any supported source model into the IR, by file extension; returns (model, format)."""
+    """Read any supported source model into the IR, by file extension; returns (model, format).
+
+    The graph is checked (``passes.check_graph``); anything a damaged or hostile file makes a
+    frontend raise is a ConversionError, never a bare KeyError or IndexError.
+    """
+    try:
+        model, fmt = _read_model(path, weights)
+    except DcrtError:
+        raise
+    except Exception as e:  # a case no frontend check foresaw: still a message, not a traceback
+        raise ConversionError(f"{path} cannot be converted ({type(e).__name__}: {e}): the file is damaged, or "
+                              "dcrt does not expect something in it; if the framework that wrote it loads it, "
+                              "please report this") from e
+    passes.check_graph(model.graph, path)
+    return model, fmt
+
+
+def _read_model(path: str, weights: Optional[str]) -> Tuple[Model, str]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         from .onnx_frontend import from_onnx

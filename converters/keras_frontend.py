@@ -44,6 +44,8 @@ import numpy as np
 from dcrt.errors import ConversionError, UnsupportedOperatorError
 from dcrt.graph import Graph, Model, Node, ValueInfo
 
+from .passes import check_shape
+
 try:
     import h5py
 except ImportError as e:  # pragma: no cover - the [convert] extra is missing
@@ -69,13 +71,32 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+#: A weight array larger than this (4 GB) is a damaged file, not an edge model.
+MAX_WEIGHT_BYTES = 1 << 32
+
+
+def _read(ds: "h5py.Dataset") -> np.ndarray:
+    """A dataset's values, refusing before allocating one whose shape the stored bytes cannot back (HDF5
+    fills an unwritten dataset of any declared size with zeros)."""
+    if not isinstance(ds, h5py.Dataset):
+        raise ConversionError(f"{ds.name} is a group where a weight array is expected: the file is damaged")
+    if ds.external or ds.is_virtual:  # values read from other files: any file this process can read
+        raise ConversionError(f"weight {ds.name} keeps its values in other files (HDF5 external or virtual "
+                              "storage); dcrt reads weights from the model file only: save the model again")
+    stored = ds.id.get_storage_size()
+    if ds.nbytes > MAX_WEIGHT_BYTES or (ds.nbytes and not stored and ds.compression is None):
+        raise ConversionError(f"weight {ds.name} declares shape {list(ds.shape)} ({ds.nbytes} bytes) but the file "
+                              f"stores {stored} bytes for it: the file is damaged; save the model again")
+    return np.array(ds)
+
+
 def _group_arrays(group: "h5py.Group") -> List[np.ndarray]:
     """A ``.keras`` layer group's variables: its own ``vars/0..n``, then its children's (an RNN's
     ``cell``), depth first in name order."""
     arrays: List[np.ndarray] = []
     if "vars" in group:
         vars_ = group["vars"]
-        arrays += [np.array(vars_[k]) for k in sorted(vars_, key=lambda k: int(k) if k.isdigit() else 1 << 30)]
+        arrays += [_read(vars_[k]) for k in sorted(vars_, key=lambda k: int(k) if k.isdigit() else 1 << 30)]
     for key in sorted(group):
         if key != "vars" and isinstance(group[key], h5py.Group):
             arrays += _group_arrays(group[key])
@@ -96,6 +117,10 @@ class _Source:
             if zipfile.is_zipfile(path):
                 self._open_keras_zip()
             else:
+                with open(path, "rb") as f:
+                    if f.read(4) == b"PK\x03\x04":  # a zip whose end (its directory) is cut off
+                        raise ConversionError(f"{path} is a truncated or damaged zip (.keras) file: copy or "
+                                              "save it again")
                 self._open_h5()
         except ConversionError:
             self.close()
@@ -107,10 +132,14 @@ class _Source:
     def _open_keras_zip(self) -> None:
         self._zip = zipfile.ZipFile(self.path)
         names = set(self._zip.namelist())
+        for info in self._zip.infolist():  # a zip bomb would be inflated into memory below
+            if info.file_size > max(100 * info.compress_size, 1 << 30):
+                raise ConversionError(f"{self.path}: {info.filename} claims {info.file_size} bytes from "
+                                      f"{info.compress_size} compressed: a damaged or hostile file")
         if "config.json" not in names:
             raise ConversionError(f"{self.path} is a zip file without config.json: not a Keras 3 .keras model")
-        self.config = json.loads(self._zip.read("config.json"))
-        meta = json.loads(self._zip.read("metadata.json")) if "metadata.json" in names else {}
+        self.config = self._json(self._zip.read("config.json"), "config.json")
+        meta = self._json(self._zip.read("metadata.json"), "metadata.json") if "metadata.json" in names else {}
         self.keras_version = str(meta.get("keras_version", "3"))
         if "model.weights.h5" not in names:
             raise ConversionError(f"{self.path} holds no model.weights.h5 (sharded or npz weights are not "
@@ -122,19 +151,31 @@ class _Source:
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise ConversionError(f"{self.path} is neither an HDF5 (.h5) nor a zip (.keras) Keras model "
-                                  f"({e})") from None
+            raise ConversionError(f"{self.path} is neither an HDF5 (.h5) nor a zip (.keras) Keras model, or it "
+                                  f"is truncated ({e})") from None
         attrs = self._h5.attrs
         if "model_config" not in attrs:
             if "layer_names" in attrs:
                 raise ConversionError(f"{self.path} holds weights only (model.save_weights); save the whole "
                                       "model with model.save('model.h5') or model.save('model.keras')")
             raise ConversionError(f"{self.path} is an HDF5 file without a Keras model_config attribute")
-        self.config = json.loads(_text(attrs["model_config"]))
+        self.config = self._json(_text(attrs["model_config"]), "model_config")
         self.keras_version = _text(attrs.get("keras_version", "2"))
         if "model_weights" not in self._h5:
             raise ConversionError(f"{self.path} has a model_config but no model_weights group")
         self.kind = "h5"
+
+    def _json(self, text: "str | bytes", what: str) -> Any:
+        try:
+            value = json.loads(text)
+        except RecursionError:  # json recurses per nesting level
+            raise ConversionError(f"{self.path}: {what} is nested too deeply to be a Keras model: the file is "
+                                  "damaged") from None
+        except ValueError as e:
+            raise ConversionError(f"{self.path}: {what} is not valid JSON ({e}): the file is damaged") from None
+        if not isinstance(value, dict):
+            raise ConversionError(f"{self.path}: {what} is not a JSON object: the file is damaged")
+        return value
 
     @property
     def keras_major(self) -> int:
@@ -171,8 +212,9 @@ class _Source:
         for wname in layer.attrs.get("weight_names", []):
             wname = _text(wname)
             if wname not in layer:
-                raise ConversionError(f"{self.path}: weight {wname!r} of layer {name!r} is missing")
-            out.append(np.array(layer[wname]))
+                raise ConversionError(f"{self.path}: weight {wname!r} of layer {name!r} is missing: the file is "
+                                      "damaged; save the model again")
+            out.append(_read(layer[wname]))
         return out
 
     def close(self) -> None:
@@ -1105,6 +1147,53 @@ def _problems(layer: dict) -> Optional[Tuple[str, str]]:
     return None
 
 
+_CONV = {"Conv1D", "Conv2D", "Conv3D", "Convolution1D", "Convolution2D", "Convolution3D"}
+
+
+def _expected_weights(cls: str, cfg: dict, x: Shape) -> Optional[List[Tuple[str, list]]]:
+    """(name, shape) of each weight a layer reads, from its config and input shape (None: any size);
+    None for the layers not checked (the translation reads their shapes from the weights)."""
+    bias = bool(cfg.get("use_bias", True))
+    if cls == "Dense":
+        units = cfg.get("units")
+        return [("kernel", [x[-1], units])] + ([("bias", [units])] if bias else [])
+    if cls in _CONV:
+        dims = len(x) - 2
+        c = x[1] if cfg.get("data_format") == "channels_first" else x[-1]
+        groups = int(cfg.get("groups", 1) or 1)
+        kernel = _ints(cfg["kernel_size"], dims) if "kernel_size" in cfg else [None] * dims
+        filters = cfg.get("filters")
+        return ([("kernel", kernel + [None if c is None else c // groups, filters])]
+                + ([("bias", [filters])] if bias else []))
+    if cls == "BatchNormalization":
+        axis = cfg.get("axis", -1)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        if not isinstance(axis, int):
+            return None
+        names = ["gamma"] * bool(cfg.get("scale", True)) + ["beta"] * bool(cfg.get("center", True))
+        return [(n, [x[axis % len(x)]]) for n in names + ["moving_mean", "moving_variance"]]
+    if cls == "Embedding":
+        return [("embeddings", [cfg.get("input_dim"), cfg.get("output_dim")])]
+    return None
+
+
+def _check_weights(where: str, cls: str, cfg: dict, ins: List[_Tensor], weights: List[np.ndarray]) -> None:
+    """Refuse weights that do not fit the layer (missing, transposed, from another model): converted
+    anyway, they would fail only when the model runs, or compute garbage."""
+    expected = _expected_weights(cls, cfg, ins[0].shape) if ins else None
+    if expected is None:
+        return
+    fix = "the weights do not match the model_config (a damaged or edited file): save the model again"
+    if len(weights) < len(expected):
+        raise ConversionError(f"{where} has {len(weights)} weight array(s) in the file, it needs "
+                              f"{len(expected)} ({', '.join(n for n, _ in expected)}); {fix}")
+    for (name, want), got in zip(expected, weights):
+        if len(got.shape) != len(want) or any(w is not None and w != g for w, g in zip(want, got.shape)):
+            shown = ["?" if w is None else w for w in want]
+            raise ConversionError(f"{where}: its {name} has shape {list(got.shape)}, the layer's config and "
+                                  f"input need {shown}; {fix}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------
@@ -1170,6 +1259,16 @@ def _convert(source: _Source) -> Model:
     tensors: Dict[Tuple[str, int, int], _Tensor] = {}
     inputs: List[ValueInfo] = []
     by_name = {_layer_name(l): l for l in layers}
+    fix = "the model_config is damaged: save the model again"
+    if len(by_name) != len(layers):
+        names = [_layer_name(l) for l in layers]
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConversionError(f"{source.path}: several layers are named {twice!r} (layer names are unique); {fix}")
+    for layer in layers:  # a dangling reference would only show as an output that cannot be computed
+        for ref in [r for refs, _ in _calls(layer) for r in refs]:
+            if ref[0] not in by_name:
+                raise ConversionError(f"{source.path}: layer {_layer_name(layer)!r} reads the output of layer "
+                                      f"{ref[0]!r}, which the model does not have; {fix}")
     for ref in input_refs:
         layer = by_name.get(ref[0])
         if layer is None or layer.get("class_name") != "InputLayer":
@@ -1178,6 +1277,10 @@ def _convert(source: _Source) -> Model:
         shape = _input_shape(cfg)
         if shape is None:
             raise ConversionError(f"{source.path}: input {ref[0]!r} has no shape")
+        if not all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in shape):
+            raise ConversionError(f"{source.path}: input {ref[0]!r} has shape {shape}: dimensions are whole "
+                                  f"numbers or null; {fix}")
+        check_shape(shape, f"{source.path}: input {ref[0]!r}")
         dtype = np.dtype(_dtype_name(cfg.get("dtype", "float32")))
         name = b.fresh(ref[0])
         inputs.append(ValueInfo(name, dtype, _io_shape(shape)))
@@ -1203,11 +1306,13 @@ def _convert(source: _Source) -> Model:
                 if tensor_kwargs:
                     raise _Unsupported("called with tensor keyword arguments (e.g. initial_state or mask)")
                 weights = source.weights(lname)
+                _check_weights(f"{source.path}: layer {lname!r} ({lcls})", lcls, cfg,
+                               [tensors[r] for r in refs], weights)
                 outs = _LAYERS[lcls](b, node_name, cfg, [tensors[r] for r in refs], weights, ctx)
             except _Unsupported as e:
                 errors.append(f"{lcls} {lname!r} ({e})")
                 continue
-            except (IndexError, KeyError, ValueError) as e:
+            except (IndexError, KeyError, ValueError, TypeError, ZeroDivisionError) as e:  # a damaged config
                 raise ConversionError(f"{source.path}: layer {lname!r} ({lcls}) cannot be read: "
                                       f"{type(e).__name__}: {e}") from None
             for t_index, t in enumerate(outs):
@@ -1223,7 +1328,12 @@ def _convert(source: _Source) -> Model:
     for ref in output_refs:
         t = tensors.get(ref)
         if t is None:
-            raise ConversionError(f"{source.path}: model output {ref[0]!r} cannot be computed from the inputs")
+            waits = [f"{_layer_name(l)!r} waits for {_ref_text(next(r for r in refs if r not in tensors))}"
+                     for l, _, (refs, _) in pending]
+            why = (f": {', '.join(waits[:5])} (a cycle, or a tensor no layer produces)" if waits
+                   else f" (no layer produces {_ref_text(ref)})")
+            raise ConversionError(f"{source.path}: model output {ref[0]!r} cannot be computed from the inputs"
+                                  f"{why}; {fix}")
         value = b.view(t, _identity(t.rank))
         wanted = (ref[0] if ref[1:] == (0, 0) else f"{ref[0]}:{ref[2]}" if ref[1] == 0
                   else f"{ref[0]}:{ref[1]}:{ref[2]}")  # a second output / a second call
@@ -1243,6 +1353,10 @@ def _convert(source: _Source) -> Model:
     graph = Graph(b.nodes, inputs, outputs, b.inits, name)
     meta = {"source_format": "keras", "keras_version": source.keras_version, "keras_container": source.kind}
     return Model(graph, {"": OPSET}, meta)
+
+
+def _ref_text(ref: Tuple[str, int, int]) -> str:
+    return repr(ref[0]) if ref[1:] == (0, 0) else f"{ref[0]!r} (call {ref[1]}, output {ref[2]})"
 
 
 def _io_shape(shape: Shape) -> list:

@@ -1,15 +1,19 @@
-"""Graph clean-up before compression: fold BatchNorm into the layer before it, drop Dropout/Identity.
+"""Graph clean-up before compression: fold BatchNorm into the layer before it, drop Dropout/Identity;
+and the structural checks every source model passes first (``check_graph``, ``check_shape``).
 
 Folding matters for compression, not only speed: the BN scale is multiplied into the weights before
 they are clustered, so the codebook describes the weights actually used at inference.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set
 
 import numpy as np
 
+from dcrt.errors import ConversionError
 from dcrt.graph import Graph, Node
+from dcrt.runtime.executor import free_names, subgraphs
 
 
 def simplify(graph: Graph) -> Graph:
@@ -134,3 +138,87 @@ def fold_batchnorm(graph: Graph) -> None:
     for n in list(inits):
         if n not in used and not _used_in_subgraph(graph, n):
             del inits[n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# checks: a hostile or damaged source file must fail here with a clear message, not in the runtime
+# ---------------------------------------------------------------------------------------------------
+
+#: Values a model input or output may hold (per call): 2**31 float32 values are 8 GB, beyond any
+#: device dcrt targets; a larger fixed shape is a damaged file, refused before anything is allocated.
+MAX_VALUES = 2 ** 31
+
+
+def check_shape(shape: Optional[Sequence[Any]], what: str) -> None:
+    """Refuse a negative or absurdly large fixed dimension in ``shape`` (symbolic / None dims pass)."""
+    dims = [d for d in (shape or []) if isinstance(d, (int, np.integer)) and not isinstance(d, bool)]
+    if any(d < 0 for d in dims):
+        raise ConversionError(f"{what} has shape {list(shape)}: a negative dimension; sizes are >= 0 "
+                              "(a free size is a named or unknown dimension): the file is damaged")
+    if math.prod(int(d) for d in dims) > MAX_VALUES:
+        raise ConversionError(f"{what} has shape {list(shape)}, over 2**31 values: more than dcrt handles "
+                              "and more than any edge device holds; the shape is damaged")
+
+
+def _label(node: Node) -> str:
+    return f"node {node.name!r} ({node.op_type})" if node.name else f"{node.op_type} node writing {node.outputs!r}"
+
+
+def check_graph(graph: Graph, where: str, outer: Optional[FrozenSet[str]] = None) -> None:
+    """Refuse a graph the runtime could not run: a value written twice, a read of a value nothing
+    defines (a dangling name), a cycle, no outputs, or absurd input / output shapes.
+
+    Nodes need not be in topological order (the runtime sorts them). The order check is Kahn's,
+    iterative, so a cyclic graph cannot hang it; only subgraphs recurse, as deep as protobuf parses.
+    """
+    fix = "the model is damaged or incomplete: export it again"
+    own = {v.name for v in graph.inputs} | set(graph.initializers)
+    given = own | (outer or set())
+    producer: Dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for out in filter(None, node.outputs):
+            if out in producer:
+                raise ConversionError(f"{where}: value {out!r} is written by two nodes, "
+                                      f"{_label(graph.nodes[producer[out]])} and {_label(node)}; {fix}")
+            if out in own:
+                raise ConversionError(f"{where}: {_label(node)} writes {out!r}, which is also a graph input or "
+                                      f"initializer; {fix}")
+            producer[out] = i
+    deps: List[Set[int]] = []
+    for node in graph.nodes:
+        reads = [n for n in node.inputs if n] + sorted(n for _, s in subgraphs(node) for n in free_names(s))
+        for name in reads:
+            if name not in producer and name not in given:
+                raise ConversionError(f"{where}: {_label(node)} reads {name!r}, which no node, graph input or "
+                                      f"initializer defines (a dangling name, e.g. a missing initializer); {fix}")
+        deps.append({producer[n] for n in reads if n in producer})
+    visible = frozenset(given | set(producer))
+    for node in graph.nodes:
+        for _, sub in subgraphs(node):
+            check_graph(sub, f"{where}: a subgraph of {_label(node)}", visible)
+    users: Dict[int, List[int]] = {}
+    for i, needed in enumerate(deps):
+        for j in needed:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    while ready:
+        for j in users.get(ready.pop(), ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    stuck = [_label(graph.nodes[i]) for i, w in enumerate(waiting) if w > 0]
+    if stuck:
+        raise ConversionError(f"{where}: the graph has a cycle (a value depends on itself) through "
+                              f"{', '.join(stuck[:5])}{' ...' if len(stuck) > 5 else ''}; {fix}")
+    if outer is not None:
+        return  # a subgraph's own inputs and outputs are the enclosing node's business
+    if not graph.outputs:
+        raise ConversionError(f"{where}: the graph declares no outputs, so there is nothing to compute; {fix}")
+    for v in graph.outputs:
+        if v.name not in producer and v.name not in given:
+            raise ConversionError(f"{where}: graph output {v.name!r} is not written by any node, nor a graph "
+                                  f"input or initializer; {fix}")
+    for kind, values in (("input", graph.inputs), ("output", graph.outputs)):
+        for v in values:
+            check_shape(v.shape, f"{where}: {kind} {v.name!r}")

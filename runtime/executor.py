@@ -27,7 +27,7 @@ from .ops import OPS, WEIGHT_INPUTS, nn, supported
 WeightSource = Callable[[str], Any]
 
 
-def _subgraphs(node: Node) -> List[Tuple[str, Graph]]:
+def subgraphs(node: Node) -> List[Tuple[str, Graph]]:
     """The ``(attribute name, subgraph)`` pairs held by ``node``."""
     found = []
     for key, value in node.attrs.items():
@@ -44,7 +44,7 @@ def free_names(graph: Graph) -> Set[str]:
     used: Set[str] = set()
     for node in graph.nodes:
         used.update(name for name in node.inputs if name)
-        for _, sub in _subgraphs(node):
+        for _, sub in subgraphs(node):
             used |= free_names(sub)
     used.update(v.name for v in graph.outputs)
     return used - defined
@@ -135,7 +135,7 @@ class Executor:
         attrs["_nout"] = len(node.outputs)
         inputs = list(node.inputs)
         raw = set(WEIGHT_INPUTS.get(node.op_type, ()))
-        subs = _subgraphs(node)
+        subs = subgraphs(node)
         if subs:
             compiled: Dict[str, Any] = {}
             captures: Set[str] = set()
@@ -167,7 +167,7 @@ class Executor:
         reads: List[Set[str]] = []
         for node in graph.nodes:
             names = {n for n in node.inputs if n}
-            for _, sub in _subgraphs(node):
+            for _, sub in subgraphs(node):
                 names |= free_names(sub)
             reads.append(names)
         deps: List[Set[int]] = []
