@@ -731,6 +731,7 @@ HUGE = [  # (op, inputs, attrs, weights): each asks for far more than 1 GiB from
     ("Where", dict(c=np.ones((2**15, 1), bool), a=rand(1, 2**15), b=rand(1)), {}, ()),
     ("MatMul", dict(a=rand(2**10, 1, 1, 8), b=rand(1, 2**10, 8, 2**9)), {}, ()),
     ("CenterCropPad", dict(x=rand(2, 2), shape=_I64(2**20, 2**20)), {}, ("shape",)),
+    ("Einsum", dict(a=rand(2**16), b=rand(2**16)), dict(equation="i,j->ij"), ()),
 ]
 
 
@@ -765,3 +766,33 @@ def test_tensor_limit_is_configurable(tmp_path: Any) -> None:
     env = dict(__import__("os").environ, DCRT_MAX_TENSOR_BYTES=str(32 * 32 * 4))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("refused") and "[36, 32]" in out
+
+
+def test_endless_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Loop whose condition never turns false (no trip count) stops at the iteration limit."""
+    from dcrt.errors import LimitError
+    from dcrt.runtime.ops import control
+
+    def run(trip: Optional[int]) -> np.ndarray:
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+            "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                     helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                     helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+            [numpy_helper.from_array(np.ones(1, np.float32), "one")])
+        inits = [numpy_helper.from_array(np.array(True), "cond")]
+        if trip is not None:
+            inits.append(numpy_helper.from_array(np.array(trip, np.int64), "n"))
+        node = helper.make_node("Loop", ["n" if trip is not None else "", "cond", "v0"], ["v"], name="forever", body=body)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("v0", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])], inits)
+        ir = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        feeds = {"v0": np.zeros(1, np.float32)}
+        return Executor(ir.graph, ir.opsets).run(feeds, ir.graph.initializers.__getitem__)["v"]
+
+    monkeypatch.setattr(control, "MAX_LOOP_ITERATIONS", 50)
+    with pytest.raises(LimitError, match=r"node 'forever' \(Loop\).*after 50 iterations.*DCRT_MAX_LOOP_ITERATIONS"):
+        run(None)
+    assert run(50)[0] == 50             # a loop that ends within the limit runs

@@ -33,6 +33,9 @@ OpFn = Callable[..., Any]
 #: broken or hostile model (a Conv padded by 2**24, a Tile by 10**9, a broadcast of two long vectors)
 #: gets a LimitError naming the node before anything is allocated, not an exhausted device.
 MAX_TENSOR_BYTES = int(os.environ.get("DCRT_MAX_TENSOR_BYTES", str(1 << 30)))
+#: The most iterations one ``Loop`` runs (``DCRT_MAX_LOOP_ITERATIONS``, default 2**20): a loop whose
+#: condition never turns false, or whose trip count is 2**62, is a LimitError, not a hung app.
+MAX_LOOP_ITERATIONS = int(os.environ.get("DCRT_MAX_LOOP_ITERATIONS", str(1 << 20)))
 
 #: ONNX operator name -> implementation.
 OPS: Dict[str, OpFn] = {}

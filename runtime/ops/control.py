@@ -10,7 +10,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import register
+from dcrt.errors import LimitError
+
+from . import MAX_LOOP_ITERATIONS, bounded, register
 
 Attrs = Dict[str, Any]
 
@@ -44,8 +46,13 @@ def loop(attrs: Attrs, *inputs: Any) -> Tuple[np.ndarray, ...]:
     limit = None if trip is None else int(np.asarray(trip).reshape(-1)[0])
     keep_going = True if cond is None else bool(np.asarray(cond).reshape(-1)[0])
     scanned: List[List[np.ndarray]] = []
+    scanned_bytes = 0
     i = 0
     while keep_going and (limit is None or i < limit):
+        if i == MAX_LOOP_ITERATIONS:
+            raise LimitError(f"the loop is still running after {i} iterations, the runtime's limit "
+                             f"(trip count {limit}): the model is malformed, or set "
+                             f"DCRT_MAX_LOOP_ITERATIONS if it really loops that long")
         feeds = {names[0]: np.asarray(i, dtype=np.int64)}
         if len(names) > 1 and names[1]:
             feeds[names[1]] = np.asarray(keep_going)
@@ -58,6 +65,8 @@ def loop(attrs: Attrs, *inputs: Any) -> Tuple[np.ndarray, ...]:
             scanned = [[] for _ in extra]
         for bucket, value in zip(scanned, extra):
             bucket.append(value)
+        scanned_bytes += sum(np.asarray(v).nbytes for v in extra)
+        bounded([scanned_bytes], 1)    # the scan outputs are stacked into single arrays at the end
         i += 1
     stacked: List[Optional[np.ndarray]] = [np.stack(b) if b else None for b in scanned]
     n_scan = len(body.graph.outputs) - 1 - len(carried)

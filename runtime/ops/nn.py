@@ -225,7 +225,27 @@ def matmul(attrs: Attrs, a: np.ndarray, b: Any) -> np.ndarray:
 def einsum(attrs: Attrs, *xs: np.ndarray) -> np.ndarray:
     """Einstein summation (numpy's, which implements the ONNX equation grammar)."""
     equation = _text(attrs["equation"]).replace(" ", "")
+    bounded(_einsum_shape(equation, xs), xs[0].itemsize)
     return np.asarray(np.einsum(equation, *xs, optimize=len(xs) > 2)).astype(xs[0].dtype, copy=False)
+
+
+def _einsum_shape(equation: str, xs: Sequence[np.ndarray]) -> List[int]:
+    """The result's shape (an outer product can be huge), from the labels' sizes; numpy checks the rest."""
+    terms, arrow, output = equation.partition("->")
+    sizes: Dict[str, int] = {}
+    ellipsis: Tuple[int, ...] = ()
+    for term, x in zip(terms.split(","), xs):
+        before, dots, after = term.partition("...")
+        spread = x.ndim - len(before) - len(after)
+        if dots:
+            ellipsis = np.broadcast_shapes(ellipsis, x.shape[len(before):len(before) + spread])
+        for label, d in zip(before + after, x.shape[:len(before)] + x.shape[x.ndim - len(after):]):
+            sizes[label] = max(sizes.get(label, 1), int(d))
+    if not arrow:   # implicit output: the labels used once, in alphabetical order
+        once = sorted(c for c in set(terms) if c.isalpha() and terms.count(c) == 1)
+        output = ("..." if "..." in terms else "") + "".join(once)
+    before, dots, after = output.partition("...")
+    return [sizes.get(c, 1) for c in before] + (list(ellipsis) if dots else []) + [sizes.get(c, 1) for c in after]
 
 
 # -- pooling ---------------------------------------------------------------------------------------
