@@ -13,8 +13,9 @@ Every measurement runs in a fresh subprocess whose thread environment is set bef
    also compared (``time.thread_time``): a ratio a shared machine's load cannot distort.
 2. Opening: time from ``Session(path)`` to the first result vs onnxruntime's session creation plus
    first result, libraries imported beforehand in both cases: first in a fresh process (for dcrt
-   this includes numba's one-time initialisation and loading its cached kernels), then a second
-   session of each in the same process. Memory, each mode in its own fresh process: the weight
+   this includes numba's one-time initialisation and loading its cached kernels), the same in a
+   fresh process where scipy cannot be imported (the device install; numba imports scipy's BLAS
+   bindings when it finds scipy), then a second session of each in the same process. Memory, each mode in its own fresh process: the weight
    bytes a session holds (``resident_bytes``: index vs dense float32), and RSS measured from
    ``/proc``: growth after the first result ("resident"), peak growth while opening and running
    it, and the peak of a later, steady-state run.
@@ -111,19 +112,11 @@ def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dic
     model = onnx.load(onnx_path, load_external_data=False)
     feeds = {b: zoo.sample_input(model, batch=b) for b in (1, 8)}
     res: dict = {}
-    # a fresh process: numba's first use (its target initialisation, ~0.8 s, and the loading of the
-    # cached kernels) falls in dcrt's first result
-    t = time.perf_counter()
-    sess = dcrt.Session(dcm_path)
-    sess.run(None, feeds[1])
-    res["dcrt_first_s"] = time.perf_counter() - t
+    sess, ref, res["dcrt_first_s"], res["ort_first_s"] = _open_first(dcm_path, onnx_path, feeds[1], threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    t = time.perf_counter()
-    ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     expected = ref.run(None, feeds[1])
-    res["ort_first_s"] = time.perf_counter() - t
     # a second session of each in the same process (a long-running app opening another model)
     t = time.perf_counter()
     dcrt.Session(dcm_path).run(None, feeds[1])
@@ -145,6 +138,44 @@ def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dic
             timed[kind]["stream"] = stream[kind]["stream"]
             res[f"{kind}_b{b}"] = timed[kind]
     return res
+
+
+def _open_first(dcm_path: str, onnx_path: str, feed: dict, threads: int):
+    """``(session, onnxruntime session, dcrt s, onnxruntime s)``: open + first result of each, in a
+    process that has imported both libraries but run neither (for dcrt: numba's one-time
+    initialisation and the loading of its cached kernels fall in the first result)."""
+    import onnxruntime as ort
+
+    import dcrt
+    t = time.perf_counter()
+    sess = dcrt.Session(dcm_path)
+    sess.run(None, feed)
+    dcrt_s = time.perf_counter() - t
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    t = time.perf_counter()
+    ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    ref.run(None, feed)
+    return sess, ref, dcrt_s, time.perf_counter() - t
+
+
+def open_first_device(onnx_path: str, dcm_path: str) -> dict:
+    """Open + first result as on a device: scipy cannot be imported (the runtime's install is numpy,
+    flatbuffers and numba; numba imports ``scipy.linalg.cython_blas`` when it finds scipy)."""
+    import onnx
+
+    class NoScipy:
+        def find_spec(self, name, path=None, target=None):
+            if name == "scipy" or name.startswith("scipy."):
+                raise ImportError("scipy is not installed on the device")
+    sys.meta_path.insert(0, NoScipy())
+    import zoo
+    from dcrt.runtime.numba_kernels import kernels
+    kernels()
+    feed = zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=1)
+    _, _, dcrt_s, ort_s = _open_first(dcm_path, onnx_path, feed, 1)
+    return {"dcrt_first_s": dcrt_s, "ort_first_s": ort_s}
 
 
 def _proc_status() -> dict:
@@ -291,7 +322,7 @@ def main() -> int:
     args = ap.parse_args()
     names = args.models or SMALL + (FULL if args.full else [])
     cores = os.cpu_count() or 1
-    results: dict = {"models": [], "memory": [], "decode": {}, "compile": {}, "codebook": []}
+    results: dict = {"models": [], "memory": [], "device_open": {}, "decode": {}, "compile": {}, "codebook": []}
     import numba
     import numpy
     import onnxruntime
@@ -314,22 +345,26 @@ def main() -> int:
         for mode in ("index", "dense"):
             mem = _child(f"measure_memory({facts['dcm']!r}, {facts['onnx']!r}, {mode!r})", 1)
             results["memory"].append({"name": name, **mem})
+        results["device_open"][name] = _child(f"open_first_device({facts['onnx']!r}, {facts['dcm']!r})", 1)
 
     print("\n### Opening, memory and conversion\n")
     print("Open + first result, dcrt / onnxruntime, seconds: in a fresh process (dcrt: numba's one-time "
-          "initialisation included), then a second session in the same process.\n")
-    print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | second session, 1 thread | "
-          f"open+first, {cores} threads | weights index / dense float32 | RSS index / dense | "
-          "peak RSS opening / resident (index) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "initialisation included), the same without scipy (a device install: numba imports scipy's "
+          "BLAS bindings when it finds them), then a second session in the same process.\n")
+    print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | open+first, no scipy | "
+          f"second session, 1 thread | open+first, {cores} threads | weights index / dense float32 | "
+          "RSS index / dense | peak RSS opening / resident (index) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         runs = {r["threads"]: r for r in results["models"] if r["name"] == name}
         one, many = runs[1], runs[max(runs)]
         mem = {m["mode"]: m for m in results["memory"] if m["name"] == name}
         idx, dense = mem["index"], mem["dense"]
+        device = results["device_open"][name]
         w = idx["weights"]
         print(f"| {name} | {one['convert_s']:.1f} | {one['onnx_bytes'] / 1e6:.2f} | {one['dcm_bytes'] / 1e6:.3f} | "
               f"{one['dcrt_first_s']:.3f} / {one['ort_first_s']:.3f} | "
+              f"{device['dcrt_first_s']:.3f} / {device['ort_first_s']:.3f} | "
               f"{one['dcrt_first_warm_s']:.3f} / {one['ort_first_warm_s']:.3f} | "
               f"{many['dcrt_first_s']:.3f} / {many['ort_first_s']:.3f} | {w['index'] / w['dense']:.0%} | "
               f"{idx['resident'] / 1e6:.1f} / {dense['resident'] / 1e6:.1f} MB | "

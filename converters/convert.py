@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dcrt.errors import ConversionError, DcrtError, UnsupportedOperatorError
+from dcrt.errors import ConfigError, ConversionError, DcrtError, UnsupportedOperatorError
 from dcrt.format.tensor import TensorRecord
 from dcrt.format.writer import write_dcm
 from dcrt.graph import Model
@@ -104,15 +104,20 @@ def check_operators(model: Model) -> None:
 def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Optional[int] = None,
             sparsity: Optional[float] = None, threshold: Optional[float] = None, prune: bool = True,
             coder: Optional[str] = None, config: Optional[str | Dict[str, Any]] = None, force: bool = False,
-            calib: Optional[Any] = None, progress: Optional[Progress] = None) -> ConversionResult:
+            calib: Optional[Any] = None, saliency: str = "magnitude",
+            progress: Optional[Progress] = None) -> ConversionResult:
     """Convert ``source`` (``.onnx``, ``.h5``/``.keras``, or ``.prototxt`` with ``weights``) into ``output``.
 
     ``bits``, ``sparsity``, ``threshold``, ``coder`` override the paper's per-category defaults for
     every layer; ``config`` (a YAML/JSON path or dict) sets them per op type or per layer;
     ``prune=False`` keeps every non-zero weight. ``calib`` (a data path or input arrays) refines
-    each layer's centroids by least squares on its inputs (``calibrate.py``). Returns a
+    each layer's centroids by least squares on its inputs (``calibrate.py``); with it,
+    ``saliency="activation"`` prunes by ``|w| * ||x||`` instead of magnitude. Returns a
     :class:`ConversionResult`.
     """
+    if saliency != "magnitude" and calib is None:
+        raise ConfigError(f"saliency={saliency!r} ranks weights by their inputs: it needs calibration data "
+                          "(--calib data.npz)")
     if os.path.exists(output) and not force:
         raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
     model, fmt = load_model(source, weights)
@@ -132,7 +137,7 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     sources, encode = model.graph.initializers, plans
     if calib is not None:       # data-aware centroids: values already pruned and clustered, stored exactly
         from .calibrate import calibrated_weights
-        sources, encode = calibrated_weights(model, plans, calib)
+        sources, encode = calibrated_weights(model, plans, calib, saliency=saliency)
     records: Dict[str, TensorRecord] = {}
     decoded: Dict[str, np.ndarray] = {}
     for i, name in enumerate(sorted(plans)):

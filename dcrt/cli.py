@@ -45,7 +45,8 @@ def _cmd_convert(a) -> int:
     config = convert_budget_config(a) or a.config     # --target-size / --max-drop: a plan from a sweep
     result = convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity,
                      threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=config,
-                     force=a.force, calib=a.calib, progress=None if a.quiet else _progress_bar())
+                     force=a.force, calib=a.calib, saliency=a.saliency,
+                     progress=None if a.quiet else _progress_bar())
     if not a.quiet:
         info = inspect(a.output)
         _print_layers(info, only_coded=True)
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--coder", help="none, huffman (default), lzw, huffman+lzw, lzw+huffman or auto (smallest per stream)")
     c.add_argument("--config", help="per-layer plan (YAML or JSON): defaults / op_types / layers")
     c.add_argument("--calib", help="calibration inputs (.npz / .npy / folder of .npy): refine centroids on them")
+    c.add_argument("--saliency", choices=("magnitude", "activation"), default="magnitude",
+                   help="with --calib: prune by |w| (the paper) or by |w| * ||x|| on the calibration inputs")
     c.add_argument("--target-size", help="choose per-layer sparsity and bits to fit this size (e.g. 2MB); needs --calib")
     c.add_argument("--max-drop", type=float, metavar="PCT",
                    help="choose per-layer sparsity and bits losing at most PCT %% top-1 agreement on --calib")

@@ -195,6 +195,27 @@ def test_activation_saliency_keeps_the_planned_sparsity(onnx_path, zoo):
         calibrate(model, plans, _feeds(zoo, "lenet_300_100", 8, seed=1), saliency="hessian")
 
 
+def test_convert_cli_prunes_by_activation_saliency(onnx_path, zoo, tmp_path, capsys):
+    """``dcrt convert --calib --saliency activation``: inputs that are always zero in the data lose
+    all their weights first (their ``|w| * ||x||`` is 0); by magnitude about 10 % of them stay."""
+    src = str(onnx_path("lenet_300_100"))
+    feeds = _feeds(zoo, "lenet_300_100", 64, seed=4)
+    (name, x), = feeds.items()
+    x[:, :392] = 0                                    # the top half of every image is blank
+    np.savez(tmp_path / "calib.npz", **{name: x})
+    kept = {}
+    for saliency in ("magnitude", "activation"):
+        out = tmp_path / f"{saliency}.dcm"
+        assert main(["convert", src, "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                     "--saliency", saliency, "-q"]) == 0
+        w = open_dcm(str(out)).tensors["fc1.weight"].decode()          # [300, 784]
+        assert np.count_nonzero(w) == pytest.approx(0.1 * w.size, abs=1)
+        kept[saliency] = np.count_nonzero(w[:, :392])
+    assert kept["activation"] == 0 and kept["magnitude"] > 0.05 * 300 * 392
+    assert main(["convert", src, "-o", str(tmp_path / "x.dcm"), "--saliency", "activation", "-q"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+
+
 # -- data and metrics ------------------------------------------------------------------------------
 
 
