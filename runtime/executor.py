@@ -288,8 +288,7 @@ class Executor:
             return kernels.dense(value)
 
         for step, dead in zip(plan.steps, plan.frees):
-            args = [(env[name] if name in env and not raw else fetch(name, raw)) if name else None
-                    for name, raw in step.reads]
+            args = [fetch(name, raw) if name else None for name, raw in step.reads]
             try:
                 result = step.fn(step.attrs, *args)
             except LimitError as exc:

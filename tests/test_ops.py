@@ -662,6 +662,20 @@ def test_non_weight_input_holding_an_indexed_weight_is_expanded() -> None:
     assert log == ["dense"]
 
 
+def test_indexed_weight_captured_by_a_subgraph_is_expanded_where_read_as_a_value() -> None:
+    """An If branch reads an outer initializer (captured, passed as it is held) with Add: dense()."""
+    log: List[str] = []
+    b = rand(4)
+    branch = Graph([Node("Add", ["x", "b"], ["z"])], [], [ValueInfo("z", np.float32)])
+    other = Graph([Node("Neg", ["x"], ["z2"])], [], [ValueInfo("z2", np.float32)])
+    graph = Graph([Node("If", ["c"], ["y"], attrs={"then_branch": branch, "else_branch": other})],
+                  [ValueInfo("x", np.float32), ValueInfo("c", np.bool_)], [ValueInfo("y", np.float32)], {"b": b})
+    x = rand(2, 4)
+    got = Executor(graph).run({"x": x, "c": np.array(True)}, weights=lambda n: IndexedStandIn(b, log))["y"]
+    np.testing.assert_allclose(got, x + b)
+    assert log == ["dense"]
+
+
 def test_op_failure_names_the_node() -> None:
     graph = Graph([Node("MatMul", ["a", "b"], ["y"], name="proj")],
                   [ValueInfo("a", np.float32), ValueInfo("b", np.float32)], [ValueInfo("y", np.float32)])
