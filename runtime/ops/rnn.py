@@ -217,7 +217,8 @@ def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], 
     k = kernels.kernels()
     if k is None:
         return None
-    clip = np.inf if rec.clip is None else float(rec.clip)
+    # float32, as the gates: a float64 clip would widen every gate update to float64 (a third slower)
+    clip = np.float32(np.inf if rec.clip is None else rec.clip)
     forget = bool(attrs.get("input_forget", 0))
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
