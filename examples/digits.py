@@ -22,6 +22,7 @@ About 3 minutes on 2 cores (``--quick``: about one); numpy, onnx and scikit-lear
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import gzip
 import os
@@ -87,17 +88,19 @@ def load_digits_28(test_fraction: float = 0.3, seed: int = 0) -> Tuple[np.ndarra
 # -- a small numpy trainer -------------------------------------------------------------------------
 
 
-class Layer:
+class Layer(abc.ABC):
     """A layer with named parameters; ``forward`` caches what ``backward`` needs."""
 
     params: Dict[str, np.ndarray] = {}
     input_grad = True        # False for the first layer: nobody needs the gradient of the images
 
+    @abc.abstractmethod
     def forward(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The layer's output for ``x``."""
 
+    @abc.abstractmethod
     def backward(self, g: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Accumulate the parameters' gradients from the output gradient ``g``; return the input's."""
 
 
 class Dense(Layer):
