@@ -12,8 +12,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set
 import numpy as np
 
 from dcrt.errors import ConversionError
-from dcrt.graph import Graph, Node
-from dcrt.runtime.executor import free_names, subgraphs
+from dcrt.graph import Graph, Node, reads, subgraphs, topological_order
 
 
 def simplify(graph: Graph) -> Graph:
@@ -26,20 +25,13 @@ def simplify(graph: Graph) -> Graph:
 def _rename_input(graph: Graph, old: str, new: str) -> None:
     for node in graph.nodes:
         node.inputs = [new if i == old else i for i in node.inputs]
-        for value in node.attrs.values():  # subgraphs may read outer-scope names
-            for sub in (value if isinstance(value, list) else [value]):
-                if isinstance(sub, Graph):
-                    _rename_input(sub, old, new)
+        for _, sub in subgraphs(node):  # subgraphs may read outer-scope names
+            _rename_input(sub, old, new)
 
 
 def _used_in_subgraph(graph: Graph, name: str) -> bool:
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in (value if isinstance(value, list) else [value]):
-                if isinstance(sub, Graph) and (any(name in n.inputs for n in sub.nodes)
-                                               or _used_in_subgraph(sub, name)):
-                    return True
-    return False
+    return any(any(name in n.inputs for n in sub.nodes) or _used_in_subgraph(sub, name)
+               for node in graph.nodes for _, sub in subgraphs(node))
 
 
 def _free_name(taken, name: str) -> str:
@@ -186,28 +178,17 @@ def check_graph(graph: Graph, where: str, outer: Optional[FrozenSet[str]] = None
             producer[out] = i
     deps: List[Set[int]] = []
     for node in graph.nodes:
-        reads = [n for n in node.inputs if n] + sorted(n for _, s in subgraphs(node) for n in free_names(s))
-        for name in reads:
+        names = reads(node)
+        for name in names:
             if name not in producer and name not in given:
                 raise ConversionError(f"{where}: {_label(node)} reads {name!r}, which no node, graph input or "
                                       f"initializer defines (a dangling name, e.g. a missing initializer); {fix}")
-        deps.append({producer[n] for n in reads if n in producer})
+        deps.append({producer[n] for n in names if n in producer})
     visible = frozenset(given | set(producer))
     for node in graph.nodes:
         for _, sub in subgraphs(node):
             check_graph(sub, f"{where}: a subgraph of {_label(node)}", visible)
-    users: Dict[int, List[int]] = {}
-    for i, needed in enumerate(deps):
-        for j in needed:
-            users.setdefault(j, []).append(i)
-    waiting = [len(d) for d in deps]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    while ready:
-        for j in users.get(ready.pop(), ()):
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                ready.append(j)
-    stuck = [_label(graph.nodes[i]) for i, w in enumerate(waiting) if w > 0]
+    stuck = [_label(graph.nodes[i]) for i in topological_order(deps)[1]]
     if stuck:
         raise ConversionError(f"{where}: the graph has a cycle (a value depends on itself) through "
                               f"{', '.join(stuck[:5])}{' ...' if len(stuck) > 5 else ''}; {fix}")

@@ -10,8 +10,9 @@ e.g. the branches of ``If``).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -69,6 +70,58 @@ class Graph:
     def producers(self) -> Dict[str, Node]:
         """Map from a value name to the node that writes it."""
         return {out: node for node in self.nodes for out in node.outputs if out}
+
+
+def subgraphs(node: Node) -> List[Tuple[str, Graph]]:
+    """The ``(attribute name, subgraph)`` pairs held by ``node``."""
+    found = []
+    for key, value in node.attrs.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Graph):
+                found.append((key, item))
+    return found
+
+
+def free_names(graph: Graph) -> Set[str]:
+    """Names ``graph`` (and its nested subgraphs) reads without defining them: its outer-scope reads."""
+    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    defined |= {out for node in graph.nodes for out in node.outputs if out}
+    used: Set[str] = set()
+    for node in graph.nodes:
+        used.update(name for name in node.inputs if name)
+        for _, sub in subgraphs(node):
+            used |= free_names(sub)
+    used.update(v.name for v in graph.outputs)
+    return used - defined
+
+
+def reads(node: Node) -> List[str]:
+    """Every name ``node`` reads: its inputs, then (sorted) what its subgraphs read from outside."""
+    return [n for n in node.inputs if n] + sorted({n for _, sub in subgraphs(node) for n in free_names(sub)})
+
+
+def topological_order(deps: Sequence[Set[int]]) -> Tuple[List[int], List[int]]:
+    """Kahn's sort of nodes given the indices each depends on: ``(order, stuck)``.
+
+    ``stuck`` lists the nodes that can never run (on a cycle, or after one), empty for a DAG.
+    Iterative, so a cyclic graph cannot hang or recurse it; ready nodes are taken first come first
+    served, so a graph already in order keeps it.
+    """
+    users: Dict[int, List[int]] = {}
+    for i, needed in enumerate(deps):
+        for j in needed:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = deque(i for i, w in enumerate(waiting) if w == 0)
+    order: List[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for j in users.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    return order, [i for i, w in enumerate(waiting) if w > 0]
 
 
 @dataclass

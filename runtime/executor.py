@@ -12,42 +12,18 @@ inputs that accept weights, and expanded with ``kernels.dense`` for any other in
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from dcrt.errors import DcrtError, FormatError, InputError, LimitError, UnsupportedOperatorError
-from dcrt.graph import Graph, Node
+from dcrt.graph import Graph, Node, free_names, reads, subgraphs, topological_order
 
 from . import kernels
 from .ops import OPS, WEIGHT_INPUTS, nn, supported
 
 WeightSource = Callable[[str], Any]
-
-
-def subgraphs(node: Node) -> List[Tuple[str, Graph]]:
-    """The ``(attribute name, subgraph)`` pairs held by ``node``."""
-    found = []
-    for key, value in node.attrs.items():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, Graph):
-                found.append((key, item))
-    return found
-
-
-def free_names(graph: Graph) -> Set[str]:
-    """Names ``graph`` (and its nested subgraphs) reads without defining them: its outer-scope reads."""
-    defined = {v.name for v in graph.inputs} | set(graph.initializers)
-    defined |= {out for node in graph.nodes for out in node.outputs if out}
-    used: Set[str] = set()
-    for node in graph.nodes:
-        used.update(name for name in node.inputs if name)
-        for _, sub in subgraphs(node):
-            used |= free_names(sub)
-    used.update(v.name for v in graph.outputs)
-    return used - defined
 
 
 @dataclass(frozen=True)
@@ -164,41 +140,18 @@ class Executor:
                         raise FormatError(f"value '{out}' is produced by two nodes")
                     producer[out] = i
         given = {v.name for v in graph.inputs} | set(graph.initializers) | outer
-        reads: List[Set[str]] = []
-        for node in graph.nodes:
-            names = {n for n in node.inputs if n}
-            for _, sub in subgraphs(node):
-                names |= free_names(sub)
-            reads.append(names)
         deps: List[Set[int]] = []
-        for i, names in enumerate(reads):
-            needed = set()
+        for node in graph.nodes:
+            names = reads(node)
             for name in names:
-                if name in producer:
-                    needed.add(producer[name])
-                elif name not in given:
-                    node = graph.nodes[i]
+                if name not in producer and name not in given:
                     raise FormatError(f"node '{node.name or node.op_type}' reads '{name}', which no "
                                       f"node, input or initializer defines")
-            deps.append(needed)
-        users: Dict[int, List[int]] = {}
-        for i, needed in enumerate(deps):
-            for j in needed:
-                users.setdefault(j, []).append(i)
-        waiting = [len(d) for d in deps]
-        ready = deque(i for i, w in enumerate(waiting) if w == 0)
-        order: List[int] = []
-        while ready:
-            i = ready.popleft()
-            order.append(i)
-            for j in users.get(i, ()):
-                waiting[j] -= 1
-                if waiting[j] == 0:
-                    ready.append(j)
-        if len(order) != len(graph.nodes):
-            stuck = [graph.nodes[i].name or graph.nodes[i].op_type for i in range(len(graph.nodes))
-                     if waiting[i] > 0]
-            raise FormatError(f"the graph has a cycle through node(s): {', '.join(stuck[:5])}")
+            deps.append({producer[n] for n in names if n in producer})
+        order, stuck = topological_order(deps)
+        if stuck:
+            names = [graph.nodes[i].name or graph.nodes[i].op_type for i in stuck]
+            raise FormatError(f"the graph has a cycle through node(s): {', '.join(names[:5])}")
         available = set(given)
         steps = []
         for i in order:
