@@ -52,14 +52,29 @@ def _geometry(attrs: Attrs, x: np.ndarray, kernel: Sequence[int]) -> Tuple[List[
     return strides, dilations
 
 
-def _bounded_windows(x: np.ndarray, channels: int, kernel: Sequence[int], strides: Sequence[int],
-                     dilations: Sequence[int], pads: Sequence[int]) -> None:
-    """Check the padded input and the ``[N, channels, *out]`` result of a sliding window fit the limit."""
+def _windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+             pads: Sequence[int], ceil: bool = False) -> List[int]:
+    """Output size per spatial axis of a sliding window (Conv, pooling).
+
+    With ``ceil`` (pooling's ``ceil_mode``) the output may need windows that run past the end pad; a
+    window must still start inside the input or its begin pad (the PyTorch/onnxruntime rule).
+    """
     dims = len(kernel)
-    padded = [n + pads[i] + pads[i + dims] for i, n in enumerate(x.shape[2:])]
-    bounded(list(x.shape[:2]) + padded, x.itemsize)
-    out = [max(p - (k - 1) * d - 1, 0) // max(s, 1) + 1 for p, k, d, s in zip(padded, kernel, dilations, strides)]
-    bounded([x.shape[0], channels] + out, x.itemsize)
+    out = []
+    for i, n in enumerate(x.shape[2:]):
+        span = n + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)
+        o = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
+        if ceil and (o - 1) * strides[i] >= n + pads[i]:
+            o -= 1
+        out.append(o)
+    return out
+
+
+def _bounded_windows(x: np.ndarray, channels: int, pads: Sequence[int], out: Sequence[int]) -> None:
+    """Check the padded input and the ``[N, channels, *out]`` result of a sliding window fit the limit."""
+    dims = len(out)
+    bounded(list(x.shape[:2]) + [n + pads[i] + pads[i + dims] for i, n in enumerate(x.shape[2:])], x.itemsize)
+    bounded([x.shape[0], channels] + list(out), x.itemsize)
 
 
 # -- convolution and dense layers ------------------------------------------------------------------
@@ -79,7 +94,7 @@ def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         kernel = [int(k) for k in w.shape[2:]]
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
-        _bounded_windows(x, w.shape[0], kernel, strides, dilations, pads)
+        _bounded_windows(x, w.shape[0], pads, _windows(x, kernel, strides, dilations, pads))
         known = (shapes, tuple(strides), tuple(dilations), tuple(pads), int(attrs.get("group", 1)))
         attrs["_conv_geometry"] = known
     y = kernels.conv(x, w, b, known[1], known[2], known[3], known[4], clamp)
@@ -252,24 +267,12 @@ def _einsum_shape(equation: str, xs: Sequence[np.ndarray]) -> List[int]:
 
 
 def _pool_layout(attrs: Attrs, x: np.ndarray) -> Tuple[List[int], List[int], List[int], List[int], List[int]]:
-    """Kernel, strides, dilations, begin pads and output size of a pooling node.
-
-    With ``ceil_mode`` the output may need windows that run past the end pad; a window must still
-    start inside the input or its begin pad (the PyTorch/onnxruntime rule).
-    """
+    """Kernel, strides, dilations, begin pads and output size of a pooling node."""
     kernel = [int(k) for k in attrs["kernel_shape"]]
-    dims = len(kernel)
     strides, dilations = _geometry(attrs, x, kernel)
     pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
-    _bounded_windows(x, x.shape[1], kernel, strides, dilations, pads)
-    ceil = bool(attrs.get("ceil_mode", 0))
-    out = []
-    for i, n in enumerate(x.shape[2:]):
-        span = n + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)
-        o = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
-        if ceil and (o - 1) * strides[i] >= n + pads[i]:
-            o -= 1
-        out.append(o)
+    out = _windows(x, kernel, strides, dilations, pads, bool(attrs.get("ceil_mode", 0)))
+    _bounded_windows(x, x.shape[1], pads, out)
     return kernel, strides, dilations, pads, out
 
 
