@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover - the [convert] extra is missing
                           "pip install 'dcrt[convert]'") from e
 
 from . import caffe_pb2
+from .builder import GraphBuilder
 from .passes import check_shape
 
 OPSET = 17
@@ -138,34 +139,16 @@ class _Value:
     shape: Shape
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     def __init__(self) -> None:
-        self.nodes: List[Node] = []
-        self.inits: Dict[str, np.ndarray] = {}
-        self.used: set = set()
-        self.node_names: set = set()
+        super().__init__()
         self.bn_nodes: Dict[str, Node] = {}  # BatchNorm output value -> its node (for Scale merging)
 
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-    def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
-        name = self.fresh(base)
-        self.inits[name] = np.ascontiguousarray(np.asarray(value, dtype=dtype))
-        return name
-
     def node(self, op: str, inputs: List[str], name: str, out: Optional[str] = None, **attrs: Any) -> str:
-        node_name, i = name, 1
-        while node_name in self.node_names:
-            node_name, i = f"{name}_{i}", i + 1
-        self.node_names.add(node_name)
+        """Add a node named after ``name``; its output is ``out`` as given (a top), else a new value."""
+        node_name = self.node_name(name)
         output = out if out is not None else self.fresh(f"{node_name}.out")
-        self.nodes.append(Node(op, list(inputs), [output],
-                               {k: v for k, v in attrs.items() if v is not None}, node_name))
+        self.append(op, inputs, [output], node_name, attrs)
         return output
 
 

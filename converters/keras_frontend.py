@@ -42,8 +42,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dcrt.errors import ConversionError, UnsupportedOperatorError
-from dcrt.graph import Graph, Model, Node, ValueInfo
+from dcrt.graph import Graph, Model, ValueInfo
 
+from .builder import GraphBuilder
 from .passes import check_shape
 
 try:
@@ -351,21 +352,8 @@ def _inverse(perm: Perm) -> Perm:
     return tuple(int(i) for i in np.argsort(perm))
 
 
-class _Builder:
-    """Collects nodes and initializers with unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: List[Node] = []
-        self.inits: Dict[str, np.ndarray] = {}
-        self.used: set = set()        # value names (initializers included)
-        self.node_names: set = set()
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
+class _Builder(GraphBuilder):
+    """The graph builder, plus Keras's shared weights and layout views."""
 
     def weight(self, name: str, value: Callable[[], np.ndarray]) -> str:
         """An initializer, created once (a shared layer reuses its weights)."""
@@ -374,25 +362,16 @@ class _Builder:
             self.inits[name] = np.ascontiguousarray(value())
         return name
 
-    def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
-        name = self.fresh(base)
-        self.inits[name] = np.asarray(value, dtype=dtype)
-        return name
-
     def node(self, op: str, inputs: List[str], name: str, out: Optional[str] = None, nout: int = 1,
              **attrs: Any) -> Any:
         """Add a node named after ``name``; returns its output value's name (a list when ``nout > 1``).
 
         The output is named ``out`` (default: the node's name), made unique.
         """
-        node_name, i = name, 1
-        while node_name in self.node_names:
-            node_name, i = f"{name}_{i}", i + 1
-        self.node_names.add(node_name)
+        node_name = self.node_name(name)
         base = out or node_name
         outputs = [self.fresh(base)] + [self.fresh(f"{base}:{i}") for i in range(1, nout)]
-        self.nodes.append(Node(op, list(inputs), outputs, {k: v for k, v in attrs.items() if v is not None},
-                               node_name))
+        self.append(op, inputs, outputs, node_name, attrs)
         return outputs[0] if nout == 1 else outputs
 
     def view(self, t: _Tensor, perm: Perm) -> str:
