@@ -459,6 +459,20 @@ def _padding_attrs(padding: str, sizes: Shape, kernel, strides, dilations) -> Di
     return {"pads": pads} if pads is not None else {"auto_pad": "SAME_UPPER"}
 
 
+def _weight_inputs(b: _Builder, ctx: _Ctx, weight: np.ndarray, bias: Optional[np.ndarray],
+                   weight_name: Optional[str] = None) -> List[str]:
+    """The float32 initializers of a layer's weight (already in ONNX layout) and of its bias, if any."""
+    names = [b.weight(weight_name or f"{ctx.layer}.weight", lambda: weight.astype(np.float32))]
+    if bias is not None:
+        names.append(b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32)))
+    return names
+
+
+def _fused_activation(act: Optional[str]) -> bool:
+    """Whether a layer's ``activation`` adds a node after its own (anything but linear)."""
+    return act is not None and act.lower() != "linear"
+
+
 def _apply_activation(b: _Builder, act: Optional[str], x: str, name: str, ctx: _Ctx, axis: int = 1,
                       final: Optional[str] = None, own: bool = False) -> str:
     """Append the activation ``act`` (a Keras name) to IR value ``x``; ``axis`` is softmax's axis.
@@ -517,11 +531,9 @@ def _conv_like(b: _Builder, name: str, cfg: dict, x: _Tensor, kernel_oi: np.ndar
     if any(s > 1 for s in strides) and any(d > 1 for d in dil):
         raise _Unsupported("strides > 1 together with dilation_rate > 1")
     attrs = _padding_attrs(padding, nc_in[2:], kernel, strides, dil)
-    inputs = [xin, b.weight(weight_name or f"{ctx.layer}.weight", lambda: kernel_oi.astype(np.float32))]
-    if bias is not None:
-        inputs.append(b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32)))
+    inputs = [xin] + _weight_inputs(b, ctx, kernel_oi, bias, weight_name)
     act = _activation_name(cfg.get("activation")) if apply_act else "linear"
-    has_act = act is not None and act.lower() != "linear"
+    has_act = _fused_activation(act)
     y = b.node("Conv", inputs, node_name or name, out=(node_name or name) + (".conv" if has_act else ""),
                kernel_shape=kernel, strides=strides, dilations=dil, group=group, **attrs)
     if has_act:
@@ -602,12 +614,9 @@ def _conv_transpose(b, name, cfg, ins, w, ctx):
         end.append(max(crop_end, 0))
         out_pad.append(max(-crop_end, 0))
         out_sizes.append(None if n is None else (n - 1) * s + span - (span - 1 - left) - crop_end)
-    inputs = [xin, b.weight(f"{ctx.layer}.weight", lambda: weight.astype(np.float32))]
-    bias = _bias(w, cfg, 1)
-    if bias is not None:
-        inputs.append(b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32)))
+    inputs = [xin] + _weight_inputs(b, ctx, weight, _bias(w, cfg, 1))
     act = _activation_name(cfg.get("activation"))
-    has_act = act is not None and act.lower() != "linear"
+    has_act = _fused_activation(act)
     y = b.node("ConvTranspose", inputs, name, out=name + (".convt" if has_act else ""), kernel_shape=ks,
                strides=strides, dilations=dil, pads=begin + end,
                output_padding=out_pad if any(out_pad) else None)
@@ -1015,13 +1024,10 @@ def _dense(b, name, cfg, ins, w, ctx):
     bias = _bias(w, cfg, 1)
     units = int(kernel.shape[1])
     act = _activation_name(cfg.get("activation"))
-    has_act = act is not None and act.lower() != "linear"
+    has_act = _fused_activation(act)
     out = name + (".dense" if has_act else "")
     if x.rank == 2:
-        inputs = [b.view(x, (0, 1)), b.weight(f"{ctx.layer}.weight", lambda: kernel.T.astype(np.float32))]
-        if bias is not None:
-            inputs.append(b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32)))
-        y = b.node("Gemm", inputs, name, out=out, transB=1)
+        y = b.node("Gemm", [b.view(x, (0, 1))] + _weight_inputs(b, ctx, kernel.T, bias), name, out=out, transB=1)
     else:  # Dense acts on the last axis of an N-D input
         src = b.view(x, _identity(x.rank))
         y = b.node("MatMul", [src, b.weight(f"{ctx.layer}.weight", lambda: kernel.astype(np.float32))], name,
