@@ -272,40 +272,27 @@ def param_shapes(kind: str, param: Any, in_shapes: List[Shape]) -> List[Shape]:
 
 
 def _convolution(b: _Builder, layer: _Layer) -> List[_Value]:
+    """Convolution and Deconvolution (ONNX ConvTranspose): the same parameters, blobs and attributes."""
     p = layer.param.convolution_param
     x = layer.inputs[0]
+    transposed = layer.param.type == "Deconvolution"
     if p.axis not in (1, 1 - len(x.shape)):
         raise _Unsupported(f"axis={p.axis}")
     kernel, stride, pad, dilation = _conv_geometry(p, len(x.shape))
-    shapes = param_shapes("Convolution", layer.param, [x.shape])
+    shapes = param_shapes(layer.param.type, layer.param, [x.shape])
     blobs = _check_count(layer, len(shapes), shapes)
-    if x.shape[1] % p.group or p.num_output % p.group:
+    if not transposed and (x.shape[1] % p.group or p.num_output % p.group):
         raise ConversionError(f"layer {layer.name!r}: group {p.group} does not divide the channels")
     inputs = [x.name, b.const(f"{layer.name}.weight", blobs[0])]
     if p.bias_term:
         inputs.append(b.const(f"{layer.name}.bias", blobs[1]))
-    y = b.node("Conv", inputs, layer.name, out=layer.outs[0], kernel_shape=kernel, strides=stride,
-               pads=pad + pad, dilations=dilation, group=int(p.group))
-    spatial = [(n + 2 * q - (d * (k - 1) + 1)) // s + 1
-               for n, k, s, q, d in zip(x.shape[2:], kernel, stride, pad, dilation)]
-    return [_Value(y, [x.shape[0], int(p.num_output)] + spatial)]
-
-
-def _deconvolution(b: _Builder, layer: _Layer) -> List[_Value]:
-    p = layer.param.convolution_param
-    x = layer.inputs[0]
-    if p.axis not in (1, 1 - len(x.shape)):
-        raise _Unsupported(f"axis={p.axis}")
-    kernel, stride, pad, dilation = _conv_geometry(p, len(x.shape))
-    shapes = param_shapes("Deconvolution", layer.param, [x.shape])
-    blobs = _check_count(layer, len(shapes), shapes)
-    inputs = [x.name, b.const(f"{layer.name}.weight", blobs[0])]
-    if p.bias_term:
-        inputs.append(b.const(f"{layer.name}.bias", blobs[1]))
-    y = b.node("ConvTranspose", inputs, layer.name, out=layer.outs[0], kernel_shape=kernel, strides=stride,
-               pads=pad + pad, dilations=dilation, group=int(p.group))
-    spatial = [s * (n - 1) + d * (k - 1) + 1 - 2 * q
-               for n, k, s, q, d in zip(x.shape[2:], kernel, stride, pad, dilation)]
+    y = b.node("ConvTranspose" if transposed else "Conv", inputs, layer.name, out=layer.outs[0],
+               kernel_shape=kernel, strides=stride, pads=pad + pad, dilations=dilation, group=int(p.group))
+    geometry = zip(x.shape[2:], kernel, stride, pad, dilation)
+    if transposed:
+        spatial = [s * (n - 1) + d * (k - 1) + 1 - 2 * q for n, k, s, q, d in geometry]
+    else:
+        spatial = [(n + 2 * q - (d * (k - 1) + 1)) // s + 1 for n, k, s, q, d in geometry]
     return [_Value(y, [x.shape[0], int(p.num_output)] + spatial)]
 
 
@@ -597,7 +584,7 @@ def _reshape(b: _Builder, layer: _Layer) -> List[_Value]:
 
 
 _LAYERS: Dict[str, Callable[[_Builder, _Layer], List[_Value]]] = {
-    "Convolution": _convolution, "Deconvolution": _deconvolution, "InnerProduct": _inner_product,
+    "Convolution": _convolution, "Deconvolution": _convolution, "InnerProduct": _inner_product,
     "Pooling": _pooling, "ReLU": _relu, "PReLU": _prelu, "ELU": _elu, "Sigmoid": _unary("Sigmoid"),
     "TanH": _unary("Tanh"), "AbsVal": _unary("Abs"), "BNLL": _unary("Softplus"), "Power": _power,
     "Softmax": _softmax, "LRN": _lrn, "BatchNorm": _batchnorm, "Scale": _scale, "Eltwise": _eltwise,
