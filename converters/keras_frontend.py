@@ -412,6 +412,12 @@ def _spatial_perm(rank: int, cfg: dict) -> Perm:
     return _channels_first(rank, rank - 1)
 
 
+def _spatial_input(b: _Builder, x: _Tensor, cfg: dict) -> Tuple[Perm, str, Shape]:
+    """``(perm, value, shape)``: ``x`` as ONNX's NC... layout for a ``data_format`` layer."""
+    perm = _spatial_perm(x.rank, cfg)
+    return perm, b.view(x, perm), [x.shape[a] for a in perm]
+
+
 def _out_tensor(shape: Shape, dtype: Any, perm: Perm, name: str, base: str) -> _Tensor:
     t = _Tensor(list(shape), np.dtype(dtype), base=base)
     t.views[tuple(perm)] = name
@@ -519,11 +525,8 @@ def _conv_like(b: _Builder, name: str, cfg: dict, x: _Tensor, kernel_oi: np.ndar
                group: int, ctx: _Ctx, weight_name: Optional[str] = None, apply_act: bool = True,
                node_name: Optional[str] = None) -> _Tensor:
     """An ONNX Conv over ``x`` with weights already in ``[out, in/group, *k]`` layout."""
-    rank = x.rank
-    dims = rank - 2
-    perm = _spatial_perm(rank, cfg)
-    xin = b.view(x, perm)
-    nc_in = [x.shape[a] for a in perm]
+    dims = x.rank - 2
+    perm, xin, nc_in = _spatial_input(b, x, cfg)
     kernel = list(kernel_oi.shape[2:])
     strides = _ints(cfg.get("strides", 1), dims)
     dil = _ints(cfg.get("dilation_rate", 1), dims)
@@ -581,11 +584,8 @@ def _separable(b, name, cfg, ins, w, ctx):
 
 def _conv_transpose(b, name, cfg, ins, w, ctx):
     x = ins[0]
-    rank = x.rank
-    dims = rank - 2
-    perm = _spatial_perm(rank, cfg)
-    xin = b.view(x, perm)
-    nc_in = [x.shape[a] for a in perm]
+    dims = x.rank - 2
+    perm, xin, nc_in = _spatial_input(b, x, cfg)
     kernel = w[0]  # [*k, out, in]
     weight = kernel.transpose((dims + 1, dims) + tuple(range(dims)))  # [in, out, *k]
     ks = list(kernel.shape[:dims])
@@ -629,11 +629,8 @@ def _conv_transpose(b, name, cfg, ins, w, ctx):
 def _pool(op: str):
     def run(b, name, cfg, ins, w, ctx):
         x = ins[0]
-        rank = x.rank
-        dims = rank - 2
-        perm = _spatial_perm(rank, cfg)
-        xin = b.view(x, perm)
-        nc_in = [x.shape[a] for a in perm]
+        dims = x.rank - 2
+        perm, xin, nc_in = _spatial_input(b, x, cfg)
         kernel = _ints(cfg.get("pool_size", 2), dims)
         strides = _ints(cfg.get("strides") or kernel, dims)
         padding = str(cfg.get("padding", "valid")).lower()
