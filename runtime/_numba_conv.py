@@ -395,3 +395,173 @@ def bias_clamp(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
 def bias_clamp_par(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
     for job in prange(y.shape[0] * y.shape[1]):
         _bias_clamp_plane(y, bias, lo, hi, clamp, job)
+
+
+# -- Winograd F(2x2, 3x3) transforms (see runtime/winograd.py) -------------------------------------
+
+@njit(inline="always")
+def _winograd_input_plane(x, ph, pw, r0, r1, th, tw, rows, cols, v, c):  # pragma: no cover - compiled
+    """``v[:, c, :]`` for tile rows ``[r0, r1)``: each 4x4 input patch ``d`` (stride 2, zeros in the
+    padding) becomes ``B^T d B``. The row half of the transform runs over whole padded rows (long,
+    vectorised loops), the column half per tile."""
+    height, width = x.shape[2], x.shape[3]
+    span = rows.shape[1]
+    xf = x.reshape(x.size)
+    vf = v.reshape(v.size)
+    plane = v.shape[1] * v.shape[2]       # stride of the 16 elements of a tile in v
+    lo = max(0, pw)
+    hi = min(span, width + pw)
+    for q in range(r0, r1):
+        n = q // th
+        i = q - n * th
+        base = (n * x.shape[1] + c) * height * width
+        for a in range(4):
+            ih = 2 * i - ph + a
+            for u in range(span):
+                rows[a, u] = 0.0
+            if 0 <= ih < height:
+                src = base + ih * width - pw
+                for u in range(lo, hi):
+                    rows[a, u] = xf[_U(src + u)]
+        half = tw + 1
+        for h in range(2):         # B^T d, column by column, even and odd columns apart
+            for u in range(half):
+                d0, d1, d2, d3 = rows[0, 2 * u + h], rows[1, 2 * u + h], rows[2, 2 * u + h], rows[3, 2 * u + h]
+                cols[h, 0, u] = d0 - d2
+                cols[h, 1, u] = d1 + d2
+                cols[h, 2, u] = d2 - d1
+                cols[h, 3, u] = d1 - d3
+        dst = c * v.shape[2] + (q - r0) * tw
+        for a in range(4):         # (B^T d) B: tile j covers columns 2j..2j+3
+            ev = cols[0, a]
+            od = cols[1, a]
+            e0 = vf[dst + 4 * a * plane:dst + 4 * a * plane + tw]
+            e1 = vf[dst + (4 * a + 1) * plane:dst + (4 * a + 1) * plane + tw]
+            e2 = vf[dst + (4 * a + 2) * plane:dst + (4 * a + 2) * plane + tw]
+            e3 = vf[dst + (4 * a + 3) * plane:dst + (4 * a + 3) * plane + tw]
+            for j in range(tw):
+                t0, t1, t2, t3 = ev[j], od[j], ev[j + 1], od[j + 1]
+                e0[j] = t0 - t2
+                e1[j] = t1 + t2
+                e2[j] = t2 - t1
+                e3[j] = t1 - t3
+
+
+@njit(cache=True, nogil=True)
+def winograd_input(x, ph, pw, r0, r1, th, v):  # pragma: no cover - compiled
+    """``v [16, C, (r1 - r0) * tw]``: the Winograd-domain input of tile rows ``[r0, r1)``.
+
+    ``x [N, C, H, W]`` float32, C-contiguous; tile row ``q`` is sample ``q // th``, output rows
+    ``2 * (q % th)`` and the next; ``(ph, pw)`` the top and left pads. Element ``4a + b`` of a tile is
+    entry ``(a, b)`` of ``B^T d B``.
+    """
+    tw = v.shape[2] // max(1, r1 - r0)
+    rows = np.empty((4, 2 * tw + 2), np.float32)
+    cols = np.empty((2, 4, tw + 1), np.float32)
+    for c in range(x.shape[1]):
+        _winograd_input_plane(x, ph, pw, r0, r1, th, tw, rows, cols, v, c)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def winograd_input_par(x, ph, pw, r0, r1, th, v):  # pragma: no cover - compiled
+    tw = v.shape[2] // max(1, r1 - r0)
+    for c in prange(x.shape[1]):
+        rows = np.empty((4, 2 * tw + 2), np.float32)
+        cols = np.empty((2, 4, tw + 1), np.float32)
+        _winograd_input_plane(x, ph, pw, r0, r1, th, tw, rows, cols, v, c)
+
+
+@njit(inline="always")
+def _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k):  # pragma: no cover - compiled
+    tw = m.shape[2] // max(1, r1 - r0)
+    oh_count, ow_count = out.shape[2], out.shape[3]
+    mf = m.reshape(m.size)
+    of = out.reshape(out.size)
+    plane = m.shape[1] * m.shape[2]
+    b = bias[k0 + k] if bias.size else np.float32(0.0)
+    for q in range(r0, r1):
+        n = q // th
+        i = q - n * th
+        src = k * m.shape[2] + (q - r0) * tw
+        for c in range(4):         # A^T M, column c of every tile of the row: long loops
+            o0 = src + c * plane
+            o1 = o0 + 4 * plane
+            o2 = o1 + 4 * plane
+            o3 = o2 + 4 * plane
+            for j in range(tw):
+                m1 = mf[_U(o1 + j)]
+                m2 = mf[_U(o2 + j)]
+                sums[c, j] = mf[_U(o0 + j)] + m1 + m2
+                sums[4 + c, j] = m1 - m2 - mf[_U(o3 + j)]
+        for r in range(2):         # (A^T M) A, the bias and the clamp: two rows of 2 * tw outputs
+            for j in range(tw):
+                s0, s1, s2, s3 = sums[4 * r, j], sums[4 * r + 1, j], sums[4 * r + 2, j], sums[4 * r + 3, j]
+                line[r, 2 * j] = _clamped(b + (s0 + s1 + s2), lo, hi, clamp)
+                line[r, 2 * j + 1] = _clamped(b + (s1 - s2 - s3), lo, hi, clamp)
+        for a in range(min(2, oh_count - 2 * i)):     # the last row/column of a tile may lie past the edge
+            dst = ((n * out.shape[1] + k0 + k) * oh_count + 2 * i + a) * ow_count
+            for u in range(ow_count):
+                of[_U(dst + u)] = line[a, u]
+
+
+@njit(inline="always")
+def _clamped(v, lo, hi, clamp):  # pragma: no cover - compiled
+    if clamp:
+        v = lo if v < lo else v
+        v = hi if v > hi else v
+    return v
+
+
+@njit(cache=True, nogil=True)
+def winograd_output(m, bias, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
+    """Output tile rows ``[r0, r1)`` of channels ``[k0, k0 + K)`` of ``out [N, M, OH, OW]`` from the
+    Winograd-domain products ``m [16, K, (r1 - r0) * tw]``: ``A^T M A`` per tile, ``+ bias`` (may be
+    empty), then clamped to [lo, hi] when ``clamp``; the last row/column of a tile is dropped past
+    the edge."""
+    tw = m.shape[2] // max(1, r1 - r0)
+    line = np.empty((2, 2 * tw), np.float32)
+    sums = np.empty((8, tw), np.float32)
+    for k in range(m.shape[1]):
+        _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def winograd_output_par(m, bias, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
+    for k in prange(m.shape[1]):
+        tw = m.shape[2] // max(1, r1 - r0)
+        line = np.empty((2, 2 * tw), np.float32)
+        sums = np.empty((8, tw), np.float32)
+        _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
+
+
+@njit(inline="always")
+def _winograd_kernel(w, u, job):  # pragma: no cover - compiled
+    k = job // w.shape[1]
+    c = job - k * w.shape[1]
+    for a in range(4):             # row a of G g
+        if a == 0:
+            r0, r1, r2 = w[k, c, 0, 0], w[k, c, 0, 1], w[k, c, 0, 2]
+        elif a == 3:
+            r0, r1, r2 = w[k, c, 2, 0], w[k, c, 2, 1], w[k, c, 2, 2]
+        else:
+            sign = np.float32(1.0) if a == 1 else np.float32(-1.0)
+            r0 = np.float32(0.5) * (w[k, c, 0, 0] + sign * w[k, c, 1, 0] + w[k, c, 2, 0])
+            r1 = np.float32(0.5) * (w[k, c, 0, 1] + sign * w[k, c, 1, 1] + w[k, c, 2, 1])
+            r2 = np.float32(0.5) * (w[k, c, 0, 2] + sign * w[k, c, 1, 2] + w[k, c, 2, 2])
+        u[4 * a, k, c] = r0          # (G g) G^T
+        u[4 * a + 1, k, c] = np.float32(0.5) * (r0 + r1 + r2)
+        u[4 * a + 2, k, c] = np.float32(0.5) * (r0 - r1 + r2)
+        u[4 * a + 3, k, c] = r2
+
+
+@njit(cache=True, nogil=True)
+def winograd_weights(w, u):  # pragma: no cover - compiled
+    """``u [16, K, C]``: ``G g G^T`` of every 3x3 kernel ``g`` of ``w [K, C, 3, 3]`` (element ``4a + b``)."""
+    for job in range(w.shape[0] * w.shape[1]):
+        _winograd_kernel(w, u, job)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def winograd_weights_par(w, u):  # pragma: no cover - compiled
+    for job in prange(w.shape[0] * w.shape[1]):
+        _winograd_kernel(w, u, job)

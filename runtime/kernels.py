@@ -21,7 +21,8 @@ col2im), so they work for any weight kind; a weight that can expand one tile of 
 (``tile_rows``/``expand_rows``, as the index-mode weights do) lets ``conv`` choose whether to expand
 each tile once per call or build each im2col block once.
 
-With numba (``runtime/numba_kernels.py``) the 1-D/2-D im2col, the depthwise convolution and the
+3x3 convolutions with unit strides on big enough maps take Winograd's F(2x2, 3x3) instead of im2col
+(``runtime/winograd.py``: 4/9 of the multiplies). With numba (``runtime/numba_kernels.py``) the 1-D/2-D im2col, the depthwise convolution and the
 bias + clamp epilogue are compiled kernels; their numpy twins here (``_im2col_numpy``,
 ``_depthwise_numpy``, ``_bias_clamp_numpy``) run with ``DCRT_NO_NUMBA=1`` or without numba.
 """
@@ -34,6 +35,7 @@ from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import winograd
 from .numba_kernels import kernels, launch
 
 Weight = Any  # np.ndarray or an indexed weight
@@ -219,6 +221,10 @@ def conv(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if shape.lifted:
             x = x[:, :, None, :]
+    if winograd.usable(x, w, shape.strides, shape.dilations, group):
+        y = winograd.conv3x3(k, x, w, bias, shape.pads, shape.out, clamp, IM2COL_BLOCK_BYTES)
+        if y is not None:
+            return y
     if shape.cin == 1 and group > 1:
         y = _depthwise(k, x, w, bias, shape, group, clamp)
     else:

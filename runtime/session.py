@@ -27,6 +27,7 @@ from dcrt.format.reader import StoredTensor
 from dcrt.format.tensor import QUANTIZED, SPARSE
 from dcrt.graph import ValueInfo
 
+from . import winograd
 from .executor import Executor
 from .indexed import IndexedWeight, SparseWeight
 
@@ -100,7 +101,8 @@ class Session:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
         report = memory.resident_bytes(t.record for t in self._tensors.values())
         with self._lock:
-            report["now"] = sum(getattr(v, "nbytes", 0) for v in self._cache.values())
+            held = list(self._cache.values())
+        report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)
         return report
 
     # -- weights -------------------------------------------------------------------------------
@@ -118,6 +120,10 @@ class Session:
             value = self._cache.get(name)
             if value is None:
                 value = indexed_weight(t) if compressed and self.mode == "index" else t.decode()
+                if isinstance(value, np.ndarray):
+                    # a constant: no operator may change it, and kernels may keep what they derive
+                    # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)
+                    value.setflags(write=False)
                 self._cache[name] = value
         return value
 

@@ -14,7 +14,7 @@ from runtime_helpers import random_weight
 from dcrt import sparse
 from dcrt.errors import FormatError
 from dcrt.graph import Graph, Node, ValueInfo
-from dcrt.runtime import indexed, kernels, numba_kernels
+from dcrt.runtime import indexed, kernels, numba_kernels, winograd
 from dcrt.runtime.executor import Executor
 from dcrt.runtime.indexed import IndexedWeight, SparseWeight
 from dcrt.runtime.ops import OPS
@@ -165,6 +165,70 @@ def test_depthwise_kernels_agree(case, monkeypatch):
         np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
 
 
+WINOGRAD = [  # x shape, w shape, pads (3x3, unit strides: at least MIN_TILES_INDEXED 2x2 tiles a map)
+    ((1, 3, 24, 24), (4, 3, 3, 3), [1, 1, 1, 1]),
+    ((2, 5, 25, 21), (6, 5, 3, 3), [1, 1, 1, 1]),      # odd sizes: the edge tiles are cut
+    ((1, 4, 26, 24), (3, 4, 3, 3), [0, 0, 0, 0]),
+    ((1, 4, 23, 26), (5, 4, 3, 3), [2, 0, 1, 2]),      # uneven pads
+]
+
+
+def constant(w: np.ndarray) -> np.ndarray:
+    """A read-only copy: what the session's decoded weights are, and what takes the Winograd form."""
+    w = w.copy()
+    w.setflags(write=False)
+    return w
+
+
+@pytest.mark.parametrize("case", WINOGRAD, ids=lambda c: f"{c[0]}-{c[2]}")
+@pytest.mark.parametrize("form", ["constant", "indexed", "sparse"])
+def test_winograd_agrees_with_im2col(case, form, monkeypatch):
+    xs, ws, pads = case
+    d, iw, sw = weights(ws, 0.6, seed=xs[2])
+    x, b = rand(*xs), rand(ws[0])
+    reference = kernels.conv(x, d, b, [1, 1], [1, 1], pads, 1, (-1.0, 2.0))   # writable array: im2col
+    w = {"constant": constant(d), "indexed": iw, "sparse": sw}[form]
+    assert winograd.usable(x, w, [1, 1], [1, 1], 1) and not winograd.usable(x, d, [1, 1], [1, 1], 1)
+    assert winograd.cached_bytes([w]) == 0
+    taken, tiles = [], winograd._weight_tiles
+
+    def counted(*args):
+        taken.append(args)
+        return tiles(*args)
+    monkeypatch.setattr(winograd, "_weight_tiles", counted)
+    got, twin = both(lambda: kernels.conv(x, w, b, [1, 1], [1, 1], pads, 1, (-1.0, 2.0)), monkeypatch)
+    assert len(taken) == 2      # the Winograd form was taken, by the kernels and by their twins
+    if form == "constant":      # ... and the transform kept
+        assert winograd.cached_bytes([w]) == 16 * ws[0] * ws[1] * 4
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(twin, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_weight_kernel_agrees(monkeypatch):
+    w = rand(7, 5, 3, 3)
+    got, twin = both(lambda: winograd.weight_transform(numba_kernels.kernels(), w), monkeypatch)
+    np.testing.assert_allclose(got, twin, rtol=1e-6, atol=1e-6)
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+    np.testing.assert_allclose(got[:, 3, 2].reshape(4, 4), g @ w[3, 2] @ g.T, rtol=1e-6, atol=1e-6)
+
+
+def test_winograd_blocks_and_small_maps(monkeypatch):
+    """Blocks of tile rows (crossing samples) give the unblocked result; a map of fewer than
+    MIN_TILES tiles keeps im2col and caches nothing; the cached form goes with its weight."""
+    x, w, b = rand(3, 4, 18, 15), constant(rand(6, 4, 3, 3)), rand(6)
+    whole = kernels.conv(x, w, b, [1, 1], [1, 1], [1, 1, 1, 1], 1)
+    monkeypatch.setattr(kernels, "IM2COL_BLOCK_BYTES", 16 * 4 * 8 * 6 * 2)    # two tile rows a block
+    got, twin = both(lambda: kernels.conv(x, w, b, [1, 1], [1, 1], [1, 1, 1, 1], 1), monkeypatch)
+    np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(twin, whole, rtol=1e-6, atol=1e-6)
+    small = constant(rand(6, 4, 3, 3))
+    kernels.conv(rand(1, 4, 9, 9), small, None, [1, 1], [1, 1], [1, 1, 1, 1], 1)     # 5x5 tiles
+    assert winograd.cached_bytes([small]) == 0 and winograd.cached_bytes([w]) > 0
+    count = len(winograd._TRANSFORMED)
+    del w
+    assert len(winograd._TRANSFORMED) == count - 1
+
+
 def test_im2col_blocks_match_whole(monkeypatch):
     """Row blocks and sample blocks of the im2col matrix give the unblocked result."""
     x, w, b = rand(3, 3, 14, 10), rand(5, 3, 3, 3), rand(5)
@@ -188,11 +252,13 @@ def test_parallel_forms_agree(monkeypatch):
     x, xc = rand(1, 200), rand(2, 16, 15, 15)
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
+    wd_const = constant(wd)
 
     def run():
         return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), iw.expand_rows(0, 16),
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
-                kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
+                kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
+                kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
     serial = run()
     monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
     threads = numba.get_num_threads()
@@ -216,6 +282,25 @@ def test_index_mode_conv_never_expands_the_whole_weight():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < dense.nbytes / 2, (peak, dense.nbytes)
+    np.testing.assert_allclose(y, kernels.conv(x, dense, None, [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-4, atol=1e-4)
+
+
+def test_index_mode_winograd_never_expands_the_whole_weight():
+    """The same weight on a 24x24 map takes the Winograd form tile by tile: besides the map's own
+    arrays (its transform ``V``, one tile's products, the output; the numpy twins hold about three
+    times as much: the padded patches and einsum's temporaries) the call allocates less than half of
+    the weight (an expanded tile and its transform)."""
+    dense, iw, _ = weights((512, 256, 3, 3), 0.5)
+    x = rand(1, 256, 24, 24)
+    step, tiles = iw.reshape(512, -1).tile_rows() // 2, 12 * 12
+    activations = 4 * (16 * 256 * tiles + 16 * step * tiles + 512 * 24 * 24)
+    activations *= 1 if numba_kernels.kernels() is not None else 3
+    for w in (iw, iw):
+        tracemalloc.start()
+        y = kernels.conv(x, w, None, [1, 1], [1, 1], [1, 1, 1, 1], 1)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak - activations < dense.nbytes / 2, (peak, activations, dense.nbytes)
     np.testing.assert_allclose(y, kernels.conv(x, dense, None, [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-4, atol=1e-4)
 
 
