@@ -81,7 +81,7 @@ def _row3x3(xf, a, b, c, top, bottom, t, start, width, dst, db):  # pragma: no c
 
 
 @njit(inline="always")
-def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, job):  # pragma: no cover
+def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, job):  # pragma: no cover
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     tiles, kh, kw = w.shape[0], w.shape[1], w.shape[2]
     n = job // tiles
@@ -102,6 +102,16 @@ def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of,
         for i in range(3):
             for j in range(3):
                 t[i * 3 + j] = w[mt, i, j]
+        if sh == 1 and sw == 1 and height >= 3:
+            _plane3x3(xf, xb, t, start, height, width, of, ob)
+            if clamp:
+                _clamp_run(of, ob, plane, lo, hi)
+            return
+        if sh == 2 and sw == 2 and split.size >= 2 * (height + 1) * (ow_count + 1):
+            _plane3x3_s2(xf, xb, t, start, height, width, oh_count, ow_count, split, of, ob)
+            if clamp:
+                _clamp_run(of, ob, plane, lo, hi)
+            return
         for oh in range(oh_count):
             ih = oh * sh
             b = xb + ih * width
@@ -177,6 +187,79 @@ def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of,
 
 
 @njit(inline="always")
+def _plane3x3(xf, xb, t, start, height, width, of, ob):  # pragma: no cover - compiled
+    """The whole ``height x width`` plane (>= 3 rows) of a 3x3, pad 1, stride 1 depthwise
+    convolution: rows 1 .. height-2 as one flat loop over the plane (each tap a fixed offset: long,
+    vectorised runs even on 7- or 14-wide maps), whose first and last columns, which that loop
+    reads across a row edge, are then redone; the first and last rows by :func:`_row3x3`."""
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]
+    w = width
+    a, b, c = xb - w, xb, xb + w
+    for p in range(w + 1, (height - 1) * w - 1):
+        p0 = t0 * xf[_U(a + p - 1)] + t1 * xf[_U(a + p)] + t2 * xf[_U(a + p + 1)]
+        p1 = t3 * xf[_U(b + p - 1)] + t4 * xf[_U(b + p)] + t5 * xf[_U(b + p + 1)]
+        p2 = t6 * xf[_U(c + p - 1)] + t7 * xf[_U(c + p)] + t8 * xf[_U(c + p + 1)]
+        of[_U(ob + p)] = start + (p0 + (p1 + p2))
+    e = w - 1
+    for r in range(1, height - 1):
+        a = xb + (r - 1) * w
+        b = a + w
+        c = b + w
+        p0 = t1 * xf[_U(a)] + t2 * xf[_U(a + 1)]
+        p1 = t4 * xf[_U(b)] + t5 * xf[_U(b + 1)]
+        p2 = t7 * xf[_U(c)] + t8 * xf[_U(c + 1)]
+        of[_U(ob + r * w)] = start + (p0 + (p1 + p2))
+        p0 = t0 * xf[_U(a + e - 1)] + t1 * xf[_U(a + e)]
+        p1 = t3 * xf[_U(b + e - 1)] + t4 * xf[_U(b + e)]
+        p2 = t6 * xf[_U(c + e - 1)] + t7 * xf[_U(c + e)]
+        of[_U(ob + r * w + e)] = start + (p0 + (p1 + p2))
+    _row3x3(xf, xb - w, xb, xb + w, False, True, t, start, w, of, ob)
+    last = xb + (height - 1) * w
+    _row3x3(xf, last - w, last, last + w, True, False, t, start, w, of, ob + (height - 1) * w)
+
+
+@njit(inline="always")
+def _plane3x3_s2(xf, xb, t, start, height, width, oh_count, ow_count, split, of, ob):  # pragma: no cover
+    """The plane of a 3x3, pad 1, stride 2 depthwise convolution. Every input row is first split
+    into its even columns and its odd ones shifted by one (``split``: ``2 (height + 1) (ow_count + 1)``
+    floats; zeros in the padding and in an extra row that stands for the rows above and below the
+    input), so that each output row is one loop over contiguous runs: no stride-1 row computed and
+    thinned, no strided loads in the sum."""
+    span = ow_count + 1
+    odd = (height + 1) * span                  # where the odd columns start in ``split``
+    even_count = min(ow_count, (width + 1) // 2)
+    odd_count = min(ow_count, width // 2)
+    for r in range(height + 1):
+        e = r * span
+        o = odd + r * span
+        split[_U(o)] = 0.0
+        if r == height:                        # the zero row
+            for u in range(span):
+                split[_U(e + u)] = 0.0
+                split[_U(o + u)] = 0.0
+            continue
+        src = xb + r * width
+        for u in range(odd_count):
+            split[_U(e + u)] = xf[_U(src + 2 * u)]
+            split[_U(o + u + 1)] = xf[_U(src + 2 * u + 1)]
+        for u in range(odd_count, ow_count):
+            split[_U(e + u)] = xf[_U(src + 2 * u)] if u < even_count else np.float32(0.0)
+            split[_U(o + u + 1)] = 0.0
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]
+    for oh in range(oh_count):
+        above = 2 * oh - 1 if oh > 0 else height
+        below = 2 * oh + 1 if 2 * oh + 1 < height else height
+        ea, eb, ec = above * span, 2 * oh * span, below * span
+        oa, ob_, oc = odd + ea, odd + eb, odd + ec
+        dst = ob + oh * ow_count
+        for u in range(ow_count):
+            p0 = t0 * split[_U(oa + u)] + t1 * split[_U(ea + u)] + t2 * split[_U(oa + u + 1)]
+            p1 = t3 * split[_U(ob_ + u)] + t4 * split[_U(eb + u)] + t5 * split[_U(ob_ + u + 1)]
+            p2 = t6 * split[_U(oc + u)] + t7 * split[_U(ec + u)] + t8 * split[_U(oc + u + 1)]
+            of[_U(dst + u)] = start + (p0 + (p1 + p2))
+
+
+@njit(inline="always")
 def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
     """Clamp ``of[start:start + count]`` to [lo, hi] in place (NaN stays NaN)."""
     for p in range(count):
@@ -249,8 +332,8 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
 
 
 #: Output maps up to this many positions take the channels-last depthwise loop (up to 64 for the
-#: 3x3 / pad 1 kernels, which have their own row loop): below it the per-plane loops are too short
-#: to vectorise well.
+#: strided 3x3 / pad 1 kernels, which have their own row loop; never for the unit-stride ones, whose
+#: flat plane loop is faster): below it the per-plane loops are too short to vectorise well.
 CHANNELS_LAST_PLANE = 256
 
 
@@ -259,6 +342,8 @@ def _channels_last(mult, w, geometry, out):  # pragma: no cover - compiled
     plane = out.shape[2] * out.shape[3]
     row3x3 = (w.shape[1] == 3 and w.shape[2] == 3 and geometry[2] == 1 and geometry[3] == 1
               and geometry[4] == 1 and geometry[5] == 1)
+    if row3x3 and geometry[0] == 1 and geometry[1] == 1:
+        return False        # the flat plane loop (_plane3x3) is faster at every size, 7x7 included
     return mult == 1 and plane <= (64 if row3x3 else CHANNELS_LAST_PLANE)
 
 
@@ -303,8 +388,9 @@ def _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, first, l
     of = out.reshape(out.size)
     save = np.empty(out.shape[2] * x.shape[3], np.float32)
     line = np.empty(max(x.shape[3], (out.shape[3] - 1) * geometry[1] + 1), np.float32)
+    split = np.empty(2 * (x.shape[2] + 1) * (out.shape[3] + 1) if geometry[1] == 2 else 0, np.float32)
     for job in range(first, last):
-        _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, job)
+        _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, job)
 
 
 @njit(inline="always")

@@ -129,11 +129,15 @@ CONVS = [  # x shape, w shape, strides, dilations, pads, group
     ((1, 2, 5, 6, 7), (3, 2, 2, 3, 2), [1, 1, 1], [1, 1, 1], [1, 0, 1, 0, 1, 1], 1),  # 3-D (numpy only)
 ]
 DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
-    (6, 12, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1: one-pass rows
-    (6, 12, 2, 1, 3, 1, [1, 1, 1, 1]),
-    (5, 2, 1, 1, 3, 1, [1, 1, 1, 1]),
-    (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),         # small map: channels-last
-    (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),
+    (6, 12, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1: the flat plane loop
+    (6, 3, 1, 1, 3, 1, [1, 1, 1, 1]),          # ... on its smallest plane
+    (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),
+    (6, 20, 2, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 2: split columns
+    (5, 17, 2, 1, 3, 1, [1, 1, 1, 1]),         # ... odd size: the last window reaches the padding
+    (3, 18, 2, 2, 3, 1, [1, 1, 1, 1]),         # ... depth multiplier
+    (4, 26, 3, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 3: one-pass rows
+    (5, 2, 1, 1, 3, 1, [1, 1, 1, 1]),          # two rows: one-pass rows
+    (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),        # strided, small map: channels-last
     (4, 20, 1, 1, 3, 1, [1, 2, 2, 1]),         # flat taps with saved edge columns
     (4, 19, 2, 3, 3, 1, [1, 2, 2, 1]),         # depth multiplier, row path with a stride
     (4, 23, 1, 1, 5, 2, [4, 4, 4, 4]),
