@@ -6,9 +6,12 @@
 - ``im2col2d``: the im2col matrix ``[C*kh*kw, samples, positions]`` of a block of output rows, zeros
   for the padding, straight from the unpadded input (no padded copy, no strided numpy copy).
 - ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output.
+- ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
+  convolution by Winograd's F(2x2, 3x3) (``runtime/winograd.py``, whose numpy twins they have).
 
 Each has a ``_par`` twin that spreads (sample, channel) planes over numba's threads, and a numpy twin
-in ``runtime/kernels.py`` (``_depthwise_numpy``, ``_im2col_numpy``, ``_bias_clamp_numpy``).
+in ``runtime/kernels.py`` (``_depthwise_numpy``, ``_im2col_numpy``, ``_bias_clamp_numpy``) or
+``runtime/winograd.py``.
 
 Arrays are read through flat views with unsigned offsets: numba then drops its negative-index
 check and LLVM vectorises the inner loops (3-5x faster than ``x[n, c, i, j + off]`` here).
@@ -81,7 +84,8 @@ def _row3x3(xf, a, b, c, top, bottom, t, start, width, dst, db):  # pragma: no c
 
 
 @njit(inline="always")
-def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, job):  # pragma: no cover
+def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split,
+                     job):  # pragma: no cover - compiled
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     tiles, kh, kw = w.shape[0], w.shape[1], w.shape[2]
     n = job // tiles

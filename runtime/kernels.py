@@ -22,9 +22,10 @@ col2im), so they work for any weight kind; a weight that can expand one tile of 
 each tile once per call or build each im2col block once.
 
 3x3 convolutions with unit strides on big enough maps take Winograd's F(2x2, 3x3) instead of im2col
-(``runtime/winograd.py``: 4/9 of the multiplies). With numba (``runtime/numba_kernels.py``) the 1-D/2-D im2col, the depthwise convolution and the
-bias + clamp epilogue are compiled kernels; their numpy twins here (``_im2col_numpy``,
-``_depthwise_numpy``, ``_bias_clamp_numpy``) run with ``DCRT_NO_NUMBA=1`` or without numba.
+(``runtime/winograd.py``: 4/9 of the multiplies). With numba (``runtime/numba_kernels.py``) the
+1-D/2-D im2col, the depthwise convolution and the bias + clamp epilogue are compiled kernels; their
+numpy twins here (``_im2col_numpy``, ``_depthwise_numpy``, ``_bias_clamp_numpy``) run with
+``DCRT_NO_NUMBA=1`` or without numba.
 """
 from __future__ import annotations
 
