@@ -150,7 +150,9 @@ class Session:
             raise InputError(f"unknown output(s) {', '.join(bad)}; the model's outputs are "
                              f"{', '.join(sorted(self._output_names))}")
         results = self._executor.run(feeds, self._weight, names)
-        outputs = [results[n] for n in names]
+        # the caller owns what it gets: an output that is a weight (or a view of one) is read-only
+        # here, the session's constant, so it is copied
+        outputs = [results[n] if results[n].flags.writeable else results[n].copy() for n in names]
         if short:
             return outputs[0] if len(outputs) == 1 else outputs
         return outputs

@@ -123,6 +123,32 @@ def test_index_mode_never_expands_a_compressed_weight(dcm_path, monkeypatch):
         assert peak < largest / 2, (name, peak, largest)
 
 
+def test_outputs_are_the_callers_and_weights_constant(tmp_path):
+    """Decoded weights are read-only constants in every mode (kernels may keep what they derive from
+    them); an output that is a weight comes back as the caller's own writable copy."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Identity", ["w"], ["w_out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [64, 64])],
+        [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    for options in ({}, LOSSLESS):
+        dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), force=True, **options)
+        x = np.ones((1, 64), np.float32)
+        for mode in ("index", "dense", "stream"):
+            sess = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode)
+            y, w_out = sess.run(None, {"x": x})
+            assert w_out.flags.writeable and y.flags.writeable
+            w_out[...] = 0                          # the caller's copy: the session's weight is untouched
+            y2, w_again = sess.run(None, {"x": x})
+            np.testing.assert_array_equal(y2, y)
+            assert np.abs(w_again).max() > 0
+            assert all(not v.flags.writeable for v in sess._cache.values() if isinstance(v, np.ndarray))
+
+
 def test_threads_share_one_session(dcm_path):
     sess = dcrt.Session(dcm_path("resnet_small"))
     rng = np.random.default_rng(0)
