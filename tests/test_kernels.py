@@ -308,6 +308,21 @@ def test_index_mode_winograd_never_expands_the_whole_weight():
     np.testing.assert_allclose(y, kernels.conv(x, dense, None, [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-4, atol=1e-4)
 
 
+def test_lstm_activations_are_within_their_bound():
+    """The LSTM kernels' rational tanh and the sigmoid made from it, against float64, on [-10, 10]
+    (benchmarks/fit_tanh.py states the bound); inf and NaN as tanh and the logistic function give."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("numba off")
+    from dcrt.runtime import _numba_rnn
+    xs = np.linspace(-10, 10, 4001).astype(np.float32)
+    tanh = np.array([_numba_rnn._tanh(v) for v in xs], np.float64)
+    sigmoid = np.array([_numba_rnn._sigmoid(v) for v in xs], np.float64)
+    assert np.abs(tanh - np.tanh(xs.astype(np.float64))).max() < 5e-7
+    assert np.abs(sigmoid - 1 / (1 + np.exp(-xs.astype(np.float64)))).max() < 3e-7
+    assert abs(_numba_rnn._tanh(np.float32(np.inf)) - 1) < 1e-6 and abs(_numba_rnn._sigmoid(np.float32(-np.inf))) < 1e-6
+    assert np.isnan(_numba_rnn._tanh(np.float32(np.nan))) and np.isnan(_numba_rnn._sigmoid(np.float32(np.nan)))
+
+
 def _lstm_graph(direction, hidden, peepholes, attrs, r):
     dirs = 2 if direction == "bidirectional" else 1
     names = ["x", "w", "r", "b", "", "h0", "c0", "p" if peepholes else ""]
