@@ -149,12 +149,9 @@ def input_numpy(x: np.ndarray, ph: int, pw: int, r0: int, r1: int, th: int, v: n
     """numpy twin of the ``winograd_input`` kernel."""
     batch, cin, height, width = x.shape
     tw = v.shape[2] // max(1, r1 - r0)
-    xp = np.zeros((batch, cin, 2 * th + 2, 2 * tw + 2), np.float32)
-    top, left = max(0, -ph), max(0, -pw)
-    h = min(height - top, 2 * th + 2 - ph)
-    wd = min(width - left, 2 * tw + 2 - pw)
-    if h > 0 and wd > 0:
-        xp[:, :, ph + top:ph + top + h, pw + left:pw + left + wd] = x[:, :, top:top + h, left:left + wd]
+    xp = np.zeros((batch, cin, 2 * th + 2, 2 * tw + 2), np.float32)     # the tiles' patches, zero-padded
+    h, wd = min(height, 2 * th + 2 - ph), min(width, 2 * tw + 2 - pw)
+    xp[:, :, ph:ph + h, pw:pw + wd] = x[:, :, :h, :wd]
     patches = np.lib.stride_tricks.sliding_window_view(xp, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
     patches = patches.transpose(0, 2, 1, 3, 4, 5).reshape(batch * th, cin, tw, 4, 4)[r0:r1]
     d = np.einsum("ai,qcjil,bl->abcqj", _BT, patches, _BT, optimize=True)
