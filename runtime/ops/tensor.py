@@ -124,8 +124,7 @@ def flatten(attrs: Attrs, x: np.ndarray) -> np.ndarray:
     """2-D ``[prod(shape[:axis]), prod(shape[axis:])]`` (axis 1, may be negative)."""
     axis = attrs.get("axis", 1)
     axis = axis + x.ndim if axis < 0 else axis
-    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)),
-                     int(np.prod(x.shape[axis:], dtype=np.int64)))
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @register("Transpose")
