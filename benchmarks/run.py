@@ -199,13 +199,13 @@ def _reset_peak() -> bool:
 
 def measure_memory(dcm_path: str, onnx_path: str, mode: str) -> dict:
     """RSS growth of opening a session and computing the first result, and of a later run."""
+    import numpy as np
     import onnx
 
     import dcrt
     import zoo
     from dcrt.runtime.numba_kernels import kernels
     feeds = zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=1)
-    import numpy as np
     kernels()
     if not (OUT / "lenet5.dcm").exists():
         prepare("lenet5")
