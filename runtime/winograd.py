@@ -70,34 +70,34 @@ def weight_transform(k, w: np.ndarray, u: Optional[np.ndarray] = None) -> np.nda
     return u
 
 
+def _kept(w: Any) -> Optional[np.ndarray]:
+    """The transform kept for this very array (an id is reused once its array is freed), or None."""
+    entry = _TRANSFORMED.get(id(w))
+    return entry[1] if entry is not None and entry[0]() is w else None
+
+
 def transformed(k, w: np.ndarray) -> np.ndarray:
     """The cached ``weight_transform`` of a constant weight (dropped when the weight is freed)."""
-    key = id(w)
-    entry = _TRANSFORMED.get(key)
-    if entry is not None and entry[0]() is w:
-        return entry[1]
-    u = weight_transform(k, w)
-    with _LOCK:
-        _TRANSFORMED[key] = (weakref.ref(w, lambda _, key=key: _TRANSFORMED.pop(key, None)), u)
+    u = _kept(w)
+    if u is None:
+        u = weight_transform(k, w)
+        key = id(w)
+        with _LOCK:
+            _TRANSFORMED[key] = (weakref.ref(w, lambda _, key=key: _TRANSFORMED.pop(key, None)), u)
     return u
 
 
 def cached_bytes(arrays) -> int:
     """Bytes of the transforms kept for any of ``arrays``."""
-    total = 0
-    for a in arrays:
-        entry = _TRANSFORMED.get(id(a))
-        if entry is not None and entry[0]() is a:
-            total += entry[1].nbytes
-    return total
+    return sum(u.nbytes for u in map(_kept, arrays) if u is not None)
 
 
-def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, int, np.ndarray]]:
-    """``(a, b, U of output channels a..b)``: the cached whole for a constant array; for an index-mode
+def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, np.ndarray]]:
+    """``(a, U of output channels a..)``: the cached whole for a constant array; for an index-mode
     weight, tiles of half its ``tile_rows`` transformed as they are expanded (a tile and its transform
     together stay under half of the weight's float32 bytes: never a dense copy)."""
     if isinstance(w, np.ndarray):
-        yield 0, cout, transformed(k, w)
+        yield 0, transformed(k, w)
         return
     rows = w.reshape(cout, -1)
     step = max(1, rows.tile_rows() // 2)
@@ -107,7 +107,7 @@ def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, int, np
         tile = rows.expand_rows(a, b, buf[:b - a]).reshape(b - a, cin, 3, 3)
         if b - a < step or a == 0:      # one buffer for every full tile
             u = np.empty((16, b - a, cin), np.float32)
-        yield a, b, weight_transform(k, tile, u)
+        yield a, weight_transform(k, tile, u)
 
 
 def conv3x3(k, x: np.ndarray, w: Any, bias: Optional[np.ndarray], pads, out: Tuple[int, int],
@@ -135,7 +135,7 @@ def conv3x3(k, x: np.ndarray, w: Any, bias: Optional[np.ndarray], pads, out: Tup
         else:
             input_numpy(x, ph, pw, r0, r1, th, v)
         m = None
-        for a, _, u in _weight_tiles(k, w, cout, cin):
+        for a, u in _weight_tiles(k, w, cout, cin):
             m = np.matmul(u, v, out=m if m is not None and m.shape[1] == u.shape[1] else None)
             if k is not None:
                 launch(k, "winograd_output", m.size, m, b, np.float32(lo), np.float32(hi), clamp is not None,
