@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._numba_index import csr_row_dot
+from ._numba_index import csr_row_dot, index_dot4
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz"}
@@ -78,7 +78,18 @@ def _update(gates, p, clip, input_forget, h, c, y, b, hidden):  # pragma: no cov
         y[b, j] = hn
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(inline="always")
+def _carry(h, y):  # pragma: no cover - compiled
+    """The step's outputs become the next step's ``h`` (after every batch entry has used the old)."""
+    for b in range(h.shape[0]):
+        for j in range(h.shape[1]):
+            h[b, j] = y[b, j]
+
+
+# error_model="numpy": a float division by zero gives inf/NaN instead of raising, so numba adds no
+# check to the rational tanh's division and LLVM vectorises the gate update (16 steps of 128 units:
+# 40 -> 5.5 us here).
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 def lstm_dense(proj, r, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
     """All steps of one LSTM direction with a float32 recurrent weight ``r [4H, H]``.
 
@@ -92,40 +103,47 @@ def lstm_dense(proj, r, p, clip, input_forget, h, c, ys):  # pragma: no cover - 
     for t in range(steps):
         for b in range(batch):
             hv = h[b]
-            for n in range(gates4):
-                row = r[n]
-                acc = np.float32(0.0)
+            for n in range(0, gates4, 4):   # four rows share each load of h: 512x128, 3.6 -> 2.9 us
+                r0, r1, r2, r3 = r[n], r[n + 1], r[n + 2], r[n + 3]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
                 for k in range(hidden):
-                    acc += hv[k] * row[k]
-                gates[n] = proj[t, b, n] + acc
+                    x = hv[k]
+                    a0 += x * r0[k]
+                    a1 += x * r1[k]
+                    a2 += x * r2[k]
+                    a3 += x * r3[k]
+                gates[n] = proj[t, b, n] + a0
+                gates[n + 1] = proj[t, b, n + 1] + a1
+                gates[n + 2] = proj[t, b, n + 2] + a2
+                gates[n + 3] = proj[t, b, n + 3] + a3
             _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
-        for b in range(batch):
-            for j in range(hidden):
-                h[b, j] = ys[t, b, j]
+        _carry(h, ys[t])
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, error_model="numpy")
 def lstm_index(proj, indices, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
-    """As :func:`lstm_dense` with ``R = codebook[indices]`` (``indices [4H, H]``)."""
+    """As :func:`lstm_dense` with ``R = codebook[indices]`` (``indices [4H, H]``); not reassociated
+    (see ``_numba_index.index_dot4``)."""
     steps, batch, gates4 = proj.shape
     hidden = gates4 // 4
     gates = np.empty(gates4, np.float32)
     for t in range(steps):
         for b in range(batch):
             hv = h[b]
-            for n in range(gates4):
-                row = indices[n]
-                acc = np.float32(0.0)
-                for k in range(hidden):
-                    acc += hv[k] * codebook[row[k]]
-                gates[n] = proj[t, b, n] + acc
+            for n in range(0, gates4, 4):
+                a0, a1, a2, a3 = index_dot4(hv, indices, codebook, n)
+                gates[n] = proj[t, b, n] + a0
+                gates[n + 1] = proj[t, b, n + 1] + a1
+                gates[n + 2] = proj[t, b, n + 2] + a2
+                gates[n + 3] = proj[t, b, n + 3] + a3
             _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
-        for b in range(batch):
-            for j in range(hidden):
-                h[b, j] = ys[t, b, j]
+        _carry(h, ys[t])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover
     """As :func:`lstm_dense` with R in CSR form (rows ``4H``): ``codebook[symbols]`` at ``cols``."""
     steps, batch, gates4 = proj.shape
@@ -137,6 +155,4 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
             for n in range(gates4):
                 gates[n] = proj[t, b, n] + csr_row_dot(hv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
             _update(gates, p, clip, input_forget, h, c, ys[t], b, hidden)
-        for b in range(batch):
-            for j in range(hidden):
-                h[b, j] = ys[t, b, j]
+        _carry(h, ys[t])

@@ -34,6 +34,7 @@ import numpy as np
 from dcrt import sparse
 from dcrt.errors import FormatError
 
+from .kernels import product_t
 from .numba_kernels import kernels, launch
 
 TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (float32 bytes)
@@ -135,7 +136,7 @@ def _tiled_matmul_t(weight, x: np.ndarray) -> np.ndarray:
     buf = np.empty((min(step, n), k), np.float32)
     for a in range(0, n, step):
         b = min(n, a + step)
-        np.matmul(x2, weight.expand_rows(a, b, buf[:b - a]).T, out=out[:, a:b])
+        product_t(x2, weight.expand_rows(a, b, buf[:b - a]), out=out[:, a:b])
     return out.reshape(x.shape[:-1] + (n,))
 
 

@@ -308,6 +308,23 @@ def test_index_mode_winograd_never_expands_the_whole_weight():
     np.testing.assert_allclose(y, kernels.conv(x, dense, None, [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,n,k", [
+    (1, 300, 784), (3, 300, 100), (16, 4000, 10),     # x @ w.T as it is
+    (3, 512, 64), (8, 1000, 1280), (32, 256, 256),   # (w @ x.T).T, copied back to C order
+])
+def test_product_t_orientations_agree(rows, n, k):
+    """``product_t`` gives ``x @ w.T`` in either orientation it picks, C-ordered, into ``out`` too."""
+    x, w = rand(rows, k), rand(n, k)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    y = kernels.product_t(x, w)
+    assert y.shape == (rows, n) and y.flags.c_contiguous
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-3)
+    out = np.full((rows, n + 1), np.nan, np.float32)
+    kernels.product_t(x, w, out=out[:, 1:])
+    np.testing.assert_array_equal(out[:, 1:], y)
+    assert np.isnan(out[:, 0]).all()
+
+
 def test_lstm_activations_are_within_their_bound():
     """The LSTM kernels' rational tanh and the sigmoid made from it, against float64, on [-10, 10]
     (benchmarks/fit_tanh.py states the bound); inf and NaN as tanh and the logistic function give."""
