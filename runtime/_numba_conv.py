@@ -84,7 +84,7 @@ def _row3x3(xf, a, b, c, top, bottom, t, start, width, dst, db):  # pragma: no c
 
 
 @njit(inline="always")
-def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split,
+def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, t,
                      job):  # pragma: no cover - compiled
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     tiles, kh, kw = w.shape[0], w.shape[1], w.shape[2]
@@ -102,7 +102,6 @@ def _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of,
             and (ow_count - 1) * sw < width and (oh_count - 1) * sh < height):
         # The common 3x3 / pad 1 case: each output row from its three input rows in one pass; with a
         # stride the row is computed at stride 1 into ``line`` and every ``sw``-th value kept.
-        t = np.empty(9, np.float32)
         for i in range(3):
             for j in range(3):
                 t[i * 3 + j] = w[mt, i, j]
@@ -393,8 +392,9 @@ def _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, first, l
     save = np.empty(out.shape[2] * x.shape[3], np.float32)
     line = np.empty(max(x.shape[3], (out.shape[3] - 1) * geometry[1] + 1), np.float32)
     split = np.empty(2 * (x.shape[2] + 1) * (out.shape[3] + 1) if geometry[1] == 2 else 0, np.float32)
+    t = np.empty(9, np.float32)     # a 3x3 plane's taps: allocated once, not per plane (~50 ns each)
     for job in range(first, last):
-        _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, job)
+        _depthwise_plane(x, xf, w, bias, m0, mult, geometry, lo, hi, clamp, out, of, save, line, split, t, job)
 
 
 @njit(inline="always")
