@@ -9,8 +9,11 @@ The numpy twin is the step loop of ``runtime/ops/rnn.py`` (``DCRT_NO_NUMBA=1``, 
 kernels do not cover: other activations, ``sequence_lens``); ``tests/test_kernels.py`` checks that
 they agree. Gate order is ONNX's ``i, o, f, c``.
 
-Dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised, with NaN and inf kept);
-results agree with the twin to float32 rounding, not bit for bit.
+The float32 kernel's dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised,
+with NaN and inf kept), four rows of ``R`` at a time; the index kernel's are four scalar sums (a
+vectorised gather is slower, see ``_numba_index.index_dot4``). Results agree with the twin to
+float32 rounding, not bit for bit. One LSTM classifier step here (512x128 recurrent weight, one
+core): 6 -> 3.2 us from float32, 26 -> 15.5 us from 8-bit indices (session 6).
 """
 from __future__ import annotations
 
