@@ -13,9 +13,10 @@ Every measurement runs in a fresh subprocess whose thread environment is set bef
    also compared (``time.thread_time``): a ratio a shared machine's load cannot distort.
 2. Opening: time from ``Session(path)`` to the first result vs onnxruntime's session creation plus
    first result, libraries imported beforehand in both cases: first in a fresh process (for dcrt
-   this includes numba's one-time initialisation and loading its cached kernels), the same in a
-   fresh process where scipy cannot be imported (the device install; numba imports scipy's BLAS
-   bindings when it finds scipy), then a second session of each in the same process. Memory, each mode in its own fresh process: the weight
+   this includes numba's one-time initialisation and loading its cached kernels, which a warm-up
+   process per model has compiled if needed), the same in a fresh process where scipy cannot be
+   imported (the device install; numba imports scipy's BLAS bindings when it finds scipy), then a
+   second session of each in the same process. Memory, each mode in its own fresh process: the weight
    bytes a session holds (``resident_bytes``: index vs dense float32), and RSS measured from
    ``/proc``: growth after the first result ("resident"), peak growth while opening and running
    it, and the peak of a later, steady-state run.
@@ -97,6 +98,22 @@ def _interleaved(runs: dict, rounds: int, budget_s: float) -> dict:
         if time.perf_counter() > deadline:
             break
     return {"wall": wall, "cpu": cpu}
+
+
+def warm(onnx_path: str, dcm_path: str) -> dict:
+    """Compile (or load) every kernel the model's measurements will use, in every mode and batch:
+    after a kernel's source changes, the first process to use it compiles it (seconds), which must
+    not land in an open + first result (run 8's MobileNetV2-tiny row timed 18.7 s so)."""
+    import onnx
+
+    import dcrt
+    import zoo
+    model = onnx.load(onnx_path, load_external_data=False)
+    for b in (1, 8):
+        feed = zoo.sample_input(model, batch=b)
+        for mode in MODES:
+            dcrt.Session(dcm_path, mode=mode).run(None, feed)
+    return {}
 
 
 def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dict:
@@ -336,6 +353,8 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         facts = prepare(name)
+        for threads in sorted({1, cores}):     # parallel kernels are compiled apart from the serial ones
+            _child(f"warm({facts['onnx']!r}, {facts['dcm']!r})", threads)
         for threads in sorted({1, cores}):
             r = _child(f"measure({facts['onnx']!r}, {facts['dcm']!r}, {threads}, {args.budget})", threads)
             results["models"].append({**facts, "threads": threads, **r})
