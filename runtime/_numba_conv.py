@@ -263,13 +263,19 @@ def _plane3x3_s2(xf, xb, t, start, height, width, oh_count, ow_count, split, of,
 
 
 @njit(inline="always")
-def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
-    """Clamp ``of[start:start + count]`` to [lo, hi] in place (NaN stays NaN)."""
-    for p in range(count):
-        v = of[_U(start + p)]
+def _clamped(v, lo, hi, clamp):  # pragma: no cover - compiled
+    """``v`` clamped to [lo, hi] when ``clamp`` (NaN stays NaN, as ``np.clip``: compares, no min/max)."""
+    if clamp:
         v = lo if v < lo else v
         v = hi if v > hi else v
-        of[_U(start + p)] = v
+    return v
+
+
+@njit(inline="always")
+def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
+    """Clamp ``of[start:start + count]`` to [lo, hi] in place."""
+    for p in range(count):
+        of[_U(start + p)] = _clamped(of[_U(start + p)], lo, hi, True)
 
 
 @njit(inline="always")
@@ -319,12 +325,7 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
                         acc[_U(q + c)] += taps[_U(tb + c)] * xt[_U(sb + c)]
             if clamp:
                 for c in range(count):
-                    v = acc[_U(q + c)]
-                    if v < lo:
-                        v = lo
-                    if v > hi:
-                        v = hi
-                    acc[_U(q + c)] = v
+                    acc[_U(q + c)] = _clamped(acc[_U(q + c)], lo, hi, True)
     ob0 = (n * out.shape[1] + m0 + c_lo) * pout
     for p0 in range(0, pout, _BLOCK):
         p1 = min(pout, p0 + _BLOCK)
@@ -466,12 +467,7 @@ def _bias_clamp_plane(y, bias, lo, hi, clamp, job):  # pragma: no cover - compil
             row[p] += b
     if clamp:
         for p in range(row.size):
-            v = row[p]
-            if v < lo:
-                v = lo
-            if v > hi:
-                v = hi
-            row[p] = v
+            row[p] = _clamped(row[p], lo, hi, True)
 
 
 @njit(cache=True, nogil=True)
@@ -592,14 +588,6 @@ def _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, su
             dst = ((n * out.shape[1] + k0 + k) * oh_count + 2 * i + a) * ow_count
             for u in range(ow_count):
                 of[_U(dst + u)] = line[a, u]
-
-
-@njit(inline="always")
-def _clamped(v, lo, hi, clamp):  # pragma: no cover - compiled
-    if clamp:
-        v = lo if v < lo else v
-        v = hi if v > hi else v
-    return v
 
 
 @njit(cache=True, nogil=True)
