@@ -252,7 +252,8 @@ def conv(
         if shape.lifted:
             x = x[:, :, None, :]
     if winograd.usable(x, w, shape.strides, shape.dilations, group):
-        y = winograd.conv3x3(k, x, w, bias, shape.pads, shape.out, clamp, IM2COL_BLOCK_BYTES)
+        y = winograd.conv3x3(k, x, w, *_epilogue(bias, clamp), clamp is not None, shape.pads, shape.out,
+                             IM2COL_BLOCK_BYTES)
         if y is not None:
             return y
     if shape.cin == 1 and group > 1:
@@ -337,11 +338,17 @@ def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[floa
     if bias is None and clamp is None:
         return
     if k is not None and y3.dtype == np.float32:
-        b = _NO_BIAS if bias is None else bias if _is_vector32(bias) else np.ascontiguousarray(bias, np.float32).ravel()
-        lo, hi = clamp if clamp is not None else _NO_CLAMP
-        launch(k, "bias_clamp", y3.size, y3, b, np.float32(lo), np.float32(hi), clamp is not None)
+        launch(k, "bias_clamp", y3.size, y3, *_epilogue(bias, clamp), clamp is not None)
         return
     _bias_clamp_numpy(y3, bias, clamp)
+
+
+def _epilogue(bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> Tuple[np.ndarray, Any, Any]:
+    """``(bias, lo, hi)`` as the compiled epilogues take them: a float32 vector (empty for none) and
+    float32 bounds (infinite for no clamp)."""
+    b = _NO_BIAS if bias is None else bias if _is_vector32(bias) else np.ascontiguousarray(bias, np.float32).ravel()
+    lo, hi = clamp if clamp is not None else _NO_CLAMP
+    return b, np.float32(lo), np.float32(hi)
 
 
 _NO_BIAS = np.zeros(0, np.float32)
@@ -399,13 +406,12 @@ def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
         taps = ((a, min(channels, a + step), w.expand_rows(a, min(channels, a + step), buf[:min(channels, a + step) - a]))
                 for a in range(0, channels, step))
     if k is not None and dtype == np.float32:
-        b = _NO_BIAS if bias is None else bias if _is_vector32(bias) else np.ascontiguousarray(bias, np.float32).ravel()
-        lo, hi = clamp if clamp is not None else _NO_CLAMP
+        b, lo, hi = _epilogue(bias, clamp)
         geometry = shape.geometry[:6]
         for a, b_, t in taps:
             t = np.ascontiguousarray(t, dtype=np.float32).reshape((b_ - a,) + tuple(kernel))
             launch(k, "depthwise2d", batch * t.size * math.prod(out), x, t, b, a, mult, geometry,
-                   np.float32(lo), np.float32(hi), clamp is not None, y)
+                   lo, hi, clamp is not None, y)
         return y
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]) if any(pads) else x
     for a, b_, t in taps:

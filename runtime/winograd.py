@@ -110,11 +110,12 @@ def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, np.ndar
         yield a, weight_transform(k, tile, u)
 
 
-def conv3x3(k, x: np.ndarray, w: Any, bias: Optional[np.ndarray], pads, out: Tuple[int, int],
-            clamp: Optional[Tuple[float, float]], block_bytes: int) -> Optional[np.ndarray]:
+def conv3x3(k, x: np.ndarray, w: Any, b: np.ndarray, lo: np.float32, hi: np.float32, clamp: bool, pads,
+            out: Tuple[int, int], block_bytes: int) -> Optional[np.ndarray]:
     """``Conv`` of ``x [N, C, H, W]`` with a 3x3 weight (unit strides; see :func:`usable`), or None
-    when the map is too small for the Winograd form to pay. ``pads`` = (top, left, ...), ``out`` the
-    output size; ``k`` the numba kernels or None (numpy twins)."""
+    when the map is too small for the Winograd form to pay. ``b`` the float32 bias (empty for none),
+    then clamped to [lo, hi] with ``clamp``; ``pads`` = (top, left, ...), ``out`` the output size;
+    ``k`` the numba kernels or None (numpy twins)."""
     oh, ow = out
     th, tw = -(-oh // 2), -(-ow // 2)
     if th * tw < (MIN_TILES if isinstance(w, np.ndarray) else MIN_TILES_INDEXED):
@@ -122,8 +123,6 @@ def conv3x3(k, x: np.ndarray, w: Any, bias: Optional[np.ndarray], pads, out: Tup
     batch, cin = x.shape[:2]
     cout = int(w.shape[0])
     y = np.empty((batch, cout, oh, ow), np.float32)
-    b = np.zeros(0, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32).ravel()
-    lo, hi = clamp if clamp is not None else (-np.inf, np.inf)
     ph, pw = int(pads[0]), int(pads[1])
     rows = batch * th
     step = max(1, block_bytes // (16 * 4 * tw * max(cin, cout)))
@@ -138,10 +137,9 @@ def conv3x3(k, x: np.ndarray, w: Any, bias: Optional[np.ndarray], pads, out: Tup
         for a, u in _weight_tiles(k, w, cout, cin):
             m = np.matmul(u, v, out=m if m is not None and m.shape[1] == u.shape[1] else None)
             if k is not None:
-                launch(k, "winograd_output", m.size, m, b, np.float32(lo), np.float32(hi), clamp is not None,
-                       r0, r1, th, a, y)
+                launch(k, "winograd_output", m.size, m, b, lo, hi, clamp, r0, r1, th, a, y)
             else:
-                output_numpy(m, b, lo, hi, clamp is not None, r0, r1, th, a, y)
+                output_numpy(m, b, lo, hi, clamp, r0, r1, th, a, y)
     return y
 
 
