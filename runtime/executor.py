@@ -240,8 +240,11 @@ class Executor:
                 return value
             return kernels.dense(value)
 
+        ndarray = np.ndarray
         for step, dead in zip(plan.steps, plan.frees):
-            args = [fetch(name, raw) if name else None for name, raw in step.reads]
+            # the common case inline (a computed array), the rest through fetch: ~1 us less per step
+            args = [(env[name] if name in env and type(env[name]) is ndarray else fetch(name, raw))
+                    if name else None for name, raw in step.reads]
             try:
                 result = step.fn(step.attrs, *args)
             except LimitError as exc:
@@ -254,11 +257,12 @@ class Executor:
                                 f"failed on inputs of shape [{shapes}]: {type(exc).__name__}: {exc}"
                                 ) from exc
             del args
-            if not isinstance(result, tuple):
-                result = (result,)
-            for name, value in zip(step.outputs, result):
-                if name and value is not None:
-                    env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if type(result) is ndarray and len(step.outputs) == 1 and step.outputs[0]:
+                env[step.outputs[0]] = result
+            else:
+                for name, value in zip(step.outputs, result if isinstance(result, tuple) else (result,)):
+                    if name and value is not None:
+                        env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
             for name in dead:
                 env.pop(name, None)
         return {name: fetch(name, False) for name in plan.outputs}

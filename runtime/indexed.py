@@ -63,22 +63,24 @@ def _take_step(elements: int) -> int:
 
 
 def _rows(x: np.ndarray) -> int:
-    return math.prod(x.shape[:-1])
-
-
-def _as2d(x: np.ndarray) -> np.ndarray:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.flags.c_contiguous else np.ascontiguousarray(x2)
+    return x.shape[0] if x.ndim == 2 else math.prod(x.shape[:-1])
 
 
 _NO_BIAS = np.zeros(0, np.float32)
 
 
-def _epilogue_args(bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]):
-    """The kernels' epilogue arguments: bias (empty for none), lo, hi (Python floats), clamp flag."""
-    if clamp is None:
-        return (_NO_BIAS if bias is None else bias), -np.inf, np.inf, False
-    return (_NO_BIAS if bias is None else bias), float(clamp[0]), float(clamp[1]), True
+def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int, weight: tuple,
+                      bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    """``out [..., n]`` from kernel ``name(x2, *weight, bias, lo, hi, clamp, out)`` over the rows of
+    ``x``: the epilogue as the kernels take it (bias empty for none, bounds as Python floats so
+    every call has one signature). Written for batch 1, where this Python is a third of a small
+    layer's time: a 2-D ``x`` is used as it is and the result not reshaped."""
+    x2 = x if x.ndim == 2 and x.flags.c_contiguous else np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty((x2.shape[0], n), np.float32)
+    lo, hi = (-np.inf, np.inf) if clamp is None else (float(clamp[0]), float(clamp[1]))
+    launch(kern, name, x2.shape[0] * work_per_row, x2, *weight, _NO_BIAS if bias is None else bias,
+           lo, hi, clamp is not None, out)
+    return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (n,))
 
 
 def finish(y: np.ndarray, bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
@@ -224,28 +226,22 @@ class IndexedWeight:
                  clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
         """``x @ W.T`` for a 2-D weight ``[N, K]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
         n, k = self.indices.shape
-        rows = _rows(x)
-        if rows <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
+        if _rows(x) <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
             kern = kernels()
             if kern is not None:
-                out = np.empty((rows, n), np.float32)
-                launch(kern, "index_matmul_t", rows * n * k, _as2d(x), self.indices, self.codebook,
-                       *_epilogue_args(bias, clamp), out)
-                return out.reshape(x.shape[:-1] + (n,))
+                return _compiled_product(kern, "index_matmul_t", x, n, n * k, (self.indices, self.codebook),
+                                         bias, clamp)
         return finish(_tiled_matmul_t(self, x), bias, clamp)
 
     def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
                clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
         """``x @ W`` for a 2-D weight ``[K, N]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
         k, n = self.indices.shape
-        rows = _rows(x)
-        if rows <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
+        if _rows(x) <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
             kern = kernels()
             if kern is not None:
-                out = np.empty((rows, n), np.float32)
-                launch(kern, "index_matmul", rows * n * k, _as2d(x), self.indices, self.codebook,
-                       *_epilogue_args(bias, clamp), out)
-                return out.reshape(x.shape[:-1] + (n,))
+                return _compiled_product(kern, "index_matmul", x, n, n * k, (self.indices, self.codebook),
+                                         bias, clamp)
         return finish(_tiled_matmul(self, x), bias, clamp)
 
     def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -390,10 +386,8 @@ class SparseWeight:
         if rows <= COMPILED_BATCH and x.dtype == np.float32:
             kern = kernels()
             if kern is not None:
-                out = np.empty((rows, n), np.float32)
-                launch(kern, "csr_matmul_t", rows * self.nnz, _as2d(x), self.row_ptr, self.cols, self.symbols,
-                       self.codebook, *_epilogue_args(bias, clamp), out)
-                return out.reshape(x.shape[:-1] + (n,))
+                return _compiled_product(kern, "csr_matmul_t", x, n, self.nnz,
+                                         (self.row_ptr, self.cols, self.symbols, self.codebook), bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul_t(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -412,10 +406,8 @@ class SparseWeight:
         if rows <= COMPILED_BATCH and x.dtype == np.float32:
             kern = kernels()
             if kern is not None:
-                out = np.empty((rows, n), np.float32)
-                launch(kern, "csr_matmul", rows * self.nnz, _as2d(x), self.row_ptr, self.cols, self.symbols,
-                       self.codebook, *_epilogue_args(bias, clamp), out)
-                return out.reshape(x.shape[:-1] + (n,))
+                return _compiled_product(kern, "csr_matmul", x, n, self.nnz,
+                                         (self.row_ptr, self.cols, self.symbols, self.codebook), bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -8,9 +8,9 @@ pruned or quantized layer can beat a dense BLAS call at batch 1: it moves 1-2 by
 memory instead of 4 (the paper's point about DRAM traffic).
 
 ``kernels()`` gives the compiled kernels (``_numba_index``, ``_numba_conv`` and ``_numba_rnn`` in one
-namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set, read on every call so tests can flip
-it). Kernels use ``cache=True`` so a later process loads them from numba's cache instead of
-compiling (``benchmarks/run.py`` reports both costs).
+namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set: read once, at the first call, and again
+by :func:`reset`, which tests that flip it call). Kernels use ``cache=True`` so a later process
+loads them from numba's cache instead of compiling (``benchmarks/run.py`` reports both costs).
 
 Threads: the products have a one-thread form ``name`` and a parallel form ``name_par``. A parallel
 launch costs from ~5 us (idle machine) to a millisecond (threads busy elsewhere), so :func:`launch`
@@ -40,13 +40,25 @@ LOCK = threading.Lock()
 #: spin: see OMP_WAIT_POLICY above) is worth it.
 PARALLEL_WORK = 1 << 22
 _THREADSAFE: Optional[bool] = None
+_IN_USE: Any = None     # the namespace, False (off or missing), or None (not read yet): see reset()
 
 
 def kernels() -> Optional[SimpleNamespace]:
     """The compiled kernels, or None (numba missing or broken, or ``DCRT_NO_NUMBA`` set)."""
+    if _IN_USE is None:
+        reset()
+    return _IN_USE or None
+
+
+def reset() -> None:
+    """Read ``DCRT_NO_NUMBA`` again (it is read once, at the first :func:`kernels` call: reading the
+    environment costs ~0.7 us, a fifth of a small layer's Python); tests that flip it call this."""
+    global _IN_USE
+    _IN_USE = False if os.environ.get("DCRT_NO_NUMBA", "0") not in ("", "0") else _load()
+
+
+def _load() -> Any:
     global _MODULE
-    if os.environ.get("DCRT_NO_NUMBA", "0") not in ("", "0"):
-        return None
     if _MODULE is None:
         try:
             from . import _numba_conv, _numba_index, _numba_rnn
@@ -58,7 +70,7 @@ def kernels() -> Optional[SimpleNamespace]:
                 names.update({k: v for k, v in vars(module).items()
                               if hasattr(v, "py_func") and not k.startswith("_")})
             _MODULE = SimpleNamespace(**names)
-    return _MODULE or None
+    return _MODULE
 
 
 def threads() -> int:

@@ -11,6 +11,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+@pytest.fixture(autouse=True)
+def _runtime_rereads_no_numba():
+    """The runtime reads ``DCRT_NO_NUMBA`` once; a test may have changed it (``runtime_helpers.no_numba``)."""
+    yield
+    from dcrt.runtime import numba_kernels
+    numba_kernels.reset()
+
+
 @pytest.fixture(scope="session")
 def zoo():
     import zoo as zoo_module

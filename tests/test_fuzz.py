@@ -381,6 +381,7 @@ def _load_corpus(folder: pathlib.Path):
     """[(data, feeds, {(mode, numba): outputs})]: the outputs of the unmutated file, computed here
     (twice, to be sure they are reproducible) since modes and numba round differently."""
     import dcrt
+    from dcrt.runtime import numba_kernels
 
     entries = []
     for i in range(len(list(folder.glob("*.dcm")))):
@@ -391,6 +392,7 @@ def _load_corpus(folder: pathlib.Path):
         for mode in MODES:
             for numba in (False, True):
                 os.environ["DCRT_NO_NUMBA"] = "0" if numba else "1"
+                numba_kernels.reset()       # the runtime reads it once
                 first = [np.asarray(y) for y in dcrt.Session(data, mode=mode).run(None, feeds)]
                 assert check_one(data, feeds, first, exact=True, mode=mode) == "ok", "not reproducible"
                 expected[mode, numba] = first
@@ -412,6 +414,7 @@ def worker(folder: pathlib.Path, examples: int, seed: Optional[int]) -> int:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
+    from dcrt.runtime import numba_kernels
 
     schema = parse_schema(SCHEMA.read_text())
     corpus = _load_corpus(folder / "corpus")
@@ -478,6 +481,7 @@ def worker(folder: pathlib.Path, examples: int, seed: Optional[int]) -> int:
              "seal": resealed, "fix_prefix": prefix, "mode": mode, "numba": numba}, default=str))
         heartbeat.write_text(str(stats["examples"]))
         os.environ["DCRT_NO_NUMBA"] = "0" if numba else "1"
+        numba_kernels.reset()
         signal.alarm(EXAMPLE_SECONDS)
         try:
             outcome = check_one(mutated, feeds, expected[mode, numba], exact=resealed == "no", mode=mode)

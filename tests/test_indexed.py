@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dcrt import sparse
-from runtime_helpers import random_weight
+from runtime_helpers import no_numba, random_weight
 
 from dcrt.runtime.indexed import IndexedWeight, SparseWeight
 
@@ -57,9 +57,9 @@ def test_numba_kernels_agree_with_numpy(monkeypatch):
         x[0, ::3] = 0                                  # zeros are skipped by the scatter kernels
         for w in weights:
             compiled = (w.matmul_t(x), w.matmul(xt), w[10:50].matmul_t(x))
-            monkeypatch.setenv("DCRT_NO_NUMBA", "1")
+            no_numba(monkeypatch)
             twin = (w.matmul_t(x), w.matmul(xt), w[10:50].matmul_t(x))
-            monkeypatch.delenv("DCRT_NO_NUMBA")
+            no_numba(monkeypatch, None)
             for c, t in zip(compiled, twin):
                 np.testing.assert_allclose(c, t, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(compiled[0], x @ dense.T, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from runtime_helpers import random_weight
+from runtime_helpers import no_numba, random_weight
 
 from dcrt import sparse
 from dcrt.errors import FormatError
@@ -33,12 +33,26 @@ def both(fn, monkeypatch):
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
     compiled = fn()
-    monkeypatch.setenv("DCRT_NO_NUMBA", "1")
+    no_numba(monkeypatch)
     try:
+        assert numba_kernels.kernels() is None
         twin = fn()
     finally:
-        monkeypatch.delenv("DCRT_NO_NUMBA")
+        no_numba(monkeypatch, None)
     return compiled, twin
+
+
+def test_no_numba_is_read_once_and_on_reset(monkeypatch):
+    """``DCRT_NO_NUMBA`` is read at the first use and again by ``reset`` (not on every call: ~0.7 us)."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    monkeypatch.setenv("DCRT_NO_NUMBA", "1")
+    assert numba_kernels.kernels() is not None          # not re-read by kernels()
+    numba_kernels.reset()
+    assert numba_kernels.kernels() is None and numba_kernels.threads() == 1
+    monkeypatch.setenv("DCRT_NO_NUMBA", "0")
+    numba_kernels.reset()
+    assert numba_kernels.kernels() is not None
 
 
 def weights(shape, density, seed=0, centroids=31):
@@ -83,7 +97,7 @@ def test_csr_from_entries_agrees(monkeypatch, bits):
     sym, rel, counts = entries
     too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
     for off in ("0", "1"):
-        monkeypatch.setenv("DCRT_NO_NUMBA", off)
+        no_numba(monkeypatch, off)
         with pytest.raises(FormatError, match="run past"):
             SparseWeight.from_entries(codebook, *too_far, symbols.shape)
 
