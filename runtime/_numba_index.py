@@ -67,7 +67,7 @@ def entries_to_csr(symbols, relative, counts, row_ptr, cols_out, symbols_out):  
 
     Two passes over the entries, no temporary: the first counts the kept weights of each row into
     ``row_ptr`` (zeros, ``rows + 1`` long), the second places each one's column (``cols_out``,
-    int32) and symbol; columns stay ascending within each row. Returns False, with the outputs
+    uint16 or int32) and symbol; columns stay ascending within each row. Returns False, with the outputs
     unfinished, when a relative index runs past the last row (a damaged file).
     """
     rows = row_ptr.size - 1

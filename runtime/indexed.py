@@ -5,8 +5,9 @@ agree on the resident bytes:
 
 - :class:`IndexedWeight`: a codebook and one uint8/uint16 index per weight (pruned weights index a
   zero centroid).
-- :class:`SparseWeight`: CSR over the 2-D view (rows = ``shape[0]``): row pointers, int32 column
-  indices and the codebook symbols of the kept weights.
+- :class:`SparseWeight`: CSR over the 2-D view (rows = ``shape[0]``): row pointers, column
+  positions (uint16, or int32 past 65536 columns: ``dcrt.memory.position_dtype``) and the codebook
+  symbols of the kept weights.
 
 How a product is computed:
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from dcrt import sparse
 from dcrt.errors import FormatError
+from dcrt.memory import position_dtype
 
 from .kernels import product_t
 from .numba_kernels import kernels, launch
@@ -252,7 +254,7 @@ class IndexedWeight:
 class SparseWeight:
     """A pruned weight in CSR form over ``shape[0]`` rows: ``value = codebook[symbol - 1]``.
 
-    ``row_ptr`` [rows + 1] int64, ``cols`` int32 (column in the flattened trailing axes) and
+    ``row_ptr`` [rows + 1] int64, ``cols`` uint16/int32 (column in the flattened trailing axes) and
     ``symbols`` (uint8/uint16, >= 1) of the kept weights; a view over rows ``[r0, r1)`` and a
     reshape of the trailing axes keep these arrays and only change how they are read.
     """
@@ -280,20 +282,21 @@ class SparseWeight:
         and regroups it by row with a stable argsort (a larger peak while opening).
         Raises FormatError when a relative index runs past the rows.
         """
-        rows = int(shape[0])
+        rows, width = sparse.matrix_shape(shape)
         k = kernels()
         if k is not None:
             symbols = np.asarray(symbols)
             kept = int(np.count_nonzero(symbols))
             row_ptr = np.zeros(rows + 1, np.int64)
-            cols, syms = np.empty(kept, np.int32), np.empty(kept, symbols.dtype)
+            cols, syms = np.empty(kept, position_dtype(width)), np.empty(kept, symbols.dtype)
             if not k.entries_to_csr(symbols, np.asarray(relative), np.asarray(counts), row_ptr, cols, syms):
                 raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
             return cls(codebook, row_ptr, cols, syms, shape)
         col_ptr, rows_idx, syms = sparse.decode_csc(symbols, relative, counts, rows)
         row_ptr = np.zeros(rows + 1, np.int64)
         np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
-        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr).astype(np.intp, copy=False))
+        col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=position_dtype(width)),
+                           np.diff(col_ptr).astype(np.intp, copy=False))
         order = np.argsort(rows_idx, kind="stable")
         return cls(codebook, row_ptr, col_of[order], syms[order], shape)
 
@@ -321,7 +324,7 @@ class SparseWeight:
         new_rows, new_cols = np.divmod(self.cols[lo:hi], width)   # columns ascend, so rows do too
         row_ptr = np.zeros(inner[0] + 1, np.int64)
         np.cumsum(np.bincount(new_rows.astype(np.intp, copy=False), minlength=inner[0]), out=row_ptr[1:])
-        return SparseWeight(self.codebook[1:], row_ptr, new_cols.astype(np.int32),
+        return SparseWeight(self.codebook[1:], row_ptr, new_cols.astype(position_dtype(width)),
                             self.symbols[lo:hi], inner)
 
     def reshape(self, *shape) -> "SparseWeight":

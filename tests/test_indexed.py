@@ -31,6 +31,24 @@ def test_matmul_both_ways(batch, density):
         np.testing.assert_array_equal(w.dense(), dense)
 
 
+@pytest.mark.parametrize("numba", [True, False])
+def test_csr_positions_are_uint16_up_to_65536_columns(numba, monkeypatch):
+    """2 bytes per kept weight's column while they fit, int32 past 65536 columns; both compute the
+    same products (compiled and numpy twin), and a direction of a 3-D weight keeps the rule."""
+    if not numba:
+        no_numba(monkeypatch)
+    for width, dtype in ((1 << 16, np.uint16), ((1 << 16) + 1, np.int32)):
+        dense, (_, sw) = forms((3, width), 0.01, seed=width)
+        assert sw.cols.dtype == dtype
+        x = np.random.default_rng(0).standard_normal((2, width)).astype(np.float32)
+        xt = np.random.default_rng(1).standard_normal((1, 3)).astype(np.float32)
+        np.testing.assert_allclose(sw.matmul_t(x), x @ dense.T, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(sw.matmul(xt), xt @ dense, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(sw.dense(), dense)
+    _, (_, sw) = forms((2, 4, 5), 0.5)
+    assert sw.cols.dtype == np.uint16 and sw[1].cols.dtype == np.uint16
+
+
 def test_views_rows_reshape_and_take():
     dense, weights = forms((2, 24, 6, 3, 3), 0.3)
     idx = np.array([[1, 0], [1, 1]])
