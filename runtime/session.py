@@ -163,41 +163,29 @@ class Session:
         return outputs
 
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-        """The feed as arrays; any unknown, missing or mistyped input goes to :meth:`_refuse`."""
+        """The feed as arrays, or InputError naming the unknown, mistyped or missing input."""
         expected, fixed = self._expected, self._fixed_dims
         feeds = {}
         for name, value in feed.items():
             arg = expected.get(name)
+            if arg is None:
+                raise InputError(f"unknown input(s) {', '.join(repr(n) for n in feed if n not in expected)}; "
+                                 f"the model's inputs are {self._described()}")
             x = value if type(value) is np.ndarray else np.asarray(value)
-            if arg is None or x.dtype != arg.dtype or (arg.shape is not None and (
-                    x.ndim != len(arg.shape) or any(x.shape[i] != d for i, d in fixed[name]))):
-                return self._refuse(feed)
-            feeds[name] = x
-        return feeds if len(feeds) == len(expected) else self._refuse(feed)
-
-    def _refuse(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-        """:meth:`_check`'s slow path: raise InputError naming what is wrong."""
-        expected = self._expected
-        unknown = [n for n in feed if n not in expected]
-        if unknown:
-            raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the model's inputs are "
-                             + ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs))
-        missing = [n for n in expected if n not in feed]
-        if missing:
-            raise InputError(f"missing input(s) {', '.join(missing)}; expected "
-                             + ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs))
-        feeds = {}
-        for name, value in feed.items():
-            arg, x = expected[name], np.asarray(value)
             if x.dtype != arg.dtype:
                 raise InputError(f"input {name!r} must be {arg.dtype} ({arg.type}), got {x.dtype}; "
                                  f"convert it with x.astype(np.{arg.dtype.name})")
-            if arg.shape is not None:
-                if x.ndim != len(arg.shape) or any(isinstance(d, int) and d != s for d, s in zip(arg.shape, x.shape)):
-                    raise InputError(f"input {name!r} must have shape {arg.shape} "
-                                     f"(names are free dimensions), got {list(x.shape)}")
+            if arg.shape is not None and (x.ndim != len(arg.shape) or any(x.shape[i] != d for i, d in fixed[name])):
+                raise InputError(f"input {name!r} must have shape {arg.shape} "
+                                 f"(names are free dimensions), got {list(x.shape)}")
             feeds[name] = x
+        if len(feeds) != len(expected):
+            raise InputError(f"missing input(s) {', '.join(n for n in expected if n not in feed)}; "
+                             f"expected {self._described()}")
         return feeds
+
+    def _described(self) -> str:
+        return ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs)
 
     def close(self) -> None:
         """Drop decoded weights and unmap the file."""
