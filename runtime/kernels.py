@@ -420,6 +420,21 @@ def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
     return y
 
 
+def max_pool2d(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+               pads: Sequence[int], out: Sequence[int]) -> "np.ndarray | None":
+    """2-D max pooling of a float32 ``x [N, C, H, W]`` by the numba kernel (``pads``: the begin
+    pads; ``out``: the output size), or None when numba is off or the input is not of that kind
+    (the operator's numpy code, the kernel's twin, then serves)."""
+    k = kernels()
+    if k is None or x.dtype != np.float32 or x.ndim != 4:
+        return None
+    y = np.empty(x.shape[:2] + tuple(out), np.float32)
+    geometry = (int(strides[0]), int(strides[1]), int(dilations[0]), int(dilations[1]), int(pads[0]), int(pads[1]))
+    launch(k, "max_pool2d", y.size * kernel[0] * kernel[1], np.ascontiguousarray(x), int(kernel[0]),
+           int(kernel[1]), geometry, y)
+    return y
+
+
 def _depthwise_numpy(xp: np.ndarray, taps: np.ndarray, bias: "np.ndarray | None", m0: int, m1: int, mult: int,
                      kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], out: Sequence[int],
                      y: np.ndarray) -> None:

@@ -183,6 +183,32 @@ def test_depthwise_kernels_agree(case, monkeypatch):
         np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
 
 
+POOLS = [  # x shape, kernel, strides, dilations, pads (begin h, w, end h, w), ceil_mode
+    ((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 0),    # ResNet's stem pool
+    ((2, 6, 28, 28), (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), 0),       # LeNet's
+    ((2, 3, 13, 11), (3, 3), (2, 2), (1, 1), (0, 0, 0, 0), 1),       # ceil_mode: the last window is cut
+    ((1, 4, 9, 10), (2, 3), (1, 3), (2, 1), (1, 2, 1, 2), 0),        # rectangular, dilated, other strides
+    ((1, 2, 6, 7), (4, 2), (3, 2), (1, 3), (3, 1, 3, 2), 1),         # windows entirely in the padding
+    ((1, 3, 8, 8), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 0),
+]
+
+
+@pytest.mark.parametrize("case", POOLS, ids=lambda c: f"{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}")
+def test_max_pool_kernel_agrees(case, monkeypatch):
+    """The numba max pool against the operator's numpy code, bit for bit: NaN wins, the padding
+    never does (-inf where a window holds only padding)."""
+    shape, kernel, strides, dilations, pads, ceil = case
+    x = rand(*shape)
+    x.flat[::41] = np.nan
+    x.flat[5::53] = -np.inf
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "dilations": list(dilations),
+             "pads": list(pads), "ceil_mode": ceil, "_nout": 1, "_opset": 13}
+    assert kernels.max_pool2d(x, kernel, strides, dilations, pads[:2], (1, 1)) is not None
+    got, twin = both(lambda: OPS["MaxPool"](attrs, x), monkeypatch)
+    assert got.shape == twin.shape and got.dtype == twin.dtype == np.float32
+    np.testing.assert_array_equal(got, twin)
+
+
 WINOGRAD = [  # x shape, w shape, pads (3x3, unit strides: at least MIN_TILES_INDEXED 2x2 tiles a map)
     ((1, 3, 24, 24), (4, 3, 3, 3), [1, 1, 1, 1]),
     ((2, 5, 25, 21), (6, 5, 3, 3), [1, 1, 1, 1]),      # odd sizes: the edge tiles are cut

@@ -303,8 +303,12 @@ def max_pool(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, ...]:
     """Max pooling (ceil_mode, dilations, pads, auto_pad) with the optional flat ``Indices`` output
     (row-major, or column-major with ``storage_order=1``), computed only when the node asks for it."""
     kernel, strides, dilations, pads, out = _pool_layout(attrs, x)
-    xp = _padded(x, pads, kernel, strides, dilations, out, _lowest(x.dtype))
     want_indices = attrs.get("_nout", 2) > 1
+    if not want_indices:
+        y = kernels.max_pool2d(x, kernel, strides, dilations, pads, out)
+        if y is not None:
+            return y
+    xp = _padded(x, pads, kernel, strides, dilations, out, _lowest(x.dtype))
     spatial = x.shape[2:]
     # flat-index strides of the input's spatial axes
     order = range(len(spatial)) if attrs.get("storage_order", 0) == 1 else reversed(range(len(spatial)))
