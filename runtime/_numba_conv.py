@@ -5,7 +5,8 @@
   the float32 taps of a tile of channels (an index-mode weight is expanded a quarter at a time).
 - ``im2col2d``: the im2col matrix ``[C*kh*kw, samples, positions]`` of a block of output rows, zeros
   for the padding, straight from the unpadded input (no padded copy, no strided numpy copy).
-- ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output.
+- ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output; ``add_clamp``
+  the same for a residual Add and its Relu.
 - ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
   convolution by Winograd's F(2x2, 3x3) (``runtime/winograd.py``, whose numpy twins they have).
 - ``max_pool2d``: 2-D max pooling, the rows of a window first, then along the row (numpy twin:
@@ -483,6 +484,27 @@ def bias_clamp(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
 def bias_clamp_par(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
     for job in prange(y.shape[0] * y.shape[1]):
         _bias_clamp_plane(y, bias, lo, hi, clamp, job)
+
+
+@njit(inline="always")
+def _add_clamp_run(af, bf, lo, hi, of, start, stop):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        of[_U(i)] = _clamped(af[_U(i)] + bf[_U(i)], lo, hi, True)
+
+
+@njit(cache=True, nogil=True)
+def add_clamp(a, b, lo, hi, out):  # pragma: no cover - compiled
+    """``out = clamp(a + b, lo, hi)`` for three same-shape C-contiguous float32 arrays, in one pass:
+    a residual Add with its Relu (numpy: the sum, then the clamp over it again; 800K values 404 ->
+    114 us here, hot)."""
+    _add_clamp_run(a.reshape(a.size), b.reshape(b.size), lo, hi, out.reshape(out.size), 0, out.size)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def add_clamp_par(a, b, lo, hi, out):  # pragma: no cover - compiled
+    af, bf, of = a.reshape(a.size), b.reshape(b.size), out.reshape(out.size)
+    for t in prange(_PARTS):
+        _add_clamp_run(af, bf, lo, hi, of, t * of.size // _PARTS, (t + 1) * of.size // _PARTS)
 
 
 # -- Winograd F(2x2, 3x3) transforms (see runtime/winograd.py) -------------------------------------

@@ -183,6 +183,22 @@ def test_depthwise_kernels_agree(case, monkeypatch):
         np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
 
 
+def test_add_clamp_kernel_agrees(monkeypatch):
+    """A residual Add with its Relu/Clip in one pass, against the numpy sum and clamp: bit for bit,
+    NaN kept; other shapes (broadcasting) and dtypes take numpy."""
+    a, b = rand(2, 3, 17, 19), rand(2, 3, 17, 19)
+    a.flat[::29] = np.nan
+    b.flat[3::31] = np.inf
+    for clamp in ((0.0, np.inf), (-0.25, 0.5), (-np.inf, 6.0)):
+        got, twin = both(lambda: kernels.add_clamp(a, b, clamp), monkeypatch)
+        assert got.dtype == twin.dtype == np.float32
+        np.testing.assert_array_equal(got, twin)
+        np.testing.assert_array_equal(got, np.clip(a + b, *clamp))
+    row, doubles = rand(19), a.astype(np.float64)
+    np.testing.assert_array_equal(kernels.add_clamp(a, row, (0.0, 6.0)), np.clip(a + row, 0, 6))
+    assert kernels.add_clamp(doubles, doubles, (0.0, 6.0)).dtype == np.float64
+
+
 POOLS = [  # x shape, kernel, strides, dilations, pads (begin h, w, end h, w), ceil_mode
     ((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 0),    # ResNet's stem pool
     ((2, 6, 28, 28), (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), 0),       # LeNet's
@@ -429,6 +445,7 @@ def _chain(producer, inputs, act, act_inputs=(), act_attrs=None, extra_reader=Fa
     (("Gemm", {"transB": 1}), "Relu", (), None),
     (("Gemm", {"transB": 1, "alpha": 0.5}), "Clip", ("lo", ""), None),
     (("Add", {}), "Relu", (), None),
+    (("Add", {}), "Clip", ("lo", "hi"), None),
 ])
 def test_fused_activation_changes_nothing(producer, act, act_inputs, act_attrs):
     """A Relu/Clip that alone reads a Conv/Gemm/Add output runs inside it, with the same result; a

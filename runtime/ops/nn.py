@@ -140,6 +140,8 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
             inner = _conv if producer == "Conv" else _gemm
             return inner(attrs, own[0], own[1], own[2] if inputs > 2 else None,
                          _bounds(activation, activation_attrs, extra))
+        if producer == "Add" and own[0].dtype == own[1].dtype == np.float32 and own[0].shape == own[1].shape:
+            return kernels.add_clamp(own[0], own[1], _bounds(activation, activation_attrs, extra))
         y = producer_fn(attrs, *own)
         if not isinstance(y, np.ndarray) or y.dtype.kind != "f":
             return activation_fn(activation_attrs, y, *extra)
