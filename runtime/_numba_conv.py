@@ -731,14 +731,20 @@ def _pool_plane(x, kh, kw, geometry, out, line, job):  # pragma: no cover - comp
         _pool_line(line, kw, sw, dw, out[n, c, oh])
 
 
+@njit(inline="always")
+def _pool_line_buffer(x, kw, geometry, out):  # pragma: no cover - compiled
+    """A row with its pads: the left pad, the row, and as far right as the last window reaches."""
+    reach = (out.shape[3] - 1) * geometry[1] + (kw - 1) * geometry[3] + 1
+    return np.empty(max(x.shape[3] + geometry[5], reach), np.float32)
+
+
 @njit(cache=True, nogil=True)
 def max_pool2d(x, kh, kw, geometry, out):  # pragma: no cover - compiled
     """Max pooling of ``x [N, C, H, W]`` (float32, C-contiguous) into ``out [N, C, OH, OW]``;
     ``geometry`` = (stride h, stride w, dilation h, dilation w, pad top, pad left). The padding never
     wins (-inf where a window holds nothing else), NaN does, as in the numpy twin
     (``ops.nn.max_pool``)."""
-    line = np.empty(max(x.shape[3] + geometry[5], (out.shape[3] - 1) * geometry[1] + (kw - 1) * geometry[3] + 1),
-                    np.float32)
+    line = _pool_line_buffer(x, kw, geometry, out)
     for job in range(x.shape[0] * x.shape[1]):
         _pool_plane(x, kh, kw, geometry, out, line, job)
 
@@ -748,7 +754,6 @@ def max_pool2d_par(x, kh, kw, geometry, out):  # pragma: no cover - compiled
     jobs = x.shape[0] * x.shape[1]
     parts = min(jobs, _PARTS)
     for t in prange(parts):
-        line = np.empty(max(x.shape[3] + geometry[5], (out.shape[3] - 1) * geometry[1] + (kw - 1) * geometry[3] + 1),
-                        np.float32)
+        line = _pool_line_buffer(x, kw, geometry, out)
         for job in range(t * jobs // parts, (t + 1) * jobs // parts):
             _pool_plane(x, kh, kw, geometry, out, line, job)

@@ -421,17 +421,16 @@ def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
 
 
 def add_clamp(a: np.ndarray, b: np.ndarray, clamp: Tuple[float, float]) -> np.ndarray:
-    """``a + b`` clamped to ``clamp`` (an Add with its Relu/Clip fused): one compiled pass for two
-    float32 arrays of one shape, else numpy (the sum, then the clamp in place: the twin)."""
+    """``a + b`` clamped to ``clamp`` for two arrays of one shape and float dtype (an Add with its
+    Relu/Clip fused): one compiled pass for C-contiguous float32, else numpy (the sum, then the
+    clamp in place: the twin)."""
     k = kernels()
     if (k is not None and a.dtype == np.float32 and b.dtype == np.float32 and a.shape == b.shape
             and a.flags.c_contiguous and b.flags.c_contiguous):
         out = np.empty_like(a)
         launch(k, "add_clamp", out.size, a, b, np.float32(clamp[0]), np.float32(clamp[1]), out)
         return out
-    y = np.add(a, b)
-    _clamp_in_place(y, clamp)
-    return y
+    return _finish(np.add(a, b), None, clamp)
 
 
 def max_pool2d(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],

@@ -140,7 +140,8 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
             inner = _conv if producer == "Conv" else _gemm
             return inner(attrs, own[0], own[1], own[2] if inputs > 2 else None,
                          _bounds(activation, activation_attrs, extra))
-        if producer == "Add" and own[0].dtype == own[1].dtype == np.float32 and own[0].shape == own[1].shape:
+        if (producer == "Add" and own[0].shape == own[1].shape and own[0].dtype == own[1].dtype
+                and own[0].dtype.kind == "f"):     # a residual connection: no broadcast to bound
             return kernels.add_clamp(own[0], own[1], _bounds(activation, activation_attrs, extra))
         y = producer_fn(attrs, *own)
         if not isinstance(y, np.ndarray) or y.dtype.kind != "f":
@@ -303,7 +304,9 @@ def _lowest(dtype: np.dtype) -> Any:
 @register("MaxPool")
 def max_pool(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, ...]:
     """Max pooling (ceil_mode, dilations, pads, auto_pad) with the optional flat ``Indices`` output
-    (row-major, or column-major with ``storage_order=1``), computed only when the node asks for it."""
+    (row-major, or column-major with ``storage_order=1``), computed only when the node asks for it.
+    2-D float32 pooling without it runs in a numba kernel (``kernels.max_pool2d``); this code is its
+    twin."""
     kernel, strides, dilations, pads, out = _pool_layout(attrs, x)
     want_indices = attrs.get("_nout", 2) > 1
     if not want_indices:
