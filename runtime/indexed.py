@@ -36,7 +36,7 @@ from dcrt import sparse
 from dcrt.errors import FormatError
 from dcrt.memory import position_dtype
 
-from .kernels import product_t
+from .kernels import finish, product_t
 from .numba_kernels import kernels, launch
 
 TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (float32 bytes)
@@ -83,19 +83,6 @@ def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
     launch(kern, name, x2.shape[0] * work_per_row, x2, *weight, _NO_BIAS if bias is None else bias,
            lo, hi, clamp is not None, out)
     return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (n,))
-
-
-def finish(y: np.ndarray, bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    """numpy twin of the kernels' epilogue, in place on a fresh ``y``: ``+ bias``, then the clamp."""
-    if bias is not None:
-        y += bias
-    if clamp is not None:
-        lo, hi = clamp
-        if lo > -np.inf:
-            np.maximum(y, y.dtype.type(lo), out=y)
-        if hi < np.inf:
-            np.minimum(y, y.dtype.type(hi), out=y)
-    return y
 
 
 def _tiled_lmatmul(weight, x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:

@@ -57,8 +57,9 @@ def dense(w: Weight) -> np.ndarray:
     return expand() if expand is not None else np.asarray(w)
 
 
-def _finish(y: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> np.ndarray:
-    """``y + bias`` then clamped, in place on a fresh product ``y``."""
+def finish(y: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> np.ndarray:
+    """``y + bias`` then clamped, in place on a fresh product ``y``: the numpy form of the compiled
+    kernels' epilogue (``runtime/indexed.py`` uses it too)."""
     if bias is not None:
         y += bias
     if clamp is not None:
@@ -83,11 +84,11 @@ def matmul(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
     call: inside the compiled kernel for an index-mode weight, in place otherwise.
     """
     if isinstance(w, np.ndarray):
-        return _finish(np.matmul(x, w), bias, clamp)
+        return finish(np.matmul(x, w), bias, clamp)
     own = getattr(w, "matmul", None)
     if own is not None and getattr(w, "fused_epilogue", False):
         return own(x, bias, clamp)
-    return _finish(own(x) if own is not None else np.matmul(x, dense(w)), bias, clamp)
+    return finish(own(x) if own is not None else np.matmul(x, dense(w)), bias, clamp)
 
 
 #: ``x @ w.T`` for a few rows of ``x`` (TRANSPOSED_ROWS) and a weight of TRANSPOSED_WEIGHTS or more,
@@ -119,13 +120,13 @@ def matmul_t(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
     :func:`matmul`."""
     if isinstance(w, np.ndarray):
         if w.ndim != 2 or x.ndim < 2:
-            return _finish(np.matmul(x, w.T), bias, clamp)
+            return finish(np.matmul(x, w.T), bias, clamp)
         y = product_t(x.reshape(-1, x.shape[-1]), w)
-        return _finish(y.reshape(x.shape[:-1] + (w.shape[0],)), bias, clamp)
+        return finish(y.reshape(x.shape[:-1] + (w.shape[0],)), bias, clamp)
     own = getattr(w, "matmul_t", None)
     if own is not None and getattr(w, "fused_epilogue", False):
         return own(x, bias, clamp)
-    return _finish(own(x) if own is not None else np.matmul(x, dense(w).T), bias, clamp)
+    return finish(own(x) if own is not None else np.matmul(x, dense(w).T), bias, clamp)
 
 
 def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
@@ -430,7 +431,7 @@ def add_clamp(a: np.ndarray, b: np.ndarray, clamp: Tuple[float, float]) -> np.nd
         out = np.empty_like(a)
         launch(k, "add_clamp", out.size, a, b, np.float32(clamp[0]), np.float32(clamp[1]), out)
         return out
-    return _finish(np.add(a, b), None, clamp)
+    return finish(np.add(a, b), None, clamp)
 
 
 def max_pool2d(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
