@@ -429,7 +429,8 @@ def add_clamp(a: np.ndarray, b: np.ndarray, clamp: Tuple[float, float]) -> np.nd
     if (k is not None and a.dtype == np.float32 and b.dtype == np.float32 and a.shape == b.shape
             and a.flags.c_contiguous and b.flags.c_contiguous):
         out = np.empty_like(a)
-        launch(k, "add_clamp", out.size, a, b, np.float32(clamp[0]), np.float32(clamp[1]), out)
+        _, lo, hi = _epilogue(None, clamp)
+        launch(k, "add_clamp", out.size, a, b, lo, hi, out)
         return out
     return finish(np.add(a, b), None, clamp)
 
