@@ -381,6 +381,29 @@ def test_product_t_orientations_agree(rows, n, k):
     assert np.isnan(out[:, 0]).all()
 
 
+
+def test_short_products_warm_their_weight_in_place(monkeypatch):
+    """``lmatmul`` reads a mid-sized weight once before a short product (a 1x1 convolution on a 7x7
+    map): where it is, without a copy (a copy would cost what the warm-up saves, and the memory),
+    and only then; the product is unchanged."""
+    w, x = rand(576, 160), rand(160, 49)
+    assert kernels.WARM_BYTES[0] <= w.nbytes <= kernels.WARM_BYTES[1] and x.shape[1] <= kernels.WARM_COLUMNS
+    warmed = []
+    real = kernels._warm
+
+    def spy(a):
+        tracemalloc.start()
+        real(a)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        warmed.append((a, peak))
+    monkeypatch.setattr(kernels, "_warm", spy)
+    np.testing.assert_array_equal(kernels.lmatmul(w, x), np.matmul(w, x))
+    assert len(warmed) == 1 and warmed[0][0] is w and warmed[0][1] < 4096
+    for small_or_long in ((rand(16, 96), x[:96]), (w, rand(160, 257)), (rand(2000, 400), rand(400, 49))):
+        kernels.lmatmul(*small_or_long)
+    assert len(warmed) == 1
+
 def test_lstm_activations_are_within_their_bound():
     """The LSTM kernels' rational tanh and the sigmoid made from it, against float64, on [-10, 10]
     (benchmarks/fit_tanh.py states the bound); inf and NaN as tanh and the logistic function give."""
