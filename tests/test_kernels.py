@@ -172,6 +172,61 @@ def test_conv_kernels_agree(case, form, monkeypatch):
     np.testing.assert_allclose(got, np.clip(reference, -1.0, 2.0), rtol=1e-5, atol=1e-5)
 
 
+RUNNERS = [  # x shape, w shape, strides, pads, group: the runner's own paths, then the general one
+    ((1, 16, 8, 8), (24, 16, 1, 1), [1, 1], [0, 0, 0, 0], 1),      # pointwise, one sample
+    ((1, 12, 9, 7), (12, 1, 3, 3), [2, 2], [1, 1, 1, 1], 12),      # depthwise
+    ((1, 6, 10, 10), (12, 1, 3, 3), [1, 1], [1, 1, 1, 1], 6),      # ... depth multiplier 2
+    ((2, 16, 8, 8), (24, 16, 1, 1), [1, 1], [0, 0, 0, 0], 1),      # pointwise, two samples: conv
+    ((1, 4, 9, 9), (8, 4, 3, 3), [2, 2], [1, 0, 1, 0], 1),         # im2col: conv
+]
+
+
+@pytest.mark.parametrize("case", RUNNERS, ids=lambda c: f"{c[0]}-{c[1]}-g{c[4]}")
+@pytest.mark.parametrize("numba_on", [True, False])
+def test_conv_runner_agrees_with_conv(case, numba_on, monkeypatch):
+    """A runner prepared for a layer gives ``conv``'s result bit for bit, for every weight kind, bias or
+    none, clamp or none, and again for new weights and biases of the same kind (stream mode's)."""
+    if not numba_on:
+        no_numba(monkeypatch)
+    xs, ws, strides, pads, group = case
+    x = rand(*xs)
+    for form in (0, 1, 2):
+        for bias in (None, rand(ws[0])):
+            for clamp in (None, (-0.5, 1.5)):
+                w = weights(ws, 0.5, seed=form)[form]
+                run = kernels.conv_runner(x, w, bias, strides, [1, 1], pads, group, clamp)
+                for seed in (1, 2):     # the runner holds none of them
+                    w = weights(ws, 0.5, seed=seed + 10)[form]
+                    b = None if bias is None else rand(ws[0])
+                    want = kernels.conv(x, w, b, strides, [1, 1], pads, group, clamp)
+                    np.testing.assert_array_equal(run(x, w, b), want)
+
+
+def test_conv_node_prepares_once_and_keeps_no_weight(monkeypatch):
+    """The Conv operator keeps its runner in the node's attributes: rebuilt when the input's shape,
+    the weight's kind or numba's use changes (the results stay ``conv``'s), and holding no weight: a
+    weight the session drops (stream mode) is freed."""
+    import gc
+    import weakref
+    conv = OPS["Conv"]
+    attrs = {"_opset": 13, "_nout": 1}
+    d, iw, _ = weights((24, 16, 1, 1), 0.5)
+    b = rand(24)
+    for x, w in ((rand(1, 16, 8, 8), d), (rand(1, 16, 5, 5), d), (rand(1, 16, 5, 5), iw), (rand(2, 16, 5, 5), d)):
+        want = kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1)
+        np.testing.assert_array_equal(conv(attrs, x, w, b), want)
+        assert attrs["_conv_runner"][0][0] == x.shape
+    no_numba(monkeypatch)
+    np.testing.assert_array_equal(conv(attrs, x, d, b), kernels.conv(x, d, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
+    assert attrs["_conv_runner"][0][-1] is None
+    w = d.copy()
+    dropped = weakref.ref(w)
+    conv(attrs, x, w, b)
+    del w
+    gc.collect()
+    assert dropped() is None
+
+
 @pytest.mark.parametrize("case", DEPTHWISE, ids=str)
 def test_depthwise_kernels_agree(case, monkeypatch):
     channels, size, stride, mult, k, dil, pads = case

@@ -88,17 +88,17 @@ def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) ->
 
 def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    shapes = (x.shape, w.shape)
-    known = attrs.get("_conv_geometry")     # the node's geometry for the last shapes it saw
-    if known is None or known[0] != shapes:
+    # the node's convolution prepared for the last inputs of this kind it saw (kernels.conv_runner)
+    key = (x.shape, x.dtype, w.shape, w.dtype, type(w), b is None, clamp, kernels.kernels())
+    known = attrs.get("_conv_runner")
+    if known is None or known[0] != key:
         kernel = [int(k) for k in w.shape[2:]]
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
         _bounded_windows(x, w.shape[0], pads, _windows(x, kernel, strides, dilations, pads))
-        known = (shapes, tuple(strides), tuple(dilations), tuple(pads), int(attrs.get("group", 1)))
-        attrs["_conv_geometry"] = known
-    y = kernels.conv(x, w, b, known[1], known[2], known[3], known[4], clamp)
-    return y.astype(x.dtype, copy=False)
+        known = (key, kernels.conv_runner(x, w, b, strides, dilations, pads, int(attrs.get("group", 1)), clamp))
+        attrs["_conv_runner"] = known
+    return known[1](x, w, b).astype(x.dtype, copy=False)
 
 
 # -- fusing an activation into the node that produces its input -----------------------------------
