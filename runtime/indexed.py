@@ -28,7 +28,7 @@ kernels ``tile_rows``/``expand_rows`` (one tile, without the full expansion ``de
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -71,18 +71,46 @@ def _rows(x: np.ndarray) -> int:
 _NO_BIAS = np.zeros(0, np.float32)
 
 
-def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int, weight: tuple,
-                      bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    """``out [..., n]`` from kernel ``name(x2, *weight, bias, lo, hi, clamp, out)`` over the rows of
-    ``x``: the epilogue as the kernels take it (bias empty for none, bounds as Python floats so
-    every call has one signature). Written for batch 1, where this Python is a third of a small
-    layer's time: a 2-D ``x`` is used as it is and the result not reshaped."""
-    x2 = x if x.ndim == 2 and x.flags.c_contiguous else np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    out = np.empty((x2.shape[0], n), np.float32)
+ProductRunner = Callable[[np.ndarray, Any, Optional[np.ndarray]], np.ndarray]
+
+
+def _launcher(kern, name: str, rows: int, n: int, work_per_row: int,
+              clamp: Optional[Tuple[float, float]]) -> ProductRunner:
+    """``run(x2, w, bias)``: ``out [rows, n]`` from kernel ``name(x2, *w.arrays, bias, lo, hi, clamp,
+    out)`` for a C-contiguous float32 ``x2 [rows, K]``, the epilogue in the form the kernels take
+    (bias empty for none, bounds as Python floats so every call has one signature). Written for
+    batch 1, where the Python around a small layer's kernel is a third of its time."""
     lo, hi = (-np.inf, np.inf) if clamp is None else (float(clamp[0]), float(clamp[1]))
-    launch(kern, name, x2.shape[0] * work_per_row, x2, *weight, _NO_BIAS if bias is None else bias,
-           lo, hi, clamp is not None, out)
+    clamped, work = clamp is not None, rows * work_per_row
+
+    def run(x2: np.ndarray, w: Any, bias: Optional[np.ndarray]) -> np.ndarray:
+        out = np.empty((rows, n), np.float32)
+        launch(kern, name, work, x2, *w.arrays, _NO_BIAS if bias is None else bias, lo, hi, clamped, out)
+        return out
+    return run
+
+
+def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int, weight: Any,
+                      bias: Optional[np.ndarray], clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    """``out [..., n]`` from kernel ``name`` over the rows of ``x`` (see :func:`_launcher`): a 2-D
+    ``x`` is used as it is and the result not reshaped."""
+    x2 = x if x.ndim == 2 and x.flags.c_contiguous else np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = _launcher(kern, name, x2.shape[0], n, work_per_row, clamp)(x2, weight, bias)
     return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (n,))
+
+
+def _runner(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
+            clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
+    """The weights' ``product_runner``: a launcher for a 2-D float32 ``x`` (made C-contiguous when it
+    is not), else None. ``work_per_row`` (which only picks the serial or parallel kernel) is this
+    weight's; a later weight of the same shape differs at most in its kept count."""
+    if kern is None or x.ndim != 2 or x.dtype != np.float32:
+        return None
+    launch_ = _launcher(kern, name, x.shape[0], n, work_per_row, clamp)
+
+    def run(x: np.ndarray, w: Any, bias: Optional[np.ndarray]) -> np.ndarray:
+        return launch_(x if x.flags.c_contiguous else np.ascontiguousarray(x), w, bias)
+    return run
 
 
 def _tiled_lmatmul(weight, x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
@@ -154,6 +182,7 @@ class IndexedWeight:
         self.indices = indices
 
     shape = property(lambda self: self.indices.shape)
+    arrays = property(lambda self: (self.indices, self.codebook))     # what the compiled kernels read
     ndim = property(lambda self: self.indices.ndim)
     dtype = property(lambda self: np.dtype(np.float32))
     nbytes = property(lambda self: self.indices.nbytes + self.codebook.nbytes)
@@ -218,8 +247,7 @@ class IndexedWeight:
         if _rows(x) <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
             kern = kernels()
             if kern is not None:
-                return _compiled_product(kern, "index_matmul_t", x, n, n * k, (self.indices, self.codebook),
-                                         bias, clamp)
+                return _compiled_product(kern, "index_matmul_t", x, n, n * k, self, bias, clamp)
         return finish(_tiled_matmul_t(self, x), bias, clamp)
 
     def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
@@ -229,9 +257,17 @@ class IndexedWeight:
         if _rows(x) <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
             kern = kernels()
             if kern is not None:
-                return _compiled_product(kern, "index_matmul", x, n, n * k, (self.indices, self.codebook),
-                                         bias, clamp)
+                return _compiled_product(kern, "index_matmul", x, n, n * k, self, bias, clamp)
         return finish(_tiled_matmul(self, x), bias, clamp)
+
+    def product_runner(self, x: np.ndarray, transposed: bool,
+                       clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
+        """:meth:`matmul_t` (``transposed``) or :meth:`matmul` prepared for inputs shaped as ``x`` where
+        they call a compiled kernel (see ``kernels.product_runner``), else None."""
+        if self.indices.ndim != 2 or x.shape[0] > INDEX_BATCH or not self.indices.flags.c_contiguous:
+            return None
+        n = self.indices.shape[0 if transposed else 1]
+        return _runner(kernels(), "index_matmul_t" if transposed else "index_matmul", x, n, self.indices.size, clamp)
 
     def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """``W @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]`` (into ``out``)."""
@@ -255,6 +291,7 @@ class SparseWeight:
         self.shape = tuple(int(d) for d in shape)
 
     ndim = property(lambda self: len(self.shape))
+    arrays = property(lambda self: (self.row_ptr, self.cols, self.symbols, self.codebook))
     dtype = property(lambda self: np.dtype(np.float32))
     nbytes = property(lambda self: self.row_ptr.nbytes + self.cols.nbytes + self.symbols.nbytes
                       + self.codebook.nbytes)
@@ -376,8 +413,7 @@ class SparseWeight:
         if rows <= COMPILED_BATCH and x.dtype == np.float32:
             kern = kernels()
             if kern is not None:
-                return _compiled_product(kern, "csr_matmul_t", x, n, self.nnz,
-                                         (self.row_ptr, self.cols, self.symbols, self.codebook), bias, clamp)
+                return _compiled_product(kern, "csr_matmul_t", x, n, self.nnz, self, bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul_t(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -396,8 +432,7 @@ class SparseWeight:
         if rows <= COMPILED_BATCH and x.dtype == np.float32:
             kern = kernels()
             if kern is not None:
-                return _compiled_product(kern, "csr_matmul", x, n, self.nnz,
-                                         (self.row_ptr, self.cols, self.symbols, self.codebook), bias, clamp)
+                return _compiled_product(kern, "csr_matmul", x, n, self.nnz, self, bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul(self, x), bias, clamp)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -407,6 +442,14 @@ class SparseWeight:
                 out[i] += np.bincount(cols, weights=xi[r] * vals, minlength=n)
         out = out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
         return finish(out, bias, clamp)
+
+    def product_runner(self, x: np.ndarray, transposed: bool,
+                       clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
+        """As ``IndexedWeight.product_runner``, for the CSR kernels."""
+        if x.shape[0] > COMPILED_BATCH or self.ndim != 2:
+            return None
+        n = self.shape[0 if transposed else 1]
+        return _runner(kernels(), "csr_matmul_t" if transposed else "csr_matmul", x, n, self.nnz, clamp)
 
     def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """``W @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]`` (into ``out``)."""

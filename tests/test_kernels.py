@@ -202,6 +202,35 @@ def test_conv_runner_agrees_with_conv(case, numba_on, monkeypatch):
                     np.testing.assert_array_equal(run(x, w, b), want)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 40])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_product_runner_agrees_with_the_products(rows, transposed):
+    """A Gemm's prepared product gives ``matmul_t``/``matmul``'s result bit for bit for every weight
+    kind (the compiled kernels called directly where they apply), also for a new weight and bias of
+    the same kind and a non-contiguous ``x``, and holds no weight."""
+    import gc
+    import weakref
+    shape = (37, 70) if transposed else (70, 37)
+    product = kernels.matmul_t if transposed else kernels.matmul
+    used = []
+    for form in (0, 1, 2):
+        for bias in (None, rand(37)):
+            for clamp in (None, (0.0, 0.5)):
+                x = rand(rows, 70)
+                w = weights(shape, 0.3, seed=form)[form]
+                run = kernels.product_runner(x, w, bias, clamp, transposed)
+                expected = product(x, w, bias, clamp)
+                np.testing.assert_array_equal(run(x, w, bias), expected)
+                w2 = weights(shape, 0.3, seed=form + 5)[form]
+                b2 = None if bias is None else rand(37)
+                xs = rand(70, rows).T
+                np.testing.assert_array_equal(run(xs, w2, b2), product(xs, w2, b2, clamp))
+                used.append(weakref.ref(w))
+    del w, w2
+    gc.collect()
+    assert not [r for r in used if r() is not None]
+
+
 def test_conv_node_prepares_once_and_keeps_no_weight(monkeypatch):
     """The Conv operator keeps its runner in the node's attributes: rebuilt when the input's shape,
     the weight's kind or numba's use changes (the results stay ``conv``'s), and holding no weight: a

@@ -5,6 +5,7 @@ so they may be indexed weights (codebook + indices) as well as arrays.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -207,15 +208,28 @@ def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) ->
 
 def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    if attrs.get("transA", 0):
-        a = a.T
-    trans_b = attrs.get("transB", 0)
-    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    # the node's product prepared for the last inputs of this kind it saw (kernels.product_runner)
+    key = (a.shape, a.dtype, b.shape, type(b), None if c is None else (c.shape, c.dtype), clamp, kernels.kernels())
+    known = attrs.get("_gemm_runner")
+    if known is None or known[0] != key:
+        trans_b = bool(attrs.get("transB", 0))
+        if (not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and a.dtype == np.float32
+                and (c is None or (attrs.get("beta", 1.0) == 1.0 and c.dtype == np.float32
+                                   and c.shape == (b.shape[0 if trans_b else 1],)))):
+            # the common dense layer: bias and activation in the product's own pass (kernels.matmul)
+            run = kernels.product_runner(a, b, c, clamp, trans_b)
+        else:
+            run = functools.partial(_gemm_general, trans_a=bool(attrs.get("transA", 0)), trans_b=trans_b,
+                                    alpha=attrs.get("alpha", 1.0), beta=attrs.get("beta", 1.0), clamp=clamp)
+        known = attrs["_gemm_runner"] = (key, run)
+    return known[1](a, b, c)
+
+
+def _gemm_general(a: np.ndarray, b: Any, c: Optional[np.ndarray], *, trans_a: bool, trans_b: bool, alpha: float,
+                  beta: float, clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    """Gemm's other forms (transA, alpha or beta, a bias of another shape or dtype), the plain way."""
     product = kernels.matmul_t if trans_b else kernels.matmul
-    if alpha == 1.0 and a.dtype == np.float32 and (c is None or (
-            beta == 1.0 and c.dtype == np.float32 and c.shape == (b.shape[0 if trans_b else 1],))):
-        # the common dense layer: bias and activation in the product's own pass (see kernels.matmul)
-        return product(a, b, c, clamp)
+    a = a.T if trans_a else a
     y = product(a, b)
     if alpha != 1.0:
         y = y * alpha
@@ -223,7 +237,7 @@ def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
         y = y + (c * beta if beta != 1.0 else c)
     y = y.astype(a.dtype, copy=False)
     if clamp is not None:
-        np.clip(y, clamp[0], clamp[1], out=y)     # float64 or rare forms: the plain way
+        np.clip(y, clamp[0], clamp[1], out=y)
     return y
 
 
