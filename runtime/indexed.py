@@ -101,8 +101,8 @@ def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
 
 def _runner(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
             clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
-    """The weights' ``product_runner``: a launcher for a 2-D float32 ``x`` (made C-contiguous when it
-    is not), else None. ``work_per_row`` (which only picks the serial or parallel kernel) is this
+    """What ``product_runner`` returns: a launcher for a 2-D float32 ``x`` (made C-contiguous when it
+    is not), or None without numba or for another ``x``. ``work_per_row`` (which only picks the serial or parallel kernel) is this
     weight's; a later weight of the same shape differs at most in its kept count."""
     if kern is None or x.ndim != 2 or x.dtype != np.float32:
         return None

@@ -142,7 +142,7 @@ def product_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", clamp: "
     """:func:`matmul_t` (``transposed``) or :func:`matmul` with this clamp, prepared for inputs shaped
     as ``x`` and weights of ``w``'s kind and shape: ``run(x, w, bias)``, holding no weight. An index-mode
     weight's own runner calls its compiled batch-1 kernel directly (LeNet-300-100's Gemm layers:
-    ~1.5 us less Python each); any other case is the plain call."""
+    ~1.1 us less Python each); any other case is the plain call."""
     own = getattr(w, "product_runner", None)
     run = own(x, transposed, clamp) if own is not None and (bias is None or _is_vector32(bias)) else None
     if run is not None:
@@ -319,8 +319,8 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
 
     The runner holds no weight (stream mode drops each weight after use). For the common small
     layers, float32 and 2-D, it skips what ``conv`` works out on every call (geometry, path,
-    epilogue, taps): a pointwise convolution of one sample (8x8 map, 16 -> 96 channels: 9.7 -> 5.6 us)
-    and a depthwise one with an array weight (96 channels on 8x8: 21.9 -> 10.2 us). Every other
+    epilogue, taps): a pointwise convolution of one sample (8x8 map, 16 -> 96 channels: 9.7 -> 5.8 us)
+    and a depthwise one with an array weight (96 channels on 8x8: 21.9 -> 10.7 us). Every other
     layer calls ``conv``.
     """
     strides, dilations, pads = tuple(strides), tuple(dilations), tuple(pads)
