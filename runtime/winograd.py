@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -110,16 +110,22 @@ def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, np.ndar
         yield a, weight_transform(k, tile, u)
 
 
+def pays(w: Any, out: Sequence[int]) -> bool:
+    """Whether an output map of size ``out`` has the tiles for the Winograd form to pay with ``w``."""
+    tiles = -(-int(out[0]) // 2) * -(-int(out[1]) // 2)
+    return tiles >= (MIN_TILES if isinstance(w, np.ndarray) else MIN_TILES_INDEXED)
+
+
 def conv3x3(k, x: np.ndarray, w: Any, b: np.ndarray, lo: np.float32, hi: np.float32, clamp: bool, pads,
             out: Tuple[int, int], block_bytes: int) -> Optional[np.ndarray]:
     """``Conv`` of ``x [N, C, H, W]`` with a 3x3 weight (unit strides; see :func:`usable`), or None
     when the map is too small for the Winograd form to pay. ``b`` the float32 bias (empty for none),
     then clamped to [lo, hi] with ``clamp``; ``pads`` = (top, left, ...), ``out`` the output size;
     ``k`` the numba kernels or None (numpy twins)."""
+    if not pays(w, out):
+        return None
     oh, ow = out
     th, tw = -(-oh // 2), -(-ow // 2)
-    if th * tw < (MIN_TILES if isinstance(w, np.ndarray) else MIN_TILES_INDEXED):
-        return None
     batch, cin = x.shape[:2]
     cout = int(w.shape[0])
     y = np.empty((batch, cout, oh, ow), np.float32)

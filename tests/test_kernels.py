@@ -176,9 +176,17 @@ RUNNERS = [  # x shape, w shape, strides, pads, group: the runner's own paths, t
     ((1, 16, 8, 8), (24, 16, 1, 1), [1, 1], [0, 0, 0, 0], 1),      # pointwise, one sample
     ((1, 12, 9, 7), (12, 1, 3, 3), [2, 2], [1, 1, 1, 1], 12),      # depthwise
     ((1, 6, 10, 10), (12, 1, 3, 3), [1, 1], [1, 1, 1, 1], 6),      # ... depth multiplier 2
+    ((1, 4, 9, 9), (8, 4, 3, 3), [2, 2], [1, 0, 1, 0], 1),         # im2col, array weights
+    ((1, 4, 6, 6), (8, 4, 3, 3), [1, 1], [1, 1, 1, 1], 1),         # ... 3x3 on a map too small for Winograd
     ((2, 16, 8, 8), (24, 16, 1, 1), [1, 1], [0, 0, 0, 0], 1),      # pointwise, two samples: conv
-    ((1, 4, 9, 9), (8, 4, 3, 3), [2, 2], [1, 0, 1, 0], 1),         # im2col: conv
+    ((1, 4, 16, 16), (8, 4, 3, 3), [1, 1], [1, 1, 1, 1], 1),       # Winograd (its result differs from im2col's)
+    ((1, 4, 9, 9), (8, 2, 3, 3), [1, 1], [0, 0, 0, 0], 2),         # grouped: conv
 ]
+
+
+def held(w):
+    """A weight as a session holds it (an array read-only: what lets a 3x3 convolution take Winograd)."""
+    return constant(w) if isinstance(w, np.ndarray) else w
 
 
 @pytest.mark.parametrize("case", RUNNERS, ids=lambda c: f"{c[0]}-{c[1]}-g{c[4]}")
@@ -193,10 +201,10 @@ def test_conv_runner_agrees_with_conv(case, numba_on, monkeypatch):
     for form in (0, 1, 2):
         for bias in (None, rand(ws[0])):
             for clamp in (None, (-0.5, 1.5)):
-                w = weights(ws, 0.5, seed=form)[form]
+                w = held(weights(ws, 0.5, seed=form)[form])
                 run = kernels.conv_runner(x, w, bias, strides, [1, 1], pads, group, clamp)
                 for seed in (1, 2):     # the runner holds none of them
-                    w = weights(ws, 0.5, seed=seed + 10)[form]
+                    w = held(weights(ws, 0.5, seed=seed + 10)[form])
                     b = None if bias is None else rand(ws[0])
                     want = kernels.conv(x, w, b, strides, [1, 1], pads, group, clamp)
                     np.testing.assert_array_equal(run(x, w, b), want)
