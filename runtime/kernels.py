@@ -337,19 +337,6 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
     out_shape = x.shape[:1] + (int(w.shape[0]),) + shape.out
     b0, lo, hi = _epilogue(None, clamp)
     clamped = clamp is not None
-    if shape.direct and group == 1 and x.shape[0] == 1:
-        cout, cin, positions = shape.cout, shape.cin, math.prod(shape.out)
-
-        def pointwise(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
-            y = np.empty(out_shape, np.float32)
-            y3 = y.reshape(1, cout, positions)
-            lmatmul(w.reshape(cout, cin), x.reshape(cin, positions), out=y3[0])
-            if k is None:
-                _bias_clamp_numpy(y3, bias, clamp)
-            elif bias is not None or clamped:
-                launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias, lo, hi, clamped)
-            return y
-        return pointwise
     if shape.cin == 1 and group > 1 and k is not None and isinstance(w, np.ndarray):
         channels, mult = out_shape[1], out_shape[1] // group
         taps = (channels,) + shape.kernel
@@ -361,21 +348,29 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                    b0 if bias is None else bias, 0, mult, geometry, lo, hi, clamped, y)
             return y
         return depthwise
-    if (k is not None and isinstance(w, np.ndarray) and group == 1 and x.shape[0] == 1 and len(shape.blocks) == 1
-            and not (winograd.usable(x, w, strides, dilations, group) and winograd.pays(w, shape.out))):
+    pointwise = shape.direct and group == 1 and x.shape[0] == 1     # x itself is the im2col matrix
+    if pointwise or (k is not None and isinstance(w, np.ndarray) and group == 1 and x.shape[0] == 1
+                     and len(shape.blocks) == 1
+                     and not (winograd.usable(x, w, strides, dilations, group) and winograd.pays(w, shape.out))):
         rows, cout, positions = shape.cin * shape.kprod, shape.cout, math.prod(shape.out)
         kh, kw = shape.kernel
 
-        def im2col(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
+        def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
+            if pointwise:
+                cols = x.reshape(rows, positions)
+            else:
+                cols = np.empty((rows, positions), np.float32)
+                launch(k, "im2col2d", cols.size, np.ascontiguousarray(x), 0, 0, kh, kw, shape.geometry, 0,
+                       cols.reshape(rows, 1, positions))
             y = np.empty(out_shape, np.float32)
-            cols = np.empty((rows, 1, positions), np.float32)
-            launch(k, "im2col2d", cols.size, np.ascontiguousarray(x), 0, 0, kh, kw, shape.geometry, 0, cols)
             y3 = y.reshape(1, cout, positions)
-            lmatmul(w.reshape(cout, rows), cols.reshape(rows, positions), out=y3[0])
-            if bias is not None or clamped:
+            lmatmul(w.reshape(cout, rows), cols, out=y3[0])
+            if k is None:
+                _bias_clamp_numpy(y3, bias, clamp)
+            elif bias is not None or clamped:
                 launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias, lo, hi, clamped)
             return y
-        return im2col
+        return product
     return general
 
 

@@ -3,8 +3,10 @@ the fast paths must keep: no dense copy of a compressed weight in index mode, fu
 change nothing, parallel forms that agree with the serial ones."""
 from __future__ import annotations
 
+import gc
 import os
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -216,8 +218,6 @@ def test_product_runner_agrees_with_the_products(rows, transposed):
     """A Gemm's prepared product gives ``matmul_t``/``matmul``'s result bit for bit for every weight
     kind (the compiled kernels called directly where they apply), also for a new weight and bias of
     the same kind and a non-contiguous ``x``, and holds no weight."""
-    import gc
-    import weakref
     shape = (37, 70) if transposed else (70, 37)
     product = kernels.matmul_t if transposed else kernels.matmul
     used = []
@@ -239,29 +239,33 @@ def test_product_runner_agrees_with_the_products(rows, transposed):
     assert not [r for r in used if r() is not None]
 
 
-def test_conv_node_prepares_once_and_keeps_no_weight(monkeypatch):
-    """The Conv operator keeps its runner in the node's attributes: rebuilt when the input's shape,
-    the weight's kind or numba's use changes (the results stay ``conv``'s), and holding no weight: a
-    weight the session drops (stream mode) is freed."""
-    import gc
-    import weakref
-    conv = OPS["Conv"]
-    attrs = {"_opset": 13, "_nout": 1}
-    d, iw, _ = weights((24, 16, 1, 1), 0.5)
+def test_nodes_prepare_once_and_keep_no_weight(monkeypatch):
+    """Conv and Gemm keep their runner in the node's attributes: rebuilt when the input's shape, the
+    weight's kind or numba's use changes (the results stay ``conv``'s and ``matmul_t``'s), and
+    holding no weight: a weight the session drops (stream mode) is freed."""
+    conv, gemm = OPS["Conv"], OPS["Gemm"]
+    attrs, fc = {"_opset": 13, "_nout": 1}, {"_opset": 13, "_nout": 1, "transB": 1}
+    d, iw, sw = weights((24, 16, 1, 1), 0.5)
+    fd, fi, fs = weights((24, 16), 0.5)
     b = rand(24)
-    for x, w in ((rand(1, 16, 8, 8), d), (rand(1, 16, 5, 5), d), (rand(1, 16, 5, 5), iw), (rand(2, 16, 5, 5), d)):
-        want = kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1)
-        np.testing.assert_array_equal(conv(attrs, x, w, b), want)
+    for x, w, f in ((rand(1, 16, 8, 8), d, fs), (rand(1, 16, 5, 5), d, fs), (rand(1, 16, 5, 5), iw, fi),
+                    (rand(2, 16, 5, 5), d, fd)):
+        np.testing.assert_array_equal(conv(attrs, x, w, b), kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
         assert attrs["_conv_runner"][0][0] == x.shape
+        x2 = x[:, :, 0, 0].copy()
+        np.testing.assert_array_equal(gemm(fc, x2, f, b), kernels.matmul_t(x2, f, b))
+        assert fc["_gemm_runner"][0][:4] == (x2.shape, x2.dtype, f.shape, type(f))
     no_numba(monkeypatch)
     np.testing.assert_array_equal(conv(attrs, x, d, b), kernels.conv(x, d, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
-    assert attrs["_conv_runner"][0][-1] is None
-    w = d.copy()
-    dropped = weakref.ref(w)
+    np.testing.assert_array_equal(gemm(fc, x2, fs, b), kernels.matmul_t(x2, fs, b))
+    assert attrs["_conv_runner"][0][-1] is None and fc["_gemm_runner"][0][-1] is None
+    w, f = d.copy(), fd.copy()
+    dropped = weakref.ref(w), weakref.ref(f)
     conv(attrs, x, w, b)
-    del w
+    gemm(fc, x2, f, b)
+    del w, f
     gc.collect()
-    assert dropped() is None
+    assert dropped[0]() is None and dropped[1]() is None
 
 
 @pytest.mark.parametrize("case", DEPTHWISE, ids=str)
@@ -473,7 +477,6 @@ def test_product_t_orientations_agree(rows, n, k):
     assert np.isnan(out[:, 0]).all()
 
 
-
 def test_short_products_warm_their_weight_in_place(monkeypatch):
     """``lmatmul`` reads a mid-sized weight once before a short product (a 1x1 convolution on a 7x7
     map): where it is, without a copy (a copy would cost what the warm-up saves, and the memory),
@@ -495,6 +498,7 @@ def test_short_products_warm_their_weight_in_place(monkeypatch):
     for small_or_long in ((rand(16, 96), x[:96]), (w, rand(160, 257)), (rand(2000, 400), rand(400, 49))):
         kernels.lmatmul(*small_or_long)
     assert len(warmed) == 1
+
 
 def test_lstm_activations_are_within_their_bound():
     """The LSTM kernels' rational tanh and the sigmoid made from it, against float64, on [-10, 10]
