@@ -240,25 +240,39 @@ def test_product_runner_agrees_with_the_products(rows, transposed):
 
 
 def test_nodes_prepare_once_and_keep_no_weight(monkeypatch):
-    """Conv and Gemm keep their runner in the node's attributes: rebuilt when the input's shape, the
-    weight's kind or numba's use changes (the results stay ``conv``'s and ``matmul_t``'s), and
-    holding no weight: a weight the session drops (stream mode) is freed."""
+    """Conv and Gemm keep a runner per kind of inputs in the node's attributes (input shape, weight
+    kind, numba's use...): made once per kind, an alternating batch size included, the results
+    ``conv``'s and ``matmul_t``'s; and no runner holds a weight: one the session drops (stream mode)
+    is freed."""
+    from dcrt.runtime.ops import nn
+    made = []
+
+    def counted(make):
+        def wrapper(*args, **kwargs):
+            made.append(make.__name__)
+            return make(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(kernels, "conv_runner", counted(kernels.conv_runner))
+    monkeypatch.setattr(kernels, "product_runner", counted(kernels.product_runner))
     conv, gemm = OPS["Conv"], OPS["Gemm"]
     attrs, fc = {"_opset": 13, "_nout": 1}, {"_opset": 13, "_nout": 1, "transB": 1}
     d, iw, sw = weights((24, 16, 1, 1), 0.5)
     fd, fi, fs = weights((24, 16), 0.5)
     b = rand(24)
-    for x, w, f in ((rand(1, 16, 8, 8), d, fs), (rand(1, 16, 5, 5), d, fs), (rand(1, 16, 5, 5), iw, fi),
-                    (rand(2, 16, 5, 5), d, fd)):
-        np.testing.assert_array_equal(conv(attrs, x, w, b), kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
-        assert attrs["_conv_runner"][0][0] == x.shape
-        x2 = x[:, :, 0, 0].copy()
-        np.testing.assert_array_equal(gemm(fc, x2, f, b), kernels.matmul_t(x2, f, b))
-        assert fc["_gemm_runner"][0][:4] == (x2.shape, x2.dtype, f.shape, type(f))
+    kinds = ((rand(1, 16, 8, 8), d, fs), (rand(2, 16, 8, 8), d, fd), (rand(1, 16, 5, 5), iw, fi))
+    for _ in range(2):
+        for x, w, f in kinds:
+            np.testing.assert_array_equal(conv(attrs, x, w, b), kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
+            x2 = x[:, :, 0, 0].copy()
+            np.testing.assert_array_equal(gemm(fc, x2, f, b), kernels.matmul_t(x2, f, b))
+    assert made == ["conv_runner", "product_runner"] * 3
     no_numba(monkeypatch)
     np.testing.assert_array_equal(conv(attrs, x, d, b), kernels.conv(x, d, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
     np.testing.assert_array_equal(gemm(fc, x2, fs, b), kernels.matmul_t(x2, fs, b))
-    assert attrs["_conv_runner"][0][-1] is None and fc["_gemm_runner"][0][-1] is None
+    assert len(made) == 8
+    for i in range(nn.RUNNERS_PER_NODE + 2):        # a bounded number of runners per node
+        conv(attrs, rand(1, 16, 2, 2 + i), d, b)
+    assert len(attrs["_runners"]) <= nn.RUNNERS_PER_NODE
     w, f = d.copy(), fd.copy()
     dropped = weakref.ref(w), weakref.ref(f)
     conv(attrs, x, w, b)

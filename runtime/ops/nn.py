@@ -89,17 +89,37 @@ def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) ->
 
 def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    # the node's convolution prepared for the last inputs of this kind it saw (kernels.conv_runner)
-    key = (x.shape, x.dtype, w.shape, w.dtype, type(w), b is None, clamp, kernels.kernels())
-    known = attrs.get("_conv_runner")
-    if known is None or known[0] != key:
+    # the node's convolution prepared once per kind of inputs it sees (kernels.conv_runner)
+    key = (x.shape, x.dtype, w.shape, w.dtype, type(w), b is None, clamp, kernels.kernels() is not None)
+    runners = _runners(attrs)
+    run = runners.get(key)
+    if run is None:
         kernel = [int(k) for k in w.shape[2:]]
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
         _bounded_windows(x, w.shape[0], pads, _windows(x, kernel, strides, dilations, pads))
-        known = (key, kernels.conv_runner(x, w, b, strides, dilations, pads, int(attrs.get("group", 1)), clamp))
-        attrs["_conv_runner"] = known
-    return known[1](x, w, b).astype(x.dtype, copy=False)
+        run = _keep(runners, key, kernels.conv_runner(x, w, b, strides, dilations, pads,
+                                                      int(attrs.get("group", 1)), clamp))
+    return run(x, w, b).astype(x.dtype, copy=False)
+
+
+#: Runners a node keeps (one per kind of inputs: shapes, dtypes, weight kind, bias, clamp, numba);
+#: an alternating batch size or sequence length finds its runner, an endless variety starts over.
+RUNNERS_PER_NODE = 8
+
+
+def _runners(attrs: Attrs) -> Dict[Any, Callable[..., Any]]:
+    runners = attrs.get("_runners")
+    if runners is None:
+        runners = attrs["_runners"] = {}
+    return runners
+
+
+def _keep(runners: Dict[Any, Callable[..., Any]], key: Any, run: Callable[..., Any]) -> Callable[..., Any]:
+    if len(runners) >= RUNNERS_PER_NODE:
+        runners.clear()
+    runners[key] = run
+    return run
 
 
 # -- fusing an activation into the node that produces its input -----------------------------------
@@ -208,10 +228,12 @@ def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) ->
 
 def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    # the node's product prepared for the last inputs of this kind it saw (kernels.product_runner)
-    key = (a.shape, a.dtype, b.shape, type(b), None if c is None else (c.shape, c.dtype), clamp, kernels.kernels())
-    known = attrs.get("_gemm_runner")
-    if known is None or known[0] != key:
+    # the node's product prepared once per kind of inputs it sees (kernels.product_runner)
+    key = (a.shape, a.dtype, b.shape, type(b), None if c is None else (c.shape, c.dtype), clamp,
+           kernels.kernels() is not None)
+    runners = _runners(attrs)
+    run = runners.get(key)
+    if run is None:
         trans_b = bool(attrs.get("transB", 0))
         if (not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and a.dtype == np.float32
                 and (c is None or (attrs.get("beta", 1.0) == 1.0 and c.dtype == np.float32
@@ -221,8 +243,8 @@ def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
         else:
             run = functools.partial(_gemm_general, trans_a=bool(attrs.get("transA", 0)), trans_b=trans_b,
                                     alpha=attrs.get("alpha", 1.0), beta=attrs.get("beta", 1.0), clamp=clamp)
-        known = attrs["_gemm_runner"] = (key, run)
-    return known[1](a, b, c)
+        _keep(runners, key, run)
+    return run(a, b, c)
 
 
 def _gemm_general(a: np.ndarray, b: Any, c: Optional[np.ndarray], *, trans_a: bool, trans_b: bool, alpha: float,
