@@ -12,6 +12,9 @@ the weight's ``shape``/``ndim``/``dtype``, leading-axis indexing (``w[i]``, ``w[
 * ``lmatmul(w, x)``  = ``w @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]``
 * ``take_rows(w, idx)`` = ``w[idx]`` (embedding lookup along axis 0)
 * ``dense(w)``       = the weight as a float ``np.ndarray`` (fallback for anything else)
+* ``conv_runner``, ``product_runner``: ``conv`` and ``matmul_t``/``matmul`` prepared once for a kind of
+  inputs (shapes, dtypes, weight kind), holding no weight; the Conv and Gemm operators keep them
+  per node, so a small layer's call skips the work that follows from its shapes
 
 Here they are written for ``np.ndarray`` weights; a weight of another kind is handed to its own
 method of the same name when it has one (``w.matmul(x)``, ``w.matmul_t(x)``, ``w.lmatmul(x)``,
