@@ -102,8 +102,9 @@ def _compiled_product(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
 def _runner(kern, name: str, x: np.ndarray, n: int, work_per_row: int,
             clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
     """What ``product_runner`` returns: a launcher for a 2-D float32 ``x`` (made C-contiguous when it
-    is not), or None without numba or for another ``x``. ``work_per_row`` (which only picks the serial or parallel kernel) is this
-    weight's; a later weight of the same shape differs at most in its kept count."""
+    is not), or None without numba or for another ``x``. ``work_per_row`` (which only picks the
+    serial or parallel kernel) is this weight's; a later weight of the same shape differs at most in
+    its kept count."""
     if kern is None or x.ndim != 2 or x.dtype != np.float32:
         return None
     launch_ = _launcher(kern, name, x.shape[0], n, work_per_row, clamp)
@@ -267,7 +268,8 @@ class IndexedWeight:
         if self.indices.ndim != 2 or x.shape[0] > INDEX_BATCH or not self.indices.flags.c_contiguous:
             return None
         n = self.indices.shape[0 if transposed else 1]
-        return _runner(kernels(), "index_matmul_t" if transposed else "index_matmul", x, n, self.indices.size, clamp)
+        name = "index_matmul_t" if transposed else "index_matmul"
+        return _runner(kernels(), name, x, n, self.indices.size, clamp)
 
     def lmatmul(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """``W @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]`` (into ``out``)."""

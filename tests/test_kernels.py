@@ -262,7 +262,8 @@ def test_nodes_prepare_once_and_keep_no_weight(monkeypatch):
     kinds = ((rand(1, 16, 8, 8), d, fs), (rand(2, 16, 8, 8), d, fd), (rand(1, 16, 5, 5), iw, fi))
     for _ in range(2):
         for x, w, f in kinds:
-            np.testing.assert_array_equal(conv(attrs, x, w, b), kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1))
+            want = kernels.conv(x, w, b, [1, 1], [1, 1], [0, 0, 0, 0], 1)
+            np.testing.assert_array_equal(conv(attrs, x, w, b), want)
             x2 = x[:, :, 0, 0].copy()
             np.testing.assert_array_equal(gemm(fc, x2, f, b), kernels.matmul_t(x2, f, b))
     assert made == ["conv_runner", "product_runner"] * 3
