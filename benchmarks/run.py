@@ -27,8 +27,10 @@ Every measurement runs in a fresh subprocess whose thread environment is set bef
    numba on all threads.
 5. Compile cost: the first inference in a process with an empty numba cache (compiling every kernel
    it uses) vs a second process loading the cached kernels, plus numba's import time.
-6. The two ways of computing from a codebook at batch 1: a dot product per output (gather each
-   weight's centroid) vs the paper's sum of activations per centroid, on the example FC weights.
+6. The ways of computing from a codebook at batch 1: a dot product per output (gather each
+   weight's centroid) vs the paper's sum of activations per centroid, on the example FC weights,
+   and for pruned ones the scatter by input that index mode uses for Gemm weights (zero activations
+   skipped).
 
 Prints markdown tables; raw numbers go to benchmarks/out/results.json.
 """
@@ -47,7 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 sys.path.insert(0, str(ROOT / "examples"))
 
-SMALL = ["lenet_300_100", "lstm_classifier", "vgg_fc_small", "resnet18_tiny", "mobilenet_v2_tiny", "lenet5"]
+#: LeNet-300-100 trained on real handwritten digits (``examples/digits.py``: scikit-learn's digits at
+#: 28x28, the paper's pruning and clustering with retraining) and fed test digits, not random numbers:
+#: its input is 64 % zeros and its ReLU outputs are sparse, which index mode's products skip.
+DIGITS = "lenet_300_100_digits"
+SMALL = ["lenet_300_100", DIGITS, "lstm_classifier", "vgg_fc_small", "resnet18_tiny", "mobilenet_v2_tiny", "lenet5"]
 FULL = ["resnet18", "mobilenet_v2", "vgg_fc6_fc7", "resnet50"]
 MODES = ("index", "dense", "stream")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -61,6 +67,31 @@ def build(name: str):
     return zoo.ZOO[name]()
 
 
+def train_digits_mlp(path: Path) -> None:
+    """Train LeNet-300-100 on the digits (~2 s), prune, retrain and cluster it as the paper does
+    (another ~2 s: ``digits.finetune``) and write it as ONNX, with its first 8 test digits beside it
+    (``.npy``: read without scikit-learn, which needs scipy); dcrt keeps the weights exactly."""
+    import numpy as np
+
+    import digits
+    x, y, x_test, _ = digits.load_digits_28()
+    net = digits.lenet_300_100()
+    digits.train(net, x, y, 30)
+    digits.to_onnx(digits.finetune(net, x, y, 10), str(path))
+    np.save(path.with_suffix(".npy"), x_test[:8].reshape(8, -1).astype(np.float32))
+
+
+def sample_input(onnx_path: str, batch: int) -> dict:
+    """What a measurement feeds the model: the first test digits for :data:`DIGITS`, otherwise
+    ``zoo.sample_input`` (standard normal floats, token ids)."""
+    if Path(onnx_path).stem == DIGITS:
+        import numpy as np
+        return {"input": np.load(Path(onnx_path).with_suffix(".npy"))[:batch]}
+    import onnx
+    import zoo
+    return zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=batch)
+
+
 def prepare(name: str) -> dict:
     """Write the ONNX file and convert it (timed); returns paths and conversion facts."""
     import onnx
@@ -69,7 +100,10 @@ def prepare(name: str) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     src, dst = OUT / f"{name}.onnx", OUT / f"{name}.dcm"
     if not src.exists():
-        onnx.save(build(name), str(src))
+        if name == DIGITS:
+            train_digits_mlp(src)
+        else:
+            onnx.save(build(name), str(src))
     options = {}
     if name == "vgg_fc6_fc7":   # the paper prunes FC6 and FC7 to 96 %, FC8 to 77 %
         options["config"] = {"layers": {"fc6*": {"sparsity": 0.96}, "fc7*": {"sparsity": 0.96},
@@ -116,13 +150,9 @@ def warm(onnx_path: str, dcm_path: str) -> dict:
     """Compile (or load) every kernel the model's measurements will use, in every mode and batch:
     after a kernel's source changes, the first process to use it compiles it (seconds), which must
     not land in an open + first result (run 8's MobileNetV2-tiny row timed 18.7 s so)."""
-    import onnx
-
     import dcrt
-    import zoo
-    model = onnx.load(onnx_path, load_external_data=False)
     for b in (1, 8):
-        feed = zoo.sample_input(model, batch=b)
+        feed = sample_input(onnx_path, b)
         for mode in MODES:
             dcrt.Session(dcm_path, mode=mode).run(None, feed)
     return {}
@@ -131,15 +161,12 @@ def warm(onnx_path: str, dcm_path: str) -> dict:
 def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dict:
     """Latency and opening time (the thread environment is already set)."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
 
     import dcrt
     from dcrt.runtime.numba_kernels import kernels
-    import zoo
     kernels()                       # import numba before timing (as onnxruntime is imported)
-    model = onnx.load(onnx_path, load_external_data=False)
-    feeds = {b: zoo.sample_input(model, batch=b) for b in (1, 8)}
+    feeds = {b: sample_input(onnx_path, b) for b in (1, 8)}
     res: dict = {}
     sess, ref, res["dcrt_first_s"], res["ort_first_s"] = _open_first(dcm_path, onnx_path, feeds[1], threads)
     opts = ort.SessionOptions()
@@ -194,17 +221,14 @@ def _open_first(dcm_path: str, onnx_path: str, feed: dict, threads: int):
 def open_first_device(onnx_path: str, dcm_path: str) -> dict:
     """Open + first result as on a device: scipy cannot be imported (the runtime's install is numpy,
     flatbuffers and numba; numba imports ``scipy.linalg.cython_blas`` when it finds scipy)."""
-    import onnx
-
     class NoScipy:
         def find_spec(self, name, path=None, target=None):
             if name == "scipy" or name.startswith("scipy."):
                 raise ImportError("scipy is not installed on the device")
     sys.meta_path.insert(0, NoScipy())
-    import zoo
     from dcrt.runtime.numba_kernels import kernels
     kernels()
-    feed = zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=1)
+    feed = sample_input(onnx_path, 1)
     _, _, dcrt_s, ort_s = _open_first(dcm_path, onnx_path, feed, 1)
     return {"dcrt_first_s": dcrt_s, "ort_first_s": ort_s}
 
@@ -231,12 +255,10 @@ def _reset_peak() -> bool:
 def measure_memory(dcm_path: str, onnx_path: str, mode: str) -> dict:
     """RSS growth of opening a session and computing the first result, and of a later run."""
     import numpy as np
-    import onnx
 
     import dcrt
-    import zoo
     from dcrt.runtime.numba_kernels import kernels
-    feeds = zoo.sample_input(onnx.load(onnx_path, load_external_data=False), batch=1)
+    feeds = sample_input(onnx_path, 1)
     kernels()
     if not (OUT / "lenet5.dcm").exists():
         prepare("lenet5")
@@ -293,12 +315,15 @@ def first_inference(dcm_paths: list, onnx_paths: list) -> dict:
 
 
 def codebook_ways(dcm_paths: list) -> list:
-    """Batch-1 products of every compressed 2-D FC weight: dot products vs sums per centroid."""
+    """Batch-1 products of every compressed 2-D FC weight: dot products (CSR by output rows, or dense
+    indices) vs sums per centroid, and for CSR weights the scatter by input (``indexed.ByInput``, the
+    form index mode keeps for ``Gemm(transB=1)``) on the same activations and on them after a ReLU."""
     import numpy as np
 
     import dcrt
     from dcrt.runtime.indexed import IndexedWeight, SparseWeight
     from dcrt.runtime.numba_kernels import kernels
+    from dcrt.runtime.session import indexed_weight
     k = kernels()
     rows = []
     for path in dcm_paths:
@@ -306,7 +331,7 @@ def codebook_ways(dcm_paths: list) -> list:
         for name, t in sess._tensors.items():
             if t.encoding == "raw" or not (len(t.shape) == 2 or (len(t.shape) == 3 and t.shape[0] == 1)):
                 continue
-            w = sess._weight(name)
+            w = indexed_weight(t)
             w = w[0] if len(t.shape) == 3 else w      # one direction of an LSTM's W or R
             x = np.random.default_rng(0).standard_normal((1, w.shape[1])).astype(np.float32)
             out = np.empty((1, w.shape[0]), np.float32)
@@ -319,9 +344,15 @@ def codebook_ways(dcm_paths: list) -> list:
                 dot, bins, form = k.index_matmul_t, k.index_matmul_t_bins, f"indices {w.indices.dtype}"
             else:
                 continue
-            times = _interleaved({"dot": lambda: dot(*args, empty, -np.inf, np.inf, False, out),
-                                  "bins": lambda: bins(*args, out)}, 200, 3.0)["cpu"]
-            rows.append((Path(path).stem, name, "x".join(map(str, w.shape)), form, times["dot"], times["bins"]))
+            runs = {"dot": lambda: dot(*args, empty, -np.inf, np.inf, False, out), "bins": lambda: bins(*args, out)}
+            if isinstance(w, SparseWeight) and len(t.shape) == 2:
+                inner = indexed_weight(t, by_input=True).inner
+                relu = np.maximum(x, 0)
+                runs["scatter"] = lambda: k.csr_matmul(x, *inner.arrays, empty, -np.inf, np.inf, False, out)
+                runs["scatter_relu"] = lambda: k.csr_matmul(relu, *inner.arrays, empty, -np.inf, np.inf, False, out)
+            times = _interleaved(runs, 200, 3.0)["cpu"]
+            rows.append((Path(path).stem, name, "x".join(map(str, w.shape)), form, times["dot"], times["bins"],
+                         times.get("scatter"), times.get("scatter_relu")))
     return rows
 
 
@@ -430,15 +461,17 @@ def main() -> int:
     print(f"| empty numba cache (compiles the kernels) | {cold['import_numba_s']:.2f} | {cold['first_results_s']:.2f} |")
     print(f"| cached kernels (cache=True, a later process) | {warm['import_numba_s']:.2f} | {warm['first_results_s']:.2f} |")
 
-    print("\n### Batch-1 products from a codebook: dot per output vs sums per centroid (CPU us, 1 thread)\n")
+    print("\n### Batch-1 products from a codebook: dot per output, sums per centroid, scatter by input (CPU us, 1 thread)\n")
     fc = [str(OUT / f"{n}.dcm") for n in names if n in ("lenet_300_100", "lstm_classifier", "vgg_fc_small",
                                                        "vgg_fc6_fc7") and (OUT / f"{n}.dcm").exists()]
     rows = _child(f"codebook_ways({fc!r})", 1) if fc else []
     results["codebook"] = rows
-    print("| model | weight | shape | form | dot per output us | sums per centroid us |")
-    print("|---|---|---|---|---:|---:|")
-    for model, weight, shape, form, dot, bins in rows:
-        print(f"| {model} | {weight} | {shape} | {form} | {dot * 1e6:.1f} | {bins * 1e6:.1f} |")
+    print("| model | weight | shape | form | dot per output us | sums per centroid us | scatter by input us "
+          "| the same after a ReLU us |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for model, weight, shape, form, *times in rows:
+        print(f"| {model} | {weight} | {shape} | {form} | "
+              + " | ".join("-" if t is None else f"{t * 1e6:.1f}" for t in times) + " |")
 
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     return 0

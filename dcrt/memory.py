@@ -4,18 +4,20 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
 
 - ``index``: codebook + codebook indices (uint8/uint16); a sparse tensor keeps whichever is smaller
   of dense indices (pruned weights index a zero centroid) and CSR (indices + column positions:
-  uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`).
+  uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`), grouped by input for the
+  weights of :func:`by_input`.
 - ``dense``: every weight decoded once to float32.
 - ``stream``: nothing kept; each layer is decoded when used and dropped (peak: the largest layer).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Collection, Dict, FrozenSet, Set
 
 import numpy as np
 
 from .codecs import symbol_dtype
 from .format.tensor import QUANTIZED, SPARSE, TensorRecord
+from .graph import Graph, subgraphs
 from .sparse import matrix_shape
 
 MODES = ("index", "dense", "stream")
@@ -27,26 +29,51 @@ def position_dtype(columns: int) -> np.dtype:
     return np.dtype(np.uint16 if columns <= 1 << 16 else np.int32)
 
 
-def _csr_bytes(record: TensorRecord, width: int) -> int:
+def by_input(graph: Graph) -> FrozenSet[str]:
+    """Initializers read only as the weight of ``Gemm(transB=1)``, ``x @ W.T`` (a PyTorch Linear).
+
+    Index mode keeps such a pruned weight grouped by input (the file's CSC, i.e. the CSR of ``W.T``),
+    so that the batch-1 product scatters the kept weights of each non-zero activation and skips the
+    zero ones, as the EIE accelerator does (after a ReLU about half of them are zero).
+    """
+    gemm: Set[str] = set()
+    other: Set[str] = set()
+
+    def visit(g: Graph) -> None:
+        other.update(v.name for v in g.outputs)
+        for node in g.nodes:
+            for i, name in enumerate(node.inputs):
+                weight = node.op_type == "Gemm" and not node.domain and i == 1 and node.attrs.get("transB", 0)
+                (gemm if weight else other).add(name)
+            for _, sub in subgraphs(node):
+                visit(sub)
+    visit(graph)
+    return frozenset(n for n in gemm - other if n in graph.initializers)
+
+
+def _csr_bytes(record: TensorRecord, width: int, grouped_by_input: bool) -> int:
     rows, columns = matrix_shape(record.shape)
+    if grouped_by_input:      # the CSR of the transpose: a pointer per column, a row position per kept weight
+        rows, columns = columns, rows
     return record.stats.nonzero_count * (width + position_dtype(columns).itemsize) + (rows + 1) * 8
 
 
-def sparse_layout(record: TensorRecord) -> str:
-    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a sparse tensor."""
+def sparse_layout(record: TensorRecord, grouped_by_input: bool = False) -> str:
+    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a sparse tensor (CSR over the
+    2-D view's rows, or over its columns for a weight in :func:`by_input`)."""
     width = symbol_dtype(record.stats.codebook_size + 1).itemsize
-    return "csr" if _csr_bytes(record, width) < record.size * width else "dense"
+    return "csr" if _csr_bytes(record, width, grouped_by_input) < record.size * width else "dense"
 
 
-def index_bytes(record: TensorRecord) -> int:
+def index_bytes(record: TensorRecord, grouped_by_input: bool = False) -> int:
     """Resident bytes of one tensor in index mode."""
     book = 4 * (record.stats.codebook_size + 1)
     if record.encoding == QUANTIZED:
         return record.size * symbol_dtype(len(record.codebook)).itemsize + book
     if record.encoding == SPARSE:
         width = symbol_dtype(record.stats.codebook_size + 1).itemsize
-        if sparse_layout(record) == "csr":
-            return _csr_bytes(record, width) + book
+        if sparse_layout(record, grouped_by_input) == "csr":
+            return _csr_bytes(record, width, grouped_by_input) + book
         return record.size * width + book
     return record.stats.original_bytes
 
@@ -58,12 +85,13 @@ def dense_bytes(record: TensorRecord) -> int:
     return record.stats.original_bytes
 
 
-def resident_bytes(records) -> Dict[str, int]:
-    """Total weight bytes resident in each mode for an iterable of TensorRecords."""
+def resident_bytes(records, grouped_by_input: Collection[str] = ()) -> Dict[str, int]:
+    """Total weight bytes resident in each mode for an iterable of TensorRecords (``grouped_by_input``:
+    the names :func:`by_input` gives for their graph)."""
     records = list(records)
     raw = sum(dense_bytes(r) for r in records if r.encoding not in (QUANTIZED, SPARSE))
     largest = max((dense_bytes(r) for r in records if r.encoding in (QUANTIZED, SPARSE)), default=0)
-    return {"index": sum(index_bytes(r) for r in records),
+    return {"index": sum(index_bytes(r, r.name in grouped_by_input) for r in records),
             "dense": sum(dense_bytes(r) for r in records),
             "stream": raw + largest}
 

@@ -4,8 +4,9 @@ The products and expansions exist twice: ``name`` (one thread, no launch cost: w
 use) and ``name_par`` (rows spread over numba's threads, for products big enough to pay for a
 parallel launch, see ``numba_kernels.launch``). Both run the same inlined per-row helper, so they
 agree bit for bit (``csr_matmul_par`` sums per-thread partial results: to float32 rounding).
-``entries_to_csr`` builds the CSR form when a sparse weight is loaded; the ``*_bins`` kernels are the
-paper's sums per centroid, benchmarked against the dot products (``benchmarks/run.py``).
+``entries_to_csr`` builds the CSR form when a sparse weight is loaded (``entries_to_csc`` the CSR form
+of its transpose, for ``indexed.ByInput``); the ``*_bins`` kernels are the paper's sums per centroid,
+benchmarked against the dot products (``benchmarks/run.py``).
 
 How the products are computed (float32 accumulation):
 
@@ -14,6 +15,9 @@ How the products are computed (float32 accumulation):
   (:func:`index_dot4`: scalar loads, one activation load serving four weights);
 - several rows: ``x`` is transposed first, so each kept weight is read once and multiplies the
   ``B`` activations it meets as one contiguous (vectorised) run.
+- ``x @ W`` from CSR rows of ``W`` ``[K, N]`` (a MatMul weight, or ``ByInput``'s transpose): the
+  other way round, each non-zero activation scatters its row's kept weights into the outputs, and
+  zero activations (half of them after a ReLU) cost nothing, as in the EIE accelerator.
 
 Offsets are cast to unsigned before indexing: numba then skips its negative-index wraparound check
 (about twice as fast here). The numpy twins are the methods of ``runtime/indexed.py`` (with
@@ -95,6 +99,30 @@ def entries_to_csr(symbols, relative, counts, row_ptr, cols_out, symbols_out):  
                 symbols_out[p] = symbols[e]
                 fill[r] = p + 1
             e += 1
+    return True
+
+
+@njit(cache=True, nogil=True)
+def entries_to_csc(symbols, relative, counts, rows, col_ptr, rows_out, symbols_out):  # pragma: no cover
+    """The CSR form of the transpose of a sparse weight with ``rows`` rows, i.e. its kept weights
+    grouped by column, which is the file's own order: one pass summing the relative indices into
+    rows and dropping the fillers. ``col_ptr`` is ``columns + 1`` long. Returns False when a
+    relative index runs past the last row (a damaged file)."""
+    e = 0
+    p = 0
+    col_ptr[0] = 0
+    for c in range(counts.size):
+        r = -1
+        for _ in range(counts[c]):
+            r += np.int64(relative[e]) + 1
+            if r >= rows:
+                return False
+            if symbols[e] != 0:
+                rows_out[p] = r
+                symbols_out[p] = symbols[e]
+                p += 1
+            e += 1
+        col_ptr[c + 1] = p
     return True
 
 
@@ -356,24 +384,60 @@ def csr_matmul_t_bins(x, row_ptr, cols, symbols, codebook, out):  # pragma: no c
 
 
 @njit(inline="always")
-def _csr_scatter(x, row_ptr, cols, symbols, codebook, out, b, k0, k1):  # pragma: no cover - compiled
-    xv = x[b]
-    dst = out[b]
+def _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc, k0, k1):  # pragma: no cover - compiled
+    """Add the kept weights of W's rows ``[k0, k1)`` times their activations into ``acc``, skipping
+    zero activations: for one row of ``x``, into ``acc`` ``[1, N]``; for several, from ``xt`` (``x``
+    transposed, ``[K, B]``) into ``acc`` ``[N, B]``, so each kept weight is read once for all B."""
+    if x.shape[0] == 1:
+        xv = x[0]
+        dst = acc[0]
+        for k in range(k0, k1):
+            v = xv[k]
+            if v != 0.0:
+                for e in range(row_ptr[k], row_ptr[k + 1]):
+                    dst[_U(cols[_U(e)])] += v * codebook[symbols[_U(e)]]
+        return
+    batch = xt.shape[1]
     for k in range(k0, k1):
-        v = xv[k]
-        if v != 0.0:
+        xk = xt[k]
+        live = False
+        for b in range(batch):
+            live |= xk[b] != 0.0
+        if live:
             for e in range(row_ptr[k], row_ptr[k + 1]):
-                dst[_U(cols[_U(e)])] += v * codebook[symbols[_U(e)]]
+                c = codebook[symbols[_U(e)]]
+                dst = acc[_U(cols[_U(e)])]
+                for b in range(batch):
+                    dst[b] += c * xk[b]
+
+
+@njit(inline="always")
+def _scatter_buffers(x, n, parts):  # pragma: no cover - compiled
+    """``(xt, acc)`` for :func:`_csr_scatter`: ``parts`` zeroed accumulators, ``[1, N]`` or ``[N, B]``."""
+    if x.shape[0] == 1:
+        return x, np.zeros((parts, 1, n), np.float32)
+    return np.ascontiguousarray(x.T), np.zeros((parts, n, x.shape[0]), np.float32)
+
+
+@njit(inline="always")
+def _scatter_finish(x, acc, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
+    """``out[b, c]``: the accumulators of :func:`_scatter_buffers` summed over parts, then the epilogue."""
+    single = x.shape[0] == 1
+    for b in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            total = np.float32(0.0)
+            for t in range(acc.shape[0]):
+                total += acc[t, 0, c] if single else acc[t, c, b]
+            out[b, c] = _finish(total, bias, c, lo, hi, clamp)
 
 
 @njit(cache=True, nogil=True)
 def csr_matmul(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  # pragma: no cover
     """``out[b, c] = sum over kept (k, c) of x[b, k] * codebook[symbol]`` (CSR weight ``[K, N]``), then
     the epilogue."""
-    out[:] = 0.0
-    for b in range(x.shape[0]):
-        _csr_scatter(x, row_ptr, cols, symbols, codebook, out, b, 0, row_ptr.size - 1)
-    _finish_rows(out, bias, lo, hi, clamp, 0, out.shape[1])
+    xt, acc = _scatter_buffers(x, out.shape[1], 1)
+    _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc[0], 0, row_ptr.size - 1)
+    _scatter_finish(x, acc, bias, lo, hi, clamp, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -381,14 +445,8 @@ def csr_matmul_par(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out
     """Rows of W split among the threads, each scattering into its own partial result, then summed."""
     parts = _PARTS
     rows = row_ptr.size - 1
-    partial = np.zeros((parts, x.shape[0], out.shape[1]), np.float32)
+    xt, acc = _scatter_buffers(x, out.shape[1], parts)
     for t in prange(parts):
         k0, k1 = _split(rows, parts, t)
-        for b in range(x.shape[0]):
-            _csr_scatter(x, row_ptr, cols, symbols, codebook, partial[t], b, k0, k1)
-    for b in range(x.shape[0]):
-        for c in range(out.shape[1]):
-            acc = np.float32(0.0)
-            for t in range(parts):
-                acc += partial[t, b, c]
-            out[b, c] = _finish(acc, bias, c, lo, hi, clamp)
+        _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc[t], k0, k1)
+    _scatter_finish(x, acc, bias, lo, hi, clamp, out)

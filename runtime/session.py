@@ -29,7 +29,7 @@ from dcrt.graph import ValueInfo
 
 from . import winograd
 from .executor import Executor
-from .indexed import IndexedWeight, SparseWeight
+from .indexed import ByInput, IndexedWeight, SparseWeight
 
 MODES = memory.MODES
 _ONNX_TYPE = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float64): "tensor(double)",
@@ -53,11 +53,15 @@ def _node_arg(v: ValueInfo) -> NodeArg:
                    _ONNX_TYPE.get(v.dtype, f"tensor({v.dtype})"), v.dtype)
 
 
-def indexed_weight(t: StoredTensor):
-    """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``)."""
-    if t.record.encoding == SPARSE and memory.sparse_layout(t.record) == "csr":
+def indexed_weight(t: StoredTensor, by_input: bool = False):
+    """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``); ``by_input``
+    for a weight of ``dcrt.memory.by_input``."""
+    by_input = by_input and len(t.shape) == 2
+    if t.record.encoding == SPARSE and memory.sparse_layout(t.record, by_input) == "csr":
         entries = t.entries()
         try:
+            if by_input:
+                return ByInput(SparseWeight.transpose_from_entries(t.codebook, *entries, t.shape))
             return SparseWeight.from_entries(t.codebook, *entries, t.shape)
         except FormatError as error:
             raise FormatError(f"tensor {t.name!r}: {error}") from None
@@ -75,6 +79,7 @@ class Session:
         m = self._file.model
         self._executor = Executor(m.graph, m.opsets)
         self._tensors: Dict[str, StoredTensor] = m.graph.initializers
+        self._by_input = memory.by_input(m.graph)   # Gemm weights kept grouped by input in index mode
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
         self._outputs = [_node_arg(v) for v in m.graph.outputs]
         self._expected = {i.name: i for i in self._inputs}
@@ -102,7 +107,7 @@ class Session:
 
     def resident_bytes(self) -> Dict[str, int]:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
-        report = memory.resident_bytes(t.record for t in self._tensors.values())
+        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._by_input)
         with self._lock:
             held = list(self._cache.values())
         report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)
@@ -122,7 +127,8 @@ class Session:
         with self._lock:       # one thread decodes; the others wait and reuse it
             value = self._cache.get(name)
             if value is None:
-                value = indexed_weight(t) if compressed and self.mode == "index" else t.decode()
+                value = indexed_weight(t, name in self._by_input) if compressed and self.mode == "index" \
+                    else t.decode()
                 if isinstance(value, np.ndarray):
                     # a constant: no operator may change it, and kernels may keep what they derive
                     # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)

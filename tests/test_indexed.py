@@ -7,7 +7,8 @@ import pytest
 from dcrt import sparse
 from runtime_helpers import no_numba, random_weight
 
-from dcrt.runtime.indexed import IndexedWeight, SparseWeight
+from dcrt.runtime import kernels
+from dcrt.runtime.indexed import ByInput, IndexedWeight, SparseWeight
 
 
 def forms(shape, density=0.2, seed=0):
@@ -81,3 +82,29 @@ def test_numba_kernels_agree_with_numpy(monkeypatch):
             for c, t in zip(compiled, twin):
                 np.testing.assert_allclose(c, t, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(compiled[0], x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_by_input_computes_what_the_dense_weight_does(numba, batch, monkeypatch):
+    """A Gemm weight kept grouped by input (``ByInput``): ``x @ W.T`` (the scatter, zero activations
+    skipped; tiles past 32 rows), ``x @ W``, the node's prepared runner with bias and clamp, and
+    ``dense`` give what the dense weight gives, compiled and numpy twin alike."""
+    if not numba:
+        no_numba(monkeypatch)
+    codebook, symbols = random_weight((37, 53), 0.3, seed=batch)
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    w = ByInput(SparseWeight.transpose_from_entries(codebook, *sparse.encode_csc(symbols, 3), symbols.shape))
+    rng = np.random.default_rng(batch)
+    x = np.maximum(rng.standard_normal((batch, 53)), 0).astype(np.float32)   # after a ReLU
+    x[:, ::5] = 0
+    xt = rng.standard_normal((batch, 37)).astype(np.float32)
+    bias = rng.standard_normal(37).astype(np.float32)
+    assert w.shape == (37, 53) and w.ndim == 2 and w.nbytes == w.inner.nbytes
+    np.testing.assert_array_equal(w.dense(), dense)
+    np.testing.assert_allclose(w.matmul_t(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w.matmul(xt), xt @ dense, rtol=1e-5, atol=1e-5)
+    expected = np.clip(x @ dense.T + bias, 0, 6)
+    np.testing.assert_allclose(kernels.matmul_t(x, w, bias, (0.0, 6.0)), expected, rtol=1e-5, atol=1e-5)
+    run = kernels.product_runner(x, w, bias, (0.0, 6.0), True)
+    np.testing.assert_allclose(run(x, w, bias), expected, rtol=1e-5, atol=1e-5)

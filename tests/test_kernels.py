@@ -104,6 +104,26 @@ def test_csr_from_entries_agrees(monkeypatch, bits):
             SparseWeight.from_entries(codebook, *too_far, symbols.shape)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_transpose_from_entries_agrees(monkeypatch, bits):
+    """The by-input form (the CSR of the transpose, for Gemm weights): one pass in numba and
+    decode_csc in numpy build the same arrays, the transpose of the weight; both refuse relative
+    indices that run past the rows."""
+    codebook, symbols = random_weight((50, 60), 0.2, seed=8)
+    entries = sparse.encode_csc(symbols, bits)
+    got, twin = both(lambda: SparseWeight.transpose_from_entries(codebook, *entries, symbols.shape), monkeypatch)
+    for name in ("row_ptr", "cols", "symbols"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
+    assert got.shape == (60, 50) and got.cols.dtype == np.uint16
+    np.testing.assert_array_equal(got.dense(), np.concatenate([[0], codebook]).astype(np.float32)[symbols].T)
+    sym, rel, counts = entries
+    too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
+    for off in ("0", "1"):
+        no_numba(monkeypatch, off)
+        with pytest.raises(FormatError, match="run past"):
+            SparseWeight.transpose_from_entries(codebook, *too_far, symbols.shape)
+
+
 def test_codebook_sums_agree_with_dot_products():
     """The paper's per-centroid sums compute what the dot products compute."""
     k = numba_kernels.kernels()
@@ -421,12 +441,14 @@ def test_parallel_forms_agree(monkeypatch):
         pytest.skip("one numba thread")
     dense, iw, sw = weights((64, 200), 0.3)
     x, xc = rand(1, 200), rand(2, 16, 15, 15)
+    xs = np.maximum(rand(5, 64), 0)         # the scatter of several rows, zero activations skipped
+    xs[:, ::4] = 0
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
 
     def run():
-        return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), iw.expand_rows(0, 16),
+        return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), sw.matmul(xs), iw.expand_rows(0, 16),
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
                 kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
