@@ -87,41 +87,26 @@ def test_fc_kernels_agree(batch, epilogue, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [1, 3, 8])
-def test_csr_from_entries_agrees(monkeypatch, bits):
-    """The two-pass placement (numba) and decode_csc + stable argsort (numpy) build the same CSR;
-    both refuse relative indices that run past the rows."""
-    codebook, symbols = random_weight((50, 3, 4, 5), 0.2, seed=7)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_csr_from_entries_agrees(monkeypatch, bits, transposed):
+    """The CSR form by rows (numba: two-pass placement; numpy: decode_csc + stable argsort) and by
+    columns, the transpose's, for Gemm weights (numba: one pass; numpy: decode_csc) are the same
+    arrays in both builds and expand to the weight; both refuse relative indices that run past the rows."""
+    codebook, symbols = random_weight((50, 60) if transposed else (50, 3, 4, 5), 0.2, seed=7)
     entries = sparse.encode_csc(symbols.reshape(50, -1), bits)
-    got, twin = both(lambda: SparseWeight.from_entries(codebook, *entries, symbols.shape), monkeypatch)
+    make = SparseWeight.transpose_from_entries if transposed else SparseWeight.from_entries
+    got, twin = both(lambda: make(codebook, *entries, symbols.shape), monkeypatch)
     for name in ("row_ptr", "cols", "symbols"):
         np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
-    np.testing.assert_array_equal(got.dense(), np.concatenate([[0], codebook]).astype(np.float32)[symbols])
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    np.testing.assert_array_equal(got.dense(), dense.T if transposed else dense)
+    assert got.cols.dtype == np.uint16
     sym, rel, counts = entries
     too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
     for off in ("0", "1"):
         no_numba(monkeypatch, off)
         with pytest.raises(FormatError, match="run past"):
-            SparseWeight.from_entries(codebook, *too_far, symbols.shape)
-
-
-@pytest.mark.parametrize("bits", [1, 3, 8])
-def test_transpose_from_entries_agrees(monkeypatch, bits):
-    """The by-input form (the CSR of the transpose, for Gemm weights): one pass in numba and
-    decode_csc in numpy build the same arrays, the transpose of the weight; both refuse relative
-    indices that run past the rows."""
-    codebook, symbols = random_weight((50, 60), 0.2, seed=8)
-    entries = sparse.encode_csc(symbols, bits)
-    got, twin = both(lambda: SparseWeight.transpose_from_entries(codebook, *entries, symbols.shape), monkeypatch)
-    for name in ("row_ptr", "cols", "symbols"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
-    assert got.shape == (60, 50) and got.cols.dtype == np.uint16
-    np.testing.assert_array_equal(got.dense(), np.concatenate([[0], codebook]).astype(np.float32)[symbols].T)
-    sym, rel, counts = entries
-    too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
-    for off in ("0", "1"):
-        no_numba(monkeypatch, off)
-        with pytest.raises(FormatError, match="run past"):
-            SparseWeight.transpose_from_entries(codebook, *too_far, symbols.shape)
+            make(codebook, *too_far, symbols.shape)
 
 
 def test_codebook_sums_agree_with_dot_products():
