@@ -30,7 +30,7 @@ def position_dtype(columns: int) -> np.dtype:
 
 
 def by_input(graph: Graph) -> FrozenSet[str]:
-    """Initializers read only as the weight of ``Gemm(transB=1)``, ``x @ W.T`` (a PyTorch Linear).
+    """2-D initializers read only as the weight of ``Gemm(transB=1)``, ``x @ W.T`` (a PyTorch Linear).
 
     Index mode keeps such a pruned weight grouped by input (the file's CSC, i.e. the CSR of ``W.T``),
     so that the batch-1 product scatters the kept weights of each non-zero activation and skips the
@@ -48,14 +48,16 @@ def by_input(graph: Graph) -> FrozenSet[str]:
             for _, sub in subgraphs(node):
                 visit(sub)
     visit(graph)
-    return frozenset(n for n in gemm - other if n in graph.initializers)
+    return frozenset(n for n in gemm - other
+                     if n in graph.initializers and len(graph.initializers[n].shape) == 2)
 
 
 def _csr_bytes(record: TensorRecord, width: int, grouped_by_input: bool) -> int:
+    """Bytes of the CSR form: per kept weight its symbol and position, per row an int32 pointer."""
     rows, columns = matrix_shape(record.shape)
     if grouped_by_input:      # the CSR of the transpose: a pointer per column, a row position per kept weight
         rows, columns = columns, rows
-    return record.stats.nonzero_count * (width + position_dtype(columns).itemsize) + (rows + 1) * 8
+    return record.stats.nonzero_count * (width + position_dtype(columns).itemsize) + (rows + 1) * 4
 
 
 def sparse_layout(record: TensorRecord, grouped_by_input: bool = False) -> str:

@@ -393,9 +393,9 @@ def _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc, k0, k1):  # pragm
         dst = acc[0]
         for k in range(k0, k1):
             v = xv[k]
-            if v != 0.0:
-                for e in range(row_ptr[k], row_ptr[k + 1]):
-                    dst[_U(cols[_U(e)])] += v * codebook[symbols[_U(e)]]
+            if v != 0.0:       # unsigned offsets: with int32 pointers a signed e costs 5 % here
+                for e in range(_U(row_ptr[k]), _U(row_ptr[k + 1])):
+                    dst[_U(cols[e])] += v * codebook[symbols[e]]
         return
     batch = xt.shape[1]
     for k in range(k0, k1):
@@ -404,9 +404,9 @@ def _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc, k0, k1):  # pragm
         for b in range(batch):
             live |= xk[b] != 0.0
         if live:
-            for e in range(row_ptr[k], row_ptr[k + 1]):
-                c = codebook[symbols[_U(e)]]
-                dst = acc[_U(cols[_U(e)])]
+            for e in range(_U(row_ptr[k]), _U(row_ptr[k + 1])):
+                c = codebook[symbols[e]]
+                dst = acc[_U(cols[e])]
                 for b in range(batch):
                     dst[b] += c * xk[b]
 

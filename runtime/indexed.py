@@ -48,6 +48,10 @@ COMPILED_BATCH = 32         # up to this many rows of x, the CSR kernels beat ex
 INDEX_BATCH = 2             # ... and the dense-index kernels (every weight is read, not just the kept)
 ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
 TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
+#: dtype of a CSR form's pointers: offsets of kept weights, and a stored tensor has at most 2^31 - 1
+#: elements (``dcrt.format.reader``), so 4 bytes always do (one per input column of a Gemm weight
+#: kept by input: VGG-style FC6, 25,088 of them).
+POINTER = np.dtype(np.int32)
 
 
 def _tile_rows(rows: int, row_elems: int) -> int:
@@ -283,9 +287,9 @@ class IndexedWeight:
 class SparseWeight:
     """A pruned weight in CSR form over ``shape[0]`` rows: ``value = codebook[symbol - 1]``.
 
-    ``row_ptr`` [rows + 1] int64, ``cols`` uint16/int32 (column in the flattened trailing axes) and
-    ``symbols`` (uint8/uint16, >= 1) of the kept weights; a view over rows ``[r0, r1)`` and a
-    reshape of the trailing axes keep these arrays and only change how they are read.
+    ``row_ptr`` [rows + 1] (int32: :data:`POINTER`), ``cols`` uint16/int32 (column in the flattened
+    trailing axes) and ``symbols`` (uint8/uint16, >= 1) of the kept weights; a view over rows
+    ``[r0, r1)`` and a reshape of the trailing axes keep these arrays and only change how they are read.
     """
 
     fused_epilogue = True       # matmul/matmul_t take bias= and clamp= (see kernels.matmul_t)
@@ -317,13 +321,13 @@ class SparseWeight:
         if k is not None:
             symbols = np.asarray(symbols)
             kept = int(np.count_nonzero(symbols))
-            row_ptr = np.zeros(rows + 1, np.int64)
+            row_ptr = np.zeros(rows + 1, POINTER)
             cols, syms = np.empty(kept, position_dtype(width)), np.empty(kept, symbols.dtype)
             if not k.entries_to_csr(symbols, np.asarray(relative), np.asarray(counts), row_ptr, cols, syms):
                 raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
             return cls(codebook, row_ptr, cols, syms, shape)
         col_ptr, rows_idx, syms = sparse.decode_csc(symbols, relative, counts, rows)
-        row_ptr = np.zeros(rows + 1, np.int64)
+        row_ptr = np.zeros(rows + 1, POINTER)
         np.cumsum(np.bincount(rows_idx, minlength=rows), out=row_ptr[1:])
         col_of = np.repeat(np.arange(len(col_ptr) - 1, dtype=position_dtype(width)),
                            np.diff(col_ptr).astype(np.intp, copy=False))
@@ -339,10 +343,10 @@ class SparseWeight:
         k = kernels()
         if k is None:
             col_ptr, rows_idx, syms = sparse.decode_csc(symbols, relative, counts, rows)
-            return cls(codebook, col_ptr, rows_idx.astype(position_dtype(rows)), syms, (width, rows))
+            return cls(codebook, col_ptr.astype(POINTER), rows_idx.astype(position_dtype(rows)), syms, (width, rows))
         symbols = np.asarray(symbols)
         kept = int(np.count_nonzero(symbols))
-        col_ptr = np.empty(width + 1, np.int64)
+        col_ptr = np.empty(width + 1, POINTER)
         rows_idx, syms = np.empty(kept, position_dtype(rows)), np.empty(kept, symbols.dtype)
         if not k.entries_to_csc(symbols, np.asarray(relative), np.asarray(counts), rows, col_ptr, rows_idx, syms):
             raise FormatError(f"sparse relative indices run past the matrix's {rows} rows")
@@ -370,7 +374,7 @@ class SparseWeight:
         width = math.prod(inner[1:])
         lo, hi = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
         new_rows, new_cols = np.divmod(self.cols[lo:hi], width)   # columns ascend, so rows do too
-        row_ptr = np.zeros(inner[0] + 1, np.int64)
+        row_ptr = np.zeros(inner[0] + 1, POINTER)
         np.cumsum(np.bincount(new_rows.astype(np.intp, copy=False), minlength=inner[0]), out=row_ptr[1:])
         return SparseWeight(self.codebook[1:], row_ptr, new_cols.astype(position_dtype(width)),
                             self.symbols[lo:hi], inner)
@@ -486,8 +490,9 @@ class ByInput:
 
     ``x @ W.T`` is then ``x @ inner``: the compiled kernel scatters the kept weights of each
     non-zero activation and skips the zero ones, as the EIE accelerator does. After a ReLU about
-    half of the activations are zero; on dense activations it costs what the dot products do
-    (LeNet-300-100's fc1, one core: 12.6 us by rows, 13.0 by inputs, 6.7 after a ReLU).
+    half of the activations are zero; on dense activations it costs about what the dot products do
+    (one core, CPU time: LeNet-300-100's fc1 13.2 us by rows, 14.5 by inputs, 8.2 after a ReLU;
+    VGG-16's FC6 3.2, 2.3 and 1.7 ms: the outputs it adds into stay in L1).
     """
 
     fused_epilogue = True

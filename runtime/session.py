@@ -55,8 +55,7 @@ def _node_arg(v: ValueInfo) -> NodeArg:
 
 def indexed_weight(t: StoredTensor, by_input: bool = False):
     """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``); ``by_input``
-    for a weight of ``dcrt.memory.by_input``."""
-    by_input = by_input and len(t.shape) == 2
+    for a 2-D weight of ``dcrt.memory.by_input``."""
     if t.record.encoding == SPARSE and memory.sparse_layout(t.record, by_input) == "csr":
         entries = t.entries()
         try:

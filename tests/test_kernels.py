@@ -100,7 +100,7 @@ def test_csr_from_entries_agrees(monkeypatch, bits, transposed):
         np.testing.assert_array_equal(getattr(got, name), getattr(twin, name))
     dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
     np.testing.assert_array_equal(got.dense(), dense.T if transposed else dense)
-    assert got.cols.dtype == np.uint16
+    assert got.cols.dtype == twin.cols.dtype == np.uint16 and got.row_ptr.dtype == twin.row_ptr.dtype == np.int32
     sym, rel, counts = entries
     too_far = (sym, rel, np.concatenate(([counts[0] + counts[1]], [0], counts[2:])))
     for off in ("0", "1"):
