@@ -227,28 +227,33 @@ def test_dcrt_run_command(dcm_path, tmp_path, capsys):
 
 def test_gemm_weights_are_kept_by_input(tmp_path):
     """In index mode a pruned weight read only by ``Gemm(transB=1)`` is kept grouped by input
-    (``memory.by_input``); one also read another way, or by ``Gemm(transB=0)``, keeps its rows. The
-    results match dense mode, and ``dcrt size`` predicts the bytes each form holds."""
+    (``memory.by_input``); one also read another way, read by ``Gemm(transB=0)``, or so wide that a
+    pointer per input would cost over 1/8 more bytes keeps its rows. The results match dense mode,
+    and ``dcrt size`` predicts the bytes each form holds."""
     from onnx import TensorProto, helper, numpy_helper
 
     from dcrt import memory, report
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w1", (128, 256)), ("w2", (128, 64)), ("w3", (64, 64)))]
+             for n, s in (("w1", (128, 256)), ("w2", (128, 64)), ("w3", (64, 64)), ("w4", (8, 2048)))]
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h1"], transB=1), helper.make_node("Relu", ["h1"], ["r1"]),
              helper.make_node("Gemm", ["r1", "w2"], ["h2"]),                  # transB=0: x @ W
              helper.make_node("Gemm", ["h2", "w3"], ["h3"], transB=1),
-             helper.make_node("MatMul", ["h2", "w3"], ["h4"]), helper.make_node("Add", ["h3", "h4"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], inits)
+             helper.make_node("MatMul", ["h2", "w3"], ["h4"]), helper.make_node("Add", ["h3", "h4"], ["y"]),
+             helper.make_node("Gemm", ["z", "w4"], ["v"], transB=1)]          # 2048 inputs, ~1.6 kept each
+    value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [value("x", ["N", 256]), value("z", ["N", 2048])],
+                              [value("y", ["N", 64]), value("v", ["N", 8])], inits)
     src, dst = tmp_path / "m.onnx", tmp_path / "m.dcm"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     dcrt.convert(str(src), str(dst))
-    x = rng.standard_normal((3, 256)).astype(np.float32)
+    feed = {"x": rng.standard_normal((3, 256)).astype(np.float32),
+            "z": rng.standard_normal((3, 2048)).astype(np.float32)}
     sess, dense = dcrt.Session(str(dst)), dcrt.Session(str(dst), mode="dense")
-    np.testing.assert_allclose(sess.run(x), dense.run(x), rtol=1e-4, atol=1e-4)
+    for got, expected in zip(sess.run(None, feed), dense.run(None, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert memory.by_input(sess._file.model.graph) == {"w1"}
     assert isinstance(sess._weight("w1"), ByInput) and sess._weight("w1").inner.shape == (256, 128)
-    assert type(sess._weight("w2")) is SparseWeight and type(sess._weight("w3")) is SparseWeight
+    assert all(type(sess._weight(n)) is SparseWeight for n in ("w2", "w3", "w4"))
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
