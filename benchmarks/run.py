@@ -461,7 +461,8 @@ def main() -> int:
     print(f"| empty numba cache (compiles the kernels) | {cold['import_numba_s']:.2f} | {cold['first_results_s']:.2f} |")
     print(f"| cached kernels (cache=True, a later process) | {warm['import_numba_s']:.2f} | {warm['first_results_s']:.2f} |")
 
-    print("\n### Batch-1 products from a codebook: dot per output, sums per centroid, scatter by input (CPU us, 1 thread)\n")
+    print("\n### Batch-1 products from a codebook: dot per output, sums per centroid, scatter by input "
+          "(CPU us, 1 thread)\n")
     fc = [str(OUT / f"{n}.dcm") for n in names if n in ("lenet_300_100", "lstm_classifier", "vgg_fc_small",
                                                        "vgg_fc6_fc7") and (OUT / f"{n}.dcm").exists()]
     rows = _child(f"codebook_ways({fc!r})", 1) if fc else []
