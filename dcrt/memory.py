@@ -107,8 +107,3 @@ def resident_bytes(records, grouped_by_input: Collection[str] = ()) -> Dict[str,
     return {"index": sum(index_bytes(r, r.name in grouped_by_input) for r in records),
             "dense": sum(dense_bytes(r) for r in records),
             "stream": raw + largest}
-
-
-def array_bytes(*arrays) -> int:
-    """Bytes held by numpy arrays (views of a memory-mapped file count as zero: they are file pages)."""
-    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray) and a.flags.owndata)
