@@ -59,23 +59,26 @@ def _worth_grouping_by_input(tensor) -> bool:
     record = getattr(tensor, "record", None)     # a .dcm graph's StoredTensor
     if record is None or record.encoding != SPARSE or len(record.shape) != 2:
         return False
-    width = symbol_dtype(record.stats.codebook_size + 1).itemsize
-    return 8 * _csr_bytes(record, width, True) <= 9 * _csr_bytes(record, width, False)
+    return 8 * _csr_bytes(record, True) <= 9 * _csr_bytes(record, False)
 
 
-def _csr_bytes(record: TensorRecord, width: int, grouped_by_input: bool) -> int:
+def _symbol_bytes(record: TensorRecord) -> int:
+    """Bytes of one symbol of a sparse tensor (its codebook plus the pruned symbol 0)."""
+    return symbol_dtype(record.stats.codebook_size + 1).itemsize
+
+
+def _csr_bytes(record: TensorRecord, grouped_by_input: bool) -> int:
     """Bytes of the CSR form: per kept weight its symbol and position, per row an int32 pointer."""
     rows, columns = matrix_shape(record.shape)
     if grouped_by_input:      # the CSR of the transpose: a pointer per column, a row position per kept weight
         rows, columns = columns, rows
-    return record.stats.nonzero_count * (width + position_dtype(columns).itemsize) + (rows + 1) * 4
+    return record.stats.nonzero_count * (_symbol_bytes(record) + position_dtype(columns).itemsize) + (rows + 1) * 4
 
 
 def sparse_layout(record: TensorRecord, grouped_by_input: bool = False) -> str:
     """``"csr"`` or ``"dense"``: which index form the runtime keeps for a sparse tensor (CSR over the
     2-D view's rows, or over its columns for a weight in :func:`by_input`)."""
-    width = symbol_dtype(record.stats.codebook_size + 1).itemsize
-    return "csr" if _csr_bytes(record, width, grouped_by_input) < record.size * width else "dense"
+    return "csr" if _csr_bytes(record, grouped_by_input) < record.size * _symbol_bytes(record) else "dense"
 
 
 def index_bytes(record: TensorRecord, grouped_by_input: bool = False) -> int:
@@ -84,10 +87,9 @@ def index_bytes(record: TensorRecord, grouped_by_input: bool = False) -> int:
     if record.encoding == QUANTIZED:
         return record.size * symbol_dtype(len(record.codebook)).itemsize + book
     if record.encoding == SPARSE:
-        width = symbol_dtype(record.stats.codebook_size + 1).itemsize
         if sparse_layout(record, grouped_by_input) == "csr":
-            return _csr_bytes(record, width, grouped_by_input) + book
-        return record.size * width + book
+            return _csr_bytes(record, grouped_by_input) + book
+        return record.size * _symbol_bytes(record) + book
     return record.stats.original_bytes
 
 
