@@ -537,12 +537,12 @@ def test_lstm_activations_are_within_their_bound():
     assert np.isnan(_numba_rnn._tanh(np.float32(np.nan))) and np.isnan(_numba_rnn._sigmoid(np.float32(np.nan)))
 
 
-def _lstm_graph(direction, hidden, peepholes, attrs, r):
+def _lstm_graph(direction, hidden, peepholes, attrs, r, batch=3):
     dirs = 2 if direction == "bidirectional" else 1
     names = ["x", "w", "r", "b", "", "h0", "c0", "p" if peepholes else ""]
     node = Node("LSTM", names, ["y", "yh", "yc"], dict(hidden_size=hidden, direction=direction, **attrs))
     inits = {"w": rand(dirs, 4 * hidden, 5), "b": rand(dirs, 8 * hidden) * 0.1, "r": r}
-    feeds = {"x": rand(6, 3, 5), "h0": rand(dirs, 3, hidden), "c0": rand(dirs, 3, hidden)}
+    feeds = {"x": rand(6, batch, 5), "h0": rand(dirs, batch, hidden), "c0": rand(dirs, batch, hidden)}
     if peepholes:
         inits["p"] = rand(dirs, 3 * hidden)
     graph = Graph([node], [ValueInfo(n, np.float32) for n in feeds],
@@ -556,11 +556,14 @@ def _lstm_graph(direction, hidden, peepholes, attrs, r):
     ("reverse", False, {"clip": 0.7, "input_forget": 1}),
 ])
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse"])
-def test_lstm_kernels_agree(direction, peepholes, attrs, form, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
+    """The compiled recurrence (batch 1: one entry's dot products; batch 3: each row of R expanded once
+    for the whole batch) against the numpy step loop and the reference of the dense weight."""
     hidden = 7
     dirs = 2 if direction == "bidirectional" else 1
     d, iw, sw = weights((dirs, 4 * hidden, hidden), 0.5, seed=3)
-    graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d)
+    graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d, batch)
     r = {"dense": d, "indexed": iw, "sparse": sw}[form]
     source = {**graph.initializers, "r": r}
     ex = Executor(graph)
