@@ -2,10 +2,13 @@
 
 The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
 
-- ``index``: codebook + codebook indices (uint8/uint16); a sparse tensor keeps whichever is smaller
+- ``index``: codebook + codebook indices (uint8/uint16); a pruned tensor keeps whichever is smaller
   of dense indices (pruned weights index a zero centroid) and CSR (indices + column positions:
   uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`), grouped by input for the
-  weights of :func:`by_input`.
+  weights of :func:`by_input`. That holds for the file's SPARSE tensors and for its QUANTIZED ones
+  with a zero centroid (:func:`pruned`): the converter picks the encoding that downloads smaller,
+  and at 90 % pruning that can be QUANTIZED (an LSTM's 512x128 recurrent weight) while in memory
+  the CSR takes a third of the dense indices.
 - ``dense``: every weight decoded once to float32.
 - ``stream``: nothing kept; each layer is decoded when used and dropped (peak: the largest layer).
 """
@@ -62,8 +65,17 @@ def _worth_grouping_by_input(tensor) -> bool:
     return 8 * _csr_bytes(record, True) <= 9 * _csr_bytes(record, False)
 
 
+def pruned(record: TensorRecord) -> bool:
+    """Whether some weights of a compressed tensor are pruned: SPARSE, or QUANTIZED with the zero
+    centroid the converter appends to the codebook for the pruned weights (its last entry)."""
+    if record.encoding == SPARSE:
+        return True
+    return (record.encoding == QUANTIZED and record.stats.nonzero_count < record.size
+            and len(record.codebook) == record.stats.codebook_size + 1 and record.codebook[-1] == 0)
+
+
 def _symbol_bytes(record: TensorRecord) -> int:
-    """Bytes of one symbol of a sparse tensor (its codebook plus the pruned symbol 0)."""
+    """Bytes of one symbol of a pruned tensor (its codebook plus the pruned symbol)."""
     return symbol_dtype(record.stats.codebook_size + 1).itemsize
 
 
@@ -76,21 +88,24 @@ def _csr_bytes(record: TensorRecord, grouped_by_input: bool) -> int:
 
 
 def sparse_layout(record: TensorRecord, grouped_by_input: bool = False) -> str:
-    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a sparse tensor (CSR over the
-    2-D view's rows, or over its columns for a weight in :func:`by_input`)."""
+    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a compressed tensor (CSR over
+    the 2-D view's rows, or over its columns for a weight in :func:`by_input`; only when
+    :func:`pruned`)."""
+    if not pruned(record):
+        return "dense"
     return "csr" if _csr_bytes(record, grouped_by_input) < record.size * _symbol_bytes(record) else "dense"
 
 
 def index_bytes(record: TensorRecord, grouped_by_input: bool = False) -> int:
     """Resident bytes of one tensor in index mode."""
     book = 4 * (record.stats.codebook_size + 1)
-    if record.encoding == QUANTIZED:
-        return record.size * symbol_dtype(len(record.codebook)).itemsize + book
-    if record.encoding == SPARSE:
-        if sparse_layout(record, grouped_by_input) == "csr":
-            return _csr_bytes(record, grouped_by_input) + book
-        return record.size * _symbol_bytes(record) + book
-    return record.stats.original_bytes
+    if record.encoding not in (QUANTIZED, SPARSE):
+        return record.stats.original_bytes
+    if sparse_layout(record, grouped_by_input) == "csr":
+        return _csr_bytes(record, grouped_by_input) + book
+    if record.encoding == QUANTIZED:      # its codebook as stored (the zero centroid only if pruned)
+        return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
+    return record.size * _symbol_bytes(record) + book
 
 
 def dense_bytes(record: TensorRecord) -> int:

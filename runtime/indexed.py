@@ -335,6 +335,27 @@ class SparseWeight:
         return cls(codebook, row_ptr, col_of[order], syms[order], shape)
 
     @classmethod
+    def from_indices(cls, codebook: np.ndarray, indices: np.ndarray) -> "SparseWeight":
+        """Build from dense codebook indices whose last codebook entry is the pruned weights' zero
+        centroid (a pruned QUANTIZED tensor: ``dcrt.memory.pruned``): the other indices are kept, as
+        symbols one higher. Rows are gathered TAKE_BLOCK elements at a time (bounded temporaries)."""
+        rows, width = sparse.matrix_shape(indices.shape)
+        flat, zero = indices.reshape(rows, width), len(codebook) - 1
+        step = max(1, TAKE_BLOCK // max(1, width))
+        row_ptr = np.zeros(rows + 1, POINTER)
+        cols, syms = [], []
+        for a in range(0, rows, step):
+            block = flat[a:a + step]
+            r, c = np.nonzero(block != zero)
+            np.cumsum(np.bincount(r, minlength=block.shape[0]), out=row_ptr[a + 1:a + 1 + block.shape[0]])
+            row_ptr[a + 1:a + 1 + block.shape[0]] += row_ptr[a]
+            cols.append(c.astype(position_dtype(width)))
+            syms.append((block[r, c] + 1).astype(indices.dtype))
+        empty = np.zeros(0, indices.dtype)
+        return cls(codebook[:-1], row_ptr, np.concatenate(cols) if cols else empty.astype(position_dtype(width)),
+                   np.concatenate(syms) if syms else empty, indices.shape)
+
+    @classmethod
     def transpose_from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
         """The CSR form of the 2-D view's transpose (``[columns, rows]``) from the file's CSC entries,
         which are already grouped by column: only the relative indices are summed into rows (numba

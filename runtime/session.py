@@ -56,7 +56,9 @@ def _node_arg(v: ValueInfo) -> NodeArg:
 def indexed_weight(t: StoredTensor, by_input: bool = False):
     """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``); ``by_input``
     for a 2-D weight of ``dcrt.memory.by_input``."""
-    if t.record.encoding == SPARSE and memory.sparse_layout(t.record, by_input) == "csr":
+    if memory.sparse_layout(t.record, by_input) == "csr":
+        if t.record.encoding != SPARSE:     # a pruned QUANTIZED tensor: its dense indices regrouped
+            return SparseWeight.from_indices(*t.index_form())
         entries = t.entries()
         try:
             if by_input:
