@@ -330,6 +330,7 @@ def codebook_ways(dcm_paths: list) -> list:
     import dcrt
     from dcrt.runtime.indexed import IndexedWeight, SparseWeight
     from dcrt.runtime.numba_kernels import kernels
+    from dcrt import memory
     from dcrt.runtime.session import indexed_weight
     k = kernels()
     rows = []
@@ -353,7 +354,7 @@ def codebook_ways(dcm_paths: list) -> list:
                 continue
             runs = {"dot": lambda: dot(*args, empty, -np.inf, np.inf, False, out), "bins": lambda: bins(*args, out)}
             if isinstance(w, SparseWeight) and len(t.shape) == 2:
-                inner = indexed_weight(t, by_input=True).inner
+                inner = indexed_weight(t, memory.INPUTS).inner
                 relu = np.maximum(x, 0)
                 runs["scatter"] = lambda: k.csr_matmul(x, *inner.arrays, empty, -np.inf, np.inf, False, out)
                 runs["scatter_relu"] = lambda: k.csr_matmul(relu, *inner.arrays, empty, -np.inf, np.inf, False, out)

@@ -5,7 +5,8 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
 - ``index``: codebook + codebook indices (uint8/uint16); a pruned tensor keeps whichever is smaller
   of dense indices (pruned weights index a zero centroid) and CSR (indices + column positions:
   uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`), grouped by input for the
-  weights of :func:`by_input`. That holds for the file's SPARSE tensors and for its QUANTIZED ones
+  weights of :func:`by_input` and as a matrix per direction for those of :func:`per_direction`
+  (:func:`groupings`). That holds for the file's SPARSE tensors and for its QUANTIZED ones
   with a zero centroid (:func:`pruned`): the converter picks the encoding that downloads smaller,
   and at 90 % pruning that can be QUANTIZED (an LSTM's 512x128 recurrent weight) while in memory
   the CSR takes a third of the dense indices.
@@ -14,7 +15,7 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
 """
 from __future__ import annotations
 
-from typing import Collection, Dict, FrozenSet, Set
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Set
 
 import numpy as np
 
@@ -32,6 +33,30 @@ def position_dtype(columns: int) -> np.dtype:
     return np.dtype(np.uint16 if columns <= 1 << 16 else np.int32)
 
 
+#: How index mode groups the kept weights of a pruned tensor in CSR form (see :func:`groupings`):
+#: by the rows of the 2-D view (the default), by input (:func:`by_input`), or as one matrix per
+#: direction of a recurrent weight (:func:`per_direction`).
+ROWS, INPUTS, DIRECTIONS = "rows", "inputs", "directions"
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def _read_only_as(graph: Graph, accept: Callable[[Any, int], Any]) -> Set[str]:
+    """Names that every reader, in the graph and its subgraphs, reads as ``accept(node, slot)``, and
+    that are not graph outputs."""
+    ok: Set[str] = set()
+    other: Set[str] = set()
+
+    def visit(g: Graph) -> None:
+        other.update(v.name for v in g.outputs)
+        for node in g.nodes:
+            for i, name in enumerate(node.inputs):
+                (ok if accept(node, i) else other).add(name)
+            for _, sub in subgraphs(node):
+                visit(sub)
+    visit(graph)
+    return ok - other
+
+
 def by_input(graph: Graph) -> FrozenSet[str]:
     """Sparse 2-D initializers of a ``.dcm`` graph read only as the weight of ``Gemm(transB=1)``,
     ``x @ W.T`` (a PyTorch Linear), whose CSR form grouped by input takes at most 1/8 more bytes
@@ -43,26 +68,41 @@ def by_input(graph: Graph) -> FrozenSet[str]:
     leaves out weights with many inputs and few kept weights each, where the pointer per input
     would cost more than the skipping saves (32x1568 at 10 %: 40 % more bytes).
     """
-    gemm: Set[str] = set()
-    other: Set[str] = set()
+    gemm = _read_only_as(graph, lambda node, i: node.op_type == "Gemm" and not node.domain and i == 1
+                         and node.attrs.get("transB", 0))
+    return frozenset(n for n in gemm if _worth_grouping_by_input(graph.initializers.get(n)))
 
-    def visit(g: Graph) -> None:
-        other.update(v.name for v in g.outputs)
-        for node in g.nodes:
-            for i, name in enumerate(node.inputs):
-                weight = node.op_type == "Gemm" and not node.domain and i == 1 and node.attrs.get("transB", 0)
-                (gemm if weight else other).add(name)
-            for _, sub in subgraphs(node):
-                visit(sub)
-    visit(graph)
-    return frozenset(n for n in gemm - other if _worth_grouping_by_input(graph.initializers.get(n)))
+
+def per_direction(graph: Graph) -> FrozenSet[str]:
+    """Pruned 3-D initializers read only as the ``W`` or ``R`` of an LSTM, GRU or RNN.
+
+    The operator takes one direction ``[gates * hidden, inputs]`` at a time; index mode keeps a CSR
+    matrix per direction, so that taking one is free (cut from a CSR over the directions it cost
+    ~30 us per weight and run, each time) and column positions count within one row of inputs
+    (uint16 unless a direction has more than 65,536 inputs).
+    """
+    recurrent = _read_only_as(graph, lambda node, i: node.op_type in RECURRENT and not node.domain and i in (1, 2))
+    return frozenset(n for n in recurrent if _pruned_3d(graph.initializers.get(n)))
+
+
+def groupings(graph: Graph) -> Dict[str, str]:
+    """The initializers whose CSR form in index mode is not grouped by rows: :data:`INPUTS` for
+    :func:`by_input`, :data:`DIRECTIONS` for :func:`per_direction`."""
+    found = {n: DIRECTIONS for n in per_direction(graph)}
+    found.update((n, INPUTS) for n in by_input(graph))
+    return found
 
 
 def _worth_grouping_by_input(tensor) -> bool:
     record = getattr(tensor, "record", None)     # a .dcm graph's StoredTensor
     if record is None or record.encoding != SPARSE or len(record.shape) != 2:
         return False
-    return 8 * _csr_bytes(record, True) <= 9 * _csr_bytes(record, False)
+    return 8 * _csr_bytes(record, INPUTS) <= 9 * _csr_bytes(record, ROWS)
+
+
+def _pruned_3d(tensor) -> bool:
+    record = getattr(tensor, "record", None)
+    return record is not None and len(record.shape) == 3 and pruned(record)
 
 
 def pruned(record: TensorRecord) -> bool:
@@ -79,30 +119,33 @@ def _symbol_bytes(record: TensorRecord) -> int:
     return symbol_dtype(record.stats.codebook_size + 1).itemsize
 
 
-def _csr_bytes(record: TensorRecord, grouped_by_input: bool) -> int:
+def _csr_bytes(record: TensorRecord, grouping: str) -> int:
     """Bytes of the CSR form: per kept weight its symbol and position, per row an int32 pointer."""
     rows, columns = matrix_shape(record.shape)
-    if grouped_by_input:      # the CSR of the transpose: a pointer per column, a row position per kept weight
+    matrices = 1
+    if grouping == INPUTS:      # the CSR of the transpose: a pointer per column, a row position per kept weight
         rows, columns = columns, rows
-    return record.stats.nonzero_count * (_symbol_bytes(record) + position_dtype(columns).itemsize) + (rows + 1) * 4
+    elif grouping == DIRECTIONS:    # a [gates * hidden, inputs] matrix per direction
+        matrices, rows, columns = record.shape[0], record.shape[1], record.shape[2]
+    positions = position_dtype(columns).itemsize
+    return record.stats.nonzero_count * (_symbol_bytes(record) + positions) + matrices * (rows + 1) * 4
 
 
-def sparse_layout(record: TensorRecord, grouped_by_input: bool = False) -> str:
-    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a compressed tensor (CSR over
-    the 2-D view's rows, or over its columns for a weight in :func:`by_input`; only when
-    :func:`pruned`)."""
+def sparse_layout(record: TensorRecord, grouping: str = ROWS) -> str:
+    """``"csr"`` or ``"dense"``: which index form the runtime keeps for a compressed tensor (CSR
+    grouped as ``grouping`` says, see :func:`groupings`; only when :func:`pruned`)."""
     if not pruned(record):
         return "dense"
-    return "csr" if _csr_bytes(record, grouped_by_input) < record.size * _symbol_bytes(record) else "dense"
+    return "csr" if _csr_bytes(record, grouping) < record.size * _symbol_bytes(record) else "dense"
 
 
-def index_bytes(record: TensorRecord, grouped_by_input: bool = False) -> int:
+def index_bytes(record: TensorRecord, grouping: str = ROWS) -> int:
     """Resident bytes of one tensor in index mode."""
     book = 4 * (record.stats.codebook_size + 1)
     if record.encoding not in (QUANTIZED, SPARSE):
         return record.stats.original_bytes
-    if sparse_layout(record, grouped_by_input) == "csr":
-        return _csr_bytes(record, grouped_by_input) + book
+    if sparse_layout(record, grouping) == "csr":
+        return _csr_bytes(record, grouping) + book
     if record.encoding == QUANTIZED:      # its codebook as stored (the zero centroid only if pruned)
         return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
     return record.size * _symbol_bytes(record) + book
@@ -115,12 +158,12 @@ def dense_bytes(record: TensorRecord) -> int:
     return record.stats.original_bytes
 
 
-def resident_bytes(records, grouped_by_input: Collection[str] = ()) -> Dict[str, int]:
-    """Total weight bytes resident in each mode for an iterable of TensorRecords (``grouped_by_input``:
-    the names :func:`by_input` gives for their graph)."""
-    records = list(records)
+def resident_bytes(records, grouping: Optional[Mapping[str, str]] = None) -> Dict[str, int]:
+    """Total weight bytes resident in each mode for an iterable of TensorRecords (``grouping``: what
+    :func:`groupings` gives for their graph)."""
+    records, grouping = list(records), grouping or {}
     raw = sum(dense_bytes(r) for r in records if r.encoding not in (QUANTIZED, SPARSE))
     largest = max((dense_bytes(r) for r in records if r.encoding in (QUANTIZED, SPARSE)), default=0)
-    return {"index": sum(index_bytes(r, r.name in grouped_by_input) for r in records),
+    return {"index": sum(index_bytes(r, grouping.get(r.name, ROWS)) for r in records),
             "dense": sum(dense_bytes(r) for r in records),
             "stream": raw + largest}

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
-from .memory import by_input, resident_bytes
+from .memory import groupings, resident_bytes
 
 
 def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
@@ -67,7 +67,7 @@ def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
     with open(path, "rb") as f:
         data = f.read()
     with open_dcm(data) as dcm:
-        memory = resident_bytes((t.record for t in dcm.tensors.values()), by_input(dcm.model.graph))
+        memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph))
         source = dict(dcm.source)
     if original:
         from_files = [original] + _external_files(original)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._numba_index import csr_row_dot, index_dot4
+from ._numba_index import csr_row_dot, index_dot4, row_dots
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz"}
@@ -127,20 +127,16 @@ def lstm_dense(proj, r, p, clip, input_forget, h, c, ys):  # pragma: no cover - 
         _carry(h, ys[t])
 
 
-# Batch > 1: each row of R is expanded once a step into a float32 buffer of one row, then its dot
-# products with every entry's h are vectorised (reassociated, as lstm_dense's). Entry by entry, R's
+# Batch > 1: each row of R is expanded once a step into a float32 buffer of one row, and its dot
+# products with every entry's h are vectorised (``_numba_index.row_dots``). Entry by entry, R's
 # 65,536 8-bit indices were looked up 8 times a step. The LSTM classifier's recurrence at batch 8,
-# one core: 129-131 -> 52-57 us a step here. (Accumulating the batch per weight, the batch as the
-# inner loop of unknown length, was not vectorised: 241 us.)
-@njit(fastmath=_FAST, error_model="numpy")
+# one core: 129-131 -> 52-57 us a step here.
+@njit(inline="always")
 def _batch_dots(wrow, h, gates, proj_t, n):  # pragma: no cover - compiled
     """``gates[b, n] = proj_t[b, n] + wrow . h[b]`` for every batch entry ``b``."""
+    row_dots(wrow, h, gates, n)
     for b in range(h.shape[0]):
-        hb = h[b]
-        a = np.float32(0.0)
-        for k in range(wrow.size):
-            a += wrow[k] * hb[k]
-        gates[b, n] = proj_t[b, n] + a
+        gates[b, n] += proj_t[b, n]
 
 
 @njit(inline="always")

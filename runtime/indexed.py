@@ -10,13 +10,16 @@ agree on the resident bytes:
   symbols of the kept weights.
 - :class:`ByInput`: a :class:`SparseWeight` of the transpose, for a weight that only
   ``Gemm(transB=1)`` reads (``dcrt.memory.by_input``): its batch-1 product skips zero activations.
+- :class:`PerDirection`: a :class:`SparseWeight` per direction of a recurrent ``W`` or ``R``
+  (``dcrt.memory.per_direction``), which the operators take one direction at a time.
 
 How a product is computed:
 
-- few rows of ``x`` (up to :data:`COMPILED_BATCH` for CSR, :data:`INDEX_BATCH` for dense indices,
-  which touch every weight): with numba, a compiled kernel reads the indices and the codebook directly (one dot product per output, float32
-  accumulation; see ``runtime/_numba_index.py``); its numpy twin is the tile path below (dense
-  indices) or ``np.bincount`` over blocks of kept weights (CSR).
+- few rows of ``x`` (up to :data:`COMPILED_BATCH` for CSR; for dense indices, which touch every
+  weight, :data:`INDEX_BATCH` for ``x @ W.T`` and one for ``x @ W``): with numba, a compiled kernel
+  reads the indices and the codebook directly (float32 accumulation; see
+  ``runtime/_numba_index.py``); its numpy twin is the tile path below (dense indices) or
+  ``np.bincount`` over blocks of kept weights (CSR).
 - many rows (an im2col matrix, a large batch): tile by tile. A block of rows of W is expanded from
   the codebook into a small float32 buffer (numba ``expand``/``csr_expand``, or numpy ``take``),
   multiplied with BLAS, and reused for the next tile. A tile holds at most :data:`TILE_BYTES` and a
@@ -30,7 +33,7 @@ kernels ``tile_rows``/``expand_rows`` (one tile, without the full expansion ``de
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,7 +48,9 @@ TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (f
 TILE_FRACTION = 4           # ... and at most a quarter of the weight: never a dense copy of it
 SMALL_BATCH = 8             # numpy twin of a sparse product: up to this many rows, entry by entry
 COMPILED_BATCH = 32         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS
-INDEX_BATCH = 2             # ... and the dense-index kernels (every weight is read, not just the kept)
+INDEX_BATCH = 4             # ... and the dense-index dot products (each row of W expanded once for all
+#                             rows of x); the dense-index scatter (x @ W) takes one row only: at 2 rows
+#                             tiles + BLAS beat it (1000x2048: 1.6 vs 1.9 ms; at 4 rows 2.2x)
 ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
 TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
 #: dtype of a CSR form's pointers: offsets of kept weights, and a stored tensor has at most 2^31 - 1
@@ -263,7 +268,7 @@ class IndexedWeight:
                clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
         """``x @ W`` for a 2-D weight ``[K, N]``; ``+ bias`` (float32 ``[N]``) and ``clamp`` fused."""
         k, n = self.indices.shape
-        if _rows(x) <= INDEX_BATCH and x.dtype == np.float32 and self.indices.flags.c_contiguous:
+        if _rows(x) == 1 and x.dtype == np.float32 and self.indices.flags.c_contiguous:
             kern = kernels()
             if kern is not None:
                 return _compiled_product(kern, "index_matmul", x, n, n * k, self, bias, clamp)
@@ -273,7 +278,8 @@ class IndexedWeight:
                        clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
         """:meth:`matmul_t` (``transposed``) or :meth:`matmul` prepared for inputs shaped as ``x`` where
         they call a compiled kernel (see ``kernels.product_runner``), else None."""
-        if self.indices.ndim != 2 or x.shape[0] > INDEX_BATCH or not self.indices.flags.c_contiguous:
+        if self.indices.ndim != 2 or x.shape[0] > (INDEX_BATCH if transposed else 1) \
+                or not self.indices.flags.c_contiguous:
             return None
         n = self.indices.shape[0 if transposed else 1]
         name = "index_matmul_t" if transposed else "index_matmul"
@@ -545,3 +551,33 @@ class ByInput:
 
     def dense(self) -> np.ndarray:
         return np.ascontiguousarray(self.inner.dense().T)
+
+
+class PerDirection:
+    """A pruned recurrent weight ``[directions, gates * hidden, inputs]`` held as one CSR matrix per
+    direction (``dcrt.memory.per_direction``): ``w[d]`` is a :class:`SparseWeight`, taken for free.
+    The matrices share one codebook."""
+
+    def __init__(self, matrices: Sequence[SparseWeight]):
+        self.matrices = tuple(matrices)
+        for m in self.matrices[1:]:
+            m.codebook = self.matrices[0].codebook
+        self.shape = (len(self.matrices),) + self.matrices[0].shape
+
+    ndim = 3
+    dtype = property(lambda self: np.dtype(np.float32))
+    nbytes = property(lambda self: sum(m.nbytes - m.codebook.nbytes for m in self.matrices)
+                      + self.matrices[0].codebook.nbytes)
+
+    @classmethod
+    def split(cls, weight: SparseWeight) -> "PerDirection":
+        """The matrices of a CSR over the directions (``SparseWeight`` of a 3-D tensor)."""
+        return cls([weight[d] for d in range(weight.shape[0])])
+
+    def __getitem__(self, key) -> SparseWeight:
+        if not isinstance(key, (int, np.integer)):
+            raise IndexError("a recurrent weight is taken one direction at a time")
+        return self.matrices[key]
+
+    def dense(self) -> np.ndarray:
+        return np.stack([m.dense() for m in self.matrices])

@@ -29,7 +29,7 @@ from dcrt.graph import ValueInfo
 
 from . import winograd
 from .executor import Executor
-from .indexed import ByInput, IndexedWeight, SparseWeight
+from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight
 
 MODES = memory.MODES
 _ONNX_TYPE = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float64): "tensor(double)",
@@ -53,20 +53,24 @@ def _node_arg(v: ValueInfo) -> NodeArg:
                    _ONNX_TYPE.get(v.dtype, f"tensor({v.dtype})"), v.dtype)
 
 
-def indexed_weight(t: StoredTensor, by_input: bool = False):
-    """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``); ``by_input``
-    for a 2-D weight of ``dcrt.memory.by_input``."""
-    if memory.sparse_layout(t.record, by_input) == "csr":
-        if t.record.encoding != SPARSE:     # a pruned QUANTIZED tensor: its dense indices regrouped
-            return SparseWeight.from_indices(*t.index_form())
-        entries = t.entries()
-        try:
-            if by_input:
-                return ByInput(SparseWeight.transpose_from_entries(t.codebook, *entries, t.shape))
-            return SparseWeight.from_entries(t.codebook, *entries, t.shape)
-        except FormatError as error:
-            raise FormatError(f"tensor {t.name!r}: {error}") from None
-    return IndexedWeight(*t.index_form())
+def indexed_weight(t: StoredTensor, grouping: str = memory.ROWS):
+    """The index-mode form of a compressed tensor (see ``dcrt.memory.sparse_layout``), its CSR
+    grouped as ``dcrt.memory.groupings`` says."""
+    if memory.sparse_layout(t.record, grouping) != "csr":
+        return IndexedWeight(*t.index_form())
+    if t.record.encoding != SPARSE:     # a pruned QUANTIZED tensor: its dense indices regrouped
+        book, indices = t.index_form()
+        if grouping == memory.DIRECTIONS:
+            return PerDirection([SparseWeight.from_indices(book, d) for d in indices])
+        return SparseWeight.from_indices(book, indices)
+    entries = t.entries()
+    try:
+        if grouping == memory.INPUTS:
+            return ByInput(SparseWeight.transpose_from_entries(t.codebook, *entries, t.shape))
+        weight = SparseWeight.from_entries(t.codebook, *entries, t.shape)
+    except FormatError as error:
+        raise FormatError(f"tensor {t.name!r}: {error}") from None
+    return PerDirection.split(weight) if grouping == memory.DIRECTIONS else weight
 
 
 class Session:
@@ -80,7 +84,7 @@ class Session:
         m = self._file.model
         self._executor = Executor(m.graph, m.opsets)
         self._tensors: Dict[str, StoredTensor] = m.graph.initializers
-        self._by_input = memory.by_input(m.graph)   # Gemm weights kept grouped by input in index mode
+        self._grouping = memory.groupings(m.graph)   # CSR weights not kept by rows in index mode
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
         self._outputs = [_node_arg(v) for v in m.graph.outputs]
         self._expected = {i.name: i for i in self._inputs}
@@ -108,7 +112,7 @@ class Session:
 
     def resident_bytes(self) -> Dict[str, int]:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
-        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._by_input)
+        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._grouping)
         with self._lock:
             held = list(self._cache.values())
         report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)
@@ -128,7 +132,7 @@ class Session:
         with self._lock:       # one thread decodes; the others wait and reuse it
             value = self._cache.get(name)
             if value is None:
-                value = indexed_weight(t, name in self._by_input) if compressed and self.mode == "index" \
+                value = indexed_weight(t, self._grouping.get(name, memory.ROWS)) if compressed and self.mode == "index" \
                     else t.decode()
                 if isinstance(value, np.ndarray):
                     # a constant: no operator may change it, and kernels may keep what they derive

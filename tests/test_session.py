@@ -292,3 +292,51 @@ def test_pruned_quantized_weights_are_kept_as_csr(tmp_path):
     assert type(sess._weight("w30")) is IndexedWeight and type(sess._weight("w0")) is IndexedWeight
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
+
+
+def test_recurrent_weights_are_kept_per_direction(tmp_path):
+    """In index mode a pruned W or R read only by recurrent operators is kept as one CSR matrix per
+    direction (``memory.per_direction``: taking a direction costs nothing), whether the file stores
+    it SPARSE or QUANTIZED; one that is also a graph output keeps the CSR over directions. The results
+    match onnxruntime on the dense weights, and ``dcrt size`` predicts the bytes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dcrt import memory, report
+    from dcrt.runtime.indexed import PerDirection
+    rng = np.random.default_rng(2)
+    hidden, inputs = 24, 40
+    shapes = {"W": (2, 4 * hidden, inputs), "R": (2, 4 * hidden, hidden), "Wg": (1, 3 * hidden, inputs),
+              "Rg": (1, 3 * hidden, hidden)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden, direction="bidirectional"),
+             helper.make_node("GRU", ["x", "Wg", "Rg"], ["yg"], hidden_size=hidden)]
+    value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [value("x", [5, 3, inputs])],
+                              [value("y", None), value("yg", None), value("Rg", None)], inits)   # Rg: an output too
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.dcm"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dcrt.convert(str(src), str(dst), config={"layers": {n: {"sparsity": 0.9, "bits": 5} for n in shapes}})
+    sess = dcrt.Session(str(dst))
+    from dcrt.format.tensor import QUANTIZED, SPARSE
+    assert {sess._tensors[n].record.encoding for n in ("W", "R", "Wg")} == {QUANTIZED, SPARSE}
+    assert memory.per_direction(sess._file.model.graph) == {"W", "R", "Wg"}
+    feed = {"x": rng.standard_normal((5, 3, inputs)).astype(np.float32)}
+    got = sess.run(None, feed)
+    for n in ("W", "R", "Wg"):
+        weight = sess._weight(n)
+        assert type(weight) is PerDirection and all(type(m) is SparseWeight for m in weight.matrices)
+        assert weight[0] is weight[0] and weight.shape == shapes[n]
+    assert type(sess._weight("Rg")) is SparseWeight and sess._weight("Rg").shape == shapes["Rg"]
+    dense = dcrt.Session(str(dst), mode="dense")
+    decoded = {n: dense._weight(n) for n in shapes}
+    for n in ("W", "R", "Wg"):
+        np.testing.assert_array_equal(sess._weight(n).dense(), decoded[n])
+    # onnxruntime on the original graph with the weights as the file holds them
+    exact = onnx.load(str(src))
+    for t in exact.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
+    ref = ort.InferenceSession(exact.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    held = sess.resident_bytes()
+    assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
