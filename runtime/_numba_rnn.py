@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._numba_index import csr_row_dot, index_dot4, row_dots
+from ._numba_index import csr_dot4, csr_row_dot, index_dot4, padded_t, row_dots, store4
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz"}
@@ -179,18 +179,21 @@ def lstm_index(proj, indices, codebook, p, clip, input_forget, h, c, ys):  # pra
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover
-    """As :func:`lstm_dense` with R in CSR form (rows ``4H``): ``codebook[symbols]`` at ``cols``."""
+    """As :func:`lstm_dense` with R in CSR form (rows ``4H``): ``codebook[symbols]`` at ``cols``. At
+    batch > 1, four entries' sums at a time from ``h`` transposed (``_numba_index.csr_dot4``): the
+    90 %-pruned LSTM classifier at batch 8, 41 -> 16 us a step here."""
     steps, batch, gates4 = proj.shape
     hidden = gates4 // 4
     if batch > 1:
         gates_b = np.empty((batch, gates4), np.float32)
-        wrow = np.empty(hidden, np.float32)
         for t in range(steps):
+            ht = padded_t(h)
             for n in range(gates4):
-                wrow[:] = 0.0
-                for e in range(row_ptr[n], row_ptr[n + 1]):
-                    wrow[_U(cols[_U(e)])] = codebook[symbols[_U(e)]]
-                _batch_dots(wrow, h, gates_b, proj[t], n)
+                for b0 in range(0, batch, 4):
+                    a0, a1, a2, a3 = csr_dot4(ht, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1], b0)
+                    store4(gates_b, n, b0, a0, a1, a2, a3)
+                for b in range(batch):
+                    gates_b[b, n] += proj[t, b, n]
             _update_batch(gates_b, p, clip, input_forget, h, c, ys[t], hidden)
         return
     gates = np.empty(gates4, np.float32)

@@ -66,7 +66,7 @@ def weights(shape, density, seed=0, centroids=31):
     return dense, IndexedWeight(book, symbols), SparseWeight.from_entries(codebook, *entries, shape)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4, 5])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 12])
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_fc_kernels_agree(batch, epilogue, monkeypatch):
     dense, iw, sw = weights((37, 70), 0.3, seed=batch)
@@ -428,12 +428,14 @@ def test_parallel_forms_agree(monkeypatch):
     x, xc = rand(1, 200), rand(2, 16, 15, 15)
     xs = np.maximum(rand(5, 64), 0)         # the scatter of several rows, zero activations skipped
     xs[:, ::4] = 0
+    x5, x12 = rand(5, 200), rand(12, 200)   # sums 4 rows at a time (padded to 8), accumulator arrays
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
 
     def run():
         return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), sw.matmul(xs), iw.expand_rows(0, 16),
+                sw.matmul_t(x5), sw.matmul_t(x12), iw.matmul_t(x5[:3]),
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
                 kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
