@@ -58,7 +58,7 @@ def _read_only_as(graph: Graph, accept: Callable[[Any, int], Any]) -> Set[str]:
 
 
 def by_input(graph: Graph) -> FrozenSet[str]:
-    """Sparse 2-D initializers of a ``.dcm`` graph read only as the weight of ``Gemm(transB=1)``,
+    """Pruned 2-D initializers of a ``.dcm`` graph read only as the weight of ``Gemm(transB=1)``,
     ``x @ W.T`` (a PyTorch Linear), whose CSR form grouped by input takes at most 1/8 more bytes
     than grouped by output row.
 
@@ -95,7 +95,7 @@ def groupings(graph: Graph) -> Dict[str, str]:
 
 def _worth_grouping_by_input(tensor) -> bool:
     record = getattr(tensor, "record", None)     # a .dcm graph's StoredTensor
-    if record is None or record.encoding != SPARSE or len(record.shape) != 2:
+    if record is None or len(record.shape) != 2 or not pruned(record):
         return False
     return 8 * _csr_bytes(record, INPUTS) <= 9 * _csr_bytes(record, ROWS)
 

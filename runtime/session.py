@@ -62,6 +62,8 @@ def indexed_weight(t: StoredTensor, grouping: str = memory.ROWS):
         book, indices = t.index_form()
         if grouping == memory.DIRECTIONS:
             return PerDirection([SparseWeight.from_indices(book, d) for d in indices])
+        if grouping == memory.INPUTS:
+            return ByInput(SparseWeight.from_indices(book, indices.T))
         return SparseWeight.from_indices(book, indices)
     entries = t.entries()
     try:
@@ -132,8 +134,10 @@ class Session:
         with self._lock:       # one thread decodes; the others wait and reuse it
             value = self._cache.get(name)
             if value is None:
-                value = indexed_weight(t, self._grouping.get(name, memory.ROWS)) if compressed and self.mode == "index" \
-                    else t.decode()
+                if compressed and self.mode == "index":
+                    value = indexed_weight(t, self._grouping.get(name, memory.ROWS))
+                else:
+                    value = t.decode()
                 if isinstance(value, np.ndarray):
                     # a constant: no operator may change it, and kernels may keep what they derive
                     # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)

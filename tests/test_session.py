@@ -262,34 +262,40 @@ def test_gemm_weights_are_kept_by_input(tmp_path):
 def test_pruned_quantized_weights_are_kept_as_csr(tmp_path):
     """A QUANTIZED tensor with a zero centroid for its pruned weights (the converter's choice when it
     downloads smaller than SPARSE) is kept in index mode as CSR when that takes fewer bytes than its
-    dense indices (80 % pruned), and as dense indices when not (30 %) or when nothing is pruned. The
-    results match dense mode; ``dcrt size`` predicts the bytes."""
+    dense indices (80 % pruned; grouped by input for a Gemm weight), and as dense indices when not
+    (30 %) or when nothing is pruned. The results match dense mode; ``dcrt size`` predicts the bytes."""
     from onnx import TensorProto, helper, numpy_helper
 
     from dcrt import memory, report
     from dcrt.format.tensor import QUANTIZED
     rng = np.random.default_rng(1)
-    shapes = {"w80": (16, 2, 3, 3), "w30": (16, 2, 3, 3), "w0": (16, 2, 3, 3)}
+    shapes = {"w80": (16, 2, 3, 3), "w30": (16, 2, 3, 3), "w0": (16, 2, 3, 3), "fc": (64, 24)}
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
-    nodes = [helper.make_node("Conv", ["im", n], [f"c{n}"]) for n in shapes]
+    nodes = [helper.make_node("Conv", ["im", n], [f"c{n}"]) for n in shapes if n != "fc"]
+    nodes.append(helper.make_node("Gemm", ["x", "fc"], ["y"], transB=1))
     value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph(nodes, "g", [value("im", ["N", 2, 8, 8])],
-                              [value(f"c{n}", ["N", 16, 6, 6]) for n in shapes], inits)
+    graph = helper.make_graph(nodes, "g", [value("im", ["N", 2, 8, 8]), value("x", ["N", 24])],
+                              [value(f"c{n}", ["N", 16, 6, 6]) for n in shapes if n != "fc"] + [value("y", ["N", 64])],
+                              inits)
     src, dst = tmp_path / "m.onnx", tmp_path / "m.dcm"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    sparsity = {"w80": 0.8, "w30": 0.3, "w0": 0.0}
+    sparsity = {"w80": 0.8, "w30": 0.3, "w0": 0.0, "fc": 0.8}
     dcrt.convert(str(src), str(dst), config={"layers": {n: {"sparsity": s, "bits": 4} for n, s in sparsity.items()}})
     sess, dense = dcrt.Session(str(dst)), dcrt.Session(str(dst), mode="dense")
     records = {n: sess._tensors[n].record for n in shapes}
     assert all(r.encoding == QUANTIZED for r in records.values())     # what the test is about
-    assert [memory.pruned(records[n]) for n in shapes] == [True, True, False]
-    feed = {"im": rng.standard_normal((2, 2, 8, 8)).astype(np.float32)}
+    assert [memory.pruned(records[n]) for n in shapes] == [True, True, False, True]
+    assert memory.by_input(sess._file.model.graph) == {"fc"}         # 25 pointers by input, 65 by rows
+    feed = {"im": rng.standard_normal((2, 2, 8, 8)).astype(np.float32),
+            "x": rng.standard_normal((3, 24)).astype(np.float32)}
     for got, expected in zip(sess.run(None, feed), dense.run(None, feed)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     kept = sess._weight("w80")
     assert type(kept) is SparseWeight and kept.nnz == records["w80"].stats.nonzero_count
     np.testing.assert_array_equal(kept.dense(), dense._weight("w80"))
     assert type(sess._weight("w30")) is IndexedWeight and type(sess._weight("w0")) is IndexedWeight
+    assert type(sess._weight("fc")) is ByInput
+    np.testing.assert_array_equal(sess._weight("fc").dense(), dense._weight("fc"))
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
 
