@@ -328,9 +328,9 @@ def codebook_ways(dcm_paths: list) -> list:
     import numpy as np
 
     import dcrt
-    from dcrt.runtime.indexed import IndexedWeight, SparseWeight
-    from dcrt.runtime.numba_kernels import kernels
     from dcrt import memory
+    from dcrt.runtime.indexed import ByInput, IndexedWeight, SparseWeight
+    from dcrt.runtime.numba_kernels import kernels
     from dcrt.runtime.session import indexed_weight
     k = kernels()
     rows = []
@@ -353,8 +353,9 @@ def codebook_ways(dcm_paths: list) -> list:
             else:
                 continue
             runs = {"dot": lambda: dot(*args, empty, -np.inf, np.inf, False, out), "bins": lambda: bins(*args, out)}
-            if isinstance(w, SparseWeight) and len(t.shape) == 2:
-                inner = indexed_weight(t, memory.INPUTS).inner
+            by_input = indexed_weight(t, memory.INPUTS) if isinstance(w, SparseWeight) and len(t.shape) == 2 else None
+            if isinstance(by_input, ByInput):       # where grouping by input still takes fewer bytes than dense
+                inner = by_input.inner
                 relu = np.maximum(x, 0)
                 runs["scatter"] = lambda: k.csr_matmul(x, *inner.arrays, empty, -np.inf, np.inf, False, out)
                 runs["scatter_relu"] = lambda: k.csr_matmul(relu, *inner.arrays, empty, -np.inf, np.inf, False, out)
