@@ -202,8 +202,8 @@ def index_dot4(xv, indices, codebook, n):  # pragma: no cover - compiled
 
 # Several rows of x: each row of W is expanded once into a float32 buffer (one row), then its dot
 # products with every row of x are vectorised. Accumulating the batch per weight instead (the batch
-# as the inner loop, of unknown length) was not vectorised: 512x64 8-bit indices, 2 rows of x, 112 us
-# against 27 by tiles + BLAS; the dot products of an expanded row took 8-16 here (see INDEX_BATCH).
+# as the inner loop, of unknown length) was not vectorised: 512x64 8-bit indices, 2 rows of x,
+# 112 us, against 27 by tiles + BLAS and 16 this way (up to INDEX_BATCH rows, see runtime/indexed.py).
 @njit(fastmath={"reassoc", "nsz"}, error_model="numpy")
 def row_dots(wrow, x, out, n):  # pragma: no cover - compiled
     """``out[b, n] = wrow . x[b]`` for every row ``b`` of ``x`` (reassociated: vectorised, so the sums
@@ -389,10 +389,10 @@ def store4(out, n, b0, a0, a1, a2, a3):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _csr_operand(x):  # pragma: no cover - compiled
-    """What :func:`_csr_dot` reads: ``x`` itself for one row, else ``x`` transposed (padded up to
-    GROUP_ROWS rows), made once for all the parts of a parallel product."""
+    """What :func:`_csr_dot` reads besides ``x``: ``x`` transposed (padded up to GROUP_ROWS rows),
+    made once for all the parts of a parallel product; for one row nothing (``x`` itself, unread)."""
     if x.shape[0] == 1:
-        return np.ascontiguousarray(x.T)    # unused, but of the same type as the other cases
+        return x
     if x.shape[0] <= GROUP_ROWS:
         return padded_t(x)
     return np.ascontiguousarray(x.T)
