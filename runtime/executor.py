@@ -234,17 +234,19 @@ class Executor:
                 raise InputError(f"missing input '{name}'; the model's inputs are "
                                  f"{', '.join(self.input_names)}")
 
-        def fetch(name: str, raw: bool) -> Any:
-            value = env[name] if name in env else weights(name)
-            if raw or isinstance(value, np.ndarray):
-                return value
-            return kernels.dense(value)
-
         ndarray = np.ndarray
         for step, dead in zip(plan.steps, plan.frees):
-            # the common case inline (a computed array), the rest through fetch: ~1 us less per step
-            args = [(env[name] if name in env and type(env[name]) is ndarray else fetch(name, raw))
-                    if name else None for name, raw in step.reads]
+            # a plain loop, no comprehension or helper call per input: LeNet-300-100's three steps
+            # 26.8 -> 25.2 us in all
+            args = []
+            for name, raw in step.reads:
+                if not name:
+                    args.append(None)
+                    continue
+                value = env[name] if name in env else weights(name)
+                if not raw and not isinstance(value, ndarray):
+                    value = kernels.dense(value)     # an indexed weight read as a plain input
+                args.append(value)
             try:
                 result = step.fn(step.attrs, *args)
             except LimitError as exc:
@@ -265,4 +267,8 @@ class Executor:
                         env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
             for name in dead:
                 env.pop(name, None)
-        return {name: fetch(name, False) for name in plan.outputs}
+        results = {}
+        for name in plan.outputs:
+            value = env[name] if name in env else weights(name)
+            results[name] = value if isinstance(value, ndarray) else kernels.dense(value)
+        return results
