@@ -195,8 +195,11 @@ class Session:
             if arg.shape is not None:
                 shape = x.shape
                 wrong = len(shape) != len(arg.shape)
-                for i, d in () if wrong else fixed[name]:    # a loop, not any(...): 0.3 us less a call
-                    wrong = wrong or shape[i] != d
+                if not wrong:
+                    for i, d in fixed[name]:        # a loop, not any(...): 0.3 us less a call
+                        if shape[i] != d:
+                            wrong = True
+                            break
                 if wrong:
                     raise InputError(f"input {name!r} must have shape {arg.shape} "
                                      f"(names are free dimensions), got {list(shape)}")
