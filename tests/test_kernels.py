@@ -288,6 +288,25 @@ def test_nodes_prepare_once_and_keep_no_weight(monkeypatch):
     assert dropped[0]() is None and dropped[1]() is None
 
 
+def test_a_node_reuses_its_last_runner_only_for_the_same_inputs():
+    """A node's last runner is taken again (identity checks, ``nn._last``) only for the same weight,
+    bias and clamp: a fused Relu's plan and an unfused one share the node's attributes, and a
+    ``[1, N]`` bias takes Gemm's general form."""
+    from dcrt.runtime.ops import nn
+    attrs, fc = {"_opset": 13, "_nout": 1}, {"_opset": 13, "_nout": 1, "transB": 1}
+    _, iw, _ = weights((24, 16, 1, 1), 0.5)
+    fd, _, fs = weights((24, 16), 0.5)
+    x, b = rand(1, 16, 5, 5), rand(24)
+    x2 = x[:, :, 0, 0].copy()
+    for w in (fs, fd):
+        for bias, clamp in ((b, None), (b, (0.0, 0.5)), (None, (0.0, 0.5)), (None, None), (b, None), (b[None], None)):
+            flat = None if bias is None else bias.ravel()
+            for _ in range(2):
+                np.testing.assert_array_equal(nn._gemm(fc, x2, w, bias, clamp), kernels.matmul_t(x2, w, flat, clamp))
+                np.testing.assert_array_equal(nn._conv(attrs, x, iw, flat, clamp),
+                                              kernels.conv(x, iw, flat, [1, 1], [1, 1], [0, 0, 0, 0], 1, clamp))
+
+
 @pytest.mark.parametrize("case", DEPTHWISE, ids=str)
 def test_depthwise_kernels_agree(case, monkeypatch):
     channels, size, stride, mult, k, dil, pads = case
@@ -441,6 +460,15 @@ def test_parallel_forms_agree(monkeypatch):
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
     serial = run()
     monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
+    ran = set()     # which parallel kernels ran (each still the compiled kernel)
+
+    def noted(name, fn):
+        def call(*args):
+            ran.add(name)
+            return fn(*args)
+        return call
+    for name in [n for n in vars(k) if n.endswith("_par")]:
+        monkeypatch.setattr(k, name, noted(name, getattr(k, name)))
     threads = numba.get_num_threads()
     numba.set_num_threads(2)
     try:
@@ -449,6 +477,7 @@ def test_parallel_forms_agree(monkeypatch):
         numba.set_num_threads(threads)
     for s, p in zip(serial, parallel):
         np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
+    assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par"} <= ran, ran
 
 
 def test_index_mode_conv_never_expands_the_whole_weight():

@@ -98,6 +98,23 @@ def test_lazy_loading_and_modes(dcm_path):
     assert resident["stream"]["now"] < resident["index"]["now"] < 0.2 * resident["dense"]["now"]
 
 
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])      # Gemm nodes; Conv nodes
+def test_stream_mode_keeps_no_weight_after_a_run(name, onnx_path, dcm_path, zoo):
+    """A stream-mode run decodes each weight for its node and lets it go: once it returns, nothing it
+    decoded is still allocated (the nodes keep their prepared runners, which hold no weight)."""
+    feeds = zoo.sample_input(onnx.load(str(onnx_path(name))), batch=1)
+    sess = dcrt.Session(str(dcm_path(name)), mode="stream")
+    sess.run(None, feeds)                   # runners prepared, kernels loaded
+    tracemalloc.start()
+    try:
+        sess.run(None, feeds)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    weights = sess.resident_bytes()["index"]
+    assert held < weights / 10, (held, weights)
+
+
 def test_index_mode_never_expands_a_compressed_weight(dcm_path, monkeypatch):
     """By construction (dense() refuses) and by measurement (peak allocation < a quarter weight)."""
     from dcrt.format.reader import StoredTensor

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -89,7 +90,15 @@ def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) ->
 
 def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    # the node's convolution prepared once per kind of inputs it sees (kernels.conv_runner)
+    run = _last(attrs, x, w, b, clamp)
+    if run is None:
+        run = _remember(attrs, x, w, b, clamp, _conv_runner(attrs, x, w, b, clamp))
+    return run(x, w, b).astype(x.dtype, copy=False)
+
+
+def _conv_runner(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
+                 clamp: Optional[Tuple[float, float]]) -> Callable[..., Any]:
+    """The node's convolution prepared once per kind of inputs it sees (kernels.conv_runner)."""
     key = (x.shape, x.dtype, w.shape, w.dtype, type(w), b is None, clamp, kernels.kernels() is not None)
     runners = _runners(attrs)
     run = runners.get(key)
@@ -100,7 +109,7 @@ def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         _bounded_windows(x, w.shape[0], pads, _windows(x, kernel, strides, dilations, pads))
         run = _keep(runners, key, kernels.conv_runner(x, w, b, strides, dilations, pads,
                                                       int(attrs.get("group", 1)), clamp))
-    return run(x, w, b).astype(x.dtype, copy=False)
+    return run
 
 
 #: Runners a node keeps (one per kind of inputs: shapes, dtypes, weight kind, bias, clamp, numba);
@@ -119,6 +128,31 @@ def _keep(runners: Dict[Any, Callable[..., Any]], key: Any, run: Callable[..., A
     if len(runners) >= RUNNERS_PER_NODE:
         runners.clear()
     runners[key] = run
+    return run
+
+
+def _last(attrs: Attrs, x: np.ndarray, w: Any, b: Any, clamp: Any) -> Optional[Callable[..., Any]]:
+    """The runner of the node's last call when this call looks the same (the shape and dtype of ``x``;
+    the same weight and bias objects; the same clamp; numba on or off as then), else None.
+
+    Identity checks instead of a runner key's hash: LeNet-300-100's Gemm steps ~0.2 us less each. The weight
+    and bias are held weakly: stream mode drops a weight after its node (each call then misses).
+    """
+    last = attrs.get("_last")
+    if (last is not None and last[0] == x.shape and last[1] is x.dtype and last[2]() is w
+            and (b is None if last[3] is None else last[3]() is b) and last[4] == clamp
+            and last[5] is kernels.kernels()):
+        return last[6]
+    return None
+
+
+def _remember(attrs: Attrs, x: np.ndarray, w: Any, b: Any, clamp: Any, run: Callable[..., Any]) -> Callable[..., Any]:
+    """Note ``run`` as the node's last runner (see :func:`_last`); returns it."""
+    try:
+        attrs["_last"] = (x.shape, x.dtype, weakref.ref(w), None if b is None else weakref.ref(b), clamp,
+                          kernels.kernels(), run)
+    except TypeError:       # an input without weak references (not an array or a dcrt weight)
+        attrs.pop("_last", None)
     return run
 
 
@@ -229,7 +263,15 @@ def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) ->
 
 def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
-    # the node's product prepared once per kind of inputs it sees (kernels.product_runner)
+    run = _last(attrs, a, b, c, clamp)
+    if run is None:
+        run = _remember(attrs, a, b, c, clamp, _gemm_runner(attrs, a, b, c, clamp))
+    return run(a, b, c)
+
+
+def _gemm_runner(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
+                 clamp: Optional[Tuple[float, float]]) -> Callable[..., Any]:
+    """The node's product prepared once per kind of inputs it sees (kernels.product_runner)."""
     key = (a.shape, a.dtype, b.shape, type(b), None if c is None else (c.shape, c.dtype), clamp,
            kernels.kernels() is not None)
     runners = _runners(attrs)
@@ -245,7 +287,7 @@ def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
             run = functools.partial(_gemm_general, trans_a=bool(attrs.get("transA", 0)), trans_b=trans_b,
                                     alpha=attrs.get("alpha", 1.0), beta=attrs.get("beta", 1.0), clamp=clamp)
         _keep(runners, key, run)
-    return run(a, b, c)
+    return run
 
 
 def _gemm_general(a: np.ndarray, b: Any, c: Optional[np.ndarray], *, trans_a: bool, trans_b: bool, alpha: float,
