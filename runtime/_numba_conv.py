@@ -11,6 +11,7 @@
   convolution by Winograd's F(2x2, 3x3) (``runtime/winograd.py``, whose numpy twins they have).
 - ``max_pool2d``: 2-D max pooling, the rows of a window first, then along the row (numpy twin:
   ``ops.nn.max_pool``).
+- ``softmax_rows``: softmax along the last axis, a classifier's head (numpy twin: ``ops.nn.softmax``).
 
 Each has a ``_par`` twin that spreads (sample, channel) planes over numba's threads, and a numpy twin
 in ``runtime/kernels.py`` (``_depthwise_numpy``, ``_im2col_numpy``, ``_bias_clamp_numpy``) or
@@ -757,3 +758,25 @@ def max_pool2d_par(x, kh, kw, geometry, out):  # pragma: no cover - compiled
         line = _pool_line_buffer(x, kw, geometry, out)
         for job in range(t * jobs // parts, (t + 1) * jobs // parts):
             _pool_plane(x, kh, kw, geometry, out, line, job)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def softmax_rows(x, out):  # pragma: no cover - compiled
+    """``out[r] = exp(x[r] - max) / sum`` for each row of a C-contiguous float32 ``x [rows, n]``, ``n``
+    >= 1: one call where numpy makes six (the Softmax op on a [1, 2] head 7.8 -> 2.9 us here; its exp
+    is scalar, so only small inputs come here: ``ops.nn.SOFTMAX_COMPILED``). The sum is float64; a NaN
+    in a row makes the whole row NaN, as in numpy (its ``exp`` makes the sum NaN)."""
+    for r in range(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        m = xr[0]
+        for i in range(1, xr.size):
+            m = xr[i] if xr[i] > m else m
+        total = 0.0
+        for i in range(xr.size):
+            e = np.exp(xr[i] - m)
+            orow[i] = e
+            total += e
+        scale = np.float32(total)
+        for i in range(xr.size):
+            orow[i] = orow[i] / scale

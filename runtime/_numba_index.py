@@ -172,6 +172,27 @@ def csr_expand_par(row_ptr, cols, symbols, codebook, out):  # pragma: no cover -
         _csr_expand_rows(row_ptr, cols, symbols, codebook, out, r0, r1)
 
 
+# -- an embedding lookup ---------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def take_index_rows(indices, codebook, idx, out):  # pragma: no cover - compiled
+    """``out[j] = codebook[indices[idx[j]]]`` for the rows of ``indices`` [rows, width] (Gather along
+    axis 0), a negative ``idx[j]`` counting from the end. Returns the position in ``idx`` of the first
+    index out of range (nothing written from there on), or -1."""
+    rows = indices.shape[0]
+    for j in range(idx.size):
+        r = idx[j]
+        if r < 0:
+            r += rows
+        if r < 0 or r >= rows:
+            return j
+        src = indices[r]
+        dst = out[j]
+        for c in range(src.size):
+            dst[c] = codebook[src[c]]
+    return -1
+
+
 # -- x @ W.T with W [N, K] as dense indices: one dot product per output -------------------------
 
 @njit(inline="always")

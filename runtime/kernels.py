@@ -10,7 +10,7 @@ the weight's ``shape``/``ndim``/``dtype``, leading-axis indexing (``w[i]``, ``w[
   contracted); optionally ``+ bias`` and a clamp in the same call (a Gemm's bias and fused Relu)
 * ``matmul_t(x, w)`` = ``x @ w.T`` for a 2-D weight ``[N, K]``
 * ``lmatmul(w, x)``  = ``w @ x`` for a 2-D weight ``[M, K]`` and ``x`` ``[K, P]`` or ``[B, K, P]``
-* ``take_rows(w, idx)`` = ``w[idx]`` (embedding lookup along axis 0)
+* ``take_rows(w, idx)`` = ``w[idx]`` (embedding lookup along axis 0, negative indices wrapped)
 * ``dense(w)``       = the weight as a float ``np.ndarray`` (fallback for anything else)
 * ``conv_runner``, ``product_runner``: ``conv`` and ``matmul_t``/``matmul`` prepared once for a kind of
   inputs (shapes, dtypes, weight kind), holding no weight; the Conv and Gemm operators keep them
@@ -155,11 +155,25 @@ def product_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", clamp: "
 
 
 def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
-    """``w[idx]`` along axis 0 (``idx`` already non-negative, any shape): an embedding lookup."""
-    if isinstance(w, np.ndarray):
-        return np.take(w, np.asarray(idx).astype(np.intp, copy=False), axis=0)
+    """``w[idx]`` along axis 0, an embedding lookup (Gather): integer ``idx`` of any shape, a negative
+    index counting from the end; one out of range is an IndexError."""
     own = getattr(w, "take_rows", None)
-    return own(idx) if own is not None else np.take(dense(w), idx, axis=0)
+    if own is not None:
+        return own(idx)
+    return np.take(w if isinstance(w, np.ndarray) else dense(w), rows_of(idx, w.shape[0]), axis=0)
+
+
+def rows_of(idx: np.ndarray, rows: int) -> np.ndarray:
+    """Gather's indices into ``rows`` rows as intp, negative ones counted from the end; IndexError
+    naming the first one out of range (numpy's ``take`` would wrap one below ``-rows`` again)."""
+    idx = np.asarray(idx).astype(np.intp, copy=False)
+    if not idx.size or (idx.min() >= 0 and idx.max() < rows):     # the usual case: two reductions
+        return idx
+    wrapped = np.where(idx < 0, idx + rows, idx)
+    outside = (wrapped < 0) | (wrapped >= rows)
+    if outside.any():
+        raise IndexError(f"index {idx[outside].flat[0]} is out of bounds for axis 0 with size {rows}")
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------

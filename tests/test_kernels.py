@@ -307,6 +307,52 @@ def test_a_node_reuses_its_last_runner_only_for_the_same_inputs():
                                               kernels.conv(x, iw, flat, [1, 1], [1, 1], [0, 0, 0, 0], 1, clamp))
 
 
+@pytest.mark.parametrize("idx", [[[3, -1, 0, 9]], 4, -10, [], [[1, 2, 3], [-3, -2, -1]]], ids=str)
+def test_embedding_lookup_agrees_and_wraps(idx, monkeypatch):
+    """Gather along axis 0 of every weight kind (``kernels.take_rows``; the compiled lookup for dense
+    indices): negative indices count from the end, the numba kernel agrees with its numpy twin."""
+    dense, iw, sw = weights((10, 3, 4), 0.5)
+    idx = np.asarray(idx, np.int64)
+    want = dense[np.where(idx < 0, idx + 10, idx)]
+    for w in (dense, iw, sw):
+        got, twin = both(lambda: kernels.take_rows(w, idx), monkeypatch)
+        for y in (got, twin):
+            assert y.shape == idx.shape + (3, 4) and y.dtype == np.float32
+            np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("bad", [10, -11, 2**40])
+def test_embedding_lookup_out_of_range_is_an_index_error(bad, monkeypatch):
+    """An index outside [-rows, rows) is refused on every path (numpy's ``take`` alone would wrap -11
+    into range again)."""
+    dense, iw, sw = weights((10, 3, 4), 0.5)
+    for w in (dense, iw, sw):
+        for numba_on in (True, False):
+            if not numba_on:
+                no_numba(monkeypatch)
+            with pytest.raises(IndexError, match=f"index {bad} is out of bounds for axis 0 with size 10"):
+                kernels.take_rows(w, np.array([[0, bad]], np.int64))
+            no_numba(monkeypatch, None)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (3, 5, 7), (2, 256), (2, 257), (2, 1)], ids=str)
+def test_softmax_kernel_agrees_with_numpy(shape, monkeypatch):
+    """Softmax along the last axis: the compiled rows (inputs up to ``SOFTMAX_COMPILED`` elements)
+    agree with the numpy twin, a NaN making its row NaN; an opset-11 Softmax (axis 1 over the
+    flattened tail) too."""
+    from dcrt.runtime.ops import nn
+    x = rand(*shape) * 8
+    x.reshape(-1, shape[-1])[-1, 0] = np.nan
+    for attrs in ({"_opset": 13}, {"_opset": 11, "axis": 1}):
+        got, twin = both(lambda: nn.softmax(attrs, x), monkeypatch)
+        assert got.shape == twin.shape == x.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, twin, rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(twin))
+    y = nn.softmax({"_opset": 13}, x).reshape(-1, shape[-1])
+    assert np.isnan(y[-1]).all() and not np.isnan(y[:-1]).any()
+    np.testing.assert_allclose(y[:-1].sum(axis=1), 1, rtol=1e-6)
+
+
 @pytest.mark.parametrize("case", DEPTHWISE, ids=str)
 def test_depthwise_kernels_agree(case, monkeypatch):
     channels, size, stride, mult, k, dil, pads = case

@@ -291,6 +291,21 @@ def test_lstm_clip_input_forget_and_activations() -> None:
           weights=("w", "r"), outputs=("y", "yh", "yc"))
 
 
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+def test_recurrent_outputs_never_share_an_input(op: str, gates: int) -> None:
+    """With no steps the final states are the initial ones: copies, not views of the caller's arrays
+    (one direction's outputs are otherwise given as views of arrays the operator made)."""
+    from dcrt.runtime.ops import OPS
+    inputs = _rnn_inputs(gates, "forward", steps=0, cell=op == "LSTM")
+    states = ["h0", "c0"] if op == "LSTM" else ["h0"]
+    args = [inputs[k] for k in ("x", "w", "r", "b", "lens", "h0")] + ([inputs["c0"]] if op == "LSTM" else [])
+    y, *finals = OPS[op]({"hidden_size": 5, "_opset": 14, "_nout": 1 + len(states)}, *args)
+    assert y.shape == (0, 1, 3, 5)
+    for got, name in zip(finals, states):
+        np.testing.assert_array_equal(got, inputs[name])
+        assert not np.shares_memory(got, inputs[name])
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("before_reset", [0, 1])
 @pytest.mark.parametrize("lengths", [False, True])

@@ -617,10 +617,21 @@ def _softmax_axes(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, int]:
     return x, attrs.get("axis", -1)
 
 
+#: Largest Softmax input for the compiled kernel: its exp is scalar, numpy's vectorised (a [1, 512]
+#: input 4.0 against 5.0 us, [8, 1000] 35 against 14), but numpy's six calls cost ~4 us on any size.
+SOFTMAX_COMPILED = 512
+
+
 @register("Softmax")
 def softmax(attrs: Attrs, x: np.ndarray) -> np.ndarray:
     """``exp(x - max) / sum`` along ``axis`` (-1; opset < 13: 1, over the flattened tail)."""
     v, axis = _softmax_axes(attrs, x)
+    k = kernels.kernels()
+    if (k is not None and v.ndim and 0 < v.size <= SOFTMAX_COMPILED and axis % v.ndim == v.ndim - 1
+            and v.dtype == np.float32 and v.flags.c_contiguous):    # along the last axis: one call
+        out = np.empty(v.shape, np.float32)
+        k.softmax_rows(v.reshape(-1, v.shape[-1]), out.reshape(-1, v.shape[-1]))
+        return out.reshape(x.shape)
     e = np.exp(v - v.max(axis=axis, keepdims=True))
     return (e / e.sum(axis=axis, keepdims=True)).reshape(x.shape).astype(x.dtype, copy=False)
 

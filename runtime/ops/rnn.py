@@ -68,7 +68,11 @@ def _activations(attrs: Attrs, defaults: Sequence[str], directions: int) -> List
     """Per direction, the activation functions (``activations`` attribute or the defaults).
 
     ``activation_alpha``/``activation_beta`` are consumed in order by the functions that take them.
+    Worked out once per node (and number of directions): ~1.7 us a call otherwise.
     """
+    known = attrs.get("_activations")
+    if known is not None and known[0] == directions:
+        return known[1]
     names = list(attrs.get("activations") or list(defaults) * directions)
     if len(names) == len(defaults) and directions == 2:
         names = names * 2
@@ -81,7 +85,9 @@ def _activations(attrs: Attrs, defaults: Sequence[str], directions: int) -> List
         beta = betas.pop(0) if key in _TAKES_BETA and betas else None
         funcs.append(_activation(name, alpha, beta))
     n = len(defaults)
-    return [funcs[d * n:(d + 1) * n] for d in range(directions)]
+    result = [funcs[d * n:(d + 1) * n] for d in range(directions)]
+    attrs["_activations"] = (directions, result)
+    return result
 
 
 def _reverse_within(x: np.ndarray, lengths: Optional[np.ndarray]) -> np.ndarray:
@@ -145,12 +151,21 @@ class _Recurrence:
 
     def outputs(self, ys: List[np.ndarray], states: List[np.ndarray]) -> Tuple[np.ndarray, ...]:
         """``Y [T, D, B, H]`` (or ``[B, T, D, H]``) and each final state ``[D, B, H]`` (or ``[B, D, H]``)."""
-        y = np.stack(ys, axis=1).astype(self.dtype, copy=False)
+        y = _stack(ys, axis=1).astype(self.dtype, copy=False)
         finals = [s.astype(self.dtype, copy=False) for s in states]
         if self.batch_major:
             y = y.transpose(2, 0, 1, 3)
             finals = [np.swapaxes(s, 0, 1) for s in finals]
         return (y, *finals)
+
+
+def _stack(arrays: List[np.ndarray], axis: int = 0) -> np.ndarray:
+    """``np.stack``; for one direction whose array owns its data (made by the operator, not a view of
+    an input), a view with the new axis: no copy (an LSTM classifier's three outputs: ~6 us less)."""
+    if len(arrays) == 1 and arrays[0].base is None:
+        a = arrays[0]
+        return a.reshape(a.shape[:axis] + (1,) + a.shape[axis:])
+    return np.stack(arrays, axis=axis)
 
 
 def _step(mask: Optional[np.ndarray], new: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -169,9 +184,8 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
     ys, h_last, c_last = [], [], []
     for d in range(rec.directions):
         f, g, act_h = funcs[d]
-        proj = kernels.matmul_t(rec.inputs(d), w[d])  # [T, B, 4H]
-        if b is not None:
-            proj = proj + (b[d, :4 * hsz] + b[d, 4 * hsz:])
+        # [T, B, 4H], the two biases added in the product's pass
+        proj = kernels.matmul_t(rec.inputs(d), w[d], None if b is None else b[d, :4 * hsz] + b[d, 4 * hsz:])
         rd = r[d]
         fast = _compiled_lstm(attrs, rec, funcs[d], proj, rd)
         if fast is not None:
@@ -200,7 +214,7 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         ys.append(rec.finish(d, out))
         h_last.append(h)
         c_last.append(c)
-    return rec.outputs(ys, [np.stack(h_last), np.stack(c_last)])
+    return rec.outputs(ys, [_stack(h_last), _stack(c_last)])
 
 
 _NO_PEEPHOLES = np.zeros(0, np.float32)
@@ -264,7 +278,7 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
             out.append(h)
         ys.append(rec.finish(d, out))
         h_last.append(h)
-    return rec.outputs(ys, [np.stack(h_last)])
+    return rec.outputs(ys, [_stack(h_last)])
 
 
 @register("RNN", weights=(1, 2))
@@ -278,9 +292,7 @@ def rnn(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
     ys, h_last = [], []
     for d in range(rec.directions):
         (f,) = funcs[d]
-        proj = kernels.matmul_t(rec.inputs(d), w[d])
-        if b is not None:
-            proj = proj + (b[d, :hsz] + b[d, hsz:])
+        proj = kernels.matmul_t(rec.inputs(d), w[d], None if b is None else b[d, :hsz] + b[d, hsz:])
         rd = r[d]
         h = hs[d]
         out = []
@@ -289,4 +301,4 @@ def rnn(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
             out.append(h)
         ys.append(rec.finish(d, out))
         h_last.append(h)
-    return rec.outputs(ys, [np.stack(h_last)])
+    return rec.outputs(ys, [_stack(h_last)])

@@ -279,9 +279,9 @@ def _wrap(indices: np.ndarray, dim: int) -> np.ndarray:
 def gather(attrs: Attrs, data: Any, indices: np.ndarray) -> np.ndarray:
     """``take`` along ``axis``; along axis 0 (an embedding lookup) through ``kernels.take_rows``."""
     axis = attrs.get("axis", 0) % data.ndim
-    idx = _wrap(indices, data.shape[axis])
     if axis == 0:
-        return kernels.take_rows(data, idx)
+        return kernels.take_rows(data, indices)
+    idx = _wrap(indices, data.shape[axis])
     return np.take(kernels.dense(data), np.asarray(idx).astype(np.intp, copy=False), axis=axis)
 
 
