@@ -42,7 +42,7 @@ from dcrt.errors import FormatError
 from dcrt.memory import position_dtype
 
 from . import numba_kernels
-from .kernels import finish, product_t, rows_of
+from .kernels import finish, product_t, wrap_indices
 from .numba_kernels import kernels, launch
 
 TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (float32 bytes)
@@ -225,7 +225,7 @@ class IndexedWeight:
         k, idx = kernels(), np.asarray(idx)
         rows = self.shape[0]
         if k is None or not self.indices.flags.c_contiguous:
-            return self.codebook[np.take(self.indices, rows_of(idx, rows), axis=0)]
+            return self.codebook[np.take(self.indices, wrap_indices(idx, rows), axis=0)]
         flat, width = idx.astype(np.int64, copy=False).reshape(-1), math.prod(self.shape[1:])
         out = np.empty((flat.size,) + self.shape[1:], np.float32)
         bad = k.take_index_rows(self.indices.reshape(rows, width), self.codebook, flat, out.reshape(flat.size, width))
@@ -475,7 +475,7 @@ class SparseWeight:
         return self.expand_rows(0, self.shape[0]).reshape(self.shape)
 
     def take_rows(self, idx: np.ndarray) -> np.ndarray:
-        flat = rows_of(idx, self.shape[0]).ravel()
+        flat = wrap_indices(idx, self.shape[0]).ravel()
         out = np.stack([self.expand_rows(int(i), int(i) + 1)[0] for i in flat]) if flat.size else \
             np.zeros((0,) + self.shape[1:], np.float32)
         return out.reshape(np.shape(idx) + self.shape[1:])

@@ -160,19 +160,20 @@ def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
     own = getattr(w, "take_rows", None)
     if own is not None:
         return own(idx)
-    return np.take(w if isinstance(w, np.ndarray) else dense(w), rows_of(idx, w.shape[0]), axis=0)
+    return np.take(w if isinstance(w, np.ndarray) else dense(w), wrap_indices(idx, w.shape[0]), axis=0)
 
 
-def rows_of(idx: np.ndarray, rows: int) -> np.ndarray:
-    """Gather's indices into ``rows`` rows as intp, negative ones counted from the end; IndexError
-    naming the first one out of range (numpy's ``take`` would wrap one below ``-rows`` again)."""
+def wrap_indices(idx: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+    """ONNX indices into an axis of ``size`` (Gather, GatherElements, ScatterElements) as intp,
+    negative ones counted from the end; IndexError naming the first one out of range (numpy's
+    ``take`` would wrap one below ``-size`` into range again)."""
     idx = np.asarray(idx).astype(np.intp, copy=False)
-    if not idx.size or (idx.min() >= 0 and idx.max() < rows):     # the usual case: two reductions
+    if not idx.size or (idx.min() >= 0 and idx.max() < size):     # the usual case: two reductions
         return idx
-    wrapped = np.where(idx < 0, idx + rows, idx)
-    outside = (wrapped < 0) | (wrapped >= rows)
+    wrapped = np.where(idx < 0, idx + size, idx)
+    outside = (wrapped < 0) | (wrapped >= size)
     if outside.any():
-        raise IndexError(f"index {idx[outside].flat[0]} is out of bounds for axis 0 with size {rows}")
+        raise IndexError(f"index {idx[outside].flat[0]} is out of bounds for axis {axis} with size {size}")
     return wrapped
 
 

@@ -370,6 +370,19 @@ def test_gather_negative_indices() -> None:
     check("Gather", {"d": rand(3, 4), "i": np.array(-2, np.int64)}, dict(axis=0), weights=("d",))
 
 
+@pytest.mark.parametrize("op, axis", [("Gather", 0), ("Gather", 1), ("GatherElements", 1), ("ScatterElements", 1)])
+def test_index_out_of_range_is_refused(op: str, axis: int) -> None:
+    """An index outside [-size, size) is an IndexError naming it and the axis, also one below -size
+    (numpy's take/take_along_axis alone would wrap it into range a second time)."""
+    from dcrt.runtime.ops import OPS
+    data = rand(4, 4)
+    for bad in (4, -5):
+        idx = np.array([[0, bad]], np.int64)
+        args = (data, idx, rand(1, 2)) if op == "ScatterElements" else (data, idx)
+        with pytest.raises(IndexError, match=f"index {bad} is out of bounds for axis {axis} with size 4"):
+            OPS[op]({"axis": axis, "_opset": 13, "_nout": 1}, *args)
+
+
 def test_reshape_zero_and_minus_one() -> None:
     check("Reshape", {"x": rand(2, 3, 4), "s": np.array([0, -1], np.int64)})
     check("Reshape", {"x": rand(2, 3, 4), "s": np.array([-1, 0, 2], np.int64)})

@@ -269,27 +269,20 @@ def trilu(attrs: Attrs, x: np.ndarray, k: Optional[np.ndarray] = None) -> np.nda
 # -- indexing --------------------------------------------------------------------------------------
 
 
-def _wrap(indices: np.ndarray, dim: int) -> np.ndarray:
-    """Negative indices count from the end."""
-    indices = np.asarray(indices, dtype=np.int64)
-    return np.where(indices < 0, indices + dim, indices)
-
-
 @register("Gather", weights=(0,))
 def gather(attrs: Attrs, data: Any, indices: np.ndarray) -> np.ndarray:
     """``take`` along ``axis``; along axis 0 (an embedding lookup) through ``kernels.take_rows``."""
     axis = attrs.get("axis", 0) % data.ndim
     if axis == 0:
         return kernels.take_rows(data, indices)
-    idx = _wrap(indices, data.shape[axis])
-    return np.take(kernels.dense(data), np.asarray(idx).astype(np.intp, copy=False), axis=axis)
+    return np.take(kernels.dense(data), kernels.wrap_indices(indices, data.shape[axis], axis), axis=axis)
 
 
 @register("GatherElements")
 def gather_elements(attrs: Attrs, data: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """``take_along_axis`` with negative indices."""
     axis = attrs.get("axis", 0) % data.ndim
-    return np.take_along_axis(data, _wrap(indices, data.shape[axis]), axis=axis)
+    return np.take_along_axis(data, kernels.wrap_indices(indices, data.shape[axis], axis), axis=axis)
 
 
 @register("GatherND")
@@ -330,7 +323,7 @@ def scatter_elements(attrs: Attrs, data: np.ndarray, indices: np.ndarray, update
     axis = attrs.get("axis", 0) % data.ndim
     out = data.copy()
     where = list(np.indices(indices.shape, sparse=True))
-    where[axis] = _wrap(indices, data.shape[axis])
+    where[axis] = kernels.wrap_indices(indices, data.shape[axis], axis)
     reduction = _text(attrs.get("reduction", "none"))
     if reduction == "none":
         out[tuple(where)] = updates
