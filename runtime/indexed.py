@@ -230,7 +230,7 @@ class IndexedWeight:
         out = np.empty((flat.size,) + self.shape[1:], np.float32)
         bad = k.take_index_rows(self.indices.reshape(rows, width), self.codebook, flat, out.reshape(flat.size, width))
         if bad >= 0:
-            raise IndexError(f"index {flat[bad]} is out of bounds for axis 0 with size {rows}")
+            wrap_indices(flat[bad:bad + 1], rows)     # raises the IndexError every path raises
         return out.reshape(idx.shape + self.shape[1:])
 
     # -- tiles ---------------------------------------------------------------------------------
