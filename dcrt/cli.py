@@ -1,4 +1,4 @@
-"""The ``dcrt`` command line: convert, inspect, size, verify, run."""
+"""The ``dcrt`` command line: convert, inspect, size, verify, run, profile."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import time
 from typing import List, Optional
 
 from . import __version__
-from .errors import DcrtError
+from .errors import DcrtError, InputError
 from .report import human
 
 
@@ -126,17 +126,23 @@ def _cmd_verify(a) -> int:
     return 0
 
 
+def _loaded_feeds(sess, specs: List[str]) -> dict:
+    """``--input [NAME=]FILE.npy`` options as a feed (unnamed ones in the model's input order)."""
+    import numpy as np
+    feeds = {}
+    names = [i.name for i in sess.get_inputs()]
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        feeds[name or names[len(feeds)]] = np.load(path)
+    return feeds
+
+
 def _cmd_run(a) -> int:
     import numpy as np
 
     from .runtime.session import Session
     sess = Session(a.model, mode=a.mode)
-    feeds = {}
-    names = [i.name for i in sess.get_inputs()]
-    for spec in a.input:
-        name, _, path = spec.rpartition("=")
-        feeds[name or names[len(feeds)]] = np.load(path)
-    outputs = sess.run(None, feeds)
+    outputs = sess.run(None, _loaded_feeds(sess, a.input))
     if a.output:
         if len(outputs) == 1:
             np.save(a.output, outputs[0])
@@ -147,6 +153,70 @@ def _cmd_run(a) -> int:
         if not a.output:
             print(np.array2string(v, threshold=50, precision=5))
     return 0
+
+
+def _sample_feeds(sess) -> dict:
+    """A feed for each input not given: random floats (seed 0), zeros for integers and booleans (a
+    valid index for any table), free dimensions set to 1; announced on stderr."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for arg in sess.get_inputs():
+        if arg.shape is None:
+            raise InputError(f"input {arg.name!r} has no declared shape: give it with --input {arg.name}=FILE.npy")
+        shape = [d if isinstance(d, int) else 1 for d in arg.shape]
+        kind = np.dtype(arg.dtype).kind
+        feeds[arg.name] = (rng.standard_normal(shape).astype(arg.dtype) if kind in "fc"
+                           else np.zeros(shape, arg.dtype))
+        print(f"input {arg.name}: {'random' if kind in 'fc' else 'zero'} {np.dtype(arg.dtype).name} {shape}"
+              + (" (free dimensions set to 1)" if shape != list(arg.shape) else ""), file=sys.stderr)
+    return feeds
+
+
+def _cmd_profile(a) -> int:
+    import numpy as np
+
+    from .runtime.numba_kernels import kernels, threads
+    from .runtime.session import Session
+    sess = Session(a.model, mode=a.mode)
+    given = _loaded_feeds(sess, a.input)
+    feeds = {**_sample_feeds(sess), **given} if len(given) < len(sess.get_inputs()) else given
+    rows = sess.profile(feeds, runs=a.runs)
+    runs = []
+    for _ in range(a.runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        runs.append(time.perf_counter() - start)
+    run_s = float(np.median(runs))
+    engine = f"numba, {threads()} thread(s)" if kernels() is not None else "numpy kernels (no numba)"
+    total = sum(r.seconds for r in rows) or 1.0
+    by_op: dict = {}
+    for r in rows:
+        by_op[r.op_type] = by_op.get(r.op_type, 0.0) + r.seconds
+    if a.json:
+        print(json.dumps({"model": a.model, "mode": a.mode, "runs": a.runs, "engine": engine, "run_ms": run_s * 1e3,
+                          "nodes": [{"name": r.name, "op_type": r.op_type, "weight": r.weight, "ms": r.seconds * 1e3}
+                                    for r in rows],
+                          "by_op_ms": {k: v * 1e3 for k, v in by_op.items()}}, indent=1))
+        return 0
+    print(f"{a.model}: {a.mode} mode, {engine}; median of {a.runs} runs per node")
+    width = max([4] + [len(r.name) for r in rows])
+    op_width = max([2] + [len(r.op_type) for r in rows])
+    print(f"{'node':{width}}  {'op':{op_width}}  {'weight':24}  {'ms':>9}  {'%':>5}")
+    for r in rows:
+        print(f"{r.name:{width}}  {r.op_type:{op_width}}  {r.weight:24}  {r.seconds * 1e3:9.3f}  "
+              f"{100 * r.seconds / total:5.1f}")
+    print(f"nodes {total * 1e3:.3f} ms; whole run {run_s * 1e3:.3f} ms (median, the executor's work between nodes included)")
+    print("by op type: " + ", ".join(f"{op} {100 * t / total:.1f} %"
+                                     for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="save the output (.npy, or .npz for several outputs)")
     r.add_argument("--mode", default="index", choices=("index", "dense", "stream"))
     r.set_defaults(func=_cmd_run)
+
+    f = sub.add_parser("profile", help="time each node of a .dcm (random inputs unless given)")
+    f.add_argument("model")
+    f.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE.npy")
+    f.add_argument("--runs", type=_positive, default=20, help="timed runs (medians are printed; default 20)")
+    f.add_argument("--mode", default="index", choices=("index", "dense", "stream"))
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_cmd_profile)
     for module in EXTENSIONS:
         try:
             add = importlib.import_module(module).add_commands

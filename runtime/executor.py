@@ -6,13 +6,16 @@ nothing reads it any more, so that ``run`` frees each intermediate array as earl
 the peak memory is that of the live values, not of the whole graph.
 
 ``run`` keeps all of its state in local variables, so one ``Executor`` serves many threads at once.
+Given ``times``, it runs a copy of the plan whose steps add their seconds to it (``Session.profile``):
+the usual path pays nothing for profiling.
 Initializers are never assumed to be ``np.ndarray``: the ``weights`` callable given to ``run``
 returns whatever the model holds (an array or an indexed weight), handed unchanged to the operator
 inputs that accept weights, and expanded with ``kernels.dense`` for any other input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -36,6 +39,7 @@ class _Step:
     inputs: Tuple[str, ...]  # declared inputs ("" = omitted), then captured outer-scope names
     raw: FrozenSet[int]  # input positions passed as they are (weights, captures)
     outputs: Tuple[str, ...]
+    fused: str = ""  # the op type of an activation merged into this step (see Executor._fuse)
     reads: Tuple[Tuple[str, bool], ...] = field(init=False)  # (name, raw) per input: what run walks
 
     def __post_init__(self) -> None:
@@ -182,7 +186,8 @@ class Executor:
                 continue
             fn = nn.fuse_clamp(prod.node.op_type, prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
             if fn is not None:
-                merged[i] = _Step(prod.node, fn, prod.attrs, prod.inputs + extra, prod.raw, act.outputs)
+                merged[i] = _Step(prod.node, fn, prod.attrs, prod.inputs + extra, prod.raw, act.outputs,
+                                  act.node.op_type)
                 merged[j] = None
         return tuple(step for step in merged if step is not None)
 
@@ -214,20 +219,31 @@ class Executor:
                 frees[i].append(name)
         return _Plan(tuple(kept), tuple(tuple(f) for f in frees), outputs)
 
+    def steps(self) -> Tuple[_Step, ...]:
+        """The steps computing the graph outputs, in the order ``run`` takes them (an activation
+        fused into its producer is one step: ``fused`` names it)."""
+        return self._default_plan.steps
+
     # -- running -------------------------------------------------------------------------------
 
     def run(self, feeds: Mapping[str, Any], weights: Optional[WeightSource] = None,
-            outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+            outputs: Optional[Sequence[str]] = None, times: Optional[List[float]] = None) -> Dict[str, np.ndarray]:
         """Compute ``outputs`` (default: the graph outputs) from ``feeds``.
 
         ``weights(name)`` returns an initializer's value (default: the graph's ``initializers``).
         A graph input that is also an initializer takes the fed value when given. Any value name of
-        the graph may be requested as an output.
+        the graph may be requested as an output. ``times`` (for the graph outputs only): one float
+        per step of :meth:`steps`, to which each step adds the seconds its function and the
+        fetching of its weights took.
         """
         if weights is None:
             weights = self.graph.initializers.__getitem__
         wanted = None if outputs is None else tuple(outputs)
         plan = self._default_plan if wanted in (None, self._default_plan.outputs) else self._make_plan(wanted)
+        if times is not None:
+            if plan is not self._default_plan or len(times) != len(plan.steps):
+                raise ValueError(f"times needs one entry per step of the graph outputs' plan ({len(plan.steps)})")
+            plan, weights = _timed(plan, weights, times)
         env: Dict[str, Any] = dict(feeds)
         for name in self.input_names:
             if name not in env and name not in self.graph.initializers:
@@ -272,3 +288,29 @@ class Executor:
             value = env[name] if name in env else weights(name)
             results[name] = value if isinstance(value, ndarray) else kernels.dense(value)
         return results
+
+
+def _timed(plan: _Plan, weights: WeightSource, times: List[float]) -> Tuple[_Plan, WeightSource]:
+    """``plan`` with step ``i``'s function adding its seconds to ``times[i]``, and ``weights`` timed
+    too: what fetching a step's weights took (stream mode decodes them then) is added to that step.
+    The executor's own work around a step (gathering inputs, freeing values) is not counted."""
+    fetched = [0.0]
+
+    def fetch(name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return weights(name)
+        finally:
+            fetched[0] += time.perf_counter() - start
+
+    def clocked(fn: Callable[..., Any], i: int) -> Callable[..., Any]:
+        def run(attrs: Dict[str, Any], *args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(attrs, *args)
+            finally:
+                times[i] += time.perf_counter() - start + fetched[0]
+                fetched[0] = 0.0
+        return run
+    steps = tuple(replace(step, fn=clocked(step.fn, i)) for i, step in enumerate(plan.steps))
+    return _Plan(steps, plan.frees, plan.outputs), fetch

@@ -10,6 +10,9 @@ Weights are decoded lazily, on first use, and kept in one of three modes:
   Conv and the RNN gate matrices compute from them without a dense float32 copy of the weight.
 - ``"dense"``: each weight is decoded to float32 once; fastest on a machine with memory to spare.
 - ``"stream"``: compressed weights are decoded for each use and dropped; lowest resident memory.
+
+``sess.profile(feed, runs=10)`` times each node (``dcrt profile`` prints it; ``benchmarks/layers.py``
+sets it beside onnxruntime's profiler).
 """
 from __future__ import annotations
 
@@ -46,6 +49,34 @@ class NodeArg:
     shape: Optional[List[Any]]
     type: str
     dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node of :meth:`Session.profile`: its name (or first output), its op type ("Conv+Relu"
+    when an activation runs in its pass), how its weight is held (:func:`held_as`; "" for none) and
+    the median seconds of its function over the profiled runs."""
+
+    name: str
+    op_type: str
+    weight: str
+    seconds: float
+
+
+def held_as(value: Any) -> str:
+    """How a session holds a weight: ``float32`` (an array's dtype), ``indices uint8`` (codebook
+    indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input`` or ``CSR 10% per direction``."""
+    if isinstance(value, np.ndarray):
+        return str(value.dtype)
+    if isinstance(value, IndexedWeight):
+        return f"indices {value.indices.dtype}"
+    inner = value.inner if isinstance(value, ByInput) else value
+    matrices = inner.matrices if isinstance(inner, PerDirection) else (inner,)
+    if not all(isinstance(m, SparseWeight) for m in matrices):
+        return type(value).__name__
+    kept = sum(m.nnz for m in matrices) / max(1, sum(int(np.prod(m.shape)) for m in matrices))
+    suffix = {ByInput: " by input", PerDirection: " per direction"}.get(type(value), "")
+    return f"CSR {kept:.0%}{suffix}"
 
 
 def _node_arg(v: ValueInfo) -> NodeArg:
@@ -178,6 +209,30 @@ class Session:
         if short:
             return outputs[0] if len(outputs) == 1 else outputs
         return outputs
+
+    def profile(self, input_feed: Mapping[str, Any], runs: int = 10) -> List[NodeTime]:
+        """Time each node over ``runs`` runs on ``input_feed`` (``{name: array}``), after one untimed
+        run that decodes the weights and prepares the kernels: the median seconds of each node's
+        function, in execution order (the executor's bookkeeping between nodes is not counted)."""
+        if runs < 1:
+            raise ValueError(f"runs must be at least 1, not {runs}")
+        feeds = self._check(input_feed)
+        self.run(None, feeds)
+        steps = self._executor.steps()
+        samples = np.empty((runs, len(steps)))
+        for r in range(runs):
+            times = [0.0] * len(steps)
+            self._executor.run({**self._cache, **feeds}, self._weight, None, times)
+            samples[r] = times
+        seconds = np.median(samples, axis=0)
+        rows = []
+        for step, t in zip(steps, seconds):
+            held = ", ".join("decoded per run" if self._cache.get(step.inputs[i]) is None
+                             else held_as(self._cache[step.inputs[i]])
+                             for i in sorted(step.raw) if step.inputs[i] in self._tensors)
+            rows.append(NodeTime(step.node.name or step.outputs[0],
+                                 step.node.op_type + (f"+{step.fused}" if step.fused else ""), held, float(t)))
+        return rows
 
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
         """The feed as arrays, or InputError naming the unknown, mistyped or missing input."""

@@ -86,3 +86,27 @@ def test_python_m_dcrt_and_not_a_dcm(tmp_path):
     bogus.write_bytes(b"\x00" * 64)
     proc = subprocess.run([sys.executable, "-m", "dcrt", "inspect", str(bogus)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a .dcm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_command(dcm_path, tmp_path, capsys):
+    """Per-node medians as a table or JSON, on random inputs (free dimensions set to 1, said on
+    stderr) or the given ones; a bad --runs is refused by the parser."""
+    import numpy as np
+    path = str(dcm_path("lenet_300_100"))
+    assert main(["profile", path, "--runs", "2", "--json"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert [(n["name"], n["op_type"]) for n in report["nodes"]] == [("fc1", "Gemm+Relu"), ("fc2", "Gemm+Relu"),
+                                                                    ("fc3", "Gemm")]
+    assert all(n["ms"] > 0 for n in report["nodes"]) and report["run_ms"] > 0 and report["mode"] == "index"
+    assert sum(report["by_op_ms"].values()) == pytest.approx(sum(n["ms"] for n in report["nodes"]))
+    assert "input input: random float32 [1, 784] (free dimensions set to 1)" in out.err
+    np.save(tmp_path / "x.npy", np.zeros((3, 784), np.float32))
+    assert main(["profile", path, "--runs", "2", "--mode", "dense", "--input", f"input={tmp_path / 'x.npy'}"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""                          # nothing made up: the input was given
+    assert "dense mode" in out.out and "by op type: Gemm+Relu" in out.out
+    assert [line.split()[0] for line in out.out.splitlines()[2:5]] == ["fc1", "fc2", "fc3"]
+    with pytest.raises(SystemExit):
+        main(["profile", path, "--runs", "0"])
+    assert "must be at least 1" in capsys.readouterr().err

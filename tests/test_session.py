@@ -242,6 +242,42 @@ def test_dcrt_run_command(dcm_path, tmp_path, capsys):
     assert "must have shape" in capsys.readouterr().err
 
 
+def test_profile_times_each_node_where_its_work_is(dcm_path, tmp_path):
+    """One row per step, in execution order, named after its node, an activation run in the node's pass
+    named with it, its weight described as the mode holds it; the time of each node is its own: a
+    heavy MatMul outweighs the Relu after it, and in stream mode a node's time includes decoding its
+    weight (which the executor does while gathering the node's inputs)."""
+    path = dcm_path("lenet_300_100")
+    x = {"input": np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)}
+    profiles = {mode: dcrt.Session(str(path), mode=mode).profile(x, runs=3) for mode in ("index", "dense", "stream")}
+    for mode, rows in profiles.items():
+        assert [(r.name, r.op_type) for r in rows] == [("fc1", "Gemm+Relu"), ("fc2", "Gemm+Relu"), ("fc3", "Gemm")]
+        assert all(r.seconds > 0 for r in rows)
+    assert [r.weight for r in profiles["index"]] == ["CSR 10% by input", "CSR 10% by input", "CSR 10%"]
+    assert {r.weight for r in profiles["dense"]} == {"float32"}
+    assert {r.weight for r in profiles["stream"]} == {"decoded per run"}
+    # decoding fc1 (23,520 Huffman-coded kept weights) costs far more than computing with it
+    assert profiles["stream"][0].seconds > 5 * profiles["index"][0].seconds
+
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(1).standard_normal((512, 512)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="big"), helper.make_node("Relu", ["h"], ["y"], name="act")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 512])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), **LOSSLESS)
+    sess = dcrt.Session(str(tmp_path / "m.dcm"), mode="dense")
+    big, act = sess.profile({"x": np.ones((64, 512), np.float32)}, runs=5)
+    assert (big.name, big.op_type, big.weight, act.name, act.op_type, act.weight) == (
+        "big", "MatMul", "float32", "act", "Relu", "")
+    assert big.seconds > 3 * act.seconds        # 16.8M multiply-adds against 32K comparisons
+    with pytest.raises(ValueError, match="runs"):
+        sess.profile({"x": np.ones((64, 512), np.float32)}, runs=0)
+    with pytest.raises(ValueError, match="one entry per step"):
+        sess._executor.run({"x": np.ones((64, 512), np.float32)}, sess._weight, None, [0.0])
+
+
 def test_gemm_weights_are_kept_by_input(tmp_path):
     """In index mode a pruned weight read only by ``Gemm(transB=1)`` is kept grouped by input
     (``memory.by_input``); one also read another way, read by ``Gemm(transB=0)``, or so wide that a
