@@ -206,7 +206,8 @@ def _cmd_profile(a) -> int:
     for r in rows:
         print(f"{r.name:{width}}  {r.op_type:{op_width}}  {r.weight:24}  {r.seconds * 1e3:9.3f}  "
               f"{100 * r.seconds / total:5.1f}")
-    print(f"nodes {total * 1e3:.3f} ms; whole run {run_s * 1e3:.3f} ms (median, the executor's work between nodes included)")
+    print(f"nodes {total * 1e3:.3f} ms (sum of their medians); whole run {run_s * 1e3:.3f} ms "
+          f"(median of {a.runs} more runs, untimed nodes)")
     print("by op type: " + ", ".join(f"{op} {100 * t / total:.1f} %"
                                      for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])))
     return 0
