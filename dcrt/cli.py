@@ -155,13 +155,15 @@ def _cmd_run(a) -> int:
     return 0
 
 
-def _sample_feeds(sess) -> dict:
-    """A feed for each input not given: random floats (seed 0), zeros for integers and booleans (a
-    valid index for any table), free dimensions set to 1; announced on stderr."""
+def _sample_feeds(sess, given: dict) -> dict:
+    """``given`` and a made-up feed for each other input: random floats (seed 0), zeros for integers
+    and booleans (a valid index for any table), free dimensions set to 1; announced on stderr."""
     import numpy as np
     rng = np.random.default_rng(0)
-    feeds = {}
+    feeds = dict(given)
     for arg in sess.get_inputs():
+        if arg.name in given:
+            continue
         if arg.shape is None:
             raise InputError(f"input {arg.name!r} has no declared shape: give it with --input {arg.name}=FILE.npy")
         shape = [d if isinstance(d, int) else 1 for d in arg.shape]
@@ -179,8 +181,7 @@ def _cmd_profile(a) -> int:
     from .runtime.numba_kernels import kernels, threads
     from .runtime.session import Session
     sess = Session(a.model, mode=a.mode)
-    given = _loaded_feeds(sess, a.input)
-    feeds = {**_sample_feeds(sess), **given} if len(given) < len(sess.get_inputs()) else given
+    feeds = _sample_feeds(sess, _loaded_feeds(sess, a.input))
     rows = sess.profile(feeds, runs=a.runs)
     runs = []
     for _ in range(a.runs):

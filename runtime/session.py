@@ -55,7 +55,7 @@ class NodeArg:
 class NodeTime:
     """One node of :meth:`Session.profile`: its name (or first output), its op type ("Conv+Relu"
     when an activation runs in its pass), how its weight is held (:func:`held_as`; "" for none) and
-    the median seconds of its function over the profiled runs."""
+    the median seconds of its function (in stream mode with the decoding of its weight)."""
 
     name: str
     op_type: str
@@ -213,7 +213,8 @@ class Session:
     def profile(self, input_feed: Mapping[str, Any], runs: int = 10) -> List[NodeTime]:
         """Time each node over ``runs`` runs on ``input_feed`` (``{name: array}``), after one untimed
         run that decodes the weights and prepares the kernels: the median seconds of each node's
-        function, in execution order (the executor's bookkeeping between nodes is not counted)."""
+        function (in stream mode with the decoding of its weights), in execution order; the
+        executor's bookkeeping between nodes is not counted."""
         if runs < 1:
             raise ValueError(f"runs must be at least 1, not {runs}")
         feeds = self._check(input_feed)

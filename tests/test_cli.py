@@ -110,3 +110,27 @@ def test_profile_command(dcm_path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["profile", path, "--runs", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_makes_up_only_the_inputs_not_given(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    import dcrt
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT, name="cast"),
+         helper.make_node("Add", ["a", "bf"], ["y"], name="sum")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("b", TensorProto.INT64, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    np.save(tmp_path / "a.npy", np.ones((2, 4), np.float32))
+    assert main(["profile", str(tmp_path / "m.dcm"), "--runs", "1", "--input", f"a={tmp_path / 'a.npy'}"]) == 0
+    out = capsys.readouterr()
+    assert out.err.strip() == "input b: zero int64 [2, 4]"
+    assert [line.split()[:2] for line in out.out.splitlines()[2:4]] == [["cast", "Cast"], ["sum", "Add"]]
+    assert main(["profile", str(tmp_path / "m.dcm"), "--runs", "1"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["input a: random float32 [1, 4] (free dimensions set to 1)",
+                                                     "input b: zero int64 [2, 4]"]
