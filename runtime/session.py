@@ -65,7 +65,10 @@ class NodeTime:
 
 def held_as(value: Any) -> str:
     """How a session holds a weight: ``float32`` (an array's dtype), ``indices uint8`` (codebook
-    indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input`` or ``CSR 10% per direction``."""
+    indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input``, ``CSR 10% per direction``, or
+    ``decoded per run`` for None (stream mode keeps no compressed weight)."""
+    if value is None:
+        return "decoded per run"
     if isinstance(value, np.ndarray):
         return str(value.dtype)
     if isinstance(value, IndexedWeight):
@@ -228,8 +231,7 @@ class Session:
         seconds = np.median(samples, axis=0)
         rows = []
         for step, t in zip(steps, seconds):
-            held = ", ".join("decoded per run" if self._cache.get(step.inputs[i]) is None
-                             else held_as(self._cache[step.inputs[i]])
+            held = ", ".join(held_as(self._cache.get(step.inputs[i]))
                              for i in sorted(step.raw) if step.inputs[i] in self._tensors)
             rows.append(NodeTime(step.node.name or step.outputs[0],
                                  step.node.op_type + (f"+{step.fused}" if step.fused else ""), held, float(t)))
