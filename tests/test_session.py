@@ -278,6 +278,20 @@ def test_profile_times_each_node_where_its_work_is(dcm_path, tmp_path):
         sess._executor.run({"x": np.ones((64, 512), np.float32)}, sess._weight, None, [0.0])
 
 
+def test_profile_names_every_way_a_weight_is_held(onnx_path, zoo, tmp_path):
+    """The LSTM classifier with W and R pruned 90 %: its embedding stays dense 8-bit indices, W and R
+    become one CSR matrix per direction, and the 2x128 head keeps CSR rows (a pointer per input
+    would cost more than grouping by input saves)."""
+    path = tmp_path / "lstm90.dcm"
+    dcrt.convert(str(onnx_path("lstm_classifier")), str(path),
+                 config={"layers": {"lstm.W": {"sparsity": 0.9}, "lstm.R": {"sparsity": 0.9}}})
+    feed = zoo.sample_input(onnx.load(str(onnx_path("lstm_classifier"))), batch=1)
+    held = {r.op_type: r.weight for r in dcrt.Session(str(path)).profile(feed, runs=1)}
+    assert held["Gather"] == "indices uint8"
+    assert held["LSTM"] == "CSR 10% per direction, CSR 10% per direction"
+    assert held["Gemm"] == "CSR 10%"
+
+
 def test_gemm_weights_are_kept_by_input(tmp_path):
     """In index mode a pruned weight read only by ``Gemm(transB=1)`` is kept grouped by input
     (``memory.by_input``); one also read another way, read by ``Gemm(transB=0)``, or so wide that a
