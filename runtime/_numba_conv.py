@@ -4,7 +4,8 @@
   the input without padding it, with the bias and an optional clamp (a fused Relu/Clip); it takes
   the float32 taps of a tile of channels (an index-mode weight is expanded a quarter at a time).
 - ``im2col2d``: the im2col matrix ``[C*kh*kw, samples, positions]`` of a block of output rows, zeros
-  for the padding, straight from the unpadded input (no padded copy, no strided numpy copy).
+  for the padding, straight from the unpadded input (no padded copy, no strided numpy copy); with
+  unit strides and rows as wide as the input's, each tap's block is one flat copy of the plane.
 - ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output; ``add_clamp``
   the same for a residual Add and its Relu.
 - ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
@@ -403,6 +404,39 @@ def _depthwise_jobs(x, w, bias, m0, mult, geometry, lo, hi, clamp, out, first, l
 
 
 @njit(inline="always")
+def _zero_run(cf, start, count):  # pragma: no cover - compiled
+    """``cf[start:start + count] = 0`` (nothing for a count <= 0)."""
+    for u in range(count):
+        cf[_U(start + u)] = 0.0
+
+
+@njit(inline="always")
+def _im2col_flat(xf, xb, cf, db0, tap_stride, kh, kw, dh, dw, ph, pw, r0, rows, height, width):  # pragma: no cover
+    """Unit strides, rows as wide as the input's: each tap's block is the plane shifted, one flat copy
+    (long, vectorised), then the columns the copy took across a row edge and the rows past the
+    input are zeroed. Block of tap ``(i, j)`` at ``db0 + (i * kw + j) * tap_stride``."""
+    for i in range(kh):
+        di = r0 + i * dh - ph                 # input row of the block's first output row
+        r_lo, r_hi = max(0, -di), max(0, min(rows, height - di))
+        for j in range(kw):
+            db = db0 + (i * kw + j) * tap_stride
+            if r_lo >= r_hi:
+                _zero_run(cf, db, rows * width)
+                continue
+            _zero_run(cf, db, r_lo * width)
+            _zero_run(cf, db + r_hi * width, (rows - r_hi) * width)
+            off = j * dw - pw
+            shift = di * width + off
+            # the flat copy stops where it would read before or past the plane: those are edge columns
+            for p in range(max(r_lo * width, -shift), min(r_hi * width, height * width - shift)):
+                cf[_U(db + p)] = xf[_U(xb + p + shift)]
+            a, b = _valid(off, 1, width, width)
+            for r in range(r_lo, r_hi):
+                _zero_run(cf, db + r * width, a)
+                _zero_run(cf, db + r * width + b, width - b)
+
+
+@njit(inline="always")
 def _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job):  # pragma: no cover - compiled
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     ow_count = geometry[6]
@@ -416,9 +450,13 @@ def _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job):  # pragma: no cov
     xf = x.reshape(x.size)
     cf = cols.reshape(cols.size)
     xb = ((n0 + nl) * x.shape[1] + c0 + c) * height * width
+    db0, tap_stride = (c * kh * kw * samples + nl) * positions, samples * positions
+    if sh == 1 and sw == 1 and ow_count == width:
+        _im2col_flat(xf, xb, cf, db0, tap_stride, kh, kw, dh, dw, ph, pw, r0, rows, height, width)
+        return
     for i in range(kh):
         for j in range(kw):
-            db = (((c * kh + i) * kw + j) * samples + nl) * positions
+            db = db0 + (i * kw + j) * tap_stride
             off = j * dw - pw
             a, b = _valid(off, sw, width, ow_count)
             for r in range(rows):

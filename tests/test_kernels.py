@@ -141,7 +141,9 @@ def test_tiles_expand_and_lmatmul(monkeypatch):
 
 
 CONVS = [  # x shape, w shape, strides, dilations, pads, group
-    ((2, 3, 11, 12), (4, 3, 3, 3), [1, 1], [1, 1], [1, 1, 1, 1], 1),
+    ((2, 3, 11, 12), (4, 3, 3, 3), [1, 1], [1, 1], [1, 1, 1, 1], 1),   # rows as wide as x's: flat copies
+    ((1, 3, 9, 10), (4, 3, 3, 3), [1, 1], [1, 1], [2, 2, 0, 0], 1),     # ... pads on one side only
+    ((1, 2, 2, 6), (3, 2, 5, 3), [1, 1], [1, 1], [2, 1, 2, 1], 1),      # ... taps whose rows all lie in the pads
     ((1, 4, 9, 10), (6, 4, 3, 2), [2, 3], [1, 1], [0, 1, 2, 1], 1),
     ((1, 4, 13, 13), (4, 2, 3, 3), [1, 1], [2, 2], [2, 2, 2, 2], 2),
     ((2, 8, 7, 7), (16, 8, 1, 1), [1, 1], [1, 1], [0, 0, 0, 0], 1),      # pointwise: x is the im2col
@@ -470,13 +472,14 @@ def test_winograd_blocks_and_small_maps(monkeypatch):
     assert len(winograd._TRANSFORMED) == count - 1
 
 
-def test_im2col_blocks_match_whole(monkeypatch):
+@pytest.mark.parametrize("strides", [[1, 2], [1, 1]])   # row by row; flat copies (unit strides)
+def test_im2col_blocks_match_whole(strides, monkeypatch):
     """Row blocks and sample blocks of the im2col matrix give the unblocked result."""
     x, w, b = rand(3, 3, 14, 10), rand(5, 3, 3, 3), rand(5)
-    whole = kernels.conv(x, w, b, [1, 2], [1, 1], [1, 1, 1, 1], 1)
+    whole = kernels.conv(x, w, b, strides, [1, 1], [1, 1, 1, 1], 1)
     monkeypatch.setattr(kernels, "IM2COL_BLOCK_BYTES", 600)
     for form in (w, IndexedWeight(np.unique(w), np.searchsorted(np.unique(w), w).astype(np.uint16))):
-        got, twin = both(lambda: kernels.conv(x, form, b, [1, 2], [1, 1], [1, 1, 1, 1], 1), monkeypatch)
+        got, twin = both(lambda: kernels.conv(x, form, b, strides, [1, 1], [1, 1, 1, 1], 1), monkeypatch)
         np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(twin, whole, rtol=1e-5, atol=1e-5)
 
