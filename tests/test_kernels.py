@@ -127,6 +127,7 @@ def test_codebook_sums_agree_with_dot_products():
 
 def test_tiles_expand_and_lmatmul(monkeypatch):
     """Row and column tiles, one tile at a time (numba expand vs numpy take), and W @ x both ways."""
+    monkeypatch.setattr(indexed, "TILE_FLOOR", 0)    # weights this small are otherwise one tile
     dense, iw, sw = weights((24, 144), 0.5)          # wider than tall: column tiles
     dense2, iw2, sw2 = weights((144, 24), 0.5, seed=1)  # taller than wide: row tiles
     x, x2 = rand(3, 144, 50), rand(24, 60)
@@ -138,6 +139,22 @@ def test_tiles_expand_and_lmatmul(monkeypatch):
         np.testing.assert_array_equal(twin[1], d[3:9])
         assert 1 <= twin[2] <= got[2] <= w.shape[0] // indexed.TILE_FRACTION   # numpy's tiles: a third
     np.testing.assert_array_equal(iw.expand_cols(5, 40), dense[:, 5:40])
+
+
+def test_only_small_weights_expand_whole():
+    """A tile holds at most a quarter of its weight, or ``TILE_FLOOR`` (64 KB) of float32 when that is
+    more: a weight of at most 64 KB is one tile, which the conv runners take as an array for the call;
+    a larger weight is never expanded whole (checked by measurement in the tests below)."""
+    for shape in [(64, 256), (8, 4, 3, 3), (96, 1, 3, 3), (65, 256), (129, 128, 3, 3), (512, 256, 3, 3)]:
+        dense, iw, sw = weights(shape, 0.5)
+        small = dense.nbytes <= 64 << 10       # the documented bound, not whatever the constant says
+        for w in (iw, sw):
+            rows = w.reshape(shape[0], -1).tile_rows()
+            assert (rows >= shape[0]) == small, (shape, rows)
+            assert rows * dense[0].nbytes <= max(dense.nbytes // 4, 64 << 10)
+            assert (kernels._as_array(w) is not None) == small, shape
+            if small:
+                np.testing.assert_array_equal(kernels._as_array(w)(w), dense)
 
 
 CONVS = [  # x shape, w shape, strides, dilations, pads, group
