@@ -141,6 +141,33 @@ def test_tiles_expand_and_lmatmul(monkeypatch):
     np.testing.assert_array_equal(iw.expand_cols(5, 40), dense[:, 5:40])
 
 
+@pytest.mark.parametrize("columns", [1, 2, 3, 4, 5])
+def test_lmatmul_of_few_columns(columns, monkeypatch):
+    """``W @ x`` with a few columns (a convolution on a map of 1-4 positions) through ``matmul_t``'s
+    compiled dot products where they pay (dense indices: 1-2 columns, 3-4 for a weight of at most
+    256 KB as float32; CSR: up to 4), else by tiles; the same result either way and as the twin's."""
+    tiled = []
+    by_tiles = indexed._tiled_lmatmul
+    monkeypatch.setattr(indexed, "_tiled_lmatmul", lambda w, x, out: tiled.append(w) or by_tiles(w, x, out))
+    for shape in [(64, 576), (300, 900)]:           # 147 KB and 1.08 MB as float32
+        dense, iw, sw = weights(shape, 0.3)
+        x = rand(shape[1], columns)
+        expected = dense @ x
+        for w, by_rows in ((iw, columns <= 2 or (columns <= 4 and dense.nbytes <= 256 << 10)),
+                           (sw, columns <= 4)):
+            def call():
+                out = np.full((shape[0], columns), np.nan, np.float32)
+                into = w.lmatmul(x, out=out)
+                return w.lmatmul(x), into, into is out, len(tiled)
+            tiled.clear()
+            got, twin = both(call, monkeypatch)
+            for y in got[:2] + twin[:2]:
+                assert y.flags.c_contiguous
+                np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+            assert got[2] and twin[2]
+            assert got[3] == (0 if by_rows else 2) and twin[3] - got[3] == 2, (shape, columns, got[3], twin[3])
+
+
 def test_only_small_weights_expand_whole():
     """A tile holds at most a quarter of its weight, or ``TILE_FLOOR`` (64 KB) of float32 when that is
     more: a weight of at most 64 KB is one tile, which the conv runners take as an array for the call;
