@@ -406,9 +406,9 @@ def _as_array(w: Weight) -> "Callable[[Weight], np.ndarray] | None":
     if not hasattr(w, "expand_rows") or w.ndim < 2:
         return None
     rows = int(w.shape[0])
-    if w.reshape(rows, -1).tile_rows() < rows:
+    if w.tile_rows() < rows:
         return None
-    return lambda w: w.reshape(rows, -1).expand_rows(0, rows).reshape(w.shape)
+    return lambda w: w.expand_rows(0, rows).reshape(w.shape)    # rows of the 2-D view: no reshape first
 
 
 def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.ndarray:
