@@ -50,6 +50,41 @@ def test_compressed_model_computes_with_its_decoded_weights(name, onnx_path, dcm
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet18_tiny", "mobilenet_v2_tiny"])
+def test_small_models_compute_from_small_tiles_and_few_columns(name, onnx_path, dcm_path, zoo, monkeypatch):
+    """32-px models at batch 1, default compression: in index mode their weights of up to 64 KB are
+    expanded whole for each call (the conv runners take them as arrays) and their last stage (2x2
+    and 1x1 maps) multiplies from the indices (``lmatmul`` of 1-4 columns); the output equals
+    onnxruntime running the decoded weights, and dense mode's."""
+    from dcrt.runtime import indexed, kernels, numba_kernels
+    from onnx_export import run_ort, to_onnx
+    used = {"whole": 0, "by rows": 0}
+
+    def counted(key, fn):
+        def call(*args, **kwargs):
+            used[key] += 1
+            return fn(*args, **kwargs)
+        return call
+    original = kernels._as_array
+
+    def as_array(w):
+        whole = original(w)
+        return whole if whole is None or isinstance(w, np.ndarray) else counted("whole", whole)
+    monkeypatch.setattr(kernels, "_as_array", as_array)
+    monkeypatch.setattr(indexed, "_lmatmul_by_rows", counted("by rows", indexed._lmatmul_by_rows))
+    path = dcm_path(name)
+    feeds = zoo.sample_input(onnx.load(str(onnx_path(name))), batch=1)
+    dcm = dcrt.open_dcm(str(path))
+    expected = run_ort(to_onnx(dcm.model, {n: t.decode() for n, t in dcm.tensors.items()}), feeds)
+    got = dcrt.Session(str(path)).run(None, feeds)
+    dense = dcrt.Session(str(path), mode="dense").run(None, feeds)
+    for g, d, e in zip(got, dense, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g, d, rtol=1e-4, atol=1e-5)
+    if numba_kernels.kernels() is not None:
+        assert used["whole"] >= 10 and used["by rows"] >= 1, used
+
+
 def test_api_forms(dcm_path, zoo):
     sess = dcrt.Session(dcm_path("lenet5"))
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
