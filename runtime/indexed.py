@@ -332,8 +332,8 @@ class IndexedWeight:
         tiles (256 KB as float32), whose launches and BLAS calls then cost more than the dot
         products' extra reads (64x576, 4 columns: 27 -> 22 us; 256x2304: 267 against 280).
         """
-        p = x.shape[-1]
-        if p <= 2 or (p <= INDEX_BATCH and 4 * self.indices.size <= 4 * TILE_FLOOR):
+        p, small = x.shape[-1], 4 * self.indices.size <= 4 * TILE_FLOOR   # float32 bytes: four tiles at most
+        if p <= 2 or (p <= INDEX_BATCH and small):
             return _lmatmul_by_rows(self, x, out, self.indices.flags.c_contiguous)
         return _tiled_lmatmul(self, x, out)
 
