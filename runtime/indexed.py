@@ -54,7 +54,7 @@ COMPILED_BATCH = 32         # up to this many rows of x, the CSR kernels beat ex
 INDEX_BATCH = 4             # ... and the dense-index dot products (each row of W expanded once for all
 #                             rows of x); the dense-index scatter (x @ W) takes one row only: at 2 rows
 #                             tiles + BLAS beat it (1000x2048: 1.6 vs 1.9 ms; at 4 rows 2.2x)
-ENTRY_BLOCK = 4096          # ... in blocks of this many kept weights
+ENTRY_BLOCK = 16384         # ... in blocks of this many kept weights
 TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
 #: dtype of a CSR form's pointers: offsets of kept weights, and a stored tensor has at most 2^31 - 1
 #: elements (``dcrt.format.reader``), so 4 bytes always do (one per input column of a Gemm weight
@@ -470,13 +470,17 @@ class SparseWeight:
             nnz = self._nnz = int(self.row_ptr[-1] - self.row_ptr[0])
         return nnz
 
-    def _entry_blocks(self):
-        """``(rows, cols, values)`` of the kept weights, ENTRY_BLOCK entries at a time (bounded temporaries)."""
-        lo, hi = int(self.row_ptr[0]), int(self.row_ptr[-1])
-        for a in range(lo, hi, ENTRY_BLOCK):
-            b = min(hi, a + ENTRY_BLOCK)
-            rows = np.searchsorted(self.row_ptr, np.arange(a, b), side="right") - 1
-            yield rows, self.cols[a:b], self.codebook[self.symbols[a:b]]
+    def _row_blocks(self):
+        """``(r0, r1, a, b)``: rows ``[r0, r1)`` and their kept weights ``[a, b)``, whole rows of about
+        ENTRY_BLOCK kept weights at a time (bounded temporaries; a longer row is a block of its own).
+        One search per block, not one per kept weight (without numba, index mode, one core:
+        LeNet-300-100 0.39 -> 0.17 ms, VGG-16 FC6-8 97 -> 26 ms, as fast as dense mode)."""
+        ptr, rows, r0 = self.row_ptr, self.shape[0], 0
+        while r0 < rows:
+            a = int(ptr[r0])
+            r1 = min(rows, max(r0 + 1, int(np.searchsorted(ptr, a + ENTRY_BLOCK, side="right")) - 1))
+            yield r0, r1, a, int(ptr[r1])
+            r0 = r1
 
     # -- tiles ---------------------------------------------------------------------------------
     def tile_rows(self) -> int:
@@ -520,13 +524,16 @@ class SparseWeight:
                 return _compiled_product(kern, "csr_matmul_t", x, n, self.nnz, self, bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul_t(self, x), bias, clamp)
+        # each output's sum over its row's kept weights: np.add.reduceat over the rows that have some
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        out = np.zeros((x2.shape[0], n))
-        for r, cols, vals in self._entry_blocks():
-            for i, xi in enumerate(x2):
-                out[i] += np.bincount(r, weights=xi[cols] * vals, minlength=n)
-        out = out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
-        return finish(out, bias, clamp)
+        out = np.zeros((x2.shape[0], n), np.result_type(x.dtype, np.float32))
+        for r0, r1, a, b in self._row_blocks():
+            if a < b:
+                products = x2[:, self.cols[a:b]] * self.codebook[self.symbols[a:b]]
+                starts, ends = self.row_ptr[r0:r1], self.row_ptr[r0 + 1:r1 + 1]
+                some = ends > starts
+                out[:, r0:r1][:, some] = np.add.reduceat(products, starts[some] - a, axis=1)
+        return finish(out.reshape(lead + (n,)), bias, clamp)
 
     def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
                clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
@@ -539,11 +546,15 @@ class SparseWeight:
                 return _compiled_product(kern, "csr_matmul", x, n, self.nnz, self, bias, clamp)
         if rows > SMALL_BATCH:
             return finish(_tiled_matmul(self, x), bias, clamp)
+        # each input's activation times its row's kept weights, added into their columns (bincount)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         out = np.zeros((x2.shape[0], n))
-        for r, cols, vals in self._entry_blocks():
-            for i, xi in enumerate(x2):
-                out[i] += np.bincount(cols, weights=xi[r] * vals, minlength=n)
+        for r0, r1, a, b in self._row_blocks():
+            if a < b:
+                counts = np.diff(self.row_ptr[r0:r1 + 1]).astype(np.intp, copy=False)
+                cols, vals = self.cols[a:b], self.codebook[self.symbols[a:b]]
+                for i, xi in enumerate(x2):
+                    out[i] += np.bincount(cols, weights=np.repeat(xi[r0:r1], counts) * vals, minlength=n)
         out = out.astype(np.result_type(x.dtype, np.float32), copy=False).reshape(lead + (n,))
         return finish(out, bias, clamp)
 

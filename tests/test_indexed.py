@@ -7,7 +7,7 @@ import pytest
 from dcrt import sparse
 from runtime_helpers import no_numba, random_weight
 
-from dcrt.runtime import kernels
+from dcrt.runtime import indexed, kernels
 from dcrt.runtime.indexed import ByInput, IndexedWeight, SparseWeight
 
 
@@ -82,6 +82,31 @@ def test_numba_kernels_agree_with_numpy(monkeypatch):
             for c, t in zip(compiled, twin):
                 np.testing.assert_allclose(c, t, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(compiled[0], x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_twins_of_sparse_products_go_by_blocks_of_rows(batch, monkeypatch):
+    """Without numba, a CSR weight's small-batch products go through blocks of whole rows (about
+    ENTRY_BLOCK kept weights each, a longer row alone): rows without kept weights (first, inner,
+    last) give zeros, a row longer than a block is summed whole, and ``x @ W.T`` (sums per row) and
+    ``x @ W`` (each input's row added into its columns) give what the dense weight gives."""
+    no_numba(monkeypatch)
+    monkeypatch.setattr(indexed, "ENTRY_BLOCK", 16)
+    codebook, symbols = random_weight((12, 40), 0.3, seed=batch)
+    symbols[[0, 5, 11]] = 0
+    symbols[7] = np.arange(40) % len(codebook) + 1               # 40 kept weights: over a block
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    w = SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 3), symbols.shape)
+    blocks = list(w._row_blocks())
+    assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]] and blocks[-1][1] == 12
+    assert all(b - a <= 16 or r1 - r0 == 1 for r0, r1, a, b in blocks) and (7, 8, w.row_ptr[7], w.row_ptr[8]) in blocks
+    rng = np.random.default_rng(batch)
+    x, xt = rng.standard_normal((batch, 40)).astype(np.float32), rng.standard_normal((batch, 12)).astype(np.float32)
+    y = w.matmul_t(x)
+    assert y.dtype == np.float32 and not y[:, [0, 5, 11]].any()
+    np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w.matmul(xt), xt @ dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ByInput(w).matmul_t(xt), xt @ dense, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("numba", [True, False])
