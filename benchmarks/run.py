@@ -13,6 +13,8 @@ Every measurement runs in a fresh subprocess whose thread environment is set bef
    also compared (``time.thread_time``): a ratio a shared machine's load cannot distort. With all
    threads a round gives each contender a turn of 4 calls after a 0.2 s pause, the first call not
    counted: the other library's worker threads still spin on the cores right after its call.
+   Then batch 1, one thread, without numba (``DCRT_NO_NUMBA=1``): index and dense mode on numpy's
+   twins of the kernels, what a device gets from ``pip install .`` without the ``[fast]`` extra.
 2. Opening: time from ``Session(path)`` to the first result vs onnxruntime's session creation plus
    first result, libraries imported beforehand in both cases: first in a fresh process (for dcrt
    this includes numba's one-time initialisation and loading its cached kernels, which a warm-up
@@ -205,6 +207,23 @@ def measure(onnx_path: str, dcm_path: str, threads: int, budget_s: float) -> dic
     return res
 
 
+def measure_numpy(onnx_path: str, dcm_path: str, budget_s: float) -> dict:
+    """Batch-1 latency of index and dense mode on numpy alone (the caller sets ``DCRT_NO_NUMBA=1``):
+    what a device gets from ``pip install .``, without the ``[fast]`` extra. One thread."""
+    import onnxruntime as ort
+
+    import dcrt
+    feed = sample_input(onnx_path, 1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    runs = {"ort": lambda: ref.run(None, feed)}
+    for mode in ("index", "dense"):
+        sess = dcrt.Session(dcm_path, mode=mode)
+        runs[mode] = lambda s=sess: s.run(None, feed)
+    return _interleaved(runs, 20, budget_s)["wall"]
+
+
 def _open_first(dcm_path: str, onnx_path: str, feed: dict, threads: int):
     """``(session, onnxruntime session, dcrt s, onnxruntime s)``: open + first result of each, in a
     process that has imported both libraries but run neither (for dcrt: numba's one-time
@@ -395,7 +414,8 @@ def main() -> int:
     args = ap.parse_args()
     names = args.models or SMALL + (FULL if args.full else [])
     cores = os.cpu_count() or 1
-    results: dict = {"models": [], "memory": [], "device_open": {}, "decode": {}, "compile": {}, "codebook": []}
+    results: dict = {"models": [], "memory": [], "device_open": {}, "numpy_only": {}, "decode": {}, "compile": {},
+                     "codebook": []}
     import numba
     import numpy
     import onnxruntime
@@ -421,6 +441,16 @@ def main() -> int:
             mem = _child(f"measure_memory({facts['dcm']!r}, {facts['onnx']!r}, {mode!r})", 1)
             results["memory"].append({"name": name, **mem})
         results["device_open"][name] = _child(f"open_first_device({facts['onnx']!r}, {facts['dcm']!r})", 1)
+
+    print("\n### Without numba (`pip install .` on a device: numpy's twins of every kernel), 1 thread, batch 1\n")
+    print("| model | onnxruntime | dcrt index | dcrt dense |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        facts = prepare(name)
+        r = _child(f"measure_numpy({facts['onnx']!r}, {facts['dcm']!r}, {args.budget})", 1, {"DCRT_NO_NUMBA": "1"})
+        results["numpy_only"][name] = r
+        print(f"| {name} | {1000 * r['ort']:.2f} ms | " + " | ".join(
+            f"{1000 * r[m]:.2f} ms ({r[m] / r['ort']:.2f}x)" for m in ("index", "dense")) + " |", flush=True)
 
     print("\n### Opening, memory and conversion\n")
     print("Open + first result, dcrt / onnxruntime, seconds: in a fresh process (dcrt: numba's one-time "
