@@ -17,12 +17,15 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from dcrt import sparse  # noqa: E402
 from dcrt.converters.onnx_frontend import from_onnx  # noqa: E402
 from dcrt.errors import DcrtError, FormatError, InputError, UnsupportedOperatorError  # noqa: E402
 from dcrt.graph import Graph, Node, ValueInfo  # noqa: E402
 from dcrt.runtime import kernels  # noqa: E402
 from dcrt.runtime.executor import Executor  # noqa: E402
+from dcrt.runtime.indexed import ByInput, IndexedWeight, SparseWeight  # noqa: E402
 from dcrt.runtime.ops import OPS, WEIGHT_INPUTS, supported  # noqa: E402
+from runtime_helpers import random_weight  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -590,6 +593,85 @@ def test_four_threads_share_one_executor() -> None:
         t.join()
     assert not errors, errors
     assert len(results) == len(xs)
+
+
+def _mlp(dtype: Any = np.float32, extra_reader: bool = False) -> "onnx.ModelProto":
+    """x [n, 20] -> Gemm(transB=1, bias) + Relu -> Gemm(transB=0, bias) + Relu -> Gemm(transB=1, no bias);
+    ``extra_reader``: the first layer's output is also read by a Neg, a second graph output."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["g1"], ["h1"]),
+             helper.make_node("Gemm", ["h1", "w2", "b2"], ["g2"], name="fc2"),
+             helper.make_node("Relu", ["g2"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "w3"], ["y"], transB=1, name="fc3")]
+    outputs = [helper.make_tensor_value_info("y", elem, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["h1"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", elem, None))
+    inits = {"w1": rand(16, 20), "b1": rand(16), "w2": rand(16, 12), "b2": rand(12), "w3": rand(5, 12)}
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["n", 20])], outputs,
+                              [numpy_helper.from_array(v.astype(dtype), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_dense_layers_run_as_one_step() -> None:
+    """Gemm layers that feed each other (each output read only by the next layer, and not wanted) run
+    as one step; it computes exactly what the layers' own steps do (which ``profile`` times, one by
+    one), for any batch, float32 or float64, and stops at a value read twice or asked for."""
+    for dtype in (np.float32, np.float64):
+        model = _mlp(dtype)
+        ir = from_onnx(model)
+        ex = Executor(ir.graph, ir.opsets)
+        assert [(s.node.name, s.fused) for s in ex.steps()] == [("fc1", "Relu"), ("fc2", "Relu"), ("fc3", "")]
+        assert [s.node.name for s in ex._default_plan.steps] == ["fc1 > fc2 > fc3"]
+        for batch in (1, 3, 1, 40, 40):      # a runner per shape; the second 40 reuses the first's
+            x = rand(batch, 20, dtype=dtype)
+            y = ex.run({"x": x})["y"]
+            np.testing.assert_array_equal(y, ex.run({"x": x}, times=[0.0] * 3)["y"])
+            (_, expected), = run_both(model, {"x": x})
+            np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        both = ex.run({"x": x}, outputs=["h1", "y"])
+        w1, b1 = ir.graph.initializers["w1"], ir.graph.initializers["b1"]
+        np.testing.assert_array_equal(both["h1"], np.maximum(x @ w1.T + b1, 0))
+        np.testing.assert_array_equal(both["y"], y)
+    model = _mlp(extra_reader=True)
+    ex = Executor(from_onnx(model).graph)
+    assert [s.node.name for s in ex._default_plan.steps if s.node.op_type == "Gemm"] == ["fc1", "fc2 > fc3"]
+    x = rand(2, 20)
+    for got, expected in run_both(model, {"x": x}):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    shapes = r"\[\(2, 16\), \(16, 12\), \(12,\), \(5, 13\), None\]"
+    with pytest.raises(DcrtError, match=r"node 'fc2 > fc3' \(Gemm\) failed on inputs of shape " + shapes):
+        ex.run({"x": x}, {**ex.graph.initializers, "w3": rand(5, 13)}.__getitem__)
+
+
+def test_dense_chain_follows_its_weights_kinds() -> None:
+    """A chain reuses its layers' runners only while the weights are the objects it saw: weights of
+    another kind from the weight source (as a session in another mode, or stream mode's new
+    objects each run) get their own runners, and integer layers run as their steps do."""
+    ir = from_onnx(_mlp())
+    ex = Executor(ir.graph, ir.opsets)
+    kinds: Dict[str, List[Any]] = {}
+    for i, name in enumerate(("w1", "w2", "w3")):
+        shape = ir.graph.initializers[name].shape
+        codebook, symbols = random_weight(shape, 0.3, seed=i)
+        dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+        csr = SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 3), shape)
+        by_input = ByInput(SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols.T.copy(), 3), shape[::-1]))
+        kinds[name] = [dense, IndexedWeight(np.concatenate([[0], codebook]), symbols), csr, by_input]
+    x = rand(1, 20)
+    b1, b2 = ir.graph.initializers["b1"], ir.graph.initializers["b2"]
+    dense = {name: forms[0] for name, forms in kinds.items()}
+    expected = np.maximum(np.maximum(x @ dense["w1"].T + b1, 0) @ dense["w2"] + b2, 0) @ dense["w3"].T
+    for k in (1, 2, 3, 0, 2, 2):
+        weights = {**ir.graph.initializers, **{name: forms[k] for name, forms in kinds.items()}}
+        np.testing.assert_allclose(ex.run({"x": x}, weights.__getitem__)["y"], expected, rtol=1e-4, atol=1e-4)
+    ints = {name: np.rint(4 * v).astype(np.int32) for name, v in ir.graph.initializers.items()}
+    xi = np.rint(4 * x).astype(np.int32)
+    yi = np.maximum(np.maximum(xi @ ints["w1"].T + ints["b1"], 0) @ ints["w2"] + ints["b2"], 0) @ ints["w3"].T
+    got = ex.run({"x": xi}, ints.__getitem__)["y"]
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, yi)
 
 
 class IndexedStandIn:

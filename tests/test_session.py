@@ -313,6 +313,22 @@ def test_profile_times_each_node_where_its_work_is(dcm_path, tmp_path):
         sess._executor.run({"x": np.ones((64, 512), np.float32)}, sess._weight, None, [0.0])
 
 
+def test_dense_layers_run_as_one_step_in_every_mode(dcm_path):
+    """LeNet-300-100's three Gemm layers run as one step (``ops.nn.gemm_chain``) in every mode, and
+    compute exactly what they compute one by one (the plan ``profile`` times), at batch 1 and 8, on the
+    first call (which prepares the runners) and the next (which reuses them)."""
+    for mode in ("index", "dense", "stream"):
+        sess = dcrt.Session(str(dcm_path("lenet_300_100")), mode=mode)
+        assert [s.node.name for s in sess._executor._default_plan.steps] == ["fc1 > fc2 > fc3"]
+        out = sess.get_outputs()[0].name
+        for batch in (1, 8, 1):
+            x = np.random.default_rng(batch).standard_normal((batch, 784)).astype(np.float32)
+            first, again = sess.run(x), sess.run(x)
+            one_by_one = sess._executor.run({"input": x}, sess._weight, None, [0.0] * 3)[out]
+            np.testing.assert_array_equal(first, one_by_one)
+            np.testing.assert_array_equal(again, one_by_one)
+
+
 def test_profile_names_every_way_a_weight_is_held(onnx_path, zoo, tmp_path):
     """The LSTM classifier with W and R pruned 90 %: its embedding stays dense 8-bit indices, W and R
     become one CSR matrix per direction, and the 2x128 head keeps CSR rows (a pointer per input
