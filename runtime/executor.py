@@ -103,11 +103,13 @@ class Executor:
 
     ``opsets`` maps an operator domain to its version (``{"": 13}``); operators read the default
     domain's version from ``attrs["_opset"]``. ``outer_scope`` lists names defined by an enclosing
-    graph (for subgraphs only).
+    graph (for subgraphs only). ``chain``: run chains of dense layers as one step (:meth:`_chain`),
+    which reads all of a chain's weights before its first layer; a session in stream mode, which
+    decodes each weight when its node runs and drops it after, says no.
     """
 
     def __init__(self, graph: Graph, opsets: Optional[Mapping[str, int]] = None,
-                 outer_scope: Iterable[str] = ()):
+                 outer_scope: Iterable[str] = (), chain: bool = True):
         self.graph = graph
         self.opsets = dict(opsets or {"": 17})
         self.opset = int(self.opsets.get("", self.opsets.get("ai.onnx", 17)))
@@ -126,6 +128,7 @@ class Executor:
         for name in self.output_names:
             if name not in self._known:
                 raise FormatError(f"graph output '{name}' is not produced by any node")
+        self._chains = chain
         self._default_plan = self._make_plan(tuple(self.output_names))
         self._profile_plan = self._make_plan(tuple(self.output_names), chain=False)
 
@@ -247,7 +250,7 @@ class Executor:
 
     def _make_plan(self, outputs: Tuple[str, ...], chain: bool = True) -> _Plan:
         """Keep the steps the outputs need; free each value right after its last reader. ``chain``:
-        runs of dense layers as one step (:meth:`_chain`; the default plan, not the profile's)."""
+        chains of dense layers as one step if the executor runs them so (not in the profile's plan)."""
         for name in outputs:
             if name not in self._known:
                 raise InputError(f"'{name}' is not a value of this model; known outputs: "
@@ -255,7 +258,7 @@ class Executor:
         needed = set(outputs)
         kept = []
         steps = self._fuse(self._steps, needed)
-        for step in reversed(self._chain(steps, needed) if chain else steps):
+        for step in reversed(self._chain(steps, needed) if chain and self._chains else steps):
             if any(o in needed for o in step.outputs if o):
                 kept.append(step)
                 needed.update(n for n in step.inputs if n)

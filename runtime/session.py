@@ -118,7 +118,7 @@ class Session:
         self.mode = mode
         self._file = open_dcm(model)
         m = self._file.model
-        self._executor = Executor(m.graph, m.opsets)
+        self._executor = Executor(m.graph, m.opsets, chain=mode != "stream")
         self._tensors: Dict[str, StoredTensor] = m.graph.initializers
         self._grouping = memory.groupings(m.graph)   # CSR weights not kept by rows in index mode
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
