@@ -645,6 +645,31 @@ def test_dense_layers_run_as_one_step() -> None:
         ex.run({"x": x}, {**ex.graph.initializers, "w3": rand(5, 13)}.__getitem__)
 
 
+def test_threads_share_a_chain_of_dense_layers() -> None:
+    """Four threads run one chain with batches of 1, 3 and 8 in turn: each gets its own batch's
+    result (a chain keeps the runners of the call it prepared them for, with that call's shape)."""
+    ir = from_onnx(_mlp())
+    ex = Executor(ir.graph, ir.opsets)
+    xs = [rand(batch, 20) for batch in (1, 3, 8) * 2]
+    serial = [ex.run({"x": x})["y"] for x in xs]
+    errors: List[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(60):
+                j = (i + k) % len(xs)
+                np.testing.assert_array_equal(ex.run({"x": xs[j]})["y"], serial[j])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
 def test_dense_chain_follows_its_weights_kinds() -> None:
     """A chain reuses its layers' runners only while the weights are the objects it saw: weights of
     another kind from the weight source (as a session in another mode, or stream mode's new

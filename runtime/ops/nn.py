@@ -248,17 +248,23 @@ def gemm_chain(links: Sequence[Tuple[Attrs, Callable[..., Any], Tuple[float, ...
                 return x
         shape, dtype, runs = x.shape, x.dtype, []
         for (link_attrs, fn, clamp), w, b in zip(links, weights, biases):
-            if x.dtype.kind == "f":
-                x = _gemm(link_attrs, x, w, b, clamp or None)
-                remembered = link_attrs.get("_last")      # the runner _gemm just used, if it keeps one
-                runs.append(None if remembered is None else remembered[6])
+            if x.dtype.kind == "f":     # as the layer's step: fuse_clamp's float path
+                run = _gemm_prepared(link_attrs, x, w, b, clamp or None)
+                x = run(x, w, b)
+                runs.append(run)
             else:
                 x = fn(link_attrs, x, w, b)
                 runs.append(None)
-        if None in runs:
+        kept = None
+        if None not in runs:        # an integer layer has no runner to keep
+            try:
+                kept = (shape, dtype, kernels.kernels(), tuple(map(weakref.ref, weights)), tuple(runs))
+            except TypeError:       # a weight without weak references
+                pass
+        if kept is None:
             attrs.pop("_last", None)
-        else:       # _gemm kept the runners, so the weights take weak references
-            attrs["_last"] = (shape, dtype, kernels.kernels(), tuple(map(weakref.ref, weights)), tuple(runs))
+        else:
+            attrs["_last"] = kept
         return x
 
     return chain
@@ -314,10 +320,16 @@ def gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray] = None) ->
 
 def _gemm(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
           clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+    return _gemm_prepared(attrs, a, b, c, clamp)(a, b, c)
+
+
+def _gemm_prepared(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
+                   clamp: Optional[Tuple[float, float]]) -> Callable[..., Any]:
+    """The runner for this call, ``run(a, b, c)``: the node's last one if the call looks the same."""
     run = _last(attrs, a, b, c, clamp)
     if run is None:
         run = _remember(attrs, a, b, c, clamp, _gemm_runner(attrs, a, b, c, clamp))
-    return run(a, b, c)
+    return run
 
 
 def _gemm_runner(attrs: Attrs, a: np.ndarray, b: Any, c: Optional[np.ndarray],
