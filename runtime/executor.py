@@ -129,8 +129,8 @@ class Executor:
             if name not in self._known:
                 raise FormatError(f"graph output '{name}' is not produced by any node")
         self._chains = chain
-        self._default_plan = self._make_plan(tuple(self.output_names))
-        self._profile_plan = self._make_plan(tuple(self.output_names), chain=False)
+        self._default_plan = self._make_plan(tuple(self.output_names), chain)
+        self._profile_plan = self._make_plan(tuple(self.output_names), False)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -193,11 +193,7 @@ class Executor:
     def _fuse(steps: Tuple[_Step, ...], keep: Set[str]) -> Tuple[_Step, ...]:
         """Merge a Relu/Clip into the Conv/Gemm/Add that produces its input when it is that value's
         only reader and the value is not wanted (``ops.nn.fuse_clamp``): one pass, no extra array."""
-        readers: Dict[str, int] = {}
-        for step in steps:
-            for name in step.inputs:
-                if name:
-                    readers[name] = readers.get(name, 0) + 1
+        readers = _readers(steps)
         made_by = {name: i for i, step in enumerate(steps) for name in step.outputs if name}
         merged: List[Optional[_Step]] = list(steps)
         for j, act in enumerate(steps):
@@ -205,7 +201,7 @@ class Executor:
                 continue
             value, extra = act.inputs[0], act.inputs[1:]
             i = made_by.get(value)
-            if i is None or value in keep or readers[value] != 1 or merged[i] is None:
+            if i is None or value in keep or len(readers[value]) != 1 or merged[i] is None:
                 continue
             prod = merged[i]
             if len(prod.outputs) != 1 or any(n and made_by.get(n, -1) >= i for n in extra):
@@ -227,10 +223,7 @@ class Executor:
         for i, step in enumerate(steps):
             if bounds[i] is not None and not all(not n or n in constants for n in step.inputs[1:]):
                 bounds[i] = None
-        readers: Dict[str, List[int]] = {}
-        for i, step in enumerate(steps):
-            for name in step.inputs:
-                readers.setdefault(name, []).append(i)
+        readers = _readers(steps)
         after: Dict[int, int] = {}      # a layer -> the layer that alone reads its output
         for i, step in enumerate(steps):
             value = step.outputs[0] if bounds[i] is not None else None
@@ -248,9 +241,9 @@ class Executor:
             inside.update(links)
         return tuple(chained.get(i, step) for i, step in enumerate(steps) if i not in inside or i in chained)
 
-    def _make_plan(self, outputs: Tuple[str, ...], chain: bool = True) -> _Plan:
+    def _make_plan(self, outputs: Tuple[str, ...], chain: bool) -> _Plan:
         """Keep the steps the outputs need; free each value right after its last reader. ``chain``:
-        chains of dense layers as one step if the executor runs them so (not in the profile's plan)."""
+        chains of dense layers as one step (:meth:`_chain`; never in the plan ``profile`` times)."""
         for name in outputs:
             if name not in self._known:
                 raise InputError(f"'{name}' is not a value of this model; known outputs: "
@@ -258,7 +251,7 @@ class Executor:
         needed = set(outputs)
         kept = []
         steps = self._fuse(self._steps, needed)
-        for step in reversed(self._chain(steps, needed) if chain and self._chains else steps):
+        for step in reversed(self._chain(steps, needed) if chain else steps):
             if any(o in needed for o in step.outputs if o):
                 kept.append(step)
                 needed.update(n for n in step.inputs if n)
@@ -300,7 +293,9 @@ class Executor:
         if weights is None:
             weights = self.graph.initializers.__getitem__
         wanted = None if outputs is None else tuple(outputs)
-        plan = self._default_plan if wanted in (None, self._default_plan.outputs) else self._make_plan(wanted)
+        plan = self._default_plan
+        if wanted not in (None, plan.outputs):
+            plan = self._make_plan(wanted, self._chains)
         if times is not None:
             if plan is not self._default_plan or len(times) != len(self._profile_plan.steps):
                 raise ValueError(f"times needs one entry per step of the graph outputs' plan "
@@ -348,6 +343,16 @@ class Executor:
             value = env[name] if name in env else weights(name)
             results[name] = value if isinstance(value, ndarray) else kernels.dense(value)
         return results
+
+
+def _readers(steps: Sequence[_Step]) -> Dict[str, List[int]]:
+    """Value name -> the positions of the steps that read it (once per input naming it)."""
+    readers: Dict[str, List[int]] = {}
+    for i, step in enumerate(steps):
+        for name in step.inputs:
+            if name:
+                readers.setdefault(name, []).append(i)
+    return readers
 
 
 def _inputs(step: _Step, env: Mapping[str, Any], weights: WeightSource) -> List[Any]:

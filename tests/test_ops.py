@@ -569,32 +569,6 @@ def test_small_cnn_matches_onnxruntime_with_dynamic_batch() -> None:
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_four_threads_share_one_executor() -> None:
-    ir = from_onnx(_small_cnn())
-    ex = Executor(ir.graph, ir.opsets)
-    xs = [rand(2, 3, 16, 16) for _ in range(8)]
-    serial = [ex.run({"x": x})["y"] for x in xs]
-    results: Dict[int, np.ndarray] = {}
-    errors: List[BaseException] = []
-
-    def work(k: int) -> None:
-        try:
-            for _ in range(5):
-                for i in range(k, len(xs), 4):
-                    results[i] = ex.run({"x": xs[i]})["y"]
-                    np.testing.assert_array_equal(results[i], serial[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert len(results) == len(xs)
-
-
 def _mlp(dtype: Any = np.float32, extra_reader: bool = False) -> "onnx.ModelProto":
     """x [n, 20] -> Gemm(transB=1, bias) + Relu -> Gemm(transB=0, bias) + Relu -> Gemm(transB=1, no bias);
     ``extra_reader``: the first layer's output is also read by a Neg, a second graph output."""
@@ -645,20 +619,28 @@ def test_dense_layers_run_as_one_step() -> None:
         ex.run({"x": x}, {**ex.graph.initializers, "w3": rand(5, 13)}.__getitem__)
 
 
-def test_threads_share_a_chain_of_dense_layers() -> None:
-    """Four threads run one chain with batches of 1, 3 and 8 in turn: each gets its own batch's
-    result (a chain keeps the runners of the call it prepared them for, with that call's shape)."""
-    ir = from_onnx(_mlp())
+@pytest.mark.parametrize("model, shapes", [
+    (_small_cnn, [(2, 3, 16, 16)] * 8),
+    (_mlp, [(batch, 20) for batch in (1, 3, 8) * 2]),      # a chain of dense layers, batches in turn
+])
+def test_four_threads_share_one_executor(model, shapes) -> None:
+    """Four threads run one executor at once, each from its own place in the inputs, and each gets the
+    serial result (a chain of dense layers keeps the runners of the call it prepared them for, with
+    that call's batch)."""
+    ir = from_onnx(model())
     ex = Executor(ir.graph, ir.opsets)
-    xs = [rand(batch, 20) for batch in (1, 3, 8) * 2]
+    xs = [rand(*shape) for shape in shapes]
     serial = [ex.run({"x": x})["y"] for x in xs]
+    results: Dict[int, np.ndarray] = {}
     errors: List[BaseException] = []
 
     def work(k: int) -> None:
         try:
-            for i in range(60):
-                j = (i + k) % len(xs)
-                np.testing.assert_array_equal(ex.run({"x": xs[j]})["y"], serial[j])
+            for _ in range(5):
+                for i in range(len(xs)):
+                    j = (i + k) % len(xs)
+                    results[j] = ex.run({"x": xs[j]})["y"]
+                    np.testing.assert_array_equal(results[j], serial[j])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -668,6 +650,7 @@ def test_threads_share_a_chain_of_dense_layers() -> None:
     for thread in threads:
         thread.join()
     assert not errors, errors
+    assert len(results) == len(xs)
 
 
 def test_dense_chain_follows_its_weights_kinds() -> None:
