@@ -219,10 +219,8 @@ class Executor:
         which nothing else reads and is not wanted. The chain runs where its last layer did: what
         runs between its layers reads none of their outputs."""
         constants = self.graph.initializers
-        bounds = [nn.chain_link(s.node.op_type, s.fused, len(s.inputs)) for s in steps]
-        for i, step in enumerate(steps):
-            if bounds[i] is not None and not all(not n or n in constants for n in step.inputs[1:]):
-                bounds[i] = None
+        bounds = [nn.chain_link(s.node.op_type, s.fused, len(s.inputs))
+                  if all(not n or n in constants for n in s.inputs[1:]) else None for s in steps]
         readers = _readers(steps)
         after: Dict[int, int] = {}      # a layer -> the layer that alone reads its output
         for i, step in enumerate(steps):

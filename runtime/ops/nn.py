@@ -215,9 +215,9 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
 
 # -- a chain of dense layers ---------------------------------------------------------------------
 
-def chain_link(op_type: str, fused: str, inputs: int) -> Optional[Tuple[float, float]]:
-    """Whether a step may join a chain of dense layers (:func:`gemm_chain`): a Gemm with its weight
-    and bias or none, alone (``()``) or with a Relu in its pass (the Relu's bounds); else None."""
+def chain_link(op_type: str, fused: str, inputs: int) -> Optional[Tuple[float, ...]]:
+    """Whether a step may join a chain of dense layers (:func:`gemm_chain`): for a Gemm with its weight
+    and bias or none, its bounds, ``()`` alone or the Relu's in its pass; None for any other step."""
     if op_type != "Gemm" or inputs not in (2, 3) or fused not in ("", "Relu"):
         return None
     return _RELU if fused else ()
