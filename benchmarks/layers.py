@@ -3,6 +3,7 @@ the same model, input and thread count, in one process.
 
     python benchmarks/layers.py mobilenet_v2                # dense mode, one thread, top 15
     python benchmarks/layers.py resnet18 --mode index --top 30 --threads 2
+    python benchmarks/layers.py mobilenet_v2 --batch 8
 
 Models are the benchmark's (``benchmarks/run.py``: built and converted into ``benchmarks/out`` when
 missing). Both sides are medians over ``--runs`` runs after a warm-up run. onnxruntime fuses nodes
@@ -31,7 +32,7 @@ def _owner(ort_name: str, names: list) -> str:
     return best
 
 
-def compare(name: str, mode: str, runs: int, threads: int) -> tuple:
+def compare(name: str, mode: str, runs: int, threads: int, batch: int = 1) -> tuple:
     """``(rows, ort_only_ms, dcrt_run_ms, ort_run_ms)``: per dcrt node ``(name, op, weight, dcrt ms,
     onnxruntime ms)``."""
     import numpy as np
@@ -40,7 +41,7 @@ def compare(name: str, mode: str, runs: int, threads: int) -> tuple:
     import dcrt
     from run import prepare, sample_input
     facts = prepare(name)
-    feed = sample_input(facts["onnx"], 1)
+    feed = sample_input(facts["onnx"], batch)
     sess = dcrt.Session(facts["dcm"], mode=mode)
     nodes = sess.profile(feed, runs=runs)
     opts = ort.SessionOptions()
@@ -80,14 +81,15 @@ def main() -> None:
     p.add_argument("--mode", default="dense", choices=("index", "dense", "stream"))
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--top", type=int, default=15, help="rows printed per model (0: all)")
     a = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(a.threads)      # before numpy, BLAS and numba load
     sys.path.insert(0, str(ROOT / "benchmarks"))
     for name in a.models:
-        rows, ort_only, dcrt_total, ort_total = compare(name, a.mode, a.runs, a.threads)
-        print(f"\n### {name}: dcrt {a.mode} mode vs onnxruntime, batch 1, {a.threads} thread(s), "
+        rows, ort_only, dcrt_total, ort_total = compare(name, a.mode, a.runs, a.threads, a.batch)
+        print(f"\n### {name}: dcrt {a.mode} mode vs onnxruntime, batch {a.batch}, {a.threads} thread(s), "
               f"median of {a.runs} runs (ms)\n")
         print("| node | op | weight | dcrt | onnxruntime | dcrt - onnxruntime |")
         print("|---|---|---|---:|---:|---:|")

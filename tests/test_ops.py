@@ -91,6 +91,8 @@ CONV_CASES = [
     dict(x=(2, 3, 17), w=(4, 3, 5), attrs=dict(pads=[2, 1], strides=[3])),  # 1-D
     dict(x=(1, 2, 5, 6, 7), w=(3, 2, 2, 3, 2), attrs=dict(pads=[1, 0, 1, 0, 1, 1])),  # 3-D
     dict(x=(1, 16, 7, 7), w=(32, 16, 1, 1), attrs={}),  # pointwise
+    dict(x=(3, 16, 7, 7), w=(32, 16, 1, 1), attrs={}),  # ... samples side by side
+    dict(x=(3, 16, 12, 12), w=(32, 16, 1, 1), attrs={}),  # ... one product per sample
 ]
 
 
