@@ -432,9 +432,10 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.nd
     y3 = y.reshape(batch, cout * group, -1)
     blocks, direct = shape.blocks, shape.direct
     if direct and group == 1 and (batch == 1 or y3.shape[2] >= SAMPLE_POSITIONS):
-        # pointwise: x itself is the im2col matrix (of each sample)
-        x3 = x.reshape(batch, cin, -1)
-        lmatmul(w.reshape(cout, -1), x3[0] if batch == 1 else x3, out=y3[0] if batch == 1 else y3)
+        # pointwise: x itself is the im2col matrix of each sample (one sample as a 2-D product, so
+        # that a map of a few positions can take an index weight's compiled dot products)
+        xs, ys = (x.reshape(cin, -1), y3[0]) if batch == 1 else (x.reshape(batch, cin, -1), y3)
+        lmatmul(w.reshape(cout, -1), xs, out=ys)
         _bias_clamp(k, y3, bias, clamp)
         return y
     xp = None
