@@ -109,7 +109,7 @@ def parse_schema(text: str) -> Schema:
             if ":" not in stmt:
                 continue
             field, rest = stmt.split(":", 1)
-            ftype = re.split(r"[\s=(]", rest.strip(), 1)[0]
+            ftype = re.split(r"[\s=(]", rest.strip(), maxsplit=1)[0]
             fields.append((field.strip(), ftype))
         (tables if kind == "table" else structs)[name] = fields
     root = re.search(r"root_type\s+(\w+)", text).group(1)

@@ -1,14 +1,19 @@
 #!/bin/sh
 # Run dcrt's runtime on the oldest Python and numpy it supports: Python 3.9 with numpy<2 and
-# flatbuffers only (no onnx, no numba), on the pre-built .dcm files of the ARM payload.
+# flatbuffers only (no onnx, no numba), on the pre-built .dcm files of the ARM payload; then on the
+# newest Python there is (PYNEW) with the newest numpy and numba from PyPI.
 #
-#   PYTHON=/path/to/venv/bin/python PY39=/root/.pyenv/versions/3.9.18/bin/python tests/compat/run.sh
+#   PYTHON=/path/to/venv/bin/python PY39=/root/.pyenv/versions/3.9.18/bin/python \
+#     PYNEW=/root/.pyenv/versions/3.13.0/bin/python tests/compat/run.sh
 #
 # PYTHON (a host Python with dcrt[convert] + onnxruntime) builds the payload with
 # tests/arm/make_payload.py unless $DCRT_COMPAT_PAYLOAD (default: the ARM run's /var/tmp/dcrt-arm/payload)
-# already exists. Two checks, both with tests/arm/device_check.py:
+# already exists. Four checks, all with tests/arm/device_check.py:
 #   1. the payload's copy of dcrt's core + runtime (what a device gets);
-#   2. dcrt installed with `pip install --no-deps` from a copy of the repository (packaging on 3.9).
+#   2. dcrt installed with `pip install --no-deps` from a copy of the repository (packaging on 3.9);
+#   3. the payload on the declared minimum versions (numpy 1.21, flatbuffers 2.0);
+#   4. the payload on PYNEW with numba (a current device OS: Debian 13 ships Python 3.13); skipped
+#      with a note when PYNEW is not there.
 # Needs network (PyPI) the first time. Work folder: $DCRT_COMPAT_WORK (default /var/tmp/dcrt-compat).
 set -eu
 
@@ -16,6 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 WORK=${DCRT_COMPAT_WORK:-/var/tmp/dcrt-compat}
 PY39=${PY39:-/root/.pyenv/versions/3.9.18/bin/python}
+PYNEW=${PYNEW:-/root/.pyenv/versions/3.13.0/bin/python}
 PYTHON=${PYTHON:-python3}
 PAYLOAD=${DCRT_COMPAT_PAYLOAD:-/var/tmp/dcrt-arm/payload}
 
@@ -64,6 +70,22 @@ fi
 DCRT_NO_NUMBA=1 "$venv_min/bin/python" "$PAYLOAD/device_check.py" --numba no --models "$PAYLOAD/models" \
   2>&1 | tee "$WORK/result-minimum.txt" || true
 tail -n 1 "$WORK/result-minimum.txt" | grep -q "RESULT .*: \([0-9]*\)/\1 checks passed" || status=1
+
+echo "== 4. the newest Python with the newest numpy and numba"
+rm -f "$WORK/result-newest.txt"
+if [ -x "$PYNEW" ]; then
+  venv_new="$WORK/venv-newest"
+  if [ ! -x "$venv_new/bin/python" ]; then
+    "$PYNEW" -m venv "$venv_new"
+    "$venv_new/bin/pip" install --disable-pip-version-check -q numpy flatbuffers numba
+  fi
+  "$venv_new/bin/python" -c "import sys, numpy, numba; print('Python', sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__)"
+  "$venv_new/bin/python" "$PAYLOAD/device_check.py" --numba yes --models "$PAYLOAD/models" \
+    2>&1 | tee "$WORK/result-newest.txt" || true
+  tail -n 1 "$WORK/result-newest.txt" | grep -q "RESULT .*: \([0-9]*\)/\1 checks passed" || status=1
+else
+  echo "skipped: no Python at PYNEW=$PYNEW"
+fi
 
 echo "== summary"
 for f in "$WORK"/result-*.txt; do echo "$(basename "$f"): $(tail -n 1 "$f")"; done
