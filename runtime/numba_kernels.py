@@ -7,8 +7,8 @@ dense weight; each output element is a dot product accumulated in float32 regist
 pruned or quantized layer can beat a dense BLAS call at batch 1: it moves 1-2 bytes per weight from
 memory instead of 4 (the paper's point about DRAM traffic).
 
-``kernels()`` gives the compiled kernels (``_numba_index``, ``_numba_conv`` and ``_numba_rnn`` in one
-namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set: read once, at the first call, and again
+``kernels()`` gives the compiled kernels (``_numba_index``, ``_numba_conv``, ``_numba_rnn`` and
+``_numba_dense`` in one namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set: read once, at the first call, and again
 by :func:`reset`, which tests that flip it call). Kernels use ``cache=True`` so a later process
 loads them from numba's cache instead of compiling (``benchmarks/run.py`` reports both costs).
 
@@ -61,12 +61,12 @@ def _load() -> Any:
     global _MODULE
     if _MODULE is None:
         try:
-            from . import _numba_conv, _numba_index, _numba_rnn
+            from . import _numba_conv, _numba_dense, _numba_index, _numba_rnn
         except Exception:       # numba absent or broken: the numpy twins serve
             _MODULE = False
         else:
             names = {}
-            for module in (_numba_index, _numba_conv, _numba_rnn):
+            for module in (_numba_index, _numba_conv, _numba_rnn, _numba_dense):
                 names.update({k: v for k, v in vars(module).items()
                               if hasattr(v, "py_func") and not k.startswith("_")})
             _MODULE = SimpleNamespace(**names)

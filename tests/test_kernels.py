@@ -542,6 +542,7 @@ def test_parallel_forms_agree(monkeypatch):
     xs = np.maximum(rand(5, 64), 0)         # the scatter of several rows, zero activations skipped
     xs[:, ::4] = 0
     x5, x12 = rand(5, 200), rand(12, 200)   # sums 4 rows at a time (padded to 8), accumulator arrays
+    wg, xg = rand(520, 520), rand(1, 520)   # a GEMV_BYTES weight: rows split among the threads
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
@@ -551,7 +552,8 @@ def test_parallel_forms_agree(monkeypatch):
                 sw.matmul_t(x5), sw.matmul_t(x12), iw.matmul_t(x5[:3]),
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
                 kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
-                kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)))
+                kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
+                kernels.product_t(xg, wg))
     serial = run()
     monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
     ran = set()     # which parallel kernels ran (each still the compiled kernel)
@@ -571,7 +573,7 @@ def test_parallel_forms_agree(monkeypatch):
         numba.set_num_threads(threads)
     for s, p in zip(serial, parallel):
         np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
-    assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par"} <= ran, ran
+    assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par", "gemv_t_par"} <= ran, ran
 
 
 def test_index_mode_conv_never_expands_the_whole_weight():
@@ -622,6 +624,36 @@ def test_product_t_orientations_agree(rows, n, k):
     kernels.product_t(x, w, out=out[:, 1:])
     np.testing.assert_array_equal(out[:, 1:], y)
     assert np.isnan(out[:, 0]).all()
+
+
+@pytest.mark.parametrize("n,k", [(520, 520), (1000, 263)])
+def test_gemv_kernel_agrees(n, k, monkeypatch):
+    """One row by a float32 weight of GEMV_BYTES or more: numba's ``gemv_t`` against numpy's BLAS
+    call, its twin, into ``out`` too; an inf or a NaN in the row goes through as in BLAS (the
+    kernel's sums are reassociated, not "no NaN"); a smaller weight stays with BLAS."""
+    w, x = rand(n, k), rand(1, k)
+    assert w.nbytes >= kernels.GEMV_BYTES
+    with_inf, with_nan = x.copy(), x.copy()
+    with_inf[0, 5] = np.inf
+    with_nan[0, k - 1] = np.nan
+    calls = []
+    k_ = numba_kernels.kernels()
+    if k_ is not None:
+        real = k_.gemv_t
+        monkeypatch.setattr(k_, "gemv_t", lambda *a: calls.append(a[0].shape) or real(*a))
+
+    def run():
+        out = np.full((1, n + 1), -1.0, np.float32)
+        kernels.product_t(x, w, out=out[:, 1:])
+        kernels.product_t(x[:, :100], w[:, :100].copy())     # 0.2-0.4 MB: BLAS
+        return kernels.product_t(x, w), out, kernels.product_t(with_inf, w), kernels.product_t(with_nan, w)
+    (y, out, inf, nan), (y_np, out_np, inf_np, nan_np) = both(run, monkeypatch)
+    assert calls == [(n, k)] * 4
+    np.testing.assert_allclose(y, y_np, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out[:, 1:], y)
+    assert out[0, 0] == -1 and out_np[0, 0] == -1
+    np.testing.assert_array_equal(inf, inf_np)          # +-inf by the sign of w[:, 5]
+    assert np.isinf(inf).all() and np.isnan(nan).all() and np.isnan(nan_np).all()
 
 
 def test_short_products_warm_their_weight_in_place(monkeypatch):
