@@ -27,7 +27,6 @@ import numpy as np
 from numba import njit, prange
 
 _U = np.uint64
-_BLOCK = 16      # positions per block of the channels-last transposes
 _PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)
 # Depthwise multiply-adds may be fused (FMA), and the 3x3 rows sum per kernel row: results differ
 # from the numpy twin's (one tap at a time, each product rounded) in the last bits only; NaN and inf
@@ -284,10 +283,34 @@ def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def _transpose(src, s0, rows, cols, dst, d0):  # pragma: no cover - compiled
+    """``dst[d0 + j * rows + i] = src[s0 + i * cols + j]``: a ``[rows, cols]`` block of a flat array
+    transposed into another, by 8x8 tiles (constant loops, which LLVM unrolls): 0.58 -> 0.28 ns a
+    value for 960 channels of 49 positions here, against blocks of 16 positions."""
+    r8 = rows - rows % 8
+    c8 = cols - cols % 8
+    for i0 in range(0, r8, 8):
+        for j0 in range(0, c8, 8):
+            for i in range(8):
+                for j in range(8):
+                    dst[_U(d0 + (j0 + j) * rows + i0 + i)] = src[_U(s0 + (i0 + i) * cols + j0 + j)]
+        for j in range(c8, cols):
+            for i in range(8):
+                dst[_U(d0 + j * rows + i0 + i)] = src[_U(s0 + (i0 + i) * cols + j)]
+    for i in range(r8, rows):
+        for j in range(cols):
+            dst[_U(d0 + j * rows + i)] = src[_U(s0 + i * cols + j)]
+
+
+@njit(inline="always")
 def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_lo, c_hi):  # pragma: no cover
     """Channels ``[c_lo, c_hi)`` of the tile for sample ``n``, through a channels-last copy: on small
     maps (7x7, 14x14) the per-plane loops are too short to vectorise, the loop over channels is not.
-    One input channel per output channel (``mult`` 1)."""
+    One input channel per output channel (``mult`` 1). The copy ends with a row of zeros that taps
+    outside the input read (the zero padding, as in the twin), so a 3x3 output is one pass over the
+    channels with its nine taps unrolled; other kernels add one tap at a time. MobileNetV2's 576
+    channels from 14x14 at stride 2, one core: 114 -> 70 us with the 8x8 transposes and the
+    unrolled taps (onnxruntime, channel-blocked throughout: 20 us)."""
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     kh, kw = w.shape[1], w.shape[2]
     height, width = x.shape[2], x.shape[3]
@@ -297,25 +320,29 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
     of = out.reshape(out.size)
     pin = height * width
     pout = oh_count * ow_count
-    xt = np.empty(pin * count, np.float32)
+    zero = pin * count                  # where the row of zeros starts in xt
+    xt = np.empty(zero + count, np.float32)
     acc = np.empty(pout * count, np.float32)
     taps = np.empty(kh * kw * count, np.float32)
+    start = np.empty(count, np.float32)
     for c in range(count):
+        xt[_U(zero + c)] = 0.0
+        start[c] = bias[m0 + c_lo + c] if bias.size else np.float32(0.0)
         for i in range(kh):
             for j in range(kw):
                 taps[(i * kw + j) * count + c] = w[c_lo + c, i, j]
-    xb0 = (n * x.shape[1] + m0 + c_lo) * pin
-    for p0 in range(0, pin, _BLOCK):       # transposed in blocks of positions that stay in L1
-        p1 = min(pin, p0 + _BLOCK)
-        for c in range(count):
-            xb = xb0 + c * pin
-            for p in range(p0, p1):
-                xt[_U(p * count + c)] = xf[_U(xb + p)]
+    _transpose(xf, (n * x.shape[1] + m0 + c_lo) * pin, count, pin, xt, 0)
     for oh in range(oh_count):
         for ow in range(ow_count):
             q = (oh * ow_count + ow) * count
+            if kh == 3 and kw == 3:
+                s0 = _source(oh * sh - ph, ow * sw, dw, pw, height, width, count, zero)
+                s1 = _source(oh * sh + dh - ph, ow * sw, dw, pw, height, width, count, zero)
+                s2 = _source(oh * sh + 2 * dh - ph, ow * sw, dw, pw, height, width, count, zero)
+                _nine_taps(xt, taps, start, s0, s1, s2, acc, q, count, lo, hi, clamp)
+                continue
             for c in range(count):
-                acc[_U(q + c)] = bias[m0 + c_lo + c] if bias.size else np.float32(0.0)
+                acc[_U(q + c)] = start[c]
             for i in range(kh):
                 ih = oh * sh + i * dh - ph
                 if ih < 0 or ih >= height:
@@ -331,13 +358,43 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
             if clamp:
                 for c in range(count):
                     acc[_U(q + c)] = _clamped(acc[_U(q + c)], lo, hi, True)
-    ob0 = (n * out.shape[1] + m0 + c_lo) * pout
-    for p0 in range(0, pout, _BLOCK):
-        p1 = min(pout, p0 + _BLOCK)
-        for c in range(count):
-            ob = ob0 + c * pout
-            for p in range(p0, p1):
-                of[_U(ob + p)] = acc[_U(p * count + c)]
+    _transpose(acc, 0, pout, count, of, (n * out.shape[1] + m0 + c_lo) * pout)
+
+
+@njit(inline="always")
+def _source(ih, ow_stride, dw, pw, height, width, count, zero):  # pragma: no cover - compiled
+    """Where in the channels-last copy the three taps of a 3x3 kernel row read: input row ``ih``,
+    columns ``ow_stride - pw + j * dw``; the row of zeros for a tap outside the input."""
+    out0 = zero
+    out1 = zero
+    out2 = zero
+    if 0 <= ih < height:
+        for j in range(3):
+            iw = ow_stride + j * dw - pw
+            if 0 <= iw < width:
+                if j == 0:
+                    out0 = (ih * width + iw) * count
+                elif j == 1:
+                    out1 = (ih * width + iw) * count
+                else:
+                    out2 = (ih * width + iw) * count
+    return out0, out1, out2
+
+
+@njit(inline="always")
+def _nine_taps(xt, taps, start, s0, s1, s2, acc, q, count, lo, hi, clamp):  # pragma: no cover - compiled
+    """``acc[q + c]`` for every channel ``c``: its start plus its nine taps times the values at the
+    offsets ``s0`` (kernel row 0), ``s1``, ``s2``, summed by kernel rows as ``_plane3x3`` does, then
+    clamped."""
+    a0, a1, a2 = s0
+    b0, b1, b2 = s1
+    e0, e1, e2 = s2
+    t1, t2, t3, t4, t5, t6, t7, t8 = count, 2 * count, 3 * count, 4 * count, 5 * count, 6 * count, 7 * count, 8 * count
+    for c in range(count):
+        p0 = taps[_U(c)] * xt[_U(a0 + c)] + taps[_U(t1 + c)] * xt[_U(a1 + c)] + taps[_U(t2 + c)] * xt[_U(a2 + c)]
+        p1 = taps[_U(t3 + c)] * xt[_U(b0 + c)] + taps[_U(t4 + c)] * xt[_U(b1 + c)] + taps[_U(t5 + c)] * xt[_U(b2 + c)]
+        p2 = taps[_U(t6 + c)] * xt[_U(e0 + c)] + taps[_U(t7 + c)] * xt[_U(e1 + c)] + taps[_U(t8 + c)] * xt[_U(e2 + c)]
+        acc[_U(q + c)] = _clamped(start[c] + (p0 + (p1 + p2)), lo, hi, clamp)
 
 
 #: Output maps up to this many positions take the channels-last depthwise loop (up to 64 for the

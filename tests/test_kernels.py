@@ -205,7 +205,10 @@ DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
     (3, 18, 2, 2, 3, 1, [1, 1, 1, 1]),         # ... depth multiplier
     (4, 26, 3, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 3: one-pass rows
     (5, 2, 1, 1, 3, 1, [1, 1, 1, 1]),          # two rows: one-pass rows
-    (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),        # strided, small map: channels-last
+    (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),        # strided, small map: channels-last, nine taps unrolled
+    (21, 13, 2, 1, 3, 1, [1, 1, 1, 1]),        # ... channels and positions not multiples of 8
+    (13, 9, 1, 1, 3, 2, [2, 2, 2, 2]),         # ... dilated: taps in the padding read the zero row
+    (11, 10, 2, 1, 3, 1, [0, 1, 1, 0]),        # ... uneven pads
     (4, 20, 1, 1, 3, 1, [1, 2, 2, 1]),         # flat taps with saved edge columns
     (4, 19, 2, 3, 3, 1, [1, 2, 2, 1]),         # depth multiplier, row path with a stride
     (4, 23, 1, 1, 5, 2, [4, 4, 4, 4]),
@@ -543,6 +546,7 @@ def test_parallel_forms_agree(monkeypatch):
     xs[:, ::4] = 0
     x5, x12 = rand(5, 200), rand(12, 200)   # sums 4 rows at a time (padded to 8), accumulator arrays
     wg, xg = rand(520, 520), rand(1, 520)   # a GEMV_BYTES weight: rows split among the threads
+    wl, xl = rand(64, 1, 3, 3), rand(2, 64, 14, 14)    # depthwise, stride 2: channels-last, by channel parts
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
@@ -553,7 +557,8 @@ def test_parallel_forms_agree(monkeypatch):
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
                 kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
-                kernels.product_t(xg, wg))
+                kernels.product_t(xg, wg),
+                kernels.conv(xl, wl, None, [2, 2], [1, 1], [1, 1, 1, 1], 64, (0.0, 6.0)))
     serial = run()
     monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
     ran = set()     # which parallel kernels ran (each still the compiled kernel)
@@ -573,7 +578,8 @@ def test_parallel_forms_agree(monkeypatch):
         numba.set_num_threads(threads)
     for s, p in zip(serial, parallel):
         np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
-    assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par", "gemv_t_par"} <= ran, ran
+    assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par", "gemv_t_par",
+            "depthwise2d_par"} <= ran, ran
 
 
 def test_index_mode_conv_never_expands_the_whole_weight():
