@@ -5,8 +5,8 @@ cache BLAS is as fast or faster; when it is not (a classifier after a convolutio
 per inference), the order the weight is read in decides: OpenBLAS's GEMV reads four rows of ``W``
 side by side, four interleaved streams that the hardware prefetcher follows poorly, while this
 kernel reads ``W`` as one sequential stream, row after row (two rows side by side were as slow as
-OpenBLAS). One core here, the weight last read before 24 MB of other data: 1000x1280 174-190 ->
-129-133 us, 1000x2048 299-335 -> 195-218 us, 1000x512 76-92 -> 47-49 us; in cache 63 against
+OpenBLAS). One core here, the weight last read before 24 MB of other data: 1000x1280 166-190 ->
+109-162 us, 1000x2048 264-335 -> 185-218 us, 1000x512 76-112 -> 47-53 us; in cache 63 against
 65-78 us. ``gemv_t_par`` gives each thread a contiguous block of rows: one stream per thread.
 
 Their numpy twin is the BLAS call ``kernels.product_t`` makes otherwise; ``tests/test_kernels.py``

@@ -119,7 +119,7 @@ TRANSPOSED_SIDE = 64
 #: One row of ``x`` by a float32 weight of at least this many bytes takes numba's ``gemv_t``, which
 #: reads the weight in one sequential pass (``runtime/_numba_dense.py``): 30-50 % faster than
 #: OpenBLAS's GEMV when the weight is not in cache. Smaller weights tend to stay in L2 (1 MB a core
-#: here) between runs, where BLAS is as fast or faster (300x784 in cache: 11.7 against 13.0 us).
+#: here) between runs, where BLAS is as fast or faster (300x784 in cache: 11.7-12.0 against 13.3-14.9 us).
 GEMV_BYTES = 1 << 20
 
 
