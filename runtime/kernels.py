@@ -28,7 +28,8 @@ each tile once per call or build each im2col block once.
 (``runtime/winograd.py``: 4/9 of the multiplies). With numba (``runtime/numba_kernels.py``) the
 1-D/2-D im2col, the depthwise convolution and the bias + clamp epilogue are compiled kernels; their
 numpy twins here (``_im2col_numpy``, ``_depthwise_numpy``, ``_bias_clamp_numpy``) run with
-``DCRT_NO_NUMBA=1`` or without numba.
+``DCRT_NO_NUMBA=1`` or without numba. So is a batch-1 product with a large float32 weight
+(``product_t``: numba's ``gemv_t``, whose twin is the BLAS call).
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ pruned or quantized layer can beat a dense BLAS call at batch 1: it moves 1-2 by
 memory instead of 4 (the paper's point about DRAM traffic).
 
 ``kernels()`` gives the compiled kernels (``_numba_index``, ``_numba_conv``, ``_numba_rnn`` and
-``_numba_dense`` in one namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set: read once, at the first call, and again
-by :func:`reset`, which tests that flip it call). Kernels use ``cache=True`` so a later process
-loads them from numba's cache instead of compiling (``benchmarks/run.py`` reports both costs).
+``_numba_dense`` in one namespace) or None (numba missing, or ``DCRT_NO_NUMBA`` set: read once, at
+the first call, and again by :func:`reset`, which tests that flip it call). Kernels use
+``cache=True`` so a later process loads them from numba's cache instead of compiling
+(``benchmarks/run.py`` reports both costs).
 
 Threads: the products have a one-thread form ``name`` and a parallel form ``name_par``. A parallel
 launch costs from ~5 us (idle machine) to a millisecond (threads busy elsewhere), so :func:`launch`

@@ -643,10 +643,10 @@ def test_gemv_kernel_agrees(n, k, monkeypatch):
     with_inf[0, 5] = np.inf
     with_nan[0, k - 1] = np.nan
     calls = []
-    k_ = numba_kernels.kernels()
-    if k_ is not None:
-        real = k_.gemv_t
-        monkeypatch.setattr(k_, "gemv_t", lambda *a: calls.append(a[0].shape) or real(*a))
+    compiled = numba_kernels.kernels()
+    if compiled is not None:
+        real = compiled.gemv_t
+        monkeypatch.setattr(compiled, "gemv_t", lambda *a: calls.append(a[0].shape) or real(*a))
 
     def run():
         out = np.full((1, n + 1), -1.0, np.float32)
