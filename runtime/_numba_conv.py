@@ -336,9 +336,10 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
         for ow in range(ow_count):
             q = (oh * ow_count + ow) * count
             if kh == 3 and kw == 3:
-                s0 = _source(oh * sh - ph, ow * sw, dw, pw, height, width, count, zero)
-                s1 = _source(oh * sh + dh - ph, ow * sw, dw, pw, height, width, count, zero)
-                s2 = _source(oh * sh + 2 * dh - ph, ow * sw, dw, pw, height, width, count, zero)
+                iw = ow * sw - pw
+                s0 = _source(oh * sh - ph, iw, dw, height, width, count, zero)
+                s1 = _source(oh * sh + dh - ph, iw, dw, height, width, count, zero)
+                s2 = _source(oh * sh + 2 * dh - ph, iw, dw, height, width, count, zero)
                 _nine_taps(xt, taps, start, s0, s1, s2, acc, q, count, lo, hi, clamp)
                 continue
             for c in range(count):
@@ -362,23 +363,17 @@ def _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, c_
 
 
 @njit(inline="always")
-def _source(ih, ow_stride, dw, pw, height, width, count, zero):  # pragma: no cover - compiled
-    """Where in the channels-last copy the three taps of a 3x3 kernel row read: input row ``ih``,
-    columns ``ow_stride - pw + j * dw``; the row of zeros for a tap outside the input."""
-    out0 = zero
-    out1 = zero
-    out2 = zero
-    if 0 <= ih < height:
-        for j in range(3):
-            iw = ow_stride + j * dw - pw
-            if 0 <= iw < width:
-                if j == 0:
-                    out0 = (ih * width + iw) * count
-                elif j == 1:
-                    out1 = (ih * width + iw) * count
-                else:
-                    out2 = (ih * width + iw) * count
-    return out0, out1, out2
+def _offset(ih, iw, height, width, count, zero):  # pragma: no cover - compiled
+    """Where input position ``(ih, iw)`` starts in the channels-last copy: the row of zeros outside."""
+    return (ih * width + iw) * count if 0 <= ih < height and 0 <= iw < width else zero
+
+
+@njit(inline="always")
+def _source(ih, iw, dw, height, width, count, zero):  # pragma: no cover - compiled
+    """The offsets the three taps of a 3x3 kernel row read: input row ``ih``, columns ``iw``,
+    ``iw + dw`` and ``iw + 2 dw``."""
+    return (_offset(ih, iw, height, width, count, zero), _offset(ih, iw + dw, height, width, count, zero),
+            _offset(ih, iw + 2 * dw, height, width, count, zero))
 
 
 @njit(inline="always")
