@@ -70,11 +70,15 @@ def _tile_rows(rows: int, row_elems: int) -> int:
     ms; MobileNetV2 12.3 -> 11.0 ms); the convolution runners then take it as an array for the call
     (``kernels._as_array``).
 
-    An element costs 4 bytes when numba expands the tile; with numpy alone 12 while it is built
-    (``take`` turns the uint8/uint16 indices into intp first), so numpy's tiles are a third as big.
+    An element costs 4 bytes when numba expands the tile. With numpy alone ``take`` also turns the
+    indices into intp (8 bytes) as it builds the tile, 1/16 of them a call (``_take_step``; at least
+    16 K indices, 128 KB, so a small tile's intp can outweigh it): 5 bytes. Until session 17 numpy
+    counted 12 (all of a tile's indices as intp at once), and the 2.4 times as many tiles cost more
+    than that memory was worth (without numba, one core, index mode: the LSTM classifier 2.45 ->
+    1.85 ms, ResNet-18 107-110 -> 85-90 ms).
     """
     budget = min(TILE_BYTES, max(4 * rows * row_elems // TILE_FRACTION, TILE_FLOOR))
-    return max(1, budget // max(1, (4 if kernels() is not None else 12) * row_elems))
+    return max(1, budget // max(1, (4 if kernels() is not None else 5) * row_elems))
 
 
 def _take_step(elements: int) -> int:
@@ -272,8 +276,10 @@ class IndexedWeight:
             return out
         flat_idx, flat_out = idx.reshape(-1), out.reshape(-1)
         step = _take_step(flat_idx.size)
+        # mode="wrap": no bounds check per index (a third faster: 65,536 uint8 in 64 -> 43 us); the
+        # indices were checked against the codebook when decoded (``TensorRecord.index_form``)
         for s in range(0, flat_idx.size, step):
-            np.take(self.codebook, flat_idx[s:s + step], out=flat_out[s:s + step])
+            np.take(self.codebook, flat_idx[s:s + step], out=flat_out[s:s + step], mode="wrap")
         return out
 
     def tile_cols(self) -> int:
@@ -291,8 +297,8 @@ class IndexedWeight:
             launch(k, "expand", idx.size, idx, self.codebook, out)
             return out
         step = max(1, _take_step(idx.size) // max(1, b - a))
-        for r in range(0, idx.shape[0], step):
-            np.take(self.codebook, idx[r:r + step], out=out[r:r + step])
+        for r in range(0, idx.shape[0], step):     # mode="wrap": as in expand_rows
+            np.take(self.codebook, idx[r:r + step], out=out[r:r + step], mode="wrap")
         return out
 
     # -- products ------------------------------------------------------------------------------

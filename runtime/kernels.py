@@ -586,9 +586,8 @@ def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
             launch(k, "depthwise2d", batch * t.size * math.prod(out), x, t, b, a, mult, geometry,
                    lo, hi, clamp is not None, y)
         return y
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]) if any(pads) else x
     for a, b_, t in taps:
-        _depthwise_numpy(xp, t, bias, a, b_, mult, kernel, strides, dilations, out, y)
+        _depthwise_numpy(x, t, bias, a, b_, mult, kernel, strides, dilations, pads[:dims], out, y)
     _bias_clamp_numpy(y.reshape(batch, channels, -1), None, clamp)
     return y
 
@@ -622,21 +621,51 @@ def max_pool2d(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dil
     return y
 
 
-def _depthwise_numpy(xp: np.ndarray, taps: np.ndarray, bias: "np.ndarray | None", m0: int, m1: int, mult: int,
-                     kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], out: Sequence[int],
-                     y: np.ndarray) -> None:
+def _depthwise_numpy(x: np.ndarray, taps: np.ndarray, bias: "np.ndarray | None", m0: int, m1: int, mult: int,
+                     kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
+                     out: Sequence[int], y: np.ndarray) -> None:
     """numpy twin of ``depthwise2d`` (any number of spatial axes): output channels ``[m0, m1)`` of
-    ``y`` from the padded input ``xp``: the bias, then one multiply-add over the whole map per tap."""
+    ``y`` from ``x`` with begin ``pads``: the bias, then one multiply and one add per tap.
+
+    The input is copied once into zero-padded phases of the strides (one phase without strides), each
+    as flat rows as long as the output's plus the kernel's reach. A tap then reads one contiguous run
+    of its phase, offset by the tap's position, for every output at once: numpy's inner loops run over
+    whole maps instead of rows of a few values (MobileNetV2's 17 depthwise layers without numba, one
+    core: 22.4 -> 13.3-14.2 ms). Positions past an output row's end are computed and dropped.
+    """
     src = np.arange(m0, m1) // mult
-    xin = xp[:, src[0]:src[-1] + 1] if mult == 1 else xp[:, src]
-    target = y[:, m0:m1]
-    tail = (1,) * len(kernel)
-    target[...] = 0 if bias is None else np.asarray(bias).reshape(-1)[m0:m1].reshape((1, -1) + tail)
+    xin = x[:, src[0]:src[-1] + 1] if mult == 1 else x[:, src]
+    n, c = xin.shape[:2]
+    reach = [(k - 1) * d // s for k, d, s in zip(kernel, dilations, strides)]     # in phase steps
+    shape = [o + r for o, r in zip(out, reach)]
+    shape[0] += 1       # the last taps' runs end past the last row (by less than a row)
+    steps = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    length = out[0] * steps[0]
+    phases: Dict[Tuple[int, ...], np.ndarray] = {}
+    acc = np.empty((n, c, length), y.dtype)
+    acc[...] = 0 if bias is None else np.asarray(bias).reshape(-1)[m0:m1].reshape(1, -1, 1)
+    product = np.empty_like(acc)
     for t, offset in enumerate(itertools.product(*(range(kk) for kk in kernel))):
-        view = xin[(slice(None), slice(None)) + tuple(
-            slice(o * d, o * d + (n - 1) * s + 1, s)
-            for o, d, n, s in zip(offset, dilations, out, strides))]
-        target += view * taps[:, t].reshape((1, -1) + tail)
+        at = [o * d for o, d in zip(offset, dilations)]
+        key = tuple(a % s for a, s in zip(at, strides))
+        if key not in phases:
+            phases[key] = _phase(xin, key, strides, pads, shape).reshape(n, c, -1)
+        start = sum(a // s * step for a, s, step in zip(at, strides, steps))
+        np.multiply(phases[key][:, :, start:start + length], taps[:, t].reshape(1, -1, 1), out=product)
+        np.add(acc, product, out=acc)
+    y[:, m0:m1] = acc.reshape((n, c, out[0]) + tuple(shape[1:]))[(Ellipsis,) + tuple(slice(o) for o in out[1:])]
+
+
+def _phase(x: np.ndarray, first: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+           shape: Sequence[int]) -> np.ndarray:
+    """``[N, C, *shape]``: the zero-padded input's positions ``first + i * strides`` (``first`` counts
+    from the padded input's start), zeros past its end."""
+    phase = np.zeros(x.shape[:2] + tuple(shape), x.dtype)
+    inside = [-(-(p - f) // s) if p > f else 0 for f, s, p in zip(first, strides, pads)]  # first phase index in x
+    part = x[(Ellipsis,) + tuple(slice(f + i * s - p, None, s) for f, i, s, p in zip(first, inside, strides, pads))]
+    part = part[(Ellipsis,) + tuple(slice(max(m - i, 0)) for m, i in zip(shape, inside))]
+    phase[(Ellipsis,) + tuple(slice(i, i + m) for i, m in zip(inside, part.shape[2:]))] = part
+    return phase
 
 
 def conv_transpose(

@@ -213,6 +213,7 @@ DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
     (4, 19, 2, 3, 3, 1, [1, 2, 2, 1]),         # depth multiplier, row path with a stride
     (4, 23, 1, 1, 5, 2, [4, 4, 4, 4]),
     (8, 9, 3, 1, 4, 1, [0, 1, 2, 0]),
+    (3, 3, 2, 2, 3, 1, [4, 5, 4, 3]),         # pads wider than the input: whole rows of windows in them
 ]
 
 

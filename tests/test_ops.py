@@ -90,6 +90,9 @@ CONV_CASES = [
     dict(x=(1, 3, 9, 10), w=(4, 3, 3, 3), attrs=dict(auto_pad="VALID", strides=[2, 2])),
     dict(x=(2, 3, 17), w=(4, 3, 5), attrs=dict(pads=[2, 1], strides=[3])),  # 1-D
     dict(x=(1, 2, 5, 6, 7), w=(3, 2, 2, 3, 2), attrs=dict(pads=[1, 0, 1, 0, 1, 1])),  # 3-D
+    dict(x=(2, 4, 19), w=(8, 1, 5), attrs=dict(group=4, pads=[3, 1], strides=[2], dilations=[2])),  # depthwise, 1-D
+    dict(x=(1, 3, 6, 7, 5), w=(3, 1, 3, 2, 3),
+         attrs=dict(group=3, pads=[1, 0, 2, 1, 1, 0], strides=[2, 1, 2])),  # ... 3-D
     dict(x=(1, 16, 7, 7), w=(32, 16, 1, 1), attrs={}),  # pointwise
     dict(x=(3, 16, 7, 7), w=(32, 16, 1, 1), attrs={}),  # ... samples side by side
     dict(x=(3, 16, 12, 12), w=(32, 16, 1, 1), attrs={}),  # ... one product per sample
