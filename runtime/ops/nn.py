@@ -202,11 +202,7 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
         y = producer_fn(attrs, *own)
         if not isinstance(y, np.ndarray) or y.dtype.kind != "f":
             return activation_fn(activation_attrs, y, *extra)
-        lo, hi = _bounds(activation, activation_attrs, extra)
-        if lo > -np.inf:
-            np.maximum(y, y.dtype.type(lo), out=y)
-        if hi < np.inf:
-            np.minimum(y, y.dtype.type(hi), out=y)
+        kernels.clamp_in_place(y, _bounds(activation, activation_attrs, extra))
         return y
 
     fused.__name__ = f"{producer.lower()}_{activation.lower()}"
