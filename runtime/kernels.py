@@ -339,7 +339,7 @@ def conv(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if shape.lifted:
             x = x[:, :, None, :]
-    if winograd.usable(x, w, shape.strides, shape.dilations, group):
+    if k is not None and winograd.usable(x, w, shape.strides, shape.dilations, group):
         y = winograd.conv3x3(k, x, w, *_epilogue(bias, clamp), clamp is not None, shape.pads, shape.out,
                              IM2COL_BLOCK_BYTES)
         if y is not None:

@@ -472,6 +472,20 @@ def constant(w: np.ndarray) -> np.ndarray:
     return w
 
 
+def winograd_both(x, w, b, pads, clamp, monkeypatch):
+    """``kernels.conv`` with numba (the Winograd form where it pays), then the Winograd form's numpy
+    twins, which ``kernels.conv`` does not take without numba (im2col + BLAS is faster there)."""
+    compiled = kernels.conv(x, w, b, [1, 1], [1, 1], pads, 1, clamp)
+    out = (x.shape[2] + pads[0] + pads[2] - 2, x.shape[3] + pads[1] + pads[3] - 2)
+    no_numba(monkeypatch)
+    try:
+        twin = winograd.conv3x3(None, x, w, *kernels._epilogue(b, clamp), clamp is not None, pads, out,
+                                kernels.IM2COL_BLOCK_BYTES)
+    finally:
+        no_numba(monkeypatch, None)
+    return compiled, twin
+
+
 @pytest.mark.parametrize("case", WINOGRAD, ids=lambda c: f"{c[0]}-{c[2]}")
 @pytest.mark.parametrize("form", ["constant", "indexed", "sparse"])
 def test_winograd_agrees_with_im2col(case, form, monkeypatch):
@@ -488,7 +502,9 @@ def test_winograd_agrees_with_im2col(case, form, monkeypatch):
         taken.append(args)
         return tiles(*args)
     monkeypatch.setattr(winograd, "_weight_tiles", counted)
-    got, twin = both(lambda: kernels.conv(x, w, b, [1, 1], [1, 1], pads, 1, (-1.0, 2.0)), monkeypatch)
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
+    got, twin = winograd_both(x, w, b, pads, (-1.0, 2.0), monkeypatch)
     assert len(taken) == 2      # the Winograd form was taken, by the kernels and by their twins
     if form == "constant":      # ... and the transform kept
         assert winograd.cached_bytes([w]) == 16 * ws[0] * ws[1] * 4
@@ -507,10 +523,12 @@ def test_winograd_weight_kernel_agrees(monkeypatch):
 def test_winograd_blocks_and_small_maps(monkeypatch):
     """Blocks of tile rows (crossing samples) give the unblocked result; a map of fewer than
     MIN_TILES tiles keeps im2col and caches nothing; the cached form goes with its weight."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take the Winograd form")
     x, w, b = rand(3, 4, 18, 15), constant(rand(6, 4, 3, 3)), rand(6)
     whole = kernels.conv(x, w, b, [1, 1], [1, 1], [1, 1, 1, 1], 1)
     monkeypatch.setattr(kernels, "IM2COL_BLOCK_BYTES", 16 * 4 * 8 * 6 * 2)    # two tile rows a block
-    got, twin = both(lambda: kernels.conv(x, w, b, [1, 1], [1, 1], [1, 1, 1, 1], 1), monkeypatch)
+    got, twin = winograd_both(x, w, b, [1, 1, 1, 1], None, monkeypatch)
     np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(twin, whole, rtol=1e-6, atol=1e-6)
     small = constant(rand(6, 4, 3, 3))
@@ -599,14 +617,14 @@ def test_index_mode_conv_never_expands_the_whole_weight():
 
 def test_index_mode_winograd_never_expands_the_whole_weight():
     """The same weight on a 24x24 map takes the Winograd form tile by tile: besides the map's own
-    arrays (its transform ``V``, one tile's products, the output; the numpy twins hold about three
-    times as much: the padded patches and einsum's temporaries) the call allocates less than half of
+    arrays (its transform ``V``, one tile's products, the output) the call allocates less than half of
     the weight (an expanded tile and its transform)."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take the Winograd form")
     dense, iw, _ = weights((512, 256, 3, 3), 0.5)
     x = rand(1, 256, 24, 24)
     step, tiles = iw.reshape(512, -1).tile_rows() // 2, 12 * 12
     activations = 4 * (16 * 256 * tiles + 16 * step * tiles + 512 * 24 * 24)
-    activations *= 1 if numba_kernels.kernels() is not None else 3
     for w in (iw, iw):
         tracemalloc.start()
         y = kernels.conv(x, w, None, [1, 1], [1, 1], [1, 1, 1, 1], 1)
