@@ -1,4 +1,4 @@
-"""numba kernels for the LSTM recurrence; import only through ``runtime.numba_kernels.kernels()``.
+"""numba kernels for the LSTM and GRU recurrences; import only through ``numba_kernels.kernels()``.
 
 One call runs every time step of one direction: the recurrent product ``h @ R.T`` straight from the
 weight as it is held (float32, codebook indices, or CSR of codebook symbols) and the gate update, so
@@ -7,7 +7,7 @@ one product computed before (``kernels.matmul_t``), passed in as ``proj`` with b
 
 The numpy twin is the step loop of ``runtime/ops/rnn.py`` (``DCRT_NO_NUMBA=1``, or any case these
 kernels do not cover: other activations, ``sequence_lens``); ``tests/test_kernels.py`` checks that
-they agree. Gate order is ONNX's ``i, o, f, c``.
+they agree. Gate order is ONNX's ``i, o, f, c`` (GRU: ``z, r, h``; its kernels are at the end).
 
 The float32 kernel's dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised,
 with NaN and inf kept), four rows of ``R`` at a time; the index kernel's are four scalar sums at batch 1 (a
@@ -206,3 +206,118 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
             gates[n] = proj[t, 0, n] + csr_row_dot(hv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
+
+
+# -- GRU -----------------------------------------------------------------------------------------
+# One call runs every step of one direction, as for the LSTM; ``proj`` holds the input projections
+# with ``Wb`` added, ``rb`` is ``Rb`` (added after the recurrent product, as ONNX and the numpy twin
+# do). Gate order ``z, r, h``. Without ``linear_before_reset`` the candidate's recurrent product is
+# taken of ``r * h``, so it comes after the gates: the rows of ``R`` are multiplied in two passes.
+
+@njit(inline="always")
+def _store4(out, n, a0, a1, a2, a3):  # pragma: no cover - compiled
+    out[n] = a0
+    out[n + 1] = a1
+    out[n + 2] = a2
+    out[n + 3] = a3
+
+
+@njit(inline="always")
+def _dense_rows(weight, v, out, n0, n1):  # pragma: no cover - compiled
+    """``out[n] = R[n] . v`` for rows ``[n0, n1)`` of a float32 ``R``, four rows per load of ``v``."""
+    r = weight[0]
+    n = n0
+    while n + 4 <= n1:
+        r0, r1, r2, r3 = r[n], r[n + 1], r[n + 2], r[n + 3]
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for k in range(v.size):
+            x = v[k]
+            a0 += x * r0[k]
+            a1 += x * r1[k]
+            a2 += x * r2[k]
+            a3 += x * r3[k]
+        _store4(out, n, a0, a1, a2, a3)
+        n += 4
+    while n < n1:
+        a = np.float32(0.0)
+        for k in range(v.size):
+            a += v[k] * r[n, k]
+        out[n] = a
+        n += 1
+
+
+@njit(inline="always")
+def _index_rows(weight, v, out, n0, n1):  # pragma: no cover - compiled
+    """As :func:`_dense_rows` with ``R = codebook[indices]``."""
+    indices, codebook = weight
+    n = n0
+    while n + 4 <= n1:
+        a0, a1, a2, a3 = index_dot4(v, indices, codebook, n)
+        _store4(out, n, a0, a1, a2, a3)
+        n += 4
+    while n < n1:
+        a = np.float32(0.0)
+        for k in range(v.size):
+            a += v[k] * codebook[indices[n, k]]
+        out[n] = a
+        n += 1
+
+
+@njit(inline="always")
+def _csr_rows(weight, v, out, n0, n1):  # pragma: no cover - compiled
+    """As :func:`_dense_rows` with R in CSR form: ``codebook[symbols]`` at ``cols``."""
+    row_ptr, cols, symbols, codebook = weight
+    for n in range(n0, n1):
+        out[n] = csr_row_dot(v, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
+
+
+@njit(inline="always")
+def _gru_steps(rows, weight, proj, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    steps, batch, gates3 = proj.shape
+    hidden = gates3 // 3
+    rec = np.empty(gates3, np.float32)
+    z = np.empty(hidden, np.float32)
+    r = np.empty(hidden, np.float32)
+    rh = np.empty(hidden, np.float32)
+    for t in range(steps):
+        for b in range(batch):
+            hv, pt = h[b], proj[t, b]
+            rows(weight, hv, rec, 0, gates3 if before_reset else 2 * hidden)
+            for j in range(hidden):
+                z[j] = _sigmoid(_clip(pt[j] + rec[j] + rb[j], clip))
+                r[j] = _sigmoid(_clip(pt[hidden + j] + rec[hidden + j] + rb[hidden + j], clip))
+            if not before_reset:
+                for j in range(hidden):
+                    rh[j] = r[j] * hv[j]
+                rows(weight, rh, rec, 2 * hidden, gates3)
+            for j in range(hidden):
+                n = 2 * hidden + j
+                pre = pt[n] + r[j] * (rec[n] + rb[n]) if before_reset else pt[n] + rec[n] + rb[n]
+                ys[t, b, j] = (np.float32(1.0) - z[j]) * _tanh(_clip(pre, clip)) + z[j] * hv[j]
+        _carry(h, ys[t])
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_dense(proj, r, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    """All steps of one GRU direction with a float32 recurrent weight ``r [3H, H]``.
+
+    ``proj [T, B, 3H]`` (input projections + ``Wb``, in processing order), ``rb [3H]`` the recurrent
+    bias, ``clip`` (inf for none); ``h [B, H]`` holds the initial state and receives the final one;
+    ``ys [T, B, H]`` receives every step's ``h``.
+    """
+    _gru_steps(_dense_rows, (r,), proj, rb, clip, before_reset, h, ys)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gru_index(proj, indices, codebook, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_dense` with ``R = codebook[indices]`` (not reassociated: ``index_dot4``)."""
+    _gru_steps(_index_rows, (indices, codebook), proj, rb, clip, before_reset, h, ys)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gru_csr(proj, row_ptr, cols, symbols, codebook, rb, clip, before_reset, h, ys):  # pragma: no cover
+    """As :func:`gru_dense` with R in CSR form (rows ``3H``)."""
+    _gru_steps(_csr_rows, (row_ptr, cols, symbols, codebook), proj, rb, clip, before_reset, h, ys)

@@ -267,6 +267,14 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         rb = b[d, 3 * hsz:] if b is not None else np.zeros(3 * hsz, dtype=rec.dtype)
         proj = proj + wb
         rd = r[d]
+        fast = _compiled_gru(rec, funcs[d], rd, before_reset)
+        if fast is not None:
+            h = np.array(hs[d], np.float32)
+            ys_d = np.empty(proj.shape[:2] + (hsz,), np.float32)
+            fast(np.ascontiguousarray(proj, np.float32), np.ascontiguousarray(rb, np.float32), h, ys_d)
+            ys.append(ys_d[::-1] if rec.direction_is_reverse(d) else ys_d)
+            h_last.append(h)
+            continue
         r_zr, r_h = (rd, None) if before_reset else (rd[:2 * hsz], rd[2 * hsz:])
         h = hs[d]
         out = []
@@ -284,6 +292,31 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         ys.append(rec.finish(d, out))
         h_last.append(h)
     return rec.outputs(ys, [_stack(h_last)])
+
+
+def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any,
+                  before_reset: bool) -> Optional[Callable[..., None]]:
+    """As :func:`_compiled_lstm` for the GRU: ``run(proj, rb, h, ys)``, or None (the step loop above
+    is its numpy twin). The GRU classifier (96 units, 16 steps), one core, batch 1: index mode 0.53 ->
+    0.17 ms, dense 0.41 -> 0.075 ms (onnxruntime 0.042)."""
+    if rec.lens is not None or rec.dtype != np.float32 or tuple(funcs) != _DEFAULT_GRU:
+        return None
+    k = kernels.kernels()
+    if k is None:
+        return None
+    clip = np.float32(np.inf if rec.clip is None else rec.clip)
+    if isinstance(rd, np.ndarray):
+        r = np.ascontiguousarray(rd, np.float32)
+        return lambda proj, rb, h, ys: k.gru_dense(proj, r, rb, clip, before_reset, h, ys)
+    if isinstance(rd, IndexedWeight) and rd.indices.flags.c_contiguous:
+        return lambda proj, rb, h, ys: k.gru_index(proj, rd.indices, rd.codebook, rb, clip, before_reset, h, ys)
+    if isinstance(rd, SparseWeight):
+        return lambda proj, rb, h, ys: k.gru_csr(proj, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, rb, clip,
+                                                 before_reset, h, ys)
+    return None
+
+
+_DEFAULT_GRU = (sigmoid, np.tanh)
 
 
 @register("RNN", weights=(1, 2))
