@@ -171,7 +171,10 @@ def test_lmatmul_of_few_columns(columns, monkeypatch):
 def test_only_small_weights_expand_whole():
     """A tile holds at most a quarter of its weight, or ``TILE_FLOOR`` (64 KB) of float32 when that is
     more: a weight of at most 64 KB is one tile, which the conv runners take as an array for the call;
-    a larger weight is never expanded whole (checked by measurement in the tests below)."""
+    a larger weight is never expanded whole (checked by measurement in the tests below). Without numba
+    the tiles are 4/5 of that (``indexed._tile_rows`` counts the intp ``take`` builds)."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: numpy's tiles are smaller")
     for shape in [(64, 256), (8, 4, 3, 3), (96, 1, 3, 3), (65, 256), (129, 128, 3, 3), (512, 256, 3, 3)]:
         dense, iw, sw = weights(shape, 0.5)
         small = dense.nbytes <= 64 << 10       # the documented bound, not whatever the constant says
@@ -300,6 +303,8 @@ def test_nodes_prepare_once_and_keep_no_weight(monkeypatch):
     kind, numba's use...): made once per kind, an alternating batch size included, the results
     ``conv``'s and ``matmul_t``'s; and no runner holds a weight: one the session drops (stream mode)
     is freed."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: the runners compared are numba's")
     from dcrt.runtime.ops import nn
     made = []
 
@@ -445,6 +450,8 @@ POOLS = [  # x shape, kernel, strides, dilations, pads (begin h, w, end h, w), c
 def test_max_pool_kernel_agrees(case, monkeypatch):
     """The numba max pool against the operator's numpy code, bit for bit: NaN wins, the padding
     never does (-inf where a window holds only padding)."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
     shape, kernel, strides, dilations, pads, ceil = case
     x = rand(*shape)
     x.flat[::41] = np.nan
