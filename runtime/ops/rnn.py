@@ -226,18 +226,25 @@ _NO_PEEPHOLES = np.zeros(0, np.float32)
 _DEFAULT_LSTM = (sigmoid, np.tanh, np.tanh)
 
 
+def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Activation, ...]) -> Optional[tuple]:
+    """``(numba's kernels, the clip as float32)`` when a recurrence can run compiled, else None: numba
+    off, not float32, other activations than ``defaults``, or ``sequence_lens``. The clip is float32,
+    as the gates: a float64 one would widen every gate update to float64 (a third slower)."""
+    if rec.lens is not None or rec.dtype != np.float32 or tuple(funcs) != defaults:
+        return None
+    k = kernels.kernels()
+    return None if k is None else (k, np.float32(np.inf if rec.clip is None else rec.clip))
+
+
 def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], proj: np.ndarray,
                    rd: Any) -> Optional[Callable[..., None]]:
     """The numba kernel running all steps of one direction (``runtime/_numba_rnn.py``), bound to the
-    recurrent weight ``rd`` as it is held, or None: numba off, not float32, other activations, or
-    ``sequence_lens`` (the step loop below is its numpy twin)."""
-    if rec.lens is not None or rec.dtype != np.float32 or tuple(funcs) != _DEFAULT_LSTM:
+    recurrent weight ``rd`` as it is held, or None (see :func:`_compiled`; the step loop below is its
+    numpy twin)."""
+    ready = _compiled(rec, funcs, _DEFAULT_LSTM)
+    if ready is None:
         return None
-    k = kernels.kernels()
-    if k is None:
-        return None
-    # float32, as the gates: a float64 clip would widen every gate update to float64 (a third slower)
-    clip = np.float32(np.inf if rec.clip is None else rec.clip)
+    k, clip = ready
     forget = bool(attrs.get("input_forget", 0))
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
@@ -299,12 +306,10 @@ def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any,
     """As :func:`_compiled_lstm` for the GRU: ``run(proj, rb, h, ys)``, or None (the step loop above
     is its numpy twin). The GRU classifier (96 units, 16 steps), one core, batch 1: index mode 0.52 ->
     0.17 ms, dense 0.41 -> 0.075 ms (onnxruntime 0.042)."""
-    if rec.lens is not None or rec.dtype != np.float32 or tuple(funcs) != _DEFAULT_GRU:
+    ready = _compiled(rec, funcs, _DEFAULT_GRU)
+    if ready is None:
         return None
-    k = kernels.kernels()
-    if k is None:
-        return None
-    clip = np.float32(np.inf if rec.clip is None else rec.clip)
+    k, clip = ready
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
         return lambda proj, rb, h, ys: k.gru_dense(proj, r, rb, clip, before_reset, h, ys)
