@@ -404,6 +404,36 @@ def _child(call: str, threads: int, extra_env: dict = None) -> object:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _byte_compile() -> None:
+    """Compile dcrt's modules to ``__pycache__`` as ``pip install`` does, whatever
+    ``PYTHONDONTWRITEBYTECODE`` says: otherwise a fresh process compiles them from source inside the
+    opening it times (ResNet-50 here: 0.074 -> 0.028 s), which onnxruntime's installed package never
+    pays."""
+    import compileall
+
+    import dcrt.runtime
+    for package in (dcrt, dcrt.runtime):
+        compileall.compile_dir(str(Path(package.__file__).parent), quiet=1)
+
+
+def _blas() -> str:
+    """numpy's BLAS and the kernels it runs (threadpoolctl, from the dev install), with
+    ``OPENBLAS_CORETYPE`` when the environment pins them: dcrt's convolutions run in that BLAS, and
+    on an AVX-512 host the pinned AVX2 (Haswell) kernels make MobileNetV2 ~1.4x slower than the
+    SkylakeX ones OpenBLAS picks by itself (README, "Speed and memory")."""
+    import numpy  # noqa: F401  (loads the BLAS threadpoolctl looks for)
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS kernels unknown: no threadpoolctl"
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not blas:
+        return "no BLAS found"
+    found = ", ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} kernels" for i in blas)
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return found + (f", OPENBLAS_CORETYPE={core}" if core else "")
+
+
 def _cell(r: dict, kind: str, b: int, mode: str) -> str:
     t, ref = r[f"{kind}_b{b}"][mode], r[f"{kind}_b{b}"]["ort"]
     return f"{1000 * t:.2f} ms ({t / ref:.2f}x)"
@@ -419,11 +449,12 @@ def main() -> int:
     cores = os.cpu_count() or 1
     results: dict = {"models": [], "memory": [], "device_open": {}, "numpy_only": {}, "decode": {}, "compile": {},
                      "codebook": []}
+    _byte_compile()
     import numba
     import numpy
     import onnxruntime
     print(f"machine: {cores} cores ({os.uname().machine}), python {sys.version.split()[0]}, numpy "
-          f"{numpy.__version__}, numba {numba.__version__}, onnxruntime {onnxruntime.__version__}\n")
+          f"{numpy.__version__} ({_blas()}), numba {numba.__version__}, onnxruntime {onnxruntime.__version__}\n")
 
     print("### Latency: onnxruntime vs dcrt (best of interleaved rounds; ratio < 1: dcrt faster)\n")
     print("| model | threads | batch | onnxruntime | dcrt index | dcrt dense | dcrt stream | CPU-time ratio index / dense (1 thread) |")

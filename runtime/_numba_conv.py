@@ -393,19 +393,19 @@ def _nine_taps(xt, taps, start, s0, s1, s2, acc, q, count, lo, hi, clamp):  # pr
 
 
 #: Output maps up to this many positions take the channels-last depthwise loop (up to 64 for the
-#: strided 3x3 / pad 1 kernels, which have their own row loop; never for the unit-stride ones, whose
-#: flat plane loop is faster): below it the per-plane loops are too short to vectorise well.
+#: unit-stride 3x3 / pad 1 kernels, whose flat plane loop is faster from 14x14 up): below it the
+#: per-plane loops are too short to vectorise well. One core of an AVX-512 EPYC (session 18):
+#: 960 channels on 7x7 98 -> 45-50 us, 192 from 28x28 at stride 2 69 -> 49-52 us; 576 on 14x14
+#: 72 -> 84 us channels-last, so not there.
 CHANNELS_LAST_PLANE = 256
 
 
 @njit(inline="always")
 def _channels_last(mult, w, geometry, out):  # pragma: no cover - compiled
     plane = out.shape[2] * out.shape[3]
-    row3x3 = (w.shape[1] == 3 and w.shape[2] == 3 and geometry[2] == 1 and geometry[3] == 1
-              and geometry[4] == 1 and geometry[5] == 1)
-    if row3x3 and geometry[0] == 1 and geometry[1] == 1:
-        return False        # the flat plane loop (_plane3x3) is faster at every size, 7x7 included
-    return mult == 1 and plane <= (64 if row3x3 else CHANNELS_LAST_PLANE)
+    unit3x3 = (w.shape[1] == 3 and w.shape[2] == 3 and geometry[0] == 1 and geometry[1] == 1
+               and geometry[2] == 1 and geometry[3] == 1 and geometry[4] == 1 and geometry[5] == 1)
+    return mult == 1 and plane <= (64 if unit3x3 else CHANNELS_LAST_PLANE)
 
 
 @njit(cache=True, nogil=True, fastmath=_CONTRACT)

@@ -201,13 +201,14 @@ CONVS = [  # x shape, w shape, strides, dilations, pads, group
 ]
 DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
     (6, 12, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1: the flat plane loop
-    (6, 3, 1, 1, 3, 1, [1, 1, 1, 1]),          # ... on its smallest plane
-    (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),
+    (6, 3, 1, 2, 3, 1, [1, 1, 1, 1]),          # ... on its smallest plane (a multiplier: not channels-last)
+    (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1 on 7x7: channels-last
+    (6, 3, 1, 1, 3, 1, [1, 1, 1, 1]),          # ... on a 3x3 plane
     (6, 20, 2, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 2: split columns
     (5, 17, 2, 1, 3, 1, [1, 1, 1, 1]),         # ... odd size: the last window reaches the padding
     (3, 18, 2, 2, 3, 1, [1, 1, 1, 1]),         # ... depth multiplier
     (4, 26, 3, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 3: one-pass rows
-    (5, 2, 1, 1, 3, 1, [1, 1, 1, 1]),          # two rows: one-pass rows
+    (5, 2, 1, 2, 3, 1, [1, 1, 1, 1]),          # two rows: one-pass rows
     (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),        # strided, small map: channels-last, nine taps unrolled
     (21, 13, 2, 1, 3, 1, [1, 1, 1, 1]),        # ... channels and positions not multiples of 8
     (13, 9, 1, 1, 3, 2, [2, 2, 2, 2]),         # ... dilated: taps in the padding read the zero row
