@@ -5,7 +5,9 @@
     python benchmarks/run.py lenet5 resnet18 # chosen models (any zoo name, or vgg_fc6_fc7)
 
 Every measurement runs in a fresh subprocess whose thread environment is set before any import
-(OMP/OpenBLAS/MKL/numba threads, onnxruntime's intra-op threads): one thread, then all cores.
+(OMP/OpenBLAS/MKL/numba threads, onnxruntime's intra-op threads): one thread, then all cores. numpy's
+OpenBLAS picks its kernels for the CPU, as onnxruntime does: an ``OPENBLAS_CORETYPE`` in the
+environment is dropped unless ``--keep-blas-pin`` is given (the header says which kernels ran).
 
 1. Latency, per model, batch 1 and 8: onnxruntime on the original ONNX and dcrt in each memory mode
    run *interleaved* (one call of each per round, best of the rounds), so that a busy machine slows
@@ -443,8 +445,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="add the full-size networks")
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per model, batch and thread setting")
+    ap.add_argument("--keep-blas-pin", action="store_true",
+                    help="keep an OPENBLAS_CORETYPE from the environment (default: numpy's BLAS picks its "
+                         "kernels for the CPU, as onnxruntime does)")
     ap.add_argument("models", nargs="*")
     args = ap.parse_args()
+    pin = os.environ.get("OPENBLAS_CORETYPE")
+    if pin and not args.keep_blas_pin:
+        # before numpy loads OpenBLAS here or in a child: a host-wide pin of OpenBLAS's kernels (session
+        # 18's host pins AVX2 on an AVX-512 CPU: ResNet-18 dense 19 -> 29 ms) would time dcrt's BLAS
+        # on kernels its users' machines do not pick, against an onnxruntime that picks its own
+        del os.environ["OPENBLAS_CORETYPE"]
+        print(f"(OPENBLAS_CORETYPE={pin} from the environment dropped: --keep-blas-pin keeps it)\n")
     names = args.models or SMALL + (FULL if args.full else [])
     cores = os.cpu_count() or 1
     results: dict = {"models": [], "memory": [], "device_open": {}, "numpy_only": {}, "decode": {}, "compile": {},
