@@ -33,10 +33,25 @@ def position_dtype(columns: int) -> np.dtype:
     return np.dtype(np.uint16 if columns <= 1 << 16 else np.int32)
 
 
+#: The largest product table a batch-1 CSR product builds (``runtime/_numba_index._product_table``):
+#: columns x codebook entries, 256 KB of float32, which stays in a core's L2.
+PRODUCT_TABLE_ENTRIES = 1 << 16
+
+
+def product_table_pays(columns: int, codebook_entries: int, kept: int) -> bool:
+    """Whether a batch-1 product by rows of a CSR weight takes its products from a table of every
+    ``centroid * activation`` (built per call: ``columns * codebook_entries`` multiplies, vectorised)
+    rather than multiplying per kept weight: when the table fits :data:`PRODUCT_TABLE_ENTRIES` and
+    there are at least a third as many kept weights as entries. The compiled kernel applies the same
+    test (numba caches it with this constant's value: touch the kernel's file when changing it)."""
+    entries = columns * codebook_entries
+    return entries <= PRODUCT_TABLE_ENTRIES and 3 * kept >= entries
+
+
 #: How index mode groups the kept weights of a pruned tensor in CSR form (see :func:`groupings`):
-#: by the rows of the 2-D view (the default), by input (:func:`by_input`), or as one matrix per
-#: direction of a recurrent weight (:func:`per_direction`).
-ROWS, INPUTS, DIRECTIONS = "rows", "inputs", "directions"
+#: by the rows of the 2-D view (the default), by input (:func:`by_input`), both, or as one matrix
+#: per direction of a recurrent weight (:func:`per_direction`).
+ROWS, INPUTS, BOTH, DIRECTIONS = "rows", "inputs", "inputs and rows", "directions"
 RECURRENT = ("LSTM", "GRU", "RNN")
 
 
@@ -66,7 +81,8 @@ def by_input(graph: Graph) -> FrozenSet[str]:
     so that the batch-1 product scatters the kept weights of each non-zero activation and skips the
     zero ones, as the EIE accelerator does (after a ReLU about half of them are zero). The bound
     leaves out weights with many inputs and few kept weights each, where the pointer per input
-    would cost more than the skipping saves (32x1568 at 10 %: 40 % more bytes).
+    would cost more than the skipping saves (32x1568 at 10 %: 40 % more bytes). One whose rows would
+    take a product table is kept by rows as well (:data:`BOTH`, see :func:`groupings`).
     """
     gemm = _read_only_as(graph, lambda node, i: node.op_type == "Gemm" and not node.domain and i == 1
                          and node.attrs.get("transB", 0))
@@ -86,10 +102,21 @@ def per_direction(graph: Graph) -> FrozenSet[str]:
 
 
 def groupings(graph: Graph) -> Dict[str, str]:
-    """The initializers whose CSR form in index mode is not grouped by rows: :data:`INPUTS` for
-    :func:`by_input`, :data:`DIRECTIONS` for :func:`per_direction`."""
+    """The initializers whose CSR form in index mode is not grouped by rows: :data:`DIRECTIONS` for
+    :func:`per_direction`; for :func:`by_input` :data:`INPUTS`, or :data:`BOTH` where a product by
+    rows takes a product table (:func:`product_table_pays`).
+
+    A weight kept both ways (one more copy of its kept weights) computes one row of activations with
+    fewer than a quarter zeros by rows from the table, the others by input, skipping the zeros: the
+    table costs one load a kept weight, the scatter a load and a store of an output for each one it
+    does not skip (LeNet-300-100's fc1, one core: 8.5 us by rows, 10.9 by input on dense
+    activations, 4.6 with two thirds of them zero). The rows take a uint16 slot per kept weight
+    (``symbol * columns + column``: where its product sits in the table) and a pointer per row."""
     found = {n: DIRECTIONS for n in per_direction(graph)}
-    found.update((n, INPUTS) for n in by_input(graph))
+    for name in by_input(graph):
+        record = graph.initializers[name].record
+        table = product_table_pays(record.shape[1], record.stats.codebook_size + 1, record.stats.nonzero_count)
+        found[name] = BOTH if table else INPUTS
     return found
 
 
@@ -121,6 +148,8 @@ def _symbol_bytes(record: TensorRecord) -> int:
 
 def _csr_bytes(record: TensorRecord, grouping: str) -> int:
     """Bytes of the CSR form: per kept weight its symbol and position, per row an int32 pointer."""
+    if grouping == BOTH:     # and the rows for the product table: a uint16 slot per kept weight
+        return _csr_bytes(record, INPUTS) + 2 * record.stats.nonzero_count + (matrix_shape(record.shape)[0] + 1) * 4
     rows, columns = matrix_shape(record.shape)
     matrices = 1
     if grouping == INPUTS:      # the CSR of the transpose: a pointer per column, a row position per kept weight
@@ -136,6 +165,7 @@ def sparse_layout(record: TensorRecord, grouping: str = ROWS) -> str:
     grouped as ``grouping`` says, see :func:`groupings`; only when :func:`pruned`)."""
     if not pruned(record):
         return "dense"
+    grouping = INPUTS if grouping == BOTH else grouping      # the copy by rows goes with the CSR
     return "csr" if _csr_bytes(record, grouping) < record.size * _symbol_bytes(record) else "dense"
 
 

@@ -425,10 +425,8 @@ def _csr_dot(x, xt, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, 
     if batch == 1:
         xv = x[0]
         for n in range(n0, n1):
-            acc = csr_row_dot(xv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
-            out[0, n] = _finish(acc, bias, n, lo, hi, clamp)
-        return
-    if batch <= GROUP_ROWS:
+            out[0, n] = csr_row_dot(xv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
+    elif batch <= GROUP_ROWS:
         for n in range(n0, n1):
             for b0 in range(0, batch, 4):
                 a0, a1, a2, a3 = csr_dot4(xt, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1], b0)
@@ -446,7 +444,8 @@ def _csr_dot(x, xt, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, 
             for b in range(batch):
                 out[b, n] = acc[b]
     # the epilogue after all rows: inside the row loop it kept LLVM from vectorising the batch loop
-    # (512x64 at 10 %, 16 rows of x: 52 -> 14 us). Expanding each row as _index_dot does is slower
+    # (512x64 at 10 %, 16 rows of x: 52 -> 14 us), and at batch 1 it cost ~7 ns a row (a 300x784
+    # weight at 10 %, one core: 9.5-9.7 -> 9.1 us). Expanding each row as _index_dot does is slower
     # for CSR: a zeroed row of mostly zeros for a few kept weights (16 rows: 36 us).
     _finish_rows(out, bias, lo, hi, clamp, n0, n1)
 
@@ -540,6 +539,54 @@ def csr_matmul(x, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out):  
     xt, acc = _scatter_buffers(x, out.shape[1], 1)
     _csr_scatter(x, xt, row_ptr, cols, symbols, codebook, acc[0], 0, row_ptr.size - 1)
     _scatter_finish(x, acc, bias, lo, hi, clamp, out)
+
+
+@njit(inline="always")
+def slot_dot(table, slots, e, end):  # pragma: no cover - compiled
+    """``sum table[slots[k]]`` over the entries ``[e, end)`` of one row: four partial sums, in
+    :func:`csr_row_dot`'s order (the same products, so the same sums bit for bit)."""
+    i, stop = _U(e), _U(end)
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    while i + _U(3) < stop:
+        a0 += table[_U(slots[i])]
+        a1 += table[_U(slots[i + _U(1)])]
+        a2 += table[_U(slots[i + _U(2)])]
+        a3 += table[_U(slots[i + _U(3)])]
+        i += _U(4)
+    while i < stop:
+        a0 += table[_U(slots[i])]
+        i += _U(1)
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(cache=True, nogil=True)
+def csr_matmul_t_dual(x, row_ptr, slots, in_ptr, in_rows, in_symbols, codebook, bias, lo, hi, clamp,
+                      out):  # pragma: no cover - compiled
+    """``x @ W.T`` for one row ``x`` and a weight held both ways (``indexed.ByInput`` with its
+    ``TableRows``): when under a quarter of ``x`` is zero, by rows from a product table
+    ``table[s * K + k] = codebook[s] * x[0, k]``, every product a kept weight can make, which its
+    slot (``s * K + k``) reads in one load instead of two (its activation's and its centroid's); else
+    by input (:func:`csr_matmul` on ``W.T``'s CSR ``in_ptr``, ``in_rows``, ``in_symbols``), which skips
+    the zeros. Counting them here costs ~0.1 us, where a numpy count and a second launch cost ~1 us."""
+    xv = x[0]
+    k = xv.size
+    zeros = 0
+    for j in range(k):
+        zeros += xv[j] == 0.0
+    if 4 * zeros >= k:
+        csr_matmul(x, in_ptr, in_rows, in_symbols, codebook, bias, lo, hi, clamp, out)
+        return
+    table = np.empty(codebook.size * k, np.float32)
+    for c in range(codebook.size):
+        v = codebook[c]
+        for j in range(k):
+            table[c * k + j] = v * xv[j]
+    for n in range(row_ptr.size - 1):
+        out[0, n] = slot_dot(table, slots, row_ptr[n], row_ptr[n + 1])
+    _finish_rows(out, bias, lo, hi, clamp, 0, row_ptr.size - 1)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -34,13 +34,14 @@ kernels ``tile_rows``/``expand_rows`` (one tile, without the full expansion ``de
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
 from dcrt import sparse
 from dcrt.errors import FormatError
-from dcrt.memory import position_dtype
+from dcrt.memory import PRODUCT_TABLE_ENTRIES, position_dtype
 
 from . import numba_kernels
 from .kernels import finish, product_t, wrap_indices
@@ -587,32 +588,79 @@ class SparseWeight:
         return _tiled_lmatmul(self, x, out)
 
 
+class TableRows:
+    """The rows of a pruned 2-D weight ``[N, K]`` as a batch-1 product table reads them
+    (``dcrt.memory.BOTH``): ``row_ptr`` and, per kept weight, its slot ``symbol * K + column``, where
+    ``codebook[symbol] * x[column]`` sits in the table (``_numba_index.csr_matmul_t_dual``). uint16:
+    the table has at most ``PRODUCT_TABLE_ENTRIES`` products."""
+
+    def __init__(self, rows: SparseWeight):
+        width = rows.shape[1]
+        if rows.ndim != 2 or rows.codebook.size * width > PRODUCT_TABLE_ENTRIES:
+            raise FormatError(f"a {rows.codebook.size}-entry codebook over {width} columns makes a product "
+                              f"table over {PRODUCT_TABLE_ENTRIES} entries; the tensor's stats disagree with it")
+        self.row_ptr = rows.row_ptr
+        self.slots = (rows.symbols.astype(np.uint32) * width + rows.cols).astype(np.uint16)
+        self._some = np.flatnonzero(np.diff(self.row_ptr))     # the rows with kept weights
+
+    nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes)
+
+    def product(self, x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+        """numpy twin of ``csr_matmul_t_dual``'s rows: ``x @ W.T`` for ``x`` ``[1, K]`` from the table."""
+        table = (codebook[:, None] * x.reshape(1, -1)).ravel()
+        out = np.zeros((1, self.row_ptr.size - 1), np.float32)
+        if self._some.size:
+            out[0, self._some] = np.add.reduceat(table[self.slots], self.row_ptr[self._some])
+        return out
+
+
 class ByInput:
     """A sparse 2-D weight ``W`` ``[N, K]`` held as the CSR form of ``W.T`` (its kept weights grouped
-    by input), for the weights of ``Gemm(transB=1)`` (``dcrt.memory.by_input``).
+    by input), for the weights of ``Gemm(transB=1)`` (``dcrt.memory.by_input``); with ``rows``, also
+    by rows, as a product table reads them (:class:`TableRows`, ``dcrt.memory.BOTH``).
 
     ``x @ W.T`` is then ``x @ inner``: the compiled kernel scatters the kept weights of each
     non-zero activation and skips the zero ones, as the EIE accelerator does. After a ReLU about
-    half of the activations are zero; on dense activations it costs about what the dot products do
+    half of the activations are zero; on dense activations it costs more than dot products by rows
     (one core, CPU time: LeNet-300-100's fc1 13.2 us by rows, 14.5 by inputs, 8.2 after a ReLU;
-    VGG-16's FC6 3.2, 2.3 and 1.7 ms: the outputs it adds into stay in L1).
+    VGG-16's FC6 3.2, 2.3 and 1.7 ms: the outputs it adds into stay in L1). With numba, a weight
+    that also has its ``rows`` computes one row of activations with fewer than a quarter zeros by
+    rows, from a product table, in the same compiled call that counts them
+    (``_numba_index.csr_matmul_t_dual``; fc1 on the AVX-512 host of session 18: 6.6 us against 10.9
+    by input).
     """
 
     fused_epilogue = True
 
-    def __init__(self, inner: SparseWeight):
+    def __init__(self, inner: SparseWeight, rows: Optional[TableRows] = None):
         self.inner = inner
         self.shape = inner.shape[::-1]      # attributes: every Gemm call reads them (~0.1 us each)
         self.arrays = inner.arrays
+        self.rows = rows
+        # what csr_matmul_t_dual reads: the rows for the table, then the CSR of W.T with the codebook
+        self.both = None if rows is None else SimpleNamespace(arrays=(rows.row_ptr, rows.slots) + inner.arrays)
 
     ndim = 2
     dtype = property(lambda self: np.dtype(np.float32))
-    nbytes = property(lambda self: self.inner.nbytes)
+    nbytes = property(lambda self: self.inner.nbytes + (0 if self.rows is None else self.rows.nbytes))
     nnz = property(lambda self: self.inner.nnz)
+
+    def _dual(self, x: np.ndarray) -> bool:
+        """Whether ``x @ W.T`` goes through ``csr_matmul_t_dual``: the rows are here, numba is, ``x``
+        is one row of float32 and the product small enough for the serial kernel."""
+        return (self.rows is not None and _rows(x) == 1 and x.dtype == np.float32 and kernels() is not None
+                and self.nnz < numba_kernels.PARALLEL_WORK)
 
     def matmul_t(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
                  clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
-        """``x @ W.T``: the inner weight's ``x @ inner`` (scatter by input)."""
+        """``x @ W.T``: the inner weight's ``x @ inner`` (scatter by input), or by rows (see above;
+        without numba the same choice, in numpy)."""
+        if self._dual(x):
+            return _compiled_product(kernels(), "csr_matmul_t_dual", x, self.shape[0], self.nnz, self.both,
+                                     bias, clamp)
+        if self.rows is not None and x.shape == (1, self.shape[1]) and x.dtype == np.float32 \
+                and 4 * np.count_nonzero(x) > 3 * x.size:
+            return finish(self.rows.product(x, self.inner.codebook), bias, clamp)
         return self.inner.matmul(x, bias, clamp)
 
     def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
@@ -622,8 +670,16 @@ class ByInput:
 
     def product_runner(self, x: np.ndarray, transposed: bool,
                        clamp: Optional[Tuple[float, float]]) -> Optional[ProductRunner]:
-        """As :meth:`SparseWeight.product_runner`, with the product turned around."""
-        return self.inner.product_runner(x, not transposed, clamp)
+        """As :meth:`SparseWeight.product_runner`, with the product turned around; with ``rows``, one
+        that takes ``x @ W.T`` by rows or by input for each ``x`` as :meth:`matmul_t` does."""
+        by_input = self.inner.product_runner(x, not transposed, clamp)
+        if by_input is None or not transposed or not self._dual(x):
+            return by_input
+        either = _runner(kernels(), "csr_matmul_t_dual", x, self.shape[0], self.nnz, clamp)
+
+        def run(x: np.ndarray, w: "ByInput", bias: Optional[np.ndarray]) -> np.ndarray:
+            return either(x, w.both, bias)
+        return run
 
     def dense(self) -> np.ndarray:
         return np.ascontiguousarray(self.inner.dense().T)

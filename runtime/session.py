@@ -32,7 +32,7 @@ from dcrt.graph import ValueInfo
 
 from . import winograd
 from .executor import Executor
-from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight
+from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows
 
 MODES = memory.MODES
 _ONNX_TYPE = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float64): "tensor(double)",
@@ -79,6 +79,8 @@ def held_as(value: Any) -> str:
         return type(value).__name__
     kept = sum(m.nnz for m in matrices) / max(1, sum(int(np.prod(m.shape)) for m in matrices))
     suffix = {ByInput: " by input", PerDirection: " per direction"}.get(type(value), "")
+    if isinstance(value, ByInput) and value.rows is not None:
+        suffix = " by input and by rows"
     return f"CSR {kept:.0%}{suffix}"
 
 
@@ -96,13 +98,16 @@ def indexed_weight(t: StoredTensor, grouping: str = memory.ROWS):
         book, indices = t.index_form()
         if grouping == memory.DIRECTIONS:
             return PerDirection([SparseWeight.from_indices(book, d) for d in indices])
-        if grouping == memory.INPUTS:
-            return ByInput(SparseWeight.from_indices(book, indices.T))
+        if grouping in (memory.INPUTS, memory.BOTH):
+            rows = TableRows(SparseWeight.from_indices(book, indices)) if grouping == memory.BOTH else None
+            return ByInput(SparseWeight.from_indices(book, indices.T), rows)
         return SparseWeight.from_indices(book, indices)
     entries = t.entries()
     try:
-        if grouping == memory.INPUTS:
-            return ByInput(SparseWeight.transpose_from_entries(t.codebook, *entries, t.shape))
+        if grouping in (memory.INPUTS, memory.BOTH):
+            rows = TableRows(SparseWeight.from_entries(t.codebook, *entries, t.shape)) if grouping == memory.BOTH \
+                else None
+            return ByInput(SparseWeight.transpose_from_entries(t.codebook, *entries, t.shape), rows)
         weight = SparseWeight.from_entries(t.codebook, *entries, t.shape)
     except FormatError as error:
         raise FormatError(f"tensor {t.name!r}: {error}") from None

@@ -86,6 +86,42 @@ def test_fc_kernels_agree(batch, epilogue, monkeypatch):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("zeros", [0, 19, 20, 60])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_dual_kernel_agrees(zeros, epilogue, monkeypatch):
+    """A Gemm weight held both ways (``ByInput`` with ``TableRows``): one row of activations with under
+    a quarter zeros goes by rows from the product table, equal bit for bit to the dot products by rows
+    (the same products summed in the same order); one with more goes by input, equal bit for bit to
+    the scatter. Both agree with the numpy twin (by input) and with the dense product, through
+    ``matmul_t`` and through a prepared runner alike. 80 inputs: 19 zeros go by rows, 20 by input."""
+    codebook, symbols = random_weight((37, 80), 0.3, seed=zeros)
+    entries = sparse.encode_csc(symbols, 4)
+    w = indexed.ByInput(SparseWeight.transpose_from_entries(codebook, *entries, (37, 80)),
+                        indexed.TableRows(SparseWeight.from_entries(codebook, *entries, (37, 80))))
+    rows = SparseWeight.from_entries(codebook, *entries, (37, 80))
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    x = rand(1, 80) + 5                                 # no zeros but those set here
+    x[0, RNG.permutation(80)[:zeros]] = 0
+    bias, clamp = (rand(37), (-1.0, 2.0)) if epilogue else (None, None)
+    got, twin = both(lambda: w.matmul_t(x, bias, clamp), monkeypatch)
+    ran = w.product_runner(x, True, clamp)(x, w, bias)
+    same_path = rows.matmul_t(x, bias, clamp) if 4 * zeros < 80 else w.inner.matmul(x, bias, clamp)
+    np.testing.assert_array_equal(got, same_path)
+    np.testing.assert_array_equal(ran, got)
+    want = x @ dense.T + (0 if bias is None else bias)
+    want = want if clamp is None else np.clip(want, *clamp)
+    for y in (got, twin):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_table_rows_refuse_a_table_too_large():
+    """``TableRows`` slots are uint16: a codebook and width past ``PRODUCT_TABLE_ENTRIES`` products
+    (file stats that disagree with the tensor) is a FormatError, not wrapped slots."""
+    codebook, symbols = random_weight((4, 3000), 0.5, centroids=30)
+    with pytest.raises(FormatError, match="product table over 65536 entries"):
+        indexed.TableRows(SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 4), (4, 3000)))
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_csr_from_entries_agrees(monkeypatch, bits, transposed):

@@ -290,7 +290,7 @@ def test_profile_times_each_node_where_its_work_is(dcm_path, tmp_path):
     for mode, rows in profiles.items():
         assert [(r.name, r.op_type) for r in rows] == [("fc1", "Gemm+Relu"), ("fc2", "Gemm+Relu"), ("fc3", "Gemm")]
         assert all(r.seconds > 0 for r in rows)
-    assert [r.weight for r in profiles["index"]] == ["CSR 10% by input", "CSR 10% by input", "CSR 10%"]
+    assert [r.weight for r in profiles["index"]] == ["CSR 10% by input and by rows", "CSR 10% by input", "CSR 10%"]
     assert {r.weight for r in profiles["dense"]} == {"float32"}
     assert {r.weight for r in profiles["stream"]} == {"decoded per run"}
     # decoding fc1 (23,520 Huffman-coded kept weights) costs far more than computing with it
@@ -379,6 +379,40 @@ def test_gemm_weights_are_kept_by_input(tmp_path):
     assert all(type(sess._weight(n)) is SparseWeight for n in ("w2", "w3", "w4"))
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
+
+
+def test_gemm_weights_with_a_product_table_are_kept_both_ways(tmp_path):
+    """A Gemm weight kept by input whose rows would take a product table (``memory.BOTH``: LeNet's fc1,
+    300x784 at 10 %) is also kept by rows, as table slots; one with too few kept weights for its
+    table (fc2, 100x300 at 10 %) only by input. Dense and sparse activations (the two paths) give
+    dense mode's results, and ``dcrt size`` predicts the bytes held."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dcrt import memory, report
+    from dcrt.runtime.indexed import TableRows
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (300, 784)), ("w2", (100, 300)))]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)]
+    value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [value("x", ["N", 784])], [value("y", ["N", 100])], inits)
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.dcm"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dcrt.convert(str(src), str(dst))
+    sess, dense = dcrt.Session(str(dst)), dcrt.Session(str(dst), mode="dense")
+    assert memory.groupings(sess._file.model.graph) == {"w1": memory.BOTH, "w2": memory.INPUTS}
+    w1, w2 = sess._weight("w1"), sess._weight("w2")
+    assert isinstance(w1, ByInput) and isinstance(w1.rows, TableRows) and w1.rows.slots.dtype == np.uint16
+    assert isinstance(w2, ByInput) and w2.rows is None
+    x = rng.standard_normal((1, 784)).astype(np.float32)
+    sparse_x = np.where(rng.random((1, 784)) < 0.6, 0, x).astype(np.float32)
+    for feed in (x, sparse_x, np.concatenate([x, sparse_x])):
+        np.testing.assert_allclose(sess.run(None, {"x": feed})[0], dense.run(None, {"x": feed})[0],
+                                   rtol=1e-4, atol=1e-4)
+    held = sess.resident_bytes()
+    assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
+    assert [r.weight for r in sess.profile({"x": x}, runs=1)] == ["CSR 10% by input and by rows", "CSR 10% by input"]
 
 
 def test_pruned_quantized_weights_are_kept_as_csr(tmp_path):
