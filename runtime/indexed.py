@@ -601,7 +601,6 @@ class TableRows:
                               f"table over {PRODUCT_TABLE_ENTRIES} entries; the tensor's stats disagree with it")
         self.row_ptr = rows.row_ptr
         self.slots = (rows.symbols.astype(np.uint32) * width + rows.cols).astype(np.uint16)
-        self._some = np.flatnonzero(np.diff(self.row_ptr))     # the rows with kept weights
 
     nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes)
 
@@ -609,8 +608,9 @@ class TableRows:
         """numpy twin of ``csr_matmul_t_dual``'s rows: ``x @ W.T`` for ``x`` ``[1, K]`` from the table."""
         table = (codebook[:, None] * x.reshape(1, -1)).ravel()
         out = np.zeros((1, self.row_ptr.size - 1), np.float32)
-        if self._some.size:
-            out[0, self._some] = np.add.reduceat(table[self.slots], self.row_ptr[self._some])
+        some = np.flatnonzero(np.diff(self.row_ptr))     # reduceat would give an empty row a value
+        if some.size:
+            out[0, some] = np.add.reduceat(table[self.slots], self.row_ptr[some])
         return out
 
 
