@@ -101,10 +101,29 @@ def per_direction(graph: Graph) -> FrozenSet[str]:
     return frozenset(n for n in recurrent if _pruned_3d(graph.initializers.get(n)))
 
 
+#: Operators whose output is zero wherever their input is: a ReLU's zeros pass through them.
+_KEEP_ZEROS = frozenset({"Flatten", "Reshape", "MaxPool", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Transpose"})
+
+
+def _after_relu(graph: Graph, name: str) -> bool:
+    """Whether activation ``name`` is a Relu's output, directly or through :data:`_KEEP_ZEROS`
+    operators (about half of it zeros, which the scatter by input skips)."""
+    producers = {out: node for node in graph.nodes for out in node.outputs}
+    while name in producers:
+        node = producers[name]
+        if node.op_type == "Relu" and not node.domain:
+            return True
+        if node.op_type not in _KEEP_ZEROS or node.domain:
+            return False
+        name = node.inputs[0]
+    return False
+
+
 def groupings(graph: Graph) -> Dict[str, str]:
     """The initializers whose CSR form in index mode is not grouped by rows: :data:`DIRECTIONS` for
     :func:`per_direction`; for :func:`by_input` :data:`INPUTS`, or :data:`BOTH` where a product by
-    rows takes a product table (:func:`product_table_pays`).
+    rows takes a product table (:func:`product_table_pays`) and some Gemm reading the weight gets
+    its activations from elsewhere than a ReLU (a graph input, a pooling average: few zeros).
 
     A weight kept both ways (one more copy of its kept weights) computes one row of activations with
     fewer than a quarter zeros by rows from the table, the others by input, skipping the zeros: the
@@ -115,8 +134,10 @@ def groupings(graph: Graph) -> Dict[str, str]:
     found = {n: DIRECTIONS for n in per_direction(graph)}
     for name in by_input(graph):
         record = graph.initializers[name].record
+        dense_input = any(not _after_relu(graph, node.inputs[0]) for node in graph.nodes
+                          if node.op_type == "Gemm" and node.inputs[1:2] == [name])
         table = product_table_pays(record.shape[1], record.stats.codebook_size + 1, record.stats.nonzero_count)
-        found[name] = BOTH if table else INPUTS
+        found[name] = BOTH if table and dense_input else INPUTS
     return found
 
 

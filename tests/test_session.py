@@ -383,28 +383,33 @@ def test_gemm_weights_are_kept_by_input(tmp_path):
 
 def test_gemm_weights_with_a_product_table_are_kept_both_ways(tmp_path):
     """A Gemm weight kept by input whose rows would take a product table (``memory.BOTH``: LeNet's fc1,
-    300x784 at 10 %) is also kept by rows, as table slots; one with too few kept weights for its
-    table (fc2, 100x300 at 10 %) only by input. Dense and sparse activations (the two paths) give
-    dense mode's results, and ``dcrt size`` predicts the bytes held."""
+    300x784 at 10 %, reading the graph input) is also kept by rows, as table slots; one that reads a
+    ReLU's output (w3: through a Flatten) or has too few kept weights for its table (w2, 100x300 at
+    10 %) only by input. Dense and sparse activations (the two paths) give dense mode's results, and
+    ``dcrt size`` predicts the bytes held."""
     from onnx import TensorProto, helper, numpy_helper
 
     from dcrt import memory, report
     from dcrt.runtime.indexed import TableRows
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w1", (300, 784)), ("w2", (100, 300)))]
+             for n, s in (("w1", (300, 784)), ("w3", (300, 300)), ("w2", (100, 300)))]
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)]
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "w3"], ["h3"], transB=1),
+             helper.make_node("Relu", ["h3"], ["r3"]), helper.make_node("Gemm", ["r3", "w2"], ["y"], transB=1)]
     value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
     graph = helper.make_graph(nodes, "g", [value("x", ["N", 784])], [value("y", ["N", 100])], inits)
     src, dst = tmp_path / "m.onnx", tmp_path / "m.dcm"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     dcrt.convert(str(src), str(dst))
     sess, dense = dcrt.Session(str(dst)), dcrt.Session(str(dst), mode="dense")
-    assert memory.groupings(sess._file.model.graph) == {"w1": memory.BOTH, "w2": memory.INPUTS}
+    records = {n: sess._tensors[n].record for n in ("w1", "w3", "w2")}
+    assert [memory.product_table_pays(r.shape[1], r.stats.codebook_size + 1, r.stats.nonzero_count)
+            for r in records.values()] == [True, True, False]
+    assert memory.groupings(sess._file.model.graph) == {"w1": memory.BOTH, "w3": memory.INPUTS, "w2": memory.INPUTS}
     w1, w2 = sess._weight("w1"), sess._weight("w2")
     assert isinstance(w1, ByInput) and isinstance(w1.rows, TableRows) and w1.rows.slots.dtype == np.uint16
-    assert isinstance(w2, ByInput) and w2.rows is None
+    assert isinstance(w2, ByInput) and w2.rows is None and sess._weight("w3").rows is None
     x = rng.standard_normal((1, 784)).astype(np.float32)
     sparse_x = np.where(rng.random((1, 784)) < 0.6, 0, x).astype(np.float32)
     for feed in (x, sparse_x, np.concatenate([x, sparse_x])):
@@ -412,7 +417,8 @@ def test_gemm_weights_with_a_product_table_are_kept_both_ways(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
-    assert [r.weight for r in sess.profile({"x": x}, runs=1)] == ["CSR 10% by input and by rows", "CSR 10% by input"]
+    assert [r.weight for r in sess.profile({"x": x}, runs=1)] == ["CSR 10% by input and by rows", "",
+                                                                  "CSR 10% by input", "CSR 10% by input"]
 
 
 def test_pruned_quantized_weights_are_kept_as_csr(tmp_path):
