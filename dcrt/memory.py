@@ -5,11 +5,11 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
 - ``index``: codebook + codebook indices (uint8/uint16); a pruned tensor keeps whichever is smaller
   of dense indices (pruned weights index a zero centroid) and CSR (indices + column positions:
   uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`), grouped by input for the
-  weights of :func:`by_input` and as a matrix per direction for those of :func:`per_direction`
-  (:func:`groupings`). That holds for the file's SPARSE tensors and for its QUANTIZED ones
-  with a zero centroid (:func:`pruned`): the converter picks the encoding that downloads smaller,
-  and at 90 % pruning that can be QUANTIZED (an LSTM's 512x128 recurrent weight) while in memory
-  the CSR takes a third of the dense indices.
+  weights of :func:`by_input` (some also by rows, as product-table slots: :data:`BOTH`) and as a
+  matrix per direction for those of :func:`per_direction` (:func:`groupings`). That holds for the
+  file's SPARSE tensors and for its QUANTIZED ones with a zero centroid (:func:`pruned`): the
+  converter picks the encoding that downloads smaller, and at 90 % pruning that can be QUANTIZED
+  (an LSTM's 512x128 recurrent weight) while in memory the CSR takes a third of the dense indices.
 - ``dense``: every weight decoded once to float32.
 - ``stream``: nothing kept; each layer is decoded when used and dropped (peak: the largest layer).
 """
@@ -102,13 +102,14 @@ def per_direction(graph: Graph) -> FrozenSet[str]:
 
 
 #: Operators whose output is zero wherever their input is: a ReLU's zeros pass through them.
-_KEEP_ZEROS = frozenset({"Flatten", "Reshape", "MaxPool", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Transpose"})
+_KEEP_ZEROS = frozenset({"Flatten", "Reshape", "MaxPool", "Identity", "Dropout", "Squeeze", "Unsqueeze",
+                         "Transpose"})
 
 
-def _after_relu(graph: Graph, name: str) -> bool:
+def _after_relu(producers: Dict[str, Any], name: str) -> bool:
     """Whether activation ``name`` is a Relu's output, directly or through :data:`_KEEP_ZEROS`
-    operators (about half of it zeros, which the scatter by input skips)."""
-    producers = {out: node for node in graph.nodes for out in node.outputs}
+    operators (about half of it zeros, which the scatter by input skips); ``producers`` maps each
+    value to the node computing it."""
     while name in producers:
         node = producers[name]
         if node.op_type == "Relu" and not node.domain:
@@ -132,9 +133,10 @@ def groupings(graph: Graph) -> Dict[str, str]:
     activations, 4.5 by input on a digit's, 69 % zeros). The rows take a uint16 slot per kept weight
     (``symbol * columns + column``: where its product sits in the table) and a pointer per row."""
     found = {n: DIRECTIONS for n in per_direction(graph)}
+    producers = {out: node for node in graph.nodes for out in node.outputs}
     for name in by_input(graph):
         record = graph.initializers[name].record
-        dense_input = any(not _after_relu(graph, node.inputs[0]) for node in graph.nodes
+        dense_input = any(not _after_relu(producers, node.inputs[0]) for node in graph.nodes
                           if node.op_type == "Gemm" and node.inputs[1:2] == [name])
         table = product_table_pays(record.shape[1], record.stats.codebook_size + 1, record.stats.nonzero_count)
         found[name] = BOTH if table and dense_input else INPUTS

@@ -12,7 +12,9 @@ How the products are computed (float32 accumulation):
 
 - one row of ``x`` (batch 1, the case the paper's speed-up is about): one dot product per output;
   over CSR entries with four independent partial sums, over dense indices four rows at a time
-  (:func:`index_dot4`: scalar loads, one activation load serving four weights);
+  (:func:`index_dot4`: scalar loads, one activation load serving four weights); for a Gemm weight
+  also kept as product-table slots, from a table of every ``centroid * activation`` when few
+  activations are zero (:func:`csr_matmul_t_dual`);
 - several rows: ``x`` is transposed first, so each kept weight is read once and multiplies the
   ``B`` activations it meets as one contiguous (vectorised) run.
 - ``x @ W`` from CSR rows of ``W`` ``[K, N]`` (a MatMul weight, or ``ByInput``'s transpose): the
