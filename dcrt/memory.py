@@ -171,9 +171,9 @@ def _symbol_bytes(record: TensorRecord) -> int:
 
 def _csr_bytes(record: TensorRecord, grouping: str) -> int:
     """Bytes of the CSR form: per kept weight its symbol and position, per row an int32 pointer."""
-    if grouping == BOTH:     # and the rows for the product table: a uint16 slot per kept weight
-        return _csr_bytes(record, INPUTS) + 2 * record.stats.nonzero_count + (matrix_shape(record.shape)[0] + 1) * 4
     rows, columns = matrix_shape(record.shape)
+    if grouping == BOTH:     # and the rows for the product table: a uint16 slot per kept weight
+        return _csr_bytes(record, INPUTS) + 2 * record.stats.nonzero_count + (rows + 1) * 4
     matrices = 1
     if grouping == INPUTS:      # the CSR of the transpose: a pointer per column, a row position per kept weight
         rows, columns = columns, rows

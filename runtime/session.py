@@ -80,7 +80,7 @@ def held_as(value: Any) -> str:
     kept = sum(m.nnz for m in matrices) / max(1, sum(int(np.prod(m.shape)) for m in matrices))
     suffix = {ByInput: " by input", PerDirection: " per direction"}.get(type(value), "")
     if isinstance(value, ByInput) and value.rows is not None:
-        suffix = " by input and by rows"
+        suffix += " and by rows"
     return f"CSR {kept:.0%}{suffix}"
 
 

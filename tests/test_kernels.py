@@ -96,9 +96,8 @@ def test_dual_kernel_agrees(zeros, epilogue, monkeypatch):
     ``matmul_t`` and through a prepared runner alike. 80 inputs: 19 zeros go by rows, 20 by input."""
     codebook, symbols = random_weight((37, 80), 0.3, seed=zeros)
     entries = sparse.encode_csc(symbols, 4)
-    w = indexed.ByInput(SparseWeight.transpose_from_entries(codebook, *entries, (37, 80)),
-                        indexed.TableRows(SparseWeight.from_entries(codebook, *entries, (37, 80))))
     rows = SparseWeight.from_entries(codebook, *entries, (37, 80))
+    w = indexed.ByInput(SparseWeight.transpose_from_entries(codebook, *entries, (37, 80)), indexed.TableRows(rows))
     dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
     x = rand(1, 80) + 5                                 # no zeros but those set here
     x[0, RNG.permutation(80)[:zeros]] = 0
