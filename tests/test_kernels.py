@@ -594,6 +594,42 @@ def test_im2col_blocks_match_whole(strides, monkeypatch):
         np.testing.assert_allclose(twin, whole, rtol=1e-5, atol=1e-5)
 
 
+IM2COL = [  # x shape, kernel, strides, dilations, pads (top, left, bottom, right), through the tap table
+    ((2, 5, 3, 3), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), True),        # small map, two samples
+    ((1, 3, 14, 14), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), False),     # 196 positions: flat copies
+    ((1, 2, 2, 6), (5, 3), (1, 1), (1, 1), (2, 1, 2, 1), True),         # taps whose rows all lie in the pads
+    ((1, 2, 2, 130), (5, 3), (1, 1), (1, 1), (2, 1, 2, 1), False),      # ... on rows too long for the table
+    ((1, 3, 19, 19), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), True),       # strided, 100 positions
+    ((1, 3, 33, 33), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), False),      # strided, 289 positions: row by row
+    ((1, 2, 9, 8), (3, 2), (1, 2), (2, 1), (2, 0, 1, 1), True),         # dilated, uneven pads and strides
+    ((1, 2, 30, 29), (3, 2), (1, 2), (2, 1), (2, 0, 1, 1), False),
+    ((1, 4, 1, 1), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), True),         # one position: only the centre tap
+]
+
+
+@pytest.mark.parametrize("case", IM2COL, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}-d{c[3]}")
+def test_im2col_paths_agree_with_numpy(case):
+    """Both ways ``im2col2d`` builds the matrix (a table of tap offsets for small blocks, tap by tap
+    for others) give the numpy twin's matrix exactly, whole and for a block of output rows."""
+    k = numba_kernels.kernels()
+    if k is None:
+        pytest.skip("numba off")
+    from dcrt.runtime import _numba_conv
+    xs, kernel, strides, dilations, pads, table = case
+    x, w = rand(*xs), np.zeros((1, xs[1]) + kernel, np.float32)
+    shape = kernels._shape_of(x, w, strides, dilations, pads, 1, k)
+    (oh, ow), cin = shape.out, xs[1]
+    xp = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    for r0, r1 in ((0, oh), (1, max(2, oh - 1))):
+        if r0 >= min(r1, oh):
+            continue
+        assert _numba_conv.by_taps(shape.geometry, xs[3], (r1 - r0) * ow) == table
+        cols = np.full((cin * kernel[0] * kernel[1], xs[0], (r1 - r0) * ow), np.nan, np.float32)
+        k.im2col2d(x, 0, 0, kernel[0], kernel[1], shape.geometry, r0, cols)
+        twin = kernels._im2col_numpy(xp, 0, xs[0], 0, cin, kernel, strides, dilations, shape.out, r0, r1)
+        np.testing.assert_array_equal(cols.reshape(twin.shape), twin)
+
+
 def test_parallel_forms_agree(monkeypatch):
     """With every product above the parallel threshold, the ``_par`` kernels give the same results."""
     k = numba_kernels.kernels()
@@ -612,6 +648,7 @@ def test_parallel_forms_agree(monkeypatch):
     wc = weights((16, 1, 3, 3), 0.8)[1]
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
+    xt = rand(2, 16, 6, 6)                  # im2col through the table of tap offsets (xc: tap by tap)
 
     def run():
         return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), sw.matmul(xs), iw.expand_rows(0, 16),
@@ -619,6 +656,7 @@ def test_parallel_forms_agree(monkeypatch):
                 kernels.conv(xc, wc, None, [1, 1], [1, 1], [1, 1, 1, 1], 16, (0.0, 6.0)),
                 kernels.conv(xc, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
+                kernels.conv(xt, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.product_t(xg, wg),
                 kernels.conv(xl, wl, None, [2, 2], [1, 1], [1, 1, 1, 1], 64, (0.0, 6.0)))
     serial = run()
@@ -641,7 +679,7 @@ def test_parallel_forms_agree(monkeypatch):
     for s, p in zip(serial, parallel):
         np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
     assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par", "gemv_t_par",
-            "depthwise2d_par"} <= ran, ran
+            "depthwise2d_par", "im2col2d_par"} <= ran, ran
 
 
 def test_index_mode_conv_never_expands_the_whole_weight():
