@@ -51,7 +51,9 @@ TILE_BYTES = 4 << 20        # largest tile expanded from the codebook at once (f
 TILE_FRACTION = 4           # ... and at most a quarter of the weight: never a dense copy of it,
 TILE_FLOOR = 64 << 10       # ... or this many bytes when that is more (see _tile_rows)
 SMALL_BATCH = 8             # numpy twin of a sparse product: up to this many rows, entry by entry
-COMPILED_BATCH = 32         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS
+COMPILED_BATCH = 64         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS (one
+#                             core, 10 % kept, 64 rows: 784x300 by input 109 against 183 us, 512x64 by rows 34
+#                             against 39; at 128 rows 512x64 by rows 74 against 58)
 INDEX_BATCH = 4             # ... and the dense-index dot products (each row of W expanded once for all
 #                             rows of x); the dense-index scatter (x @ W) takes one row only: at 2 rows
 #                             tiles + BLAS beat it (1000x2048: 1.6 vs 1.9 ms; at 4 rows 2.2x)

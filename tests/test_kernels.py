@@ -66,7 +66,7 @@ def weights(shape, density, seed=0, centroids=31):
     return dense, IndexedWeight(book, symbols), SparseWeight.from_entries(codebook, *entries, shape)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4, 5, 12])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 12, 40])   # 40: accumulators moved into out after all rows
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_fc_kernels_agree(batch, epilogue, monkeypatch):
     dense, iw, sw = weights((37, 70), 0.3, seed=batch)
