@@ -177,6 +177,19 @@ def test_max_pool_dilated() -> None:
     check("MaxPool", {"x": rand(1, 2, 10, 10)}, dict(kernel_shape=[3, 3], dilations=[2, 2], pads=[1, 1, 1, 1]))
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "LpPool"])
+def test_pooling_node_follows_its_input_shape(op: str) -> None:
+    """A pooling node works its layout out once per input shape and dtype (and keeps the last): fed
+    inputs of changing shapes and dtypes, each result is what a node seeing that input first gives."""
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", _nout=1)
+    node = dict(attrs)        # one node's attributes, as its executor step keeps them across calls
+    for x in (rand(1, 3, 9, 8), rand(2, 3, 9, 8), rand(2, 3, 16, 5), rand(2, 3, 16, 5).astype(np.float64),
+              rand(1, 3, 9, 8)):
+        got = OPS[op](node, x)
+        np.testing.assert_array_equal(got, OPS[op](dict(attrs), x))
+        assert got.dtype == x.dtype and got.shape[2:] == (-(-x.shape[2] // 2), -(-x.shape[3] // 2))
+
+
 @pytest.mark.parametrize("include", [0, 1])
 @pytest.mark.parametrize("attrs", POOL_CASES, ids=str)
 def test_average_pool(attrs: Dict[str, Any], include: int) -> None:
