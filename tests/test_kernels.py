@@ -485,12 +485,13 @@ POOLS = [  # x shape, kernel, strides, dilations, pads (begin h, w, end h, w), c
 @pytest.mark.parametrize("case", POOLS, ids=lambda c: f"{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}")
 def test_max_pool_kernel_agrees(case, monkeypatch):
     """The numba max pool against the operator's numpy code, bit for bit: NaN wins, the padding
-    never does (-inf where a window holds only padding)."""
+    never does (-inf where a window holds only padding). The first channel holds NaNs (the kernel
+    does such planes again by the NaN rule), the others not (plain comparisons)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
     shape, kernel, strides, dilations, pads, ceil = case
     x = rand(*shape)
-    x.flat[::41] = np.nan
+    x[:, 0].flat[::41] = np.nan
     x.flat[5::53] = -np.inf
     attrs = {"kernel_shape": list(kernel), "strides": list(strides), "dilations": list(dilations),
              "pads": list(pads), "ceil_mode": ceil, "_nout": 1, "_opset": 13}
@@ -498,6 +499,7 @@ def test_max_pool_kernel_agrees(case, monkeypatch):
     got, twin = both(lambda: OPS["MaxPool"](attrs, x), monkeypatch)
     assert got.shape == twin.shape and got.dtype == twin.dtype == np.float32
     np.testing.assert_array_equal(got, twin)
+    assert np.isnan(got[:, 0]).any() and not np.isnan(got[:, 1:]).any()
 
 
 WINOGRAD = [  # x shape, w shape, pads (3x3, unit strides: at least MIN_TILES_INDEXED 2x2 tiles a map)
@@ -649,6 +651,8 @@ def test_parallel_forms_agree(monkeypatch):
     wd, bd = rand(8, 16, 3, 3), rand(8)
     wd_const = constant(wd)
     xt = rand(2, 16, 6, 6)                  # im2col through the table of tap offsets (xc: tap by tap)
+    xm = rand(2, 64, 14, 14)                # max pool: planes with NaN (done again by the NaN rule) and without
+    xm[:, 3].flat[::7] = np.nan
 
     def run():
         return (iw.matmul_t(x), sw.matmul_t(x), sw.matmul(x[:, :64]), sw.matmul(xs), iw.expand_rows(0, 16),
@@ -658,7 +662,8 @@ def test_parallel_forms_agree(monkeypatch):
                 kernels.conv(xc, wd_const, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.conv(xt, wd, bd, [1, 1], [1, 1], [1, 1, 1, 1], 1, (0.0, 6.0)),
                 kernels.product_t(xg, wg),
-                kernels.conv(xl, wl, None, [2, 2], [1, 1], [1, 1, 1, 1], 64, (0.0, 6.0)))
+                kernels.conv(xl, wl, None, [2, 2], [1, 1], [1, 1, 1, 1], 64, (0.0, 6.0)),
+                kernels.max_pool2d(xm, [3, 3], [2, 2], [1, 1], [1, 1], (7, 7)))
     serial = run()
     monkeypatch.setattr(numba_kernels, "PARALLEL_WORK", 0)
     ran = set()     # which parallel kernels ran (each still the compiled kernel)
@@ -677,9 +682,9 @@ def test_parallel_forms_agree(monkeypatch):
     finally:
         numba.set_num_threads(threads)
     for s, p in zip(serial, parallel):
-        np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s, p, rtol=1e-5, atol=1e-5)     # NaN only where the other has NaN
     assert {"index_matmul_t_par", "csr_matmul_t_par", "csr_matmul_par", "expand_par", "gemv_t_par",
-            "depthwise2d_par", "im2col2d_par"} <= ran, ran
+            "depthwise2d_par", "im2col2d_par", "max_pool2d_par"} <= ran, ran
 
 
 def test_index_mode_conv_never_expands_the_whole_weight():
