@@ -535,9 +535,9 @@ def _im2col_plane(x, n0, c0, kh, kw, geometry, r0, cols, job):  # pragma: no cov
 # Small maps: one table of every tap's offset in the input plane at every output position of the
 # block (-1 in the padding), built once per call, then each (sample, channel) is one gather through it.
 # Tap by tap and row by row, a row of the matrix cost ~12-25 ns of bookkeeping whatever its length.
-# One core, one sample, 3x3 pad 1, kernel alone: 64 channels on 1x1 6.6 -> 0.9 us, 32 on 2x2 5.3 ->
-# 1.0, 16 on 4x4 3.3 -> 1.2, 512 on 7x7 102 -> 47, 256 14 -> 7 (stride 2) 70 -> 26, 128 28 -> 14 74 ->
-# 54; past these sizes the flat copies win (unit stride: 96 channels on 12x12 24 against 30 us) and
+# One core, one sample, 3x3 pad 1, kernel alone: 64 channels on 1x1 6.6 -> 1.0 us, 32 on 2x2 5.3 ->
+# 1.1, 16 on 4x4 3.3 -> 1.3, 512 on 7x7 102 -> 49, 256 14 -> 7 (stride 2) 70 -> 26, 128 28 -> 14 74 ->
+# 52; past these sizes the flat copies win (unit stride: 96 channels on 12x12 24 against 30 us) and
 # so does the row path (strided: 16 channels 32 -> 16 12 against 13 us).
 TAPS_FLAT = 128          # output positions per sample, unit strides and rows as wide as the input's
 TAPS_STRIDED = 224       # output positions per sample, any other geometry
@@ -598,6 +598,8 @@ def im2col2d(x, n0, c0, kh, kw, geometry, r0, cols):  # pragma: no cover - compi
     table of tap offsets (:func:`by_taps`), others tap by tap.
     """
     jobs = cols.shape[1] * (cols.shape[0] // (kh * kw))
+    # two loops, not one choosing per job: with both bodies inlined in one loop LLVM slowed them
+    # (64 channels on 1x1 1.0 -> 4.1 us, 512 on 7x7 49 -> 75 us)
     if by_taps(geometry, x.shape[3], cols.shape[2]):
         taps = _tap_offsets(kh, kw, geometry, r0, cols.shape[2], x.shape[2], x.shape[3])
         xf, cf = x.reshape(x.size), cols.reshape(cols.size)
@@ -916,7 +918,7 @@ def _pool_plane(x, xf, kh, kw, geometry, out, of, line, job):  # pragma: no cove
 @njit(nogil=True)
 def _pool_plane_nan(x, kh, kw, geometry, out, line, job):  # pragma: no cover - compiled
     """:func:`_pool_plane` for a plane with a NaN in it, by ``np.maximum``'s rule throughout, tap by
-    tap (a call of its own: inlined beside the fast loops, this rare case slowed them 2-3x)."""
+    tap (a call of its own: inlined beside the fast loops, this rare case slowed them 1.6-3x)."""
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     n = job // x.shape[1]
     c = job - n * x.shape[1]
