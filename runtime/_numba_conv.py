@@ -879,10 +879,6 @@ def _pool_plane(x, xf, kh, kw, geometry, out, of, line, job):  # pragma: no cove
     height, width = x.shape[2], x.shape[3]
     base = job * height * width
     count = out.shape[3]
-    for u in range(pw):
-        line[u] = -np.inf
-    for u in range(pw + width, line.size):
-        line[u] = -np.inf
     nan = False
     for oh in range(out.shape[2]):
         i0 = 0                                  # the window's rows inside the plane: i0 .. i1 - 1
@@ -923,10 +919,6 @@ def _pool_plane_nan(x, kh, kw, geometry, out, line, job):  # pragma: no cover - 
     n = job // x.shape[1]
     c = job - n * x.shape[1]
     height, width = x.shape[2], x.shape[3]
-    for u in range(pw):
-        line[u] = -np.inf
-    for u in range(pw + width, line.size):
-        line[u] = -np.inf
     for oh in range(out.shape[2]):
         first = True
         for i in range(kh):
@@ -954,9 +946,10 @@ def _pool_plane_nan(x, kh, kw, geometry, out, line, job):  # pragma: no cover - 
 
 @njit(inline="always")
 def _pool_line_buffer(x, kw, geometry, out):  # pragma: no cover - compiled
-    """A row with its pads: the left pad, the row, and as far right as the last window reaches."""
+    """A row with its pads: the left pad, the row, and as far right as the last window reaches. The
+    pads hold -inf from here on: the planes write the row between them only."""
     reach = (out.shape[3] - 1) * geometry[1] + (kw - 1) * geometry[3] + 1
-    return np.empty(max(x.shape[3] + geometry[5], reach), np.float32)
+    return np.full(max(x.shape[3] + geometry[5], reach), -np.inf, np.float32)
 
 
 @njit(cache=True, nogil=True)
