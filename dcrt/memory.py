@@ -6,7 +6,8 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
   of dense indices (pruned weights index a zero centroid) and CSR (indices + column positions:
   uint16 up to 65536 columns, int32 beyond; see :func:`position_dtype`), grouped by input for the
   weights of :func:`by_input` (some also by rows, as product-table slots: :data:`BOTH`) and as a
-  matrix per direction for those of :func:`per_direction` (:func:`groupings`). That holds for the
+  matrix per direction for those of :func:`per_direction` (as product-table slots for an LSTM's or
+  GRU's ``R``: :func:`table_slots`; :func:`groupings`). That holds for the
   file's SPARSE tensors and for its QUANTIZED ones with a zero centroid (:func:`pruned`): the
   converter picks the encoding that downloads smaller, and at 90 % pruning that can be QUANTIZED
   (an LSTM's 512x128 recurrent weight) while in memory the CSR takes a third of the dense indices.
@@ -33,25 +34,35 @@ def position_dtype(columns: int) -> np.dtype:
     return np.dtype(np.uint16 if columns <= 1 << 16 else np.int32)
 
 
-#: The largest product table a batch-1 product by rows builds (``_numba_index.csr_matmul_t_dual``):
-#: columns x codebook entries, 256 KB of float32, which stays in a core's L2; its slots fit uint16.
+#: The largest product table a batch-1 product by rows builds (``_numba_index.product_table``):
+#: columns x :func:`table_stride` entries, 256 KB of float32, which stays in a core's L2; its slots
+#: fit uint16.
 PRODUCT_TABLE_ENTRIES = 1 << 16
+
+
+def table_stride(codebook_entries: int) -> int:
+    """Entries a column takes in a product table: the codebook's, rounded up to a power of two, so
+    that a slot (``column * stride + symbol``) splits into its column and symbol by a shift and a mask
+    (the recurrent kernels expand rows so at batch 3 and more)."""
+    return 1 << max(0, codebook_entries - 1).bit_length()
 
 
 def product_table_pays(columns: int, codebook_entries: int, kept: int) -> bool:
     """Whether a batch-1 product by rows of a CSR weight pays for a table of every ``centroid *
     activation`` (built per call: ``columns * codebook_entries`` multiplies, vectorised), from which
     each kept weight takes its product in one load: when the table fits :data:`PRODUCT_TABLE_ENTRIES`
-    and there are at least a third as many kept weights as entries (LeNet-300-100's fc1: 23,520 kept,
-    25,088 entries; 7.5 us from the table against 9.1-10.0 by multiplying, of which ~0.5 building it)."""
-    entries = columns * codebook_entries
-    return entries <= PRODUCT_TABLE_ENTRIES and 3 * kept >= entries
+    and there are at least a third as many kept weights as products (LeNet-300-100's fc1: 23,520 kept,
+    25,088 products; 7.5 us from the table against 9.1-10.0 by multiplying, of which ~0.5 building it)."""
+    fits = columns * table_stride(codebook_entries) <= PRODUCT_TABLE_ENTRIES
+    return fits and 3 * kept >= columns * codebook_entries
 
 
 #: How index mode groups the kept weights of a pruned tensor in CSR form (see :func:`groupings`):
-#: by the rows of the 2-D view (the default), by input (:func:`by_input`), both, or as one matrix
-#: per direction of a recurrent weight (:func:`per_direction`).
+#: by the rows of the 2-D view (the default), by input (:func:`by_input`), both, as one matrix
+#: per direction of a recurrent weight (:func:`per_direction`), or per direction as product-table
+#: slots (:func:`table_slots`).
 ROWS, INPUTS, BOTH, DIRECTIONS = "rows", "inputs", "inputs and rows", "directions"
+SLOTS = "directions, as table slots"
 RECURRENT = ("LSTM", "GRU", "RNN")
 
 
@@ -101,6 +112,27 @@ def per_direction(graph: Graph) -> FrozenSet[str]:
     return frozenset(n for n in recurrent if _pruned_3d(graph.initializers.get(n)))
 
 
+def table_slots(graph: Graph) -> FrozenSet[str]:
+    """Of :func:`per_direction`'s weights, those read only as the ``R`` of an LSTM or GRU (whose
+    compiled kernels read this form) whose rows take a product table (:func:`product_table_pays`,
+    one direction's kept weights against its table).
+
+    Each step multiplies R by a new ``h``, so the table is built per step and batch entry (256
+    centroids by 128 units: ~1 us); each kept weight is then a uint16 slot (``column * stride +
+    symbol``): one load, where the dense indices take three for every weight, pruned or not. The
+    LSTM classifier's 60 %-pruned 512x128 R, one step: 12.5 -> 7.0 us, and 2 bytes a kept weight
+    (0.8 a weight) against 1 a weight. A slot also names its column, so no CSR is kept beside it.
+    """
+    recurrent = _read_only_as(graph, lambda node, i: node.op_type in ("LSTM", "GRU") and not node.domain and i == 2)
+    found = set()
+    for name in recurrent & per_direction(graph):
+        record = graph.initializers[name].record
+        directions, columns = record.shape[0], record.shape[2]
+        if product_table_pays(columns, record.stats.codebook_size + 1, record.stats.nonzero_count // directions):
+            found.add(name)
+    return frozenset(found)
+
+
 #: Operators whose output is zero wherever their input is: a ReLU's zeros pass through them.
 _KEEP_ZEROS = frozenset({"Flatten", "Reshape", "MaxPool", "Identity", "Dropout", "Squeeze", "Unsqueeze",
                          "Transpose"})
@@ -122,17 +154,19 @@ def _after_relu(producers: Dict[str, Any], name: str) -> bool:
 
 def groupings(graph: Graph) -> Dict[str, str]:
     """The initializers whose CSR form in index mode is not grouped by rows: :data:`DIRECTIONS` for
-    :func:`per_direction`; for :func:`by_input` :data:`INPUTS`, or :data:`BOTH` where a product by
-    rows takes a product table (:func:`product_table_pays`) and some Gemm reading the weight gets
-    its activations from elsewhere than a ReLU (a graph input, a pooling average: few zeros).
+    :func:`per_direction` (:data:`SLOTS` for those of :func:`table_slots`); for :func:`by_input`
+    :data:`INPUTS`, or :data:`BOTH` where a product by rows takes a product table
+    (:func:`product_table_pays`) and some Gemm reading the weight gets its activations from
+    elsewhere than a ReLU (a graph input, a pooling average: few zeros).
 
     A weight kept both ways (one more copy of its kept weights) computes one row of activations with
     fewer than a quarter zeros by rows from the table, the others by input, skipping the zeros: the
     table costs one load a kept weight, the scatter a load and a store of an output for each one it
     does not skip (LeNet-300-100's fc1, one core: 6.6 us from the table, 10.9 by input on dense
     activations, 4.5 by input on a digit's, 69 % zeros). The rows take a uint16 slot per kept weight
-    (``symbol * columns + column``: where its product sits in the table) and a pointer per row."""
+    (``column * stride + symbol``: where its product sits in the table) and a pointer per row."""
     found = {n: DIRECTIONS for n in per_direction(graph)}
+    found.update({n: SLOTS for n in table_slots(graph)})
     producers = {out: node for node in graph.nodes for out in node.outputs}
     for name in by_input(graph):
         record = graph.initializers[name].record
@@ -174,6 +208,8 @@ def _csr_bytes(record: TensorRecord, grouping: str) -> int:
     rows, columns = matrix_shape(record.shape)
     if grouping == BOTH:     # and the rows for the product table: a uint16 slot per kept weight
         return _csr_bytes(record, INPUTS) + 2 * record.stats.nonzero_count + (rows + 1) * 4
+    if grouping == SLOTS:    # only the slots, a matrix per direction
+        return 2 * record.stats.nonzero_count + record.shape[0] * (record.shape[1] + 1) * 4
     matrices = 1
     if grouping == INPUTS:      # the CSR of the transpose: a pointer per column, a row position per kept weight
         rows, columns = columns, rows

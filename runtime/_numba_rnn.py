@@ -12,7 +12,7 @@ they agree. Gate order is ONNX's ``i, o, f, c`` (GRU: ``z, r, h``; its kernels a
 The float32 kernel's dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised,
 with NaN and inf kept), four rows of ``R`` at a time; the index kernel's are four scalar sums at batch 1 (a
 vectorised gather is slower, see ``_numba_index.index_dot4``); at larger batches both sparse forms
-expand one row of ``R`` at a time and share it across the batch (``_batch_dots``). Results agree with the twin to
+expand one row of ``R`` at a time and share it across the batch (``row_dots``). Results agree with the twin to
 float32 rounding, not bit for bit. One LSTM classifier step here (512x128 recurrent weight, one
 core, the gate update included): 6.0 -> 3.7 us from float32, 25.6 -> 15.8 us from 8-bit indices.
 The float32 kernel also fuses its multiply-adds (``"contract"``: FMA): its 16 steps 58.5 -> 53.0 us,
@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._numba_index import csr_dot4, csr_row_dot, index_dot4, padded_t, row_dots, store4
+from ._numba_index import (csr_dot4, csr_row_dot, index_dot4, padded_t, product_table, row_dots, slot_expand,
+                           slot_rows, slot_split, store4, table_stride)
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -156,12 +157,14 @@ def lstm_dense(proj, r, p, clip, input_forget, h, c, ys):  # pragma: no cover - 
 # products with every entry's h are vectorised (``_numba_index.row_dots``). Entry by entry, R's
 # 65,536 8-bit indices were looked up 8 times a step. The LSTM classifier's recurrence at batch 8,
 # one core: 129-131 -> 52-57 us a step here.
+# The input projections are added after all rows, in one pass: added row by row, ``proj[t]`` was a
+# view made for each of the 512 rows (batch 8: 41.4 -> 33.6 us a step).
 @njit(inline="always")
-def _batch_dots(wrow, h, gates, proj_t, n):  # pragma: no cover - compiled
-    """``gates[b, n] = proj_t[b, n] + wrow . h[b]`` for every batch entry ``b``."""
-    row_dots(wrow, h, gates, n)
-    for b in range(h.shape[0]):
-        gates[b, n] += proj_t[b, n]
+def _add_step(gates, proj, t):  # pragma: no cover - compiled
+    """``gates += proj[t]`` (``[batch, 4H]``)."""
+    for b in range(gates.shape[0]):
+        for n in range(gates.shape[1]):
+            gates[b, n] += proj[t, b, n]
 
 
 @njit(inline="always")
@@ -186,7 +189,8 @@ def lstm_index(proj, indices, codebook, p, clip, input_forget, h, c, ys):  # pra
                 row = indices[n]
                 for k in range(hidden):
                     wrow[k] = codebook[row[k]]
-                _batch_dots(wrow, h, gates_b, proj[t], n)
+                row_dots(wrow, h, gates_b, n)
+            _add_step(gates_b, proj, t)
             _update_batch(gates_b, p, clip, input_forget, h, c, ys[t], hidden)
         return
     gates = np.empty(gates4, np.float32)
@@ -230,6 +234,38 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
         _carry(h, ys[t])
 
 
+# Table slots at batch 3 and more: a table per entry costs its building and a pass over the slots
+# each (8 entries: 52 us a step for the LSTM classifier's R), so each row of R is expanded once a step
+# from its slots and shared across the batch, as from dense indices (25 us).
+TABLE_BATCH = 2
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
+    """As :func:`lstm_dense` with R held as product-table slots (``indexed.TableRows``): up to
+    ``TABLE_BATCH`` entries, each step and entry builds the table of every ``h[k] * centroid`` and
+    each kept weight of R adds its slot's product, one load instead of three (index, centroid,
+    activation); more entries share each row of R expanded from its slots. The LSTM classifier's
+    60 %-pruned 512x128 R with 256 centroids, one step at batch 1: 12.5 us from 8-bit indices -> 7.0."""
+    steps, batch, gates4 = proj.shape
+    hidden = gates4 // 4
+    gates = np.empty((batch, gates4), np.float32)
+    table = np.empty(table_stride(codebook.size) * hidden if batch <= TABLE_BATCH else 0, np.float32)
+    wrow = np.zeros(hidden, np.float32)
+    shift, mask = slot_split(codebook)
+    for t in range(steps):
+        if batch <= TABLE_BATCH:
+            for b in range(batch):
+                product_table(table, codebook, h[b])
+                slot_rows(table, row_ptr, slots, gates[b], 0, gates4)
+        else:
+            for n in range(gates4):
+                slot_expand(row_ptr, slots, codebook, shift, mask, wrow, n)
+                row_dots(wrow, h, gates, n)
+        _add_step(gates, proj, t)
+        _update_batch(gates, p, clip, input_forget, h, c, ys[t], hidden)
+
+
 # -- GRU -----------------------------------------------------------------------------------------
 # One call runs every step of one direction, as for the LSTM; ``proj`` holds the input projections
 # with ``Wb`` added, ``rb`` is ``Rb`` (added after the recurrent product, as ONNX and the numpy twin
@@ -249,7 +285,7 @@ def _dense_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
 @njit(inline="always")
 def _index_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
     """As :func:`_dense_rows` with ``R = codebook[indices]``; several entries share each row,
-    expanded once a step (as the LSTM's ``_batch_dots``)."""
+    expanded once a step (as the LSTM's batch path)."""
     indices, codebook = weight
     if x.shape[0] > 1:
         wrow = np.empty(indices.shape[1], np.float32)
@@ -290,6 +326,22 @@ def _csr_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
     v, o = x[0], out[0]
     for n in range(n0, n1):
         o[n] = csr_row_dot(v, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
+
+
+@njit(inline="always")
+def _slot_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
+    """As :func:`_dense_rows` with R held as product-table slots: a table per entry of ``x``, or past
+    ``TABLE_BATCH`` entries each row expanded once and shared (see :func:`lstm_slots`)."""
+    row_ptr, slots, codebook, table, wrow = weight
+    if x.shape[0] > TABLE_BATCH:
+        shift, mask = slot_split(codebook)
+        for n in range(n0, n1):
+            slot_expand(row_ptr, slots, codebook, shift, mask, wrow, n)
+            row_dots(wrow, x, out, n)
+        return
+    for b in range(x.shape[0]):
+        product_table(table, codebook, x[b])
+        slot_rows(table, row_ptr, slots, out[b], n0, n1)
 
 
 @njit(inline="always")
@@ -342,3 +394,12 @@ def gru_index(proj, indices, codebook, rb, clip, before_reset, h, ys):  # pragma
 def gru_csr(proj, row_ptr, cols, symbols, codebook, rb, clip, before_reset, h, ys):  # pragma: no cover
     """As :func:`gru_dense` with R in CSR form (rows ``3H``)."""
     _gru_steps(_csr_rows, (row_ptr, cols, symbols, codebook), proj, rb, clip, before_reset, h, ys)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gru_slots(proj, row_ptr, slots, codebook, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_dense` with R held as product-table slots (rows ``3H``; see :func:`lstm_slots`)."""
+    hidden = h.shape[1]
+    table = np.empty(table_stride(codebook.size) * hidden if h.shape[0] <= TABLE_BATCH else 0, np.float32)
+    _gru_steps(_slot_rows, (row_ptr, slots, codebook, table, np.zeros(hidden, np.float32)), proj, rb, clip,
+               before_reset, h, ys)

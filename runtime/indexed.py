@@ -1,6 +1,6 @@
 """Weights kept as codebook indices, computed with directly (index mode).
 
-Two forms, chosen per tensor by ``dcrt.memory.sparse_layout`` so that ``dcrt size`` and the runtime
+The forms, chosen per tensor by ``dcrt.memory.sparse_layout`` so that ``dcrt size`` and the runtime
 agree on the resident bytes:
 
 - :class:`IndexedWeight`: a codebook and one uint8/uint16 index per weight (pruned weights index a
@@ -11,7 +11,10 @@ agree on the resident bytes:
 - :class:`ByInput`: a :class:`SparseWeight` of the transpose, for a weight that only
   ``Gemm(transB=1)`` reads (``dcrt.memory.by_input``): its batch-1 product skips zero activations.
 - :class:`PerDirection`: a :class:`SparseWeight` per direction of a recurrent ``W`` or ``R``
-  (``dcrt.memory.per_direction``), which the operators take one direction at a time.
+  (``dcrt.memory.per_direction``), which the operators take one direction at a time; for an ``R``
+  whose rows take a product table, a :class:`TableRows` per direction (``dcrt.memory.SLOTS``).
+- :class:`TableRows`: the kept weights by rows as slots of a product table of every
+  ``centroid * activation`` (also the second grouping of a :class:`ByInput` weight).
 
 How a product is computed:
 
@@ -41,7 +44,7 @@ import numpy as np
 
 from dcrt import sparse
 from dcrt.errors import FormatError
-from dcrt.memory import PRODUCT_TABLE_ENTRIES, position_dtype
+from dcrt.memory import PRODUCT_TABLE_ENTRIES, position_dtype, table_stride
 
 from . import numba_kernels
 from .kernels import finish, product_t, wrap_indices
@@ -591,29 +594,106 @@ class SparseWeight:
 
 
 class TableRows:
-    """The rows of a pruned 2-D weight ``[N, K]`` as a batch-1 product table reads them
-    (``dcrt.memory.BOTH``): ``row_ptr`` and, per kept weight, its slot ``symbol * K + column``, where
-    ``codebook[symbol] * x[column]`` sits in the table (``_numba_index.csr_matmul_t_dual``). uint16:
-    the table has at most ``PRODUCT_TABLE_ENTRIES`` products."""
+    """A pruned 2-D weight ``[N, K]`` held by rows as a batch-1 product table reads them: ``row_ptr``
+    and, per kept weight, its slot ``column * stride + symbol``, where ``x[column] * codebook[symbol]``
+    sits in the table (``_numba_index.product_table``; ``stride``: the codebook's entries rounded up
+    to a power of two, ``dcrt.memory.table_stride``). uint16: the table has at most
+    ``PRODUCT_TABLE_ENTRIES`` entries. Two uses: the rows of a :class:`ByInput` weight
+    (``dcrt.memory.BOTH``), and on its own, one per direction, a recurrent ``R``
+    (``dcrt.memory.SLOTS``; the LSTM and GRU kernels read it). A slot also names its column and
+    symbol (a shift and a mask), so nothing else is kept."""
+
+    fused_epilogue = True
 
     def __init__(self, rows: SparseWeight):
-        width = rows.shape[1]
-        if rows.ndim != 2 or rows.codebook.size * width > PRODUCT_TABLE_ENTRIES:
+        width, self.stride = rows.shape[1], table_stride(rows.codebook.size)
+        if rows.ndim != 2 or self.stride * width > PRODUCT_TABLE_ENTRIES:
             raise FormatError(f"a {rows.codebook.size}-entry codebook over {width} columns makes a product "
                               f"table over {PRODUCT_TABLE_ENTRIES} entries; the tensor's stats disagree with it")
         self.row_ptr = rows.row_ptr
-        self.slots = (rows.symbols.astype(np.uint32) * width + rows.cols).astype(np.uint16)
+        self.slots = (rows.cols.astype(np.uint32) * self.stride + rows.symbols).astype(np.uint16)
+        self.codebook = rows.codebook       # with the pruned weights' zero first, as SparseWeight's
+        self.shape = rows.shape
+        self.arrays = (self.row_ptr, self.slots, self.codebook)     # what the compiled kernels read
 
-    nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes)
+    ndim = 2
+    dtype = property(lambda self: np.dtype(np.float32))
+    nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes + self.codebook.nbytes)
+    nnz = property(lambda self: int(self.row_ptr[-1] - self.row_ptr[0]))
 
-    def product(self, x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-        """numpy twin of ``csr_matmul_t_dual``'s rows: ``x @ W.T`` for ``x`` ``[1, K]`` from the table."""
-        table = (codebook[:, None] * x.reshape(1, -1)).ravel()
-        out = np.zeros((1, self.row_ptr.size - 1), np.float32)
+    def __getitem__(self, key) -> "TableRows":
+        start, stop, step = key.indices(self.shape[0]) if isinstance(key, slice) else (0, 0, 0)
+        if step != 1:
+            raise IndexError("a weight held as table slots supports contiguous row slices only")
+        view = TableRows.__new__(TableRows)
+        view.slots, view.codebook, view.stride = self.slots, self.codebook, self.stride
+        view.row_ptr, view.shape = self.row_ptr[start:stop + 1], (stop - start, self.shape[1])
+        view.arrays = (view.row_ptr, self.slots, self.codebook)
+        return view
+
+    def sparse(self) -> SparseWeight:
+        """The same weight as CSR (columns and symbols taken from the slots: temporaries)."""
+        lo, hi = int(self.row_ptr[0]), int(self.row_ptr[-1])
+        slots = self.slots[lo:hi]
+        cols = (slots // self.stride).astype(position_dtype(self.shape[1]))
+        symbols = (slots % self.stride).astype(np.uint8 if self.codebook.size <= 256 else np.uint16)
+        weight = SparseWeight(self.codebook[1:], self.row_ptr - lo, cols, symbols, self.shape)
+        weight.codebook = self.codebook
+        return weight
+
+    def dense(self) -> np.ndarray:
+        return self.sparse().dense()
+
+    def product(self, x: np.ndarray) -> np.ndarray:
+        """numpy twin of the compiled table products: ``x @ W.T`` for ``x`` ``[B, K]``, a table of every
+        ``x[b, column] * codebook[symbol]`` per row of ``x``, whose slots are summed by rows of W."""
+        out = np.zeros((x.shape[0], self.shape[0]), np.result_type(x.dtype, np.float32))
         some = np.flatnonzero(np.diff(self.row_ptr))     # reduceat would give an empty row a value
         if some.size:
-            out[0, some] = np.add.reduceat(table[self.slots], self.row_ptr[some])
+            lo = self.row_ptr[0]
+            slots, starts = self.slots[lo:self.row_ptr[-1]], self.row_ptr[some] - lo
+            book = np.zeros(self.stride, out.dtype)
+            book[:self.codebook.size] = self.codebook
+            for b in range(x.shape[0]):
+                out[b, some] = np.add.reduceat((x[b][:, None] * book).ravel()[slots], starts)
         return out
+
+    # -- tiles (the numpy twin at more than one row) --------------------------------------------
+    def tile_rows(self) -> int:
+        return _tile_rows(self.shape[0], self.shape[1])
+
+    def expand_rows(self, a: int, b: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``[a, b)`` as float32 (into ``out`` when given): one tile."""
+        width = self.shape[1]
+        out = np.empty((b - a, width), np.float32) if out is None else out
+        tile = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
+        tile[...] = 0
+        ptr = self.row_ptr[a:b + 1]
+        slots = self.slots[ptr[0]:ptr[-1]]
+        # each kept weight's flat position: its row's start plus its column (a shift: 512x128, 133 -> 72 us)
+        flat = np.repeat(np.arange(0, (b - a) * width, width, dtype=POINTER), np.diff(ptr))
+        flat += slots >> (self.stride.bit_length() - 1)
+        tile.reshape(-1)[flat] = self.codebook[slots & (self.stride - 1)]
+        if tile is not out:
+            out[...] = tile
+        return out
+
+    def matmul_t(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+                 clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W.T``; ``+ bias`` and ``clamp`` fused: with numba ``slot_matmul_t``; else one row by
+        :meth:`product`, more by expanded tiles and BLAS (numpy's tables cost more: the LSTM
+        classifier at batch 8 without numba, 1.6 ms by tiles, 10.9 by tables of 8 rows)."""
+        kern = kernels()
+        if kern is not None and x.dtype == np.float32:      # one thread: there is no parallel form
+            return _compiled_product(kern, "slot_matmul_t", x, self.shape[0], 0, self, bias, clamp)
+        if _rows(x) == 1:
+            return finish(self.product(x.reshape(1, -1)).reshape(x.shape[:-1] + (self.shape[0],)), bias, clamp)
+        return finish(_tiled_matmul_t(self, x), bias, clamp)
+
+    def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
+               clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
+        """``x @ W`` (by the CSR form: a recurrent weight is not read so)."""
+        return self.sparse().matmul(x, bias, clamp)
 
 
 class ByInput:
@@ -644,7 +724,9 @@ class ByInput:
 
     ndim = 2
     dtype = property(lambda self: np.dtype(np.float32))
-    nbytes = property(lambda self: self.inner.nbytes + (0 if self.rows is None else self.rows.nbytes))
+    # the rows share the inner weight's codebook
+    nbytes = property(lambda self: self.inner.nbytes + (0 if self.rows is None else
+                                                        self.rows.nbytes - self.rows.codebook.nbytes))
     nnz = property(lambda self: self.inner.nnz)
 
     def _dual(self, x: np.ndarray) -> bool:
@@ -662,7 +744,7 @@ class ByInput:
                                      bias, clamp)
         if self.rows is not None and x.shape == (1, self.shape[1]) and x.dtype == np.float32 \
                 and 4 * (x.size - np.count_nonzero(x)) < x.size:        # the kernel's test
-            return finish(self.rows.product(x, self.inner.codebook), bias, clamp)
+            return finish(self.rows.product(x), bias, clamp)
         return self.inner.matmul(x, bias, clamp)
 
     def matmul(self, x: np.ndarray, bias: Optional[np.ndarray] = None,
@@ -689,14 +771,15 @@ class ByInput:
 
 class PerDirection:
     """A pruned recurrent weight ``[directions, gates * hidden, inputs]`` held as one CSR matrix per
-    direction (``dcrt.memory.per_direction``): ``w[d]`` is a :class:`SparseWeight`, taken for free.
-    The matrices share one codebook."""
+    direction (``dcrt.memory.per_direction``): ``w[d]`` is a :class:`SparseWeight` (or for an
+    ``R`` as ``dcrt.memory.SLOTS`` says, :class:`TableRows`), taken for free. The matrices share one
+    codebook."""
 
-    def __init__(self, matrices: Sequence[SparseWeight]):
+    def __init__(self, matrices: Sequence[Any]):
         self.matrices = tuple(matrices)
         for m in self.matrices[1:]:
             m.codebook = self.matrices[0].codebook
-            m.arrays = m.arrays[:3] + (m.codebook,)
+            m.arrays = m.arrays[:-1] + (m.codebook,)
         self.shape = (len(self.matrices),) + self.matrices[0].shape
 
     ndim = 3
@@ -709,7 +792,7 @@ class PerDirection:
         """The matrices of a CSR over the directions (``SparseWeight`` of a 3-D tensor)."""
         return cls([weight[d] for d in range(weight.shape[0])])
 
-    def __getitem__(self, key) -> SparseWeight:
+    def __getitem__(self, key) -> Any:
         if not isinstance(key, (int, np.integer)):
             raise IndexError("a recurrent weight is taken one direction at a time")
         return self.matrices[key]

@@ -65,7 +65,8 @@ class NodeTime:
 
 def held_as(value: Any) -> str:
     """How a session holds a weight: ``float32`` (an array's dtype), ``indices uint8`` (codebook
-    indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input``, ``CSR 10% per direction``, or
+    indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input``, ``CSR 10% per direction``,
+    ``table slots 40% per direction`` (a recurrent ``R`` as product-table slots), or
     ``decoded per run`` for None (stream mode keeps no compressed weight)."""
     if value is None:
         return "decoded per run"
@@ -75,9 +76,11 @@ def held_as(value: Any) -> str:
         return f"indices {value.indices.dtype}"
     inner = value.inner if isinstance(value, ByInput) else value
     matrices = inner.matrices if isinstance(inner, PerDirection) else (inner,)
-    if not all(isinstance(m, SparseWeight) for m in matrices):
+    if not all(isinstance(m, (SparseWeight, TableRows)) for m in matrices):
         return type(value).__name__
     kept = sum(m.nnz for m in matrices) / max(1, sum(int(np.prod(m.shape)) for m in matrices))
+    if isinstance(matrices[0], TableRows):
+        return f"table slots {kept:.0%} per direction"
     suffix = {ByInput: " by input", PerDirection: " per direction"}.get(type(value), "")
     if isinstance(value, ByInput) and value.rows is not None:
         suffix += " and by rows"
@@ -98,6 +101,8 @@ def indexed_weight(t: StoredTensor, grouping: str = memory.ROWS):
         book, indices = t.index_form()
         if grouping == memory.DIRECTIONS:
             return PerDirection([SparseWeight.from_indices(book, d) for d in indices])
+        if grouping == memory.SLOTS:
+            return PerDirection([TableRows(SparseWeight.from_indices(book, d)) for d in indices])
         if grouping in (memory.INPUTS, memory.BOTH):
             rows = TableRows(SparseWeight.from_indices(book, indices)) if grouping == memory.BOTH else None
             return ByInput(SparseWeight.from_indices(book, indices.T), rows)
@@ -111,6 +116,8 @@ def indexed_weight(t: StoredTensor, grouping: str = memory.ROWS):
         weight = SparseWeight.from_entries(t.codebook, *entries, t.shape)
     except FormatError as error:
         raise FormatError(f"tensor {t.name!r}: {error}") from None
+    if grouping == memory.SLOTS:
+        return PerDirection([TableRows(weight[d]) for d in range(weight.shape[0])])
     return PerDirection.split(weight) if grouping == memory.DIRECTIONS else weight
 
 

@@ -121,6 +121,39 @@ def test_table_rows_refuse_a_table_too_large():
         indexed.TableRows(SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 4), (4, 3000)))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_table_rows_products_agree(batch, epilogue, monkeypatch):
+    """A weight held only as product-table slots (a recurrent ``R``, ``dcrt.memory.SLOTS``): ``x @ W.T``
+    by ``slot_matmul_t`` (a table per row of ``x``) and by its numpy twin, whole and for a slice of
+    rows (the GRU's step loop takes ``R[:2H]``), against the dense product; an empty row gives 0.
+    The slots give back the CSR they were made of, and ``x @ W`` goes through it."""
+    codebook, symbols = random_weight((37, 70), 0.4, seed=batch)
+    symbols[5] = 0                                          # a row with no kept weight
+    rows = SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 4), (37, 70))
+    w = indexed.TableRows(rows)
+    dense = np.concatenate([[0], codebook]).astype(np.float32)[symbols]
+    x, xt = rand(batch, 70), rand(batch, 37)
+    bias, clamp = (rand(37), (-0.5, 1.5)) if epilogue else (None, None)
+    part = w[3:20]
+    got, twin = both(lambda: (w.matmul_t(x, bias, clamp), part.matmul_t(x), w.matmul(xt)), monkeypatch)
+    want = x @ dense.T + (0 if bias is None else bias)
+    want = want if clamp is None else np.clip(want, *clamp)
+    for y in (got, twin):
+        np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(y[1], x @ dense[3:20].T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(y[2], xt @ dense, rtol=1e-5, atol=1e-4)
+    back = w.sparse()
+    for a, b in zip(back.arrays, rows.arrays):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(part.dense(), dense[3:20])
+    strided = np.zeros((17, 140), np.float32)[:, ::2]           # a tile into a view that is not contiguous
+    np.testing.assert_array_equal(w.expand_rows(3, 20, strided), dense[3:20])
+    assert w.nnz == np.count_nonzero(symbols) and part.shape == (17, 70)
+    with pytest.raises(IndexError, match="contiguous row slices"):
+        w[1]
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_csr_from_entries_agrees(monkeypatch, bits, transposed):
@@ -818,24 +851,46 @@ def _lstm_graph(direction, hidden, peepholes, attrs, r, batch=3):
     return graph, feeds
 
 
+def _r_forms(shape, seed):
+    """A pruned recurrent weight as dense float32 and in each form index mode holds one."""
+    d, iw, sw = weights(shape, 0.5, seed=seed)
+    return d, {"dense": d, "indexed": iw, "sparse": sw,
+               "slots": indexed.PerDirection([indexed.TableRows(sw[k]) for k in range(shape[0])])}
+
+
+_RNN_KERNELS = {"dense": "_dense", "indexed": "_index", "sparse": "_csr", "slots": "_slots"}
+
+
+def _count_runs(name, monkeypatch):
+    """The calls of compiled kernel ``name`` (appended to the list returned) while the test runs."""
+    ran = []
+    kern = numba_kernels.kernels()
+    if kern is not None:
+        real = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a: (ran.append(name), real(*a))[1])
+    return ran
+
+
 @pytest.mark.parametrize("direction,peepholes,attrs", [
     ("forward", False, {}),
     ("bidirectional", True, {}),
     ("reverse", False, {"clip": 0.7, "input_forget": 1}),
 ])
-@pytest.mark.parametrize("form", ["dense", "indexed", "sparse"])
+@pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
     """The compiled recurrence (batch 1: one entry's dot products; batch 3: each row of R expanded once
-    for the whole batch) against the numpy step loop and the reference of the dense weight."""
+    for the whole batch; slots: a product table per step and entry) against the numpy step loop and
+    the reference of the dense weight."""
     hidden = 7
     dirs = 2 if direction == "bidirectional" else 1
-    d, iw, sw = weights((dirs, 4 * hidden, hidden), 0.5, seed=3)
+    d, forms = _r_forms((dirs, 4 * hidden, hidden), seed=3)
     graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d, batch)
-    r = {"dense": d, "indexed": iw, "sparse": sw}[form]
-    source = {**graph.initializers, "r": r}
+    source = {**graph.initializers, "r": forms[form]}
     ex = Executor(graph)
+    ran = _count_runs("lstm" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
+    assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
     for name in ("y", "yh", "yc"):
         np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
@@ -847,27 +902,22 @@ def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatc
     ("bidirectional", {}),
     ("reverse", {"clip": 0.7}),
 ])
-@pytest.mark.parametrize("form", ["dense", "indexed", "sparse"])
+@pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     """The compiled GRU recurrence (both orders of the reset, 7 units: rows in blocks of 4 and a
     remainder) against the numpy step loop and the reference of the dense weight."""
     hidden, dirs = 7, 2 if direction == "bidirectional" else 1
-    d, iw, sw = weights((dirs, 3 * hidden, hidden), 0.5, seed=4)
+    d, forms = _r_forms((dirs, 3 * hidden, hidden), seed=4)
     node = Node("GRU", ["x", "w", "r", "b", "", "h0"], ["y", "yh"], dict(hidden_size=hidden, direction=direction,
                                                                      **attrs))
     inits = {"w": rand(dirs, 3 * hidden, 5), "b": rand(dirs, 6 * hidden) * 0.5, "r": d}
     feeds = {"x": rand(6, batch, 5), "h0": rand(dirs, batch, hidden)}
     graph = Graph([node], [ValueInfo(n, np.float32) for n in feeds], [ValueInfo(o, np.float32) for o in ("y", "yh")],
                   inits)
-    source = {**graph.initializers, "r": {"dense": d, "indexed": iw, "sparse": sw}[form]}
+    source = {**graph.initializers, "r": forms[form]}
     ex = Executor(graph)
-    ran = []
-    kern = numba_kernels.kernels()
-    if kern is not None:
-        name = {"dense": "gru_dense", "indexed": "gru_index", "sparse": "gru_csr"}[form]
-        real = getattr(kern, name)
-        monkeypatch.setattr(kern, name, lambda *a: (ran.append(name), real(*a))[1])
+    ran = _count_runs("gru" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)

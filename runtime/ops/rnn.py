@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
-from ..indexed import IndexedWeight, SparseWeight
+from ..indexed import IndexedWeight, SparseWeight, TableRows
 from dcrt.errors import UnsupportedOperatorError
 
 from . import register
@@ -254,6 +254,8 @@ def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], 
     if isinstance(rd, SparseWeight):
         return lambda proj_, p, h, c, ys: k.lstm_csr(proj_, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, p, clip,
                                                      forget, h, c, ys)
+    if isinstance(rd, TableRows):
+        return lambda proj_, p, h, c, ys: k.lstm_slots(proj_, *rd.arrays, p, clip, forget, h, c, ys)
     return None
 
 
@@ -318,6 +320,8 @@ def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any,
     if isinstance(rd, SparseWeight):
         return lambda proj, rb, h, ys: k.gru_csr(proj, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, rb, clip,
                                                  before_reset, h, ys)
+    if isinstance(rd, TableRows):
+        return lambda proj, rb, h, ys: k.gru_slots(proj, *rd.arrays, rb, clip, before_reset, h, ys)
     return None
 
 
