@@ -605,7 +605,7 @@ def table_stride(entries):  # pragma: no cover - compiled
 def product_table(table, codebook, xv):  # pragma: no cover - compiled
     """``table[k * stride + s] = xv[k] * codebook[s]``: every product a kept weight of a row can make,
     where its slot (``column * stride + symbol``) finds it; entries past the codebook in each column
-    are never read and not written (vectorised: ~1 us for 128 activations by 256 centroids). The
+    are never read and not written (vectorised: ~0.8 us for 128 activations by 256 centroids). The
     LSTM and GRU kernels share this."""
     stride = _U(table_stride(codebook.size))
     for j in range(xv.size):

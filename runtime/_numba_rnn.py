@@ -235,8 +235,9 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
 
 
 # Table slots at batch 3 and more: a table per entry costs its building and a pass over the slots
-# each (8 entries: 52 us a step for the LSTM classifier's R), so each row of R is expanded once a step
-# from its slots and shared across the batch, as from dense indices (25 us).
+# each (8 entries: 52 us a step for the LSTM classifier's R product alone), so each row of R is
+# expanded once a step from its slots and shared across the batch, as from dense indices (8 entries:
+# 32 us a step with the gate update, 35 from dense indices).
 TABLE_BATCH = 2
 
 
@@ -246,7 +247,7 @@ def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):
     ``TABLE_BATCH`` entries, each step and entry builds the table of every ``h[k] * centroid`` and
     each kept weight of R adds its slot's product, one load instead of three (index, centroid,
     activation); more entries share each row of R expanded from its slots. The LSTM classifier's
-    60 %-pruned 512x128 R with 256 centroids, one step at batch 1: 12.5 us from 8-bit indices -> 7.0."""
+    60 %-pruned 512x128 R with 256 centroids, one step at batch 1: 12.8 us from 8-bit indices -> 7.4."""
     steps, batch, gates4 = proj.shape
     hidden = gates4 // 4
     gates = np.empty((batch, gates4), np.float32)
