@@ -118,7 +118,7 @@ def table_slots(graph: Graph) -> FrozenSet[str]:
     one direction's kept weights against its table).
 
     Each step multiplies R by a new ``h``, so the table is built per step and batch entry (256
-    centroids by 128 units: ~1 us); each kept weight is then a uint16 slot (``column * stride +
+    centroids by 128 units: ~0.8 us); each kept weight is then a uint16 slot (``column * stride +
     symbol``): one load, where the dense indices take three for every weight, pruned or not. The
     LSTM classifier's 60 %-pruned 512x128 R, one step: 12.8 -> 7.4 us, and 2 bytes a kept weight
     (0.8 a weight) against 1 a weight. A slot also names its column, so no CSR is kept beside it.

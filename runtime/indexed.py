@@ -637,9 +637,7 @@ class TableRows:
         slots = self.slots[lo:hi]
         cols = (slots // self.stride).astype(position_dtype(self.shape[1]))
         symbols = (slots % self.stride).astype(np.uint8 if self.codebook.size <= 256 else np.uint16)
-        weight = SparseWeight(self.codebook[1:], self.row_ptr - lo, cols, symbols, self.shape)
-        weight.codebook = self.codebook
-        return weight
+        return SparseWeight(self.codebook[1:], self.row_ptr - lo, cols, symbols, self.shape)
 
     def dense(self) -> np.ndarray:
         return self.sparse().dense()
@@ -682,7 +680,7 @@ class TableRows:
                  clamp: Optional[Tuple[float, float]] = None) -> np.ndarray:
         """``x @ W.T``; ``+ bias`` and ``clamp`` fused: with numba ``slot_matmul_t``; else one row by
         :meth:`product`, more by expanded tiles and BLAS (numpy's tables cost more: the LSTM
-        classifier at batch 8 without numba, 1.6 ms by tiles, 10.9 by tables of 8 rows)."""
+        classifier at batch 8 without numba, 2.6 ms by tiles, 10.9 by tables of 8 rows)."""
         kern = kernels()
         if kern is not None and x.dtype == np.float32:      # one thread: there is no parallel form
             return _compiled_product(kern, "slot_matmul_t", x, self.shape[0], 0, self, bias, clamp)
