@@ -164,6 +164,28 @@ def test_huffman_numpy_and_numba_agree(case):
     np.testing.assert_array_equal(a, b)
 
 
+def test_huffman_long_codes_past_the_table():
+    """decode_numba looks codes of up to PRIMARY_BITS bits up in its table and finds longer ones by
+    their canonical ranges: codes of every length 1..16 decode as numpy's decoder does, and a long
+    code that the code lengths leave unassigned is damage, not a symbol."""
+    rng = np.random.default_rng(0)
+    counts = np.array([1 << max(15 - i, 0) for i in range(20)])      # lengths 1, 2, ..., 16, 16, ...
+    symbols = rng.permutation(np.repeat(np.arange(20), counts))
+    payload, stage = huffman.encode(symbols, 20)
+    lengths = stage.code_lengths.astype(int)
+    assert lengths.min() == 1 and lengths.max() == 16 and (lengths > huffman.PRIMARY_BITS).sum() >= 6
+    decoders = [huffman.decode_numpy] + ([huffman.decode_numba] if HAVE_NUMBA else [])
+    for decode in decoders:
+        np.testing.assert_array_equal(decode(payload, stage), symbols)
+    # the last code in canonical order (longest length, highest symbol) unassigned: Kraft's sum < 1
+    last = max(range(20), key=lambda s: (lengths[s], s))
+    cut = stage.code_lengths.copy()
+    cut[last] = 0
+    for decode in decoders:
+        with pytest.raises(FormatError, match="does not decode"):
+            decode(payload, dataclasses.replace(stage, code_lengths=cut))
+
+
 def test_concurrent_decoding():
     from concurrent.futures import ThreadPoolExecutor
 

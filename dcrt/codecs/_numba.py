@@ -15,24 +15,39 @@ _LANES = 4  # chunks one thread decodes interleaved: independent chains hide the
 
 
 @njit(inline="always")
-def _huffman_next(buf, table, pos, end):  # pragma: no cover - compiled
-    """Table entry ``(length << 16) | symbol`` of the code at bit ``pos``, or -1 if none or ``pos >= end``."""
+def _huffman_long(window, shift, peek, ranges, order):  # pragma: no cover - compiled
+    """``(length << 16) | symbol`` of a code longer than ``peek`` bits starting ``shift`` bits into the
+    24-bit ``window``, or -1: each longer length in turn, by its canonical range (``ranges``:
+    ``huffman._canonical_ranges``)."""
+    for n in range(peek + 1, ranges.shape[1]):
+        k = ((window >> (24 - n - shift)) & ((np.int64(1) << n) - 1)) - ranges[0, n]
+        if k < ranges[2, n]:    # k >= 0: no shorter code matched, and canonical codes grow with length
+            return (np.int64(n) << 16) | np.int64(order[ranges[1, n] + k])
+    return np.int64(-1)
+
+
+@njit(inline="always")
+def _huffman_next(buf, table, peek, ranges, order, pos, end):  # pragma: no cover - compiled
+    """``(length << 16) | symbol`` of the code at bit ``pos``, or -1 if none or ``pos >= end``.
+    ``table`` answers for codes of up to ``peek`` bits (1 <= peek <= 16), :func:`_huffman_long` for longer."""
     if pos >= end:  # also keeps every read inside the (padded) buffer
         return np.int64(-1)
     b = pos >> 3
     window = (np.int64(buf[b]) << 16) | (np.int64(buf[b + 1]) << 8) | np.int64(buf[b + 2])
-    entry = np.int64(table[(window >> (8 - (pos & 7))) & 0xFFFF])
-    return entry if entry >= 0x10000 else np.int64(-1)
+    shift = pos & 7
+    entry = np.int64(table[(window >> (24 - peek - shift)) & ((np.int64(1) << peek) - 1)])
+    return entry if entry >= 0x10000 else _huffman_long(window, shift, peek, ranges, order)
 
 
 @njit(inline="always")
-def _huffman_chunk(buf, table, offsets, ends, chunk_size, out, final, c):  # pragma: no cover - compiled
+def _huffman_chunk(buf, table, peek, ranges, order, offsets, ends, chunk_size, out, final,
+                   c):  # pragma: no cover - compiled
     """Decode chunk ``c`` alone (see huffman_chunks)."""
     pos = np.int64(offsets[c])
     end = np.int64(ends[c])
     first = c * chunk_size
     for i in range(first, min(first + chunk_size, out.size)):
-        entry = _huffman_next(buf, table, pos, end)
+        entry = _huffman_next(buf, table, peek, ranges, order, pos, end)
         if entry < 0:
             final[c] = -1
             return
@@ -42,12 +57,13 @@ def _huffman_chunk(buf, table, offsets, ends, chunk_size, out, final, c):  # pra
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def huffman_chunks(buf, table, offsets, ends, chunk_size, out, final):  # pragma: no cover - compiled
+def huffman_chunks(buf, table, peek, ranges, order, offsets, ends, chunk_size, out,
+                   final):  # pragma: no cover - compiled
     """Decode every Huffman chunk into ``out``: groups of four chunks on parallel threads.
 
-    ``buf``: payload plus >= 3 zero bytes; ``table``: ``(length << 16) | symbol`` per 16-bit peek, 0 for
-    no code; chunk ``c`` holds bits ``[offsets[c], ends[c])``. ``final[c]`` receives the bit where the
-    chunk's last code ends, or -1 if a code is invalid or crosses ``ends[c]``.
+    ``buf``: payload plus >= 3 zero bytes; ``table``, ``peek``, ``ranges`` and ``order``: see
+    :func:`_huffman_next`; chunk ``c`` holds bits ``[offsets[c], ends[c])``. ``final[c]`` receives the
+    bit where the chunk's last code ends, or -1 if a code is invalid or crosses ``ends[c]``.
     """
     count = out.size
     nchunks = offsets.size
@@ -55,7 +71,7 @@ def huffman_chunks(buf, table, offsets, ends, chunk_size, out, final):  # pragma
         c = g * _LANES
         if c + _LANES > nchunks or (c + _LANES) * chunk_size > count:
             for k in range(c, min(c + _LANES, nchunks)):  # a partial group, or the short last chunk
-                _huffman_chunk(buf, table, offsets, ends, chunk_size, out, final, k)
+                _huffman_chunk(buf, table, peek, ranges, order, offsets, ends, chunk_size, out, final, k)
             continue
         # Four chunks interleaved, written out by hand so the four positions stay in registers.
         p0, p1 = np.int64(offsets[c]), np.int64(offsets[c + 1])
@@ -66,10 +82,10 @@ def huffman_chunks(buf, table, offsets, ends, chunk_size, out, final):  # pragma
         o1, o2, o3 = o0 + chunk_size, o0 + 2 * chunk_size, o0 + 3 * chunk_size
         ok = True
         for i in range(chunk_size):
-            a0 = _huffman_next(buf, table, p0, e0)
-            a1 = _huffman_next(buf, table, p1, e1)
-            a2 = _huffman_next(buf, table, p2, e2)
-            a3 = _huffman_next(buf, table, p3, e3)
+            a0 = _huffman_next(buf, table, peek, ranges, order, p0, e0)
+            a1 = _huffman_next(buf, table, peek, ranges, order, p1, e1)
+            a2 = _huffman_next(buf, table, peek, ranges, order, p2, e2)
+            a3 = _huffman_next(buf, table, peek, ranges, order, p3, e3)
             if (a0 | a1 | a2 | a3) < 0:
                 ok = False
                 break

@@ -10,10 +10,12 @@ Format (what a stage and its payload mean):
 * The symbols are cut into chunks of ``chunk_size`` (the last may be shorter); chunk ``i`` starts at
   bit ``chunk_bit_offsets[i]``, so chunks decode independently of each other, in parallel.
 
-Decoding peeks 16 bits at a time into a table of 2^16 entries that gives the symbol and the length of
-the code starting there. :func:`decode_numpy` advances every chunk by one symbol per Python-level
-step; :func:`decode_numba` decodes chunks in a compiled loop, four interleaved per thread (their
-independent dependency chains overlap in the CPU) and groups of four on parallel threads.
+:func:`decode_numpy` peeks 16 bits at a time into a table of 2^16 entries that gives the symbol and
+the length of the code starting there, and advances every chunk by one symbol per Python-level step.
+:func:`decode_numba` decodes chunks in a compiled loop, four interleaved per thread (their
+independent dependency chains overlap in the CPU) and groups of four on parallel threads; it peeks
+at most :data:`PRIMARY_BITS` bits into a table (8 KB, in L1 cache) and finds the rare longer codes by
+their canonical ranges, one length after another.
 :func:`decode` picks the compiled one when numba is importable and ``DCRT_NO_NUMBA`` is not set.
 """
 from __future__ import annotations
@@ -36,7 +38,10 @@ MAX_CHUNK_SIZE = 8192
 MAX_DECODE_CHUNK_SIZE = 1 << 20  # largest chunk a decoder accepts (the encoder writes <= MAX_CHUNK_SIZE)
 
 _TARGET_CHUNKS = 32
-_PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup
+_PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup (decode_numpy)
+#: Bits decode_numba looks up in its table: longer codes (rare: that is why they are long) take a
+#: canonical search. A 16-bit table (256 KB) spills L1 and L2 and was most of a small stream's decoding.
+PRIMARY_BITS = 11
 _GROUP_BITS = 1 << 23    # decode_numpy's per-bit arrays (~6 bytes a bit) cover this many payload bits at a time
 _ROW_TABLE_MIN_BITS = 1 << 18  # below this, building the per-byte row table costs more than it saves
 # numba's fallback threading layer (workqueue) aborts on concurrent parallel launches; one decode at
@@ -244,12 +249,30 @@ def _check(payload: Payload, stage: Stage) -> _Checked:
 
 def _decode_table(lengths: np.ndarray) -> np.ndarray:
     """uint32 ``(length << 16) | symbol`` for every 16-bit peek; 0 where no code starts (incomplete code)."""
-    order, ln = _canonical_order(lengths)
-    # Canonical codes tile [0, 2^16) in (length, symbol) order, so the table is a run-length expansion.
-    filled = np.repeat(((ln << 16) | order).astype(np.uint32), (np.int64(1) << (_PEEK - ln)).astype(np.intp, copy=False))
-    table = np.zeros(1 << _PEEK, dtype=np.uint32)
-    table[: filled.size] = filled
+    return _short_codes(*_canonical_order(lengths), _PEEK)
+
+
+def _short_codes(order: np.ndarray, ln: np.ndarray, peek: int) -> np.ndarray:
+    """uint32 ``(length << 16) | symbol`` for every ``peek``-bit value that starts with a code of at
+    most ``peek`` bits; 0 for the others (a longer code starts there, or none)."""
+    short = ln <= peek
+    # Canonical codes tile [0, 2^peek) in (length, symbol) order, the short ones first: a run-length expansion.
+    table = np.repeat(((ln[short] << 16) | order[short]).astype(np.uint32),
+                      (np.int64(1) << (peek - ln[short])).astype(np.intp, copy=False))
+    if table.size < 1 << peek:
+        table = np.concatenate([table, np.zeros((1 << peek) - table.size, np.uint32)])
     return table
+
+
+def _canonical_ranges(ln: np.ndarray) -> np.ndarray:
+    """int64 ``[3, longest + 1]``: for each length ``l``, the value of its first code (``l`` bits),
+    where its codes start in the canonical order, and how many there are. A code of length ``l``
+    with value ``v`` is symbol ``order[start[l] + v - first[l]]`` when ``0 <= v - first[l] < count[l]``."""
+    count = np.bincount(ln, minlength=int(ln.max()) + 1).astype(np.int64)
+    lengths = np.arange(count.size, dtype=np.int64)
+    span = count << (_PEEK - lengths)       # each length's share of the 16-bit code space
+    first = (np.cumsum(span) - span) >> (_PEEK - lengths)
+    return np.stack([first, np.cumsum(count) - count, count])
 
 
 def _padded(data: np.ndarray) -> np.ndarray:
@@ -281,9 +304,11 @@ def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
     if c.count == 0:
         return out
     final = np.empty(c.offsets.size, dtype=np.int64)
-    buf, table = _padded(c.data), _decode_table(c.lengths)
+    order, ln = _canonical_order(c.lengths)
+    peek = min(int(ln[-1]), PRIMARY_BITS)
+    buf, table, ranges = _padded(c.data), _short_codes(order, ln, peek), _canonical_ranges(ln)
     with _PARALLEL_LOCK:
-        _numba.huffman_chunks(buf, table, c.offsets, c.ends, c.chunk_size, out, final)
+        _numba.huffman_chunks(buf, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
     bad = np.flatnonzero(final[:-1] != c.ends[:-1])
     if final[-1] < 0 or bad.size:
         chunk = int(bad[0]) if bad.size else c.offsets.size - 1
