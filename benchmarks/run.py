@@ -483,7 +483,7 @@ def main() -> int:
                        f"{r[f'cpu_b{b}']['dense'] / r[f'cpu_b{b}']['ort']:.2f}x") if threads == 1 else ""
                 print(f"| {name} | {threads} | {b} | {1000 * r[f'wall_b{b}']['ort']:.2f} ms | "
                       + " | ".join(_cell(r, "wall", b, m) for m in MODES) + f" | {cpu} |", flush=True)
-        for mode in ("index", "dense"):
+        for mode in MODES:
             mem = _child(f"measure_memory({facts['dcm']!r}, {facts['onnx']!r}, {mode!r})", 1)
             results["memory"].append({"name": name, **mem})
         results["device_open"][name] = _child(f"open_first_device({facts['onnx']!r}, {facts['dcm']!r})", 1)
@@ -504,13 +504,14 @@ def main() -> int:
           "BLAS bindings when it finds them), then a second session in the same process.\n")
     print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | open+first, no scipy | "
           f"second session, 1 thread | open+first, {cores} threads | weights index / dense float32 | "
-          "RSS index / dense | peak RSS opening / resident (index) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "RSS index / dense | peak RSS opening / resident (index) | peak RSS growth of a later run, stream / "
+          "index |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         runs = {r["threads"]: r for r in results["models"] if r["name"] == name}
         one, many = runs[1], runs[max(runs)]
         mem = {m["mode"]: m for m in results["memory"] if m["name"] == name}
-        idx, dense = mem["index"], mem["dense"]
+        idx, dense, stream = mem["index"], mem["dense"], mem["stream"]
         device = results["device_open"][name]
         w = idx["weights"]
         print(f"| {name} | {one['convert_s']:.1f} | {one['onnx_bytes'] / 1e6:.2f} | {one['dcm_bytes'] / 1e6:.3f} | "
@@ -519,7 +520,8 @@ def main() -> int:
               f"{one['dcrt_first_warm_s']:.3f} / {one['ort_first_warm_s']:.3f} | "
               f"{many['dcrt_first_s']:.3f} / {many['ort_first_s']:.3f} | {w['index'] / w['dense']:.0%} | "
               f"{idx['resident'] / 1e6:.1f} / {dense['resident'] / 1e6:.1f} MB | "
-              f"{idx['peak_first'] / max(idx['resident'], 1):.2f}x |", flush=True)
+              f"{idx['peak_first'] / max(idx['resident'], 1):.2f}x | "
+              f"{stream['peak_later'] / 1e6:.1f} / {idx['peak_later'] / 1e6:.1f} MB |", flush=True)
 
     print("\n### Decode throughput (MB/s of decoded symbols; 4M symbols, 5-bit alphabet)\n")
     print("| coder | bits/symbol | numpy | numba 1 thread | numba all threads |")

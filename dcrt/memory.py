@@ -12,7 +12,8 @@ The runtime keeps weights in one of three forms (see ``dcrt.runtime.session``):
   converter picks the encoding that downloads smaller, and at 90 % pruning that can be QUANTIZED
   (an LSTM's 512x128 recurrent weight) while in memory the CSR takes a third of the dense indices.
 - ``dense``: every weight decoded once to float32.
-- ``stream``: nothing kept; each layer is decoded when used and dropped (peak: the largest layer).
+- ``stream``: nothing kept; each layer's weight is decoded into an index form when its node runs and
+  dropped after it (peak: the largest such form, :func:`stream_bytes`).
 """
 from __future__ import annotations
 
@@ -240,6 +241,24 @@ def index_bytes(record: TensorRecord, grouping: str = ROWS) -> int:
     return record.size * _symbol_bytes(record) + book
 
 
+#: Stream mode builds each compressed weight for one node in the index form quickest to make from the
+#: file: a QUANTIZED tensor as its dense indices (as decoded), a SPARSE one as index mode keeps it but
+#: without the rows as product-table slots (a second copy of the kept weights, built to be reused).
+_STREAM_GROUPING = {BOTH: INPUTS, SLOTS: DIRECTIONS}
+
+
+def stream_grouping(grouping: str) -> str:
+    """How stream mode groups a SPARSE tensor's CSR, given its index-mode ``grouping``."""
+    return _STREAM_GROUPING.get(grouping, grouping)
+
+
+def stream_bytes(record: TensorRecord, grouping: str = ROWS) -> int:
+    """Bytes of one tensor while stream mode holds it (for the length of its node)."""
+    if record.encoding == QUANTIZED:
+        return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
+    return index_bytes(record, stream_grouping(grouping))
+
+
 def dense_bytes(record: TensorRecord) -> int:
     """Resident bytes of one tensor decoded (float32 for compressed tensors)."""
     if record.encoding in (QUANTIZED, SPARSE):
@@ -252,7 +271,8 @@ def resident_bytes(records, grouping: Optional[Mapping[str, str]] = None) -> Dic
     :func:`groupings` gives for their graph)."""
     records, grouping = list(records), grouping or {}
     raw = sum(dense_bytes(r) for r in records if r.encoding not in (QUANTIZED, SPARSE))
-    largest = max((dense_bytes(r) for r in records if r.encoding in (QUANTIZED, SPARSE)), default=0)
+    largest = max((stream_bytes(r, grouping.get(r.name, ROWS)) for r in records
+                   if r.encoding in (QUANTIZED, SPARSE)), default=0)
     return {"index": sum(index_bytes(r, grouping.get(r.name, ROWS)) for r in records),
             "dense": sum(dense_bytes(r) for r in records),
             "stream": raw + largest}

@@ -181,6 +181,56 @@ def test_stream_mode_keeps_no_weight_after_a_run(name, onnx_path, dcm_path, zoo)
     assert held < weights / 10, (held, weights)
 
 
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "lstm_classifier", "gru_classifier"])
+def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, monkeypatch):
+    """Stream mode never decodes a compressed weight to float32: each node gets an index form, the
+    size ``dcrt.memory.stream_bytes`` says (and ``dcrt size``'s stream row is the largest of them,
+    plus the raw tensors), and a run's peak allocation exceeds index mode's (activations, tiles,
+    product tables) by under a quarter of the largest weight's float32 (with numba: numpy's Huffman
+    decoder has per-bit temporaries of its own)."""
+    from dcrt import memory
+    from dcrt.format.reader import StoredTensor
+    from dcrt.runtime import numba_kernels
+    from dcrt.runtime import session as session_module
+    original_decode, original_weight = StoredTensor.decode, session_module.stream_weight
+
+    def refuse(self):
+        assert self.encoding == "raw", f"stream mode decoded {self.name} to float32"
+        return original_decode(self)
+    built = {}
+
+    def recorded(t, grouping=memory.ROWS):
+        weight = original_weight(t, grouping)
+        built[t.name] = weight.nbytes
+        return weight
+    def peak(sess):
+        sess.run(None, feeds)      # weights decoded (index mode), kernels loaded, runners prepared
+        tracemalloc.start()
+        try:
+            sess.run(None, feeds)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    feeds = zoo.sample_input(onnx.load(str(onnx_path(name))), batch=1)
+    want = dcrt.Session(str(dcm_path(name)), mode="dense").run(None, feeds)
+    index_peak = peak(dcrt.Session(str(dcm_path(name))))
+    monkeypatch.setattr(StoredTensor, "decode", refuse)
+    monkeypatch.setattr(session_module, "stream_weight", recorded)
+    sess = dcrt.Session(str(dcm_path(name)), mode="stream")
+    for got, expected in zip(sess.run(None, feeds), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    tensors = sess._tensors
+    assert built and set(built) == {n for n, t in tensors.items() if t.encoding != "raw"}
+    for tensor_name, nbytes in built.items():
+        assert nbytes == memory.stream_bytes(tensors[tensor_name].record, sess._grouping.get(tensor_name, memory.ROWS))
+    raw = sum(t.record.stats.original_bytes for t in tensors.values() if t.encoding == "raw")
+    assert sess.resident_bytes()["stream"] == raw + max(built.values())
+    largest = max(t.size * 4 for t in tensors.values() if t.encoding != "raw")
+    assert max(built.values()) < largest / 3
+    stream_peak = peak(sess)
+    assert stream_peak < index_peak + largest / 4 or numba_kernels.kernels() is None, (stream_peak, index_peak, largest)
+
+
 def test_index_mode_never_expands_a_compressed_weight(dcm_path, monkeypatch):
     """By construction (dense() refuses) and by measurement (peak allocation < half the largest weight;
     with numba: numpy's expansion also builds intp indices, see ``indexed._tile_rows``). A recurrent
