@@ -203,9 +203,10 @@ def _cmd_profile(a) -> int:
     print(f"{a.model}: {a.mode} mode, {engine}; median of {a.runs} runs per node")
     width = max([4] + [len(r.name) for r in rows])
     op_width = max([2] + [len(r.op_type) for r in rows])
-    print(f"{'node':{width}}  {'op':{op_width}}  {'weight':24}  {'ms':>9}  {'%':>5}")
+    held_width = max([6] + [len(r.weight) for r in rows])
+    print(f"{'node':{width}}  {'op':{op_width}}  {'weight':{held_width}}  {'ms':>9}  {'%':>5}")
     for r in rows:
-        print(f"{r.name:{width}}  {r.op_type:{op_width}}  {r.weight:24}  {r.seconds * 1e3:9.3f}  "
+        print(f"{r.name:{width}}  {r.op_type:{op_width}}  {r.weight:{held_width}}  {r.seconds * 1e3:9.3f}  "
               f"{100 * r.seconds / total:5.1f}")
     print(f"nodes {total * 1e3:.3f} ms (sum of their medians); whole run {run_s * 1e3:.3f} ms "
           f"(median of {a.runs} more runs, untimed nodes)")

@@ -67,8 +67,8 @@ class NodeTime:
 def held_as(value: Any) -> str:
     """How a session holds a weight: ``float32`` (an array's dtype), ``indices uint8`` (codebook
     indices), ``CSR 10%`` (kept weights by row), ``CSR 10% by input``, ``CSR 10% per direction``,
-    ``table slots 40% per direction`` (a recurrent ``R`` as product-table slots), or
-    ``decoded per run`` for None (stream mode keeps no compressed weight)."""
+    ``table slots 40% per direction`` (a recurrent ``R`` as product-table slots); ``decoded per run``
+    for None."""
     if value is None:
         return "decoded per run"
     if isinstance(value, np.ndarray):
@@ -255,11 +255,20 @@ class Session:
         seconds = np.median(samples, axis=0)
         rows = []
         for step, t in zip(steps, seconds):
-            held = ", ".join(held_as(self._cache.get(step.inputs[i]))
-                             for i in sorted(step.raw) if step.inputs[i] in self._tensors)
+            held = ", ".join(self._held_as(step.inputs[i]) for i in sorted(step.raw) if step.inputs[i] in self._tensors)
+            if self.mode == "stream" and held:
+                held = "decoded per run: " + held
             rows.append(NodeTime(step.node.name or step.outputs[0],
                                  step.node.op_type + (f"+{step.fused}" if step.fused else ""), held, float(t)))
         return rows
+
+    def _held_as(self, name: str) -> str:
+        """:func:`held_as` for a stored tensor; in stream mode, a compressed one's form for its node
+        (built once more to be described)."""
+        value, t = self._cache.get(name), self._tensors[name]
+        if value is None and self.mode == "stream" and t.record.encoding in (QUANTIZED, SPARSE):
+            return held_as(stream_weight(t, self._grouping.get(name, memory.ROWS)))
+        return held_as(value)
 
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
         """The feed as arrays, or InputError naming the unknown, mistyped or missing input."""
