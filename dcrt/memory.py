@@ -236,9 +236,14 @@ def index_bytes(record: TensorRecord, grouping: str = ROWS) -> int:
         return record.stats.original_bytes
     if sparse_layout(record, grouping) == "csr":
         return _csr_bytes(record, grouping) + book
-    if record.encoding == QUANTIZED:      # its codebook as stored (the zero centroid only if pruned)
-        return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
+    if record.encoding == QUANTIZED:
+        return _quantized_bytes(record)
     return record.size * _symbol_bytes(record) + book
+
+
+def _quantized_bytes(record: TensorRecord) -> int:
+    """A QUANTIZED tensor's dense indices and its codebook as stored (the zero centroid only if pruned)."""
+    return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
 
 
 #: Stream mode builds each compressed weight for one node in the index form quickest to make from the
@@ -255,7 +260,7 @@ def stream_grouping(grouping: str) -> str:
 def stream_bytes(record: TensorRecord, grouping: str = ROWS) -> int:
     """Bytes of one tensor while stream mode holds it (for the length of its node)."""
     if record.encoding == QUANTIZED:
-        return record.size * symbol_dtype(len(record.codebook)).itemsize + 4 * len(record.codebook)
+        return _quantized_bytes(record)
     return index_bytes(record, stream_grouping(grouping))
 
 

@@ -203,6 +203,7 @@ def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, m
         weight = original_weight(t, grouping)
         built[t.name] = weight.nbytes
         return weight
+
     def peak(sess):
         sess.run(None, feeds)      # weights decoded (index mode), kernels loaded, runners prepared
         tracemalloc.start()

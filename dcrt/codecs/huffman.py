@@ -268,7 +268,7 @@ def _canonical_ranges(ln: np.ndarray) -> np.ndarray:
     """int64 ``[3, longest + 1]``: for each length ``l``, the value of its first code (``l`` bits),
     where its codes start in the canonical order, and how many there are. A code of length ``l``
     with value ``v`` is symbol ``order[start[l] + v - first[l]]`` when ``0 <= v - first[l] < count[l]``."""
-    count = np.bincount(ln, minlength=int(ln.max()) + 1).astype(np.int64)
+    count = np.bincount(ln).astype(np.int64)       # int64: shifted by up to 15 bits below
     lengths = np.arange(count.size, dtype=np.int64)
     span = count << (_PEEK - lengths)       # each length's share of the 16-bit code space
     first = (np.cumsum(span) - span) >> (_PEEK - lengths)
