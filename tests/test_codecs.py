@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 import dcrt.codecs as codecs
 from dcrt.codecs import CHAINS, Coder, EncodedStream, Stage, huffman, lzw, raw, symbol_dtype
+from dcrt.codecs.raw import pack_codes
 from dcrt.errors import FormatError
 
 try:
@@ -184,6 +185,39 @@ def test_huffman_long_codes_past_the_table():
     for decode in decoders:
         with pytest.raises(FormatError, match="does not decode"):
             decode(payload, dataclasses.replace(stage, code_lengths=cut))
+
+
+@needs_numba
+@SETTINGS
+@given(st.integers(2, 300), st.integers(0, 2**32 - 1), st.integers(1, 3000), st.data())
+def test_huffman_decoders_agree_on_any_bits(alphabet, seed, count, data):
+    """Symbols coded with a random, often incomplete, code whose codes run up to 16 bits, in chunks,
+    then a few bits flipped or not: the compiled decoder (table + canonical ranges) and the numpy one
+    (16-bit table) give the same symbols, or both raise FormatError."""
+    rng = np.random.default_rng(seed)
+    lengths = huffman.code_lengths(rng.geometric(0.02, alphabet) * rng.integers(1, 50, alphabet) ** 2)
+    lengths[rng.random(alphabet) < data.draw(st.sampled_from([0.0, 0.1, 0.5]))] = 0     # drop codes
+    used = np.flatnonzero(lengths)
+    assume(used.size > 0)
+    symbols = rng.choice(used, count)
+    width = lengths[symbols].astype(np.int64)
+    ends = np.cumsum(width)
+    starts = ends - width
+    chunk = data.draw(st.sampled_from([count, max(1, count // 5)]))
+    payload = bytearray(pack_codes(huffman.canonical_codes(lengths)[symbols], width, starts, int(ends[-1])))
+    for _ in range(data.draw(st.integers(0, 3))):
+        payload[rng.integers(0, len(payload))] ^= 1 << int(rng.integers(0, 8))
+    stage = Stage(Coder.HUFFMAN, count=count, alphabet=alphabet, code_lengths=lengths,
+                  chunk_size=chunk, chunk_bit_offsets=starts[::chunk].astype(np.uint64))
+    results = []
+    for decode in (huffman.decode_numpy, huffman.decode_numba):
+        try:
+            results.append(decode(bytes(payload), stage))
+        except FormatError:
+            results.append(None)
+    assert (results[0] is None) == (results[1] is None)
+    if results[0] is not None:
+        np.testing.assert_array_equal(results[0], results[1])
 
 
 def test_concurrent_decoding():
