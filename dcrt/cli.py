@@ -57,19 +57,21 @@ def _cmd_convert(a) -> int:
 def _print_layers(info, only_coded: bool = False) -> None:
     rows = [r for r in info["layers"] if not only_coded or r["encoding"] != "raw"]
     head = f"{'layer':<28} {'op':<13} {'shape':<18} {'sparsity':>8} {'codebook':>8} {'bits/w':>7} " \
-           f"{'coder':<12} {'original':>10} {'coded':>10} {'ratio':>7}"
+           f"{'coder':<12} {'original':>10} {'coded':>10} {'ratio':>7} {'in memory':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         shape = "x".join(str(d) for d in r["shape"]) or "scalar"
         print(f"{r['layer'][:28]:<28} {r['op'][:13]:<13} {shape[:18]:<18} {100 * r['sparsity']:7.1f}% "
               f"{r['codebook'] or '-':>8} {r['bits_per_weight']:7.2f} {r['coder'][:12]:<12} "
-              f"{human(r['original_bytes']):>10} {human(r['coded_bytes']):>10} {r['ratio']:6.1f}x")
+              f"{human(r['original_bytes']):>10} {human(r['coded_bytes']):>10} {r['ratio']:6.1f}x "
+              f"{human(r['memory_bytes']['index']):>10}")
     t = info["total"]
     print("-" * len(head))
     print(f"{'total (all ' + str(t['layers']) + ' tensors)':<28} {'':<13} {t['weights']:<18,} "
           f"{100 * t['sparsity']:7.1f}% {'':>8} {t['bits_per_weight']:7.2f} {'':<12} "
-          f"{human(t['original_bytes']):>10} {human(t['coded_bytes']):>10} {t['ratio']:6.1f}x")
+          f"{human(t['original_bytes']):>10} {human(t['coded_bytes']):>10} {t['ratio']:6.1f}x "
+          f"{human(t['memory_bytes']['index']):>10}")
 
 
 def _print_size(r) -> None:

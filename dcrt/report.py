@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
-from .memory import groupings, resident_bytes
+from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
 
 
 def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
@@ -20,17 +20,22 @@ def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
                 ops[name] = node.op_type
                 order.append(name)
     order += sorted(set(graph.initializers) - set(ops))
+    grouping = groupings(graph)
     rows = []
     for name in order:
         t = graph.initializers[name]
         s, rec = t.stats, t.record
         coded = rec.encoding in (QUANTIZED, SPARSE)
+        g = grouping.get(name, ROWS)
         rows.append({
             "layer": name, "op": ops.get(name, ""), "shape": list(t.shape), "encoding": t.encoding,
             "weights": s.element_count, "sparsity": s.sparsity, "codebook": s.codebook_size,
             "index_bits": s.index_bits if coded else 0, "coder": rec.indices.name() if rec.indices else "-",
             "bits_per_weight": s.bits_per_weight, "original_bytes": s.original_bytes,
-            "coded_bytes": s.coded_bytes, "ratio": s.ratio})
+            "coded_bytes": s.coded_bytes, "ratio": s.ratio,
+            # running memory of this tensor in each mode (stream: while its node runs)
+            "memory_bytes": {"index": index_bytes(rec, g), "dense": dense_bytes(rec),
+                             "stream": stream_bytes(rec, g) if coded else dense_bytes(rec)}})
     return rows
 
 
@@ -39,10 +44,14 @@ def totals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     weights = sum(r["weights"] for r in rows)
     nonzero = sum(r["weights"] * (1 - r["sparsity"]) for r in rows)
     orig, coded = sum(r["original_bytes"] for r in rows), sum(r["coded_bytes"] for r in rows)
+    memory = {mode: sum(r["memory_bytes"][mode] for r in rows) for mode in ("index", "dense")}
+    # stream mode holds the raw tensors and one compressed tensor at a time: its peak
+    memory["stream"] = sum(r["memory_bytes"]["stream"] for r in rows if r["encoding"] == "raw") + max(
+        (r["memory_bytes"]["stream"] for r in rows if r["encoding"] != "raw"), default=0)
     return {"layers": len(rows), "weights": weights, "sparsity": 1 - nonzero / weights if weights else 0.0,
             "original_bytes": orig, "coded_bytes": coded,
             "bits_per_weight": 8.0 * coded / weights if weights else 0.0,
-            "ratio": orig / coded if coded else 1.0}
+            "ratio": orig / coded if coded else 1.0, "memory_bytes": memory}
 
 
 def inspect(path: str) -> Dict[str, Any]:

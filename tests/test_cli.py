@@ -36,9 +36,18 @@ def test_inspect_json_matches_stored_stats(converted, capsys):
     assert rows["conv1.weight"]["sparsity"] == pytest.approx(0.5, abs=2e-3)
     assert info["total"]["weights"] == 431080
     assert info["total"]["ratio"] > 10
+    # running memory per layer (each mode) adds up to `dcrt size`'s totals; stream mode's is a peak
+    memory = {mode: [r["memory_bytes"][mode] for r in info["layers"]] for mode in ("index", "dense", "stream")}
+    assert rows["fc1.weight"]["memory_bytes"]["dense"] == 4 * 500 * 800
+    assert rows["fc1.weight"]["memory_bytes"]["index"] < rows["fc1.weight"]["memory_bytes"]["dense"] / 5
+    assert main(["size", str(converted), "--json"]) == 0
+    sizes = json.loads(capsys.readouterr().out)["memory_bytes"]
+    assert info["total"]["memory_bytes"] == sizes
+    assert sum(memory["index"]) == sizes["index"] and sum(memory["dense"]) == sizes["dense"]
+    assert max(memory["stream"]) < sizes["stream"] < sum(memory["stream"])
     assert main(["inspect", str(converted)]) == 0
     text = capsys.readouterr().out
-    assert "bits/w" in text and "conv2.weight" in text and "total" in text
+    assert "bits/w" in text and "conv2.weight" in text and "total" in text and "in memory" in text
 
 
 def test_size_against_original(converted, onnx_path, capsys):
