@@ -432,6 +432,16 @@ def test_bad_huffman_stages_fail():
         _must_fail(huffman, payload, damaged)
 
 
+@pytest.mark.parametrize("count", [1 << 63, (1 << 64) - 1])
+def test_counts_past_int64_fail(count):
+    """The file's count is 64 bits unsigned: one past int64 is damage (FormatError), for every coder
+    and decoder. It was an OverflowError from LZW's kernel once an int64 count had compiled it (numba
+    casts the next call's count to that signature); hypothesis found it."""
+    for module in (raw, huffman, lzw):
+        payload, stage = module.encode(_sample(), 50)
+        _must_fail(module, payload, dataclasses.replace(stage, count=count))
+
+
 def test_bad_lzw_and_raw_stages_fail():
     symbols = _sample()
     payload, stage = lzw.encode(symbols, 50)

@@ -69,6 +69,8 @@ def check_stage(stage: Stage, coder: Coder, max_alphabet: int) -> Tuple[int, int
     count, alphabet = int(count), int(alphabet)
     if count < 0:
         raise FormatError(f"{coder.name} stage: negative symbol count {count}")
+    if count >= 1 << 63:    # the file's field is 64 bits unsigned; the kernels count in int64
+        raise FormatError(f"{coder.name} stage: symbol count {count} is past any stream (2**63)")
     if not 0 <= alphabet <= max_alphabet:
         raise FormatError(f"{coder.name} stage: alphabet {alphabet} outside [0, {max_alphabet}]")
     if count > 0 and alphabet == 0:
