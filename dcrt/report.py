@@ -10,8 +10,9 @@ from .format.tensor import QUANTIZED, SPARSE
 from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
 
 
-def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
-    """One row per stored tensor, in graph order, from the stored stats (no decoding)."""
+def layer_rows(dcm: DcmFile, grouping: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """One row per stored tensor, in graph order, from the stored stats (no decoding); ``grouping``:
+    ``dcrt.memory.groupings`` of the graph, when the caller has it."""
     graph = dcm.model.graph
     order, ops = [], {}
     for node in graph.nodes:
@@ -20,7 +21,7 @@ def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
                 ops[name] = node.op_type
                 order.append(name)
     order += sorted(set(graph.initializers) - set(ops))
-    grouping = groupings(graph)
+    grouping = groupings(graph) if grouping is None else grouping
     rows = []
     for name in order:
         t = graph.initializers[name]
@@ -34,8 +35,7 @@ def layer_rows(dcm: DcmFile) -> List[Dict[str, Any]]:
             "bits_per_weight": s.bits_per_weight, "original_bytes": s.original_bytes,
             "coded_bytes": s.coded_bytes, "ratio": s.ratio,
             # running memory of this tensor in each mode (stream: while its node runs)
-            "memory_bytes": {"index": index_bytes(rec, g), "dense": dense_bytes(rec),
-                             "stream": stream_bytes(rec, g) if coded else dense_bytes(rec)}})
+            "memory_bytes": {"index": index_bytes(rec, g), "dense": dense_bytes(rec), "stream": stream_bytes(rec, g)}})
     return rows
 
 
@@ -44,26 +44,25 @@ def totals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     weights = sum(r["weights"] for r in rows)
     nonzero = sum(r["weights"] * (1 - r["sparsity"]) for r in rows)
     orig, coded = sum(r["original_bytes"] for r in rows), sum(r["coded_bytes"] for r in rows)
-    memory = {mode: sum(r["memory_bytes"][mode] for r in rows) for mode in ("index", "dense")}
-    # stream mode holds the raw tensors and one compressed tensor at a time: its peak
-    memory["stream"] = sum(r["memory_bytes"]["stream"] for r in rows if r["encoding"] == "raw") + max(
-        (r["memory_bytes"]["stream"] for r in rows if r["encoding"] != "raw"), default=0)
     return {"layers": len(rows), "weights": weights, "sparsity": 1 - nonzero / weights if weights else 0.0,
             "original_bytes": orig, "coded_bytes": coded,
             "bits_per_weight": 8.0 * coded / weights if weights else 0.0,
-            "ratio": orig / coded if coded else 1.0, "memory_bytes": memory}
+            "ratio": orig / coded if coded else 1.0}
 
 
 def inspect(path: str) -> Dict[str, Any]:
     """Everything ``dcrt inspect`` shows, as a dictionary."""
     with open_dcm(path) as dcm:
-        rows = layer_rows(dcm)
         g = dcm.model.graph
+        grouping = groupings(g)
+        rows = layer_rows(dcm, grouping)
+        memory = resident_bytes((t.record for t in g.initializers.values()), grouping)
         return {"file": path, "producer": dcm.producer, "format_version": "%d.%d" % dcm.format_version,
                 "opsets": dcm.model.opsets, "source": dcm.source,
                 "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
                 "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.outputs],
-                "nodes": len(g.nodes), "layers": rows, "total": totals(rows)}
+                "nodes": len(g.nodes), "layers": rows,
+                "total": {**totals(rows), "memory_bytes": memory}}
 
 
 def gzip_size(data: bytes) -> int:
