@@ -252,17 +252,9 @@ def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):
     hidden = gates4 // 4
     gates = np.empty((batch, gates4), np.float32)
     table = np.empty(table_stride(codebook.size) * hidden if batch <= TABLE_BATCH else 0, np.float32)
-    wrow = np.zeros(hidden, np.float32)
-    shift, mask = slot_split(codebook)
+    weight = (row_ptr, slots, codebook, table, np.zeros(hidden, np.float32))
     for t in range(steps):
-        if batch <= TABLE_BATCH:
-            for b in range(batch):
-                product_table(table, codebook, h[b])
-                slot_rows(table, row_ptr, slots, gates[b], 0, gates4)
-        else:
-            for n in range(gates4):
-                slot_expand(row_ptr, slots, codebook, shift, mask, wrow, n)
-                row_dots(wrow, h, gates, n)
+        _slot_rows(weight, h, gates, 0, gates4)
         _add_step(gates, proj, t)
         _update_batch(gates, p, clip, input_forget, h, c, ys[t], hidden)
 
