@@ -118,14 +118,15 @@ def matmul(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
     return finish(own(x) if own is not None else np.matmul(x, dense(w)), bias, clamp)
 
 
-#: ``x @ w.T`` for a few rows of ``x`` (TRANSPOSED_ROWS) and a weight of TRANSPOSED_WEIGHTS or more,
-#: at least TRANSPOSED_SIDE on each side, is computed as ``(w @ x.T).T``: numpy's OpenBLAS (0.3.31)
-#: runs the first form 1.5-2x slower there (one core here: 8x1280 by 1000x1280 800 -> 420 us,
-#: 16x64 by 512x64 26 -> 17 us, 8x2048 by 512x2048 713 -> 348 us, the copy back to C order
-#: included). Outside that range the second form was slower (with 64+ rows, or a side of 10, up to
-#: 14x), or ~0.5 us slower for small weights.
+#: ``x @ w.T`` for a few rows of ``x`` (TRANSPOSED_ROWS) giving TRANSPOSED_OUTPUTS or more outputs
+#: (rows x weight rows), the weight at least TRANSPOSED_SIDE on each side, is computed as
+#: ``(w @ x.T).T``. numpy's OpenBLAS (0.3.31, SkylakeX kernels) computes the first form with its
+#: small-matrix kernel up to ~1,200 outputs and beyond that 1.2-8x slower than the second form, the
+#: copy back to C order included (one core here: 16x64 by 256x64 8.4 -> 5.4 us, 3x64 by 512x64 13.7
+#: -> 8.6, 8x784 by 300x784 104 -> 45; below the bound the first form is 10-30 % faster: 4x128 by
+#: 256x128 2.5 against 2.8 us). With 33+ rows, or a side below 64, the second form was no faster.
 TRANSPOSED_ROWS = range(3, 33)
-TRANSPOSED_WEIGHTS = 1 << 15
+TRANSPOSED_OUTPUTS = 1200
 TRANSPOSED_SIDE = 64
 #: One row of ``x`` by a float32 weight of at least this many bytes takes numba's ``gemv_t``, which
 #: reads the weight in one sequential pass (``runtime/_numba_dense.py``): 30-50 % faster than
@@ -145,7 +146,7 @@ def product_t(x2: np.ndarray, w2: np.ndarray, out: "np.ndarray | None" = None) -
             y = np.empty((1, n), np.float32) if out is None else out
             launch(kern, "gemv_t", n * k, w2, np.ascontiguousarray(x2[0]), y[0])
             return y
-    if x2.shape[0] in TRANSPOSED_ROWS and n * k >= TRANSPOSED_WEIGHTS and min(n, k) >= TRANSPOSED_SIDE:
+    if x2.shape[0] in TRANSPOSED_ROWS and x2.shape[0] * n >= TRANSPOSED_OUTPUTS and min(n, k) >= TRANSPOSED_SIDE:
         y = np.matmul(w2, x2.T).T
         if out is None:
             return np.ascontiguousarray(y)

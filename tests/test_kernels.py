@@ -754,8 +754,8 @@ def test_index_mode_winograd_never_expands_the_whole_weight():
 
 
 @pytest.mark.parametrize("rows,n,k", [
-    (1, 300, 784), (3, 300, 100), (16, 4000, 10),     # x @ w.T as it is
-    (3, 512, 64), (8, 1000, 1280), (32, 256, 256),   # (w @ x.T).T, copied back to C order
+    (1, 300, 784), (3, 300, 100), (16, 4000, 10), (4, 256, 128),     # x @ w.T as it is
+    (3, 512, 64), (8, 1000, 1280), (32, 256, 256), (16, 256, 64),    # (w @ x.T).T, copied back to C order
 ])
 def test_product_t_orientations_agree(rows, n, k):
     """``product_t`` gives ``x @ w.T`` in either orientation it picks, C-ordered, into ``out`` too."""
