@@ -121,12 +121,14 @@ def matmul(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
 #: ``x @ w.T`` for a few rows of ``x`` (TRANSPOSED_ROWS) giving TRANSPOSED_OUTPUTS or more outputs
 #: (rows x weight rows), the weight at least TRANSPOSED_SIDE on each side, is computed as
 #: ``(w @ x.T).T``. numpy's OpenBLAS (0.3.31, SkylakeX kernels) computes the first form with its
-#: small-matrix kernel up to ~1,200 outputs and beyond that 1.2-8x slower than the second form, the
-#: copy back to C order included (one core here: 16x64 by 256x64 8.4 -> 5.4 us, 3x64 by 512x64 13.7
-#: -> 8.6, 8x784 by 300x784 104 -> 45; below the bound the first form is 10-30 % faster: 4x128 by
+#: small-matrix kernel up to 1,152-1,200 outputs and from 1,280 1.2-8x slower than the second form,
+#: the copy back to C order included (one core here: 16x64 by 256x64 8.4 -> 5.4 us, 3x64 by 512x64
+#: 13.7 -> 8.6, 8x784 by 300x784 104 -> 45; below the bound the first form is 5-30 % faster: 4x128 by
 #: 256x128 2.5 against 2.8 us). With 33+ rows, or a side below 64, the second form was no faster.
+#: OpenBLAS's Haswell kernels (``OPENBLAS_CORETYPE=Haswell``) show no such step: both forms within
+#: ~10 % below 2,000 outputs, the second faster above (8x784 by 300x784 57 -> 45 us).
 TRANSPOSED_ROWS = range(3, 33)
-TRANSPOSED_OUTPUTS = 1200
+TRANSPOSED_OUTPUTS = 1280
 TRANSPOSED_SIDE = 64
 #: One row of ``x`` by a float32 weight of at least this many bytes takes numba's ``gemv_t``, which
 #: reads the weight in one sequential pass (``runtime/_numba_dense.py``): 30-50 % faster than
