@@ -7,6 +7,7 @@ import numpy as np
 
 from dcrt import codecs, sparse
 from dcrt.codecs import EncodedStream
+from dcrt.errors import ConversionError
 from dcrt.format import dtypes
 from dcrt.format.tensor import QUANTIZED, SPARSE, LayerStats, TensorRecord
 from dcrt.format.writer import raw_record
@@ -75,6 +76,11 @@ def _encode(symbols: np.ndarray, alphabet: int, coder: str) -> EncodedStream:
 def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRecord, np.ndarray]:
     """Compress ``w`` by ``plan``; returns the record and the exact values the file decodes to."""
     w = np.ascontiguousarray(w, dtype=np.float32)
+    bad = w.size - int(np.count_nonzero(np.isfinite(w)))
+    if bad:
+        raise ConversionError(f"tensor {name!r} holds {bad} non-finite value(s) (inf or NaN), which cannot be "
+                              "pruned or clustered: fix the model, or keep the tensor as it is with a config "
+                              f"entry layers: {{{name!r}: {{skip: true}}}}")
     lossless = plan.bits >= LOSSLESS_BITS
     keep = prune_mask(w, plan)
     nonzero = int(np.count_nonzero(keep))

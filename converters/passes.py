@@ -64,8 +64,9 @@ def drop_identities(graph: Graph) -> None:
 def fold_batchnorm(graph: Graph) -> None:
     """Fold ``BatchNormalization`` into a preceding Conv / ConvTranspose (group 1) / Gemm.
 
-    Only when the layer's weights are initializers used by that layer alone and the layer's output
-    feeds the BatchNormalization alone.
+    Only when the layer's weights are initializers read by that layer alone (no other node, subgraph
+    or graph output), the BatchNormalization's parameters are per channel ``[C]`` (not opset 7's
+    ``spatial=0``), and the layer's output feeds the BatchNormalization alone.
     """
     inits = graph.initializers
     consumers = graph.consumers()
@@ -89,11 +90,16 @@ def fold_batchnorm(graph: Graph) -> None:
             continue
         weights = layer.inputs[1] if len(layer.inputs) > 1 else ""
         bias = layer.inputs[2] if len(layer.inputs) > 2 else ""
-        if weights not in inits or weight_users.get(weights, 0) != 1:
-            continue
-        if bias and (bias not in inits or weight_users.get(bias, 0) != 1):
+        def read_once(name: str) -> bool:
+            return weight_users.get(name, 0) == 1 and name not in outputs and not _used_in_subgraph(graph, name)
+        if weights not in inits or not read_once(weights) or (bias and (bias not in inits or not read_once(bias))):
             continue
         scale, beta, mean, var = (inits[n].astype(np.float64) for n in bn.inputs[1:5])
+        channels = inits[weights].shape[1 if layer.op_type == "ConvTranspose" else 0]
+        if layer.op_type == "Gemm":
+            channels = inits[weights].shape[0 if layer.attrs.get("transB", 0) else -1]
+        if any(p.shape != (channels,) for p in (scale, beta, mean, var)):
+            continue
         eps = float(bn.attrs.get("epsilon", 1e-5))
         factor = scale / np.sqrt(var + eps)
         w = inits[weights].astype(np.float64)
@@ -126,7 +132,7 @@ def fold_batchnorm(graph: Graph) -> None:
         layer.outputs = [bn.outputs[0]]
         removed.add(id(bn))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
-    used = {i for n in graph.nodes for i in n.inputs}
+    used = {i for n in graph.nodes for i in n.inputs} | outputs
     for n in list(inits):
         if n not in used and not _used_in_subgraph(graph, n):
             del inits[n]

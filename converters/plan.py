@@ -71,10 +71,12 @@ KEYS = {"bits": int, "sparsity": float, "threshold": float, "prune": bool, "code
 def load_config(path: str) -> Dict[str, Any]:
     """Read a YAML or JSON plan file; ConfigError when it is malformed."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)
@@ -107,6 +109,9 @@ def check_config(data: Any, where: str = "config") -> None:
         if not isinstance(entries, dict):
             raise ConfigError(f"{where}: {section} must map names to option mappings")
         for key, opts in entries.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: {section} key {key!r} must be a string (an operator type, or a "
+                                  "layer name or glob; quote it in YAML)")
             _check_options(opts, f"{where}: {section}.{key}")
 
 
@@ -121,6 +126,8 @@ def _check_options(opts: Any, where: str) -> None:
             raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{where}: {key} must be a number, not {value!r}")
+        if kind is int and not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}")
         if kind is str and not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, not {value!r}")
     check_values(opts, where)
@@ -135,8 +142,8 @@ def check_values(opts: Dict[str, Any], where: str) -> None:
     if sp is not None and not 0.0 <= sp < 1.0:
         raise ConfigError(f"{where}: sparsity must be in [0, 1), not {sp}")
     th = opts.get("threshold")
-    if th is not None and th < 0:
-        raise ConfigError(f"{where}: threshold must be >= 0, not {th}")
+    if th is not None and not th >= 0:      # NaN too
+        raise ConfigError(f"{where}: threshold must be a number >= 0, not {th}")
     rib = opts.get("relative_index_bits")
     if rib is not None and not 1 <= rib <= 16:
         raise ConfigError(f"{where}: relative_index_bits must be 1..16, not {rib}")

@@ -79,7 +79,7 @@ def entries_entropy_bits(gaps: np.ndarray, kept: np.ndarray, bits: int) -> float
     n_fill = int(fillers.sum())
     rel_counts = np.bincount(gaps - fillers * step, minlength=step).astype(np.float64)
     rel_counts[step - 1] += n_fill
-    sym_counts = np.bincount(kept.astype(np.int64)).astype(np.float64)
+    sym_counts = np.bincount(kept.astype(np.int64), minlength=1).astype(np.float64)  # none kept: zeros
     sym_counts[0] += n_fill
 
     def h(counts):

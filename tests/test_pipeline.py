@@ -202,10 +202,13 @@ def test_plan_precedence_and_config(onnx_path, tmp_path):
     ("bogus: {}", "unknown section"),
     ("defaults: {coder: zip}", "coder must be"),
     ("defaults: [unclosed", "not valid YAML"),
+    ("defaults: {bits: 4.0}", "bits must be a whole number"),
+    ("layers: {1: {bits: 4}}", "layers key 1 must be a string"),
+    (b"defaults: {coder: \xff}", "not UTF-8"),
 ])
 def test_config_errors(text, message, tmp_path, onnx_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         convert(str(onnx_path("lenet5")), str(tmp_path / "m.dcm"), config=str(path))
     assert not (tmp_path / "m.dcm").exists()
@@ -233,6 +236,100 @@ def test_prune_mask_and_kmeans():
     for k in range(16):
         assert book[k] == pytest.approx(values[labels == k].mean(), abs=1e-4)
     assert np.mean((book[labels] - values) ** 2) < 0.01
+
+
+def _one_node_model(tmp_path, op, w, nodes=None, opset=17):
+    """``y = op(x, w)``, ``x`` ``[N, w.shape[0]]``, saved as ``m.onnx``; its path."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(nodes or [helper.make_node(op, ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    return str(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("options", [{}, {"bits": 32, "prune": False}, {"threshold": float("inf")},
+                                     {"sparsity": 0.999999}])
+def test_weights_with_nothing_kept(options, tmp_path):
+    """An all-zero weight, or every weight pruned: a valid file whose weight decodes to zeros."""
+    import dcrt
+    for w in (np.zeros((300, 100), np.float32), np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)):
+        if not options and w.any():
+            continue
+        out = tmp_path / "m.dcm"
+        convert(_one_node_model(tmp_path, "MatMul", w), str(out), force=True, **options)
+        x = np.ones((2, w.shape[0]), np.float32)
+        want = x @ w if options.get("prune") is False else np.zeros((2, w.shape[1]), np.float32)
+        for mode in ("index", "dense", "stream"):
+            np.testing.assert_allclose(dcrt.Session(str(out), mode=mode).run(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_weights_are_refused_unless_kept_raw(tmp_path):
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    w[3, 5] = np.inf
+    path = _one_node_model(tmp_path, "MatMul", w)
+    with pytest.raises(ConversionError, match=r"tensor 'w' holds 1 non-finite value.*skip: true"):
+        convert(path, str(tmp_path / "m.dcm"), prune=False)
+    assert not (tmp_path / "m.dcm").exists()
+    with pytest.raises(ConfigError, match="threshold must be a number >= 0, not nan"):
+        convert(path, str(tmp_path / "m.dcm"), threshold=float("nan"))
+    convert(path, str(tmp_path / "m.dcm"), config={"layers": {"w": {"skip": True}}})
+    np.testing.assert_array_equal(open_dcm(str(tmp_path / "m.dcm")).tensors["w"].decode(), w)
+
+
+def _conv_bn(case: str) -> onnx.ModelProto:
+    """Conv -> BatchNormalization, with the Conv weight, its bias or a BN parameter also read elsewhere
+    (a graph output, an If branch), opset 8's per-activation BN (``spatial=0``), or an initializer
+    that only a graph output reads."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    spatial0 = case == "spatial0"
+    shape = (4, 6, 6) if spatial0 else (4,)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "b": rng.standard_normal(4), "s": rng.uniform(0.5, 2, shape),
+             "bb": rng.standard_normal(shape), "m": rng.standard_normal(shape), "v": rng.uniform(0.5, 2, shape)}
+    bn = {"spatial": 0} if spatial0 else {}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"], **bn)]
+    outputs = ["y"] + {"weight_is_output": ["w"], "bias_is_output": ["b"], "param_is_output": ["s"],
+                       "unread_output": ["anchors"]}.get(case, [])
+    if case == "unread_output":
+        inits["anchors"] = rng.standard_normal((5, 4))
+    if case == "weight_in_branch":
+        branch = helper.make_graph([helper.make_node("Identity", ["w"], ["wo"])], "then", [],
+                                   [helper.make_tensor_value_info("wo", TensorProto.FLOAT, None)])
+        nodes += [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+                  helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+                  helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)]
+        inits["zero"] = np.zeros((), np.float32)
+        outputs.append("z")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8 if spatial0 else 17)])
+    model.ir_version = 4 if spatial0 else 8
+    return model
+
+
+@pytest.mark.parametrize("case", ["weight_is_output", "bias_is_output", "param_is_output", "weight_in_branch",
+                                  "unread_output", "spatial0"])
+def test_batchnorm_folding_leaves_what_else_reads_its_weights(case, tmp_path):
+    """Folding scales the Conv's weight in place: only when nothing else reads it (or the BN's
+    parameters); never for per-activation statistics; an initializer that only a graph output
+    reads is kept. Checked against onnxruntime on the original, lossless, in every mode."""
+    import dcrt
+    model = _conv_bn(case)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), bits=32, prune=False)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    want = run_ort(model, {"x": x})
+    for mode in ("index", "dense", "stream"):
+        got = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, {"x": x})
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_is_folded(onnx_path):

@@ -598,3 +598,29 @@ def test_recurrent_weights_are_kept_per_direction(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     held = sess.resident_bytes()
     assert held["now"] == held["index"] == report.size(str(dst))["memory_bytes"]["index"]
+
+
+@pytest.mark.parametrize("op, opset", [("Conv", 17), ("Softmax", 11), ("LogSoftmax", 11), ("Hardmax", 11)])
+def test_an_empty_batch_gives_empty_outputs(op, opset, tmp_path):
+    """N = 0, as onnxruntime: outputs of the right shape with no rows, in every mode (Conv's kernels and
+    the 2-D view of opset-11 Softmax reshaped by -1, which a size of 0 leaves undefined)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    conv = op == "Conv"
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"] if conv else ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")] if conv else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), bits=32, prune=False)
+    for batch in (0, 2):
+        x = np.random.default_rng(1).standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for mode in ("index", "dense", "stream"):
+            got = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(x)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -106,7 +106,11 @@ def _conv_runner(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         kernel = [int(k) for k in w.shape[2:]]
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
-        _bounded_windows(x, w.shape[0], pads, _windows(x, kernel, strides, dilations, pads))
+        out = _windows(x, kernel, strides, dilations, pads)
+        _bounded_windows(x, w.shape[0], pads, out)
+        if x.shape[0] == 0:     # an empty batch: the kernels' reshapes by -1 are undefined on it
+            shape = (0, w.shape[0], *out)
+            return _keep(runners, key, lambda x, w, b: np.zeros(shape, x.dtype))
         run = _keep(runners, key, kernels.conv_runner(x, w, b, strides, dilations, pads,
                                                       int(attrs.get("group", 1)), clamp))
     return run
@@ -588,7 +592,10 @@ def batch_normalization(attrs: Attrs, x: np.ndarray, scale: np.ndarray, bias: np
         return (y.astype(x.dtype, copy=False), (mean * m + batch_mean * (1 - m)).astype(mean.dtype),
                 (var * m + batch_var * (1 - m)).astype(var.dtype))
     factor = scale / np.sqrt(var + eps)
-    y = x * _channel(factor, x.ndim) + _channel(bias - mean * factor, x.ndim)
+    if attrs.get("spatial", 1) == 0:    # opsets 7-8: statistics per activation, [C, *spatial]
+        y = x * factor.reshape((1,) + x.shape[1:]) + (bias - mean * factor).reshape((1,) + x.shape[1:])
+    else:
+        y = x * _channel(factor, x.ndim) + _channel(bias - mean * factor, x.ndim)
     return y.astype(x.dtype, copy=False)
 
 
@@ -678,7 +685,8 @@ def _softmax_axes(attrs: Attrs, x: np.ndarray) -> Tuple[np.ndarray, int]:
     """Before opset 13 softmax treats ``x`` as 2-D ``[prod(shape[:axis]), prod(shape[axis:])]``."""
     if attrs.get("_opset", 17) < 13:
         axis = attrs.get("axis", 1) % max(x.ndim, 1)
-        return x.reshape((int(np.prod(x.shape[:axis], dtype=np.int64)), -1)), 1
+        rows, cols = (int(np.prod(x.shape[s], dtype=np.int64)) for s in (slice(axis), slice(axis, None)))
+        return x.reshape(rows, cols), 1     # both given: an empty batch leaves -1 undefined
     return x, attrs.get("axis", -1)
 
 
