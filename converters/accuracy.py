@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dcrt.errors import ConversionError, InputError
+from dcrt.files import load_npy
 from dcrt.graph import Graph, Model, ValueInfo
 
 #: Batch size used to run data sets through a model (bounded memory, BLAS-friendly).
@@ -43,6 +44,8 @@ def _as_input(name: str, value: np.ndarray, spec: Optional[ValueInfo], where: st
     if spec.shape is not None and value.ndim != len(spec.shape):
         raise InputError(f"{where}: input {name!r} has shape {list(value.shape)}, the model expects "
                          f"{spec.shape} (names are free dimensions)")
+    if value.dtype.kind not in "biuf":
+        raise InputError(f"{where}: input {name!r} holds {value.dtype} values, the model expects {spec.dtype}")
     if value.dtype != spec.dtype:
         if np.issubdtype(spec.dtype, np.floating) or np.issubdtype(value.dtype, np.integer):
             value = value.astype(spec.dtype)      # float64 from numpy, int32 token ids, ...
@@ -77,10 +80,10 @@ def load_data(path: str, inputs: Sequence[ValueInfo], max_samples: Optional[int]
         if os.path.isdir(path):
             groups = _npy_folder(path)
             if set(names) <= set(groups):
-                arrays = {n: np.load(groups[n][0]) for n in names}
+                arrays = {n: load_npy(groups[n][0]) for n in names}
             elif len(names) == 1:
                 spec = specs[names[0]]
-                parts = [_as_input(names[0], np.load(p), spec, p) for ps in groups.values() for p in ps]
+                parts = [_as_input(names[0], load_npy(p), spec, p) for ps in groups.values() for p in ps]
                 arrays = {names[0]: np.concatenate(parts)}
             else:
                 raise InputError(f"{path}: name the files after the model's inputs: "
@@ -102,19 +105,23 @@ def load_data(path: str, inputs: Sequence[ValueInfo], max_samples: Optional[int]
             if len(names) != 1:
                 raise InputError(f"{path}: the model has {len(names)} inputs; give a .npz with "
                                  f"one array per input ({', '.join(names)})")
-            arrays = {names[0]: np.load(path)}
+            arrays = {names[0]: load_npy(path)}
         else:
             raise InputError(f"{path}: data must be a .npz, a .npy or a folder of .npy files")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise InputError(f"{path}: cannot read the data ({e})") from None
     feeds = {n: _as_input(n, a, specs[n], path) for n, a in arrays.items()}
     counts = {len(a) for a in feeds.values()}
     if len(counts) != 1:
         raise InputError(f"{path}: the inputs hold different numbers of samples "
                          f"({', '.join(f'{n}: {len(a)}' for n, a in feeds.items())})")
+    if not feeds or not next(iter(counts)):
+        raise InputError(f"{path}: no samples in the data")
     if labels is not None and len(labels) != counts.pop():
         raise InputError(f"{path}: {len(labels)} labels for {len(next(iter(feeds.values())))} samples")
-    if max_samples:
+    if max_samples is not None:
+        if max_samples < 1:
+            raise InputError(f"max_samples must be at least 1, not {max_samples}")
         feeds = {n: a[:max_samples] for n, a in feeds.items()}
         labels = labels[:max_samples] if labels is not None else None
     return feeds, labels
@@ -130,8 +137,8 @@ def load_labels(path: str) -> np.ndarray:
                     raise InputError(f"{path}: store the labels as 'labels' (holds {', '.join(z.files)})")
                 labels = z[key]
         else:
-            labels = np.load(path)
-    except (OSError, ValueError) as e:
+            labels = load_npy(path)
+    except (OSError, ValueError, EOFError) as e:
         raise InputError(f"{path}: cannot read the labels ({e})") from None
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] > 1:
@@ -154,6 +161,8 @@ def sample_count(feeds: Feeds) -> int:
 
 def batches(feeds: Feeds, size: int = BATCH) -> Iterable[Feeds]:
     """``feeds`` cut into batches along the first axis."""
+    if size < 1:
+        raise InputError(f"the batch size must be at least 1, not {size}")
     n = sample_count(feeds)
     for start in range(0, max(n, 1), size):
         yield {k: v[start:start + size] for k, v in feeds.items()}

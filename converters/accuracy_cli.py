@@ -13,7 +13,10 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from dcrt.cli import positive_int
 from dcrt.errors import ConfigError
+from dcrt.files import json_safe
+from dcrt.format.writer import atomic_write, output_problem
 from dcrt.report import human
 
 
@@ -84,7 +87,7 @@ def _cmd_eval(a) -> int:
     from .accuracy import evaluate
     report = evaluate(a.model, a.reference, a.data, a.labels, batch_size=a.batch_size, max_samples=a.max_samples)
     if a.json:
-        print(json.dumps(report, indent=2, default=_json_value))
+        print(json.dumps(json_safe(report), indent=2, default=str))
     else:
         print_eval(report)
     if a.min_agreement is not None:
@@ -97,15 +100,6 @@ def _cmd_eval(a) -> int:
                   file=sys.stderr)
             return 1
     return 0
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return str(v)
 
 
 # -- dcrt sweep ------------------------------------------------------------------------------------
@@ -125,6 +119,8 @@ def _load(source: str, weights: Optional[str], config: Optional[str], flags: Dic
 def _cmd_sweep(a) -> int:
     from .accuracy import load_data
     from .sweep import sweep, write_plots, write_tables
+    if os.path.exists(a.output) and not os.path.isdir(a.output):
+        raise ConfigError(f"-o {a.output} is a file; dcrt sweep writes a report folder: give a folder path")
     model, plans = _load(a.model, a.weights, a.config, {"coder": a.coder})
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     feeds, labels = load_data(a.data, inputs, a.max_samples)
@@ -175,6 +171,11 @@ def run_budget(source: str, data: Optional[str], *, target_size: Optional[str], 
     from .sweep import DEFAULT_BITS, DEFAULT_SPARSITIES, Sweep
     if not data:
         raise ConfigError("a budget needs calibration data to measure the drop on: --calib/--data data.npz")
+    if save:        # checked before the sweep, which can take minutes
+        os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
+        problem = output_problem(save)
+        if problem:
+            raise ConfigError(f"cannot write the plan: {problem}")
     reuse = None
     if sweep_path:
         try:
@@ -187,10 +188,7 @@ def run_budget(source: str, data: Optional[str], *, target_size: Optional[str], 
                              sparsities=sparsities or DEFAULT_SPARSITIES, bits=bits or DEFAULT_BITS,
                              max_samples=max_samples, progress=_progress(quiet))
     if save:
-        folder = os.path.dirname(os.path.abspath(save))
-        os.makedirs(folder, exist_ok=True)
-        with open(save, "w") as f:
-            json.dump(result.config, f, indent=2)
+        atomic_write(save, (json.dumps(result.config, indent=2) + "\n").encode())
     if not quiet:
         print(result.summary())
         if save:
@@ -236,8 +234,8 @@ def add_commands(sub) -> None:
                                                  "or a folder of .npy files")
     e.add_argument("--labels", help="class labels (.npy) for top-1/top-5 accuracy (or a 'labels' array in the .npz)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--max-samples", type=int, help="use the first N samples only")
+    e.add_argument("--batch-size", type=positive_int, default=256)
+    e.add_argument("--max-samples", type=positive_int, help="use the first N samples only")
     e.add_argument("--min-agreement", type=float, metavar="PCT",
                    help="exit with status 1 when top-1 agreement is below PCT percent (for CI)")
     e.set_defaults(func=_cmd_eval)
@@ -255,7 +253,7 @@ def add_commands(sub) -> None:
     s.add_argument("--bits", type=_ints, default=list(DEFAULT_BITS),
                    help=f"comma-separated (default {','.join(map(str, DEFAULT_BITS))})")
     s.add_argument("--layers", nargs="*", metavar="GLOB", help="only these layers (glob on tensor or node name)")
-    s.add_argument("--max-samples", type=int, default=512, help="samples used (default 512)")
+    s.add_argument("--max-samples", type=positive_int, default=512, help="samples used (default 512)")
     s.add_argument("--no-plots", action="store_true", help="tables only")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_sweep)
@@ -273,6 +271,6 @@ def add_commands(sub) -> None:
     p.add_argument("--sparsities", type=_floats,
                    help="sweep grid (default %s)" % ",".join(map(str, DEFAULT_SPARSITIES)))
     p.add_argument("--bits", type=_ints, help="sweep grid (default %s)" % ",".join(map(str, DEFAULT_BITS)))
-    p.add_argument("--max-samples", type=int, default=512)
+    p.add_argument("--max-samples", type=positive_int, default=512)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_plan)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dcrt.errors import ConfigError, ConversionError, DcrtError, UnsupportedOperatorError
 from dcrt.format.tensor import TensorRecord
-from dcrt.format.writer import write_dcm
+from dcrt.format.writer import output_problem, write_dcm
 from dcrt.graph import Model
 
 from . import passes
@@ -101,6 +101,20 @@ def check_operators(model: Model) -> None:
             f"the model uses operator(s) dcrt's runtime does not implement: {', '.join(missing)}", missing)
 
 
+def check_output(output: str, sources: List[str], force: bool) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be: one of the
+    ``sources``, a folder or device, an existing file without ``force``."""
+    problem = output_problem(output)
+    if problem:
+        raise ConversionError(f"cannot write the .dcm: {problem}")
+    if os.path.exists(output):
+        for path in sources:
+            if os.path.exists(path) and os.path.samefile(path, output):
+                raise ConversionError(f"the output {output} is the source file {path}; give another output path")
+        if not force:
+            raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
+
+
 def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Optional[int] = None,
             sparsity: Optional[float] = None, threshold: Optional[float] = None, prune: bool = True,
             coder: Optional[str] = None, config: Optional[str | Dict[str, Any]] = None, force: bool = False,
@@ -118,8 +132,7 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     if saliency != "magnitude" and calib is None:
         raise ConfigError(f"saliency={saliency!r} ranks weights by their inputs: it needs calibration data "
                           "(--calib data.npz)")
-    if os.path.exists(output) and not force:
-        raise ConversionError(f"{output} exists; pass --force (force=True) to overwrite it")
+    check_output(output, [source] + ([weights] if weights else []), force)
     model, fmt = load_model(source, weights)
     # gzip -9 of a large original takes seconds; zlib releases the GIL, so it overlaps the compression.
     pool = ThreadPoolExecutor(max_workers=1)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dcrt.errors import ConfigError
+from dcrt.files import json_safe
 from dcrt.graph import Model
 
 from .accuracy import Feeds, Runner, output_metrics, weight_psnr
@@ -102,7 +103,8 @@ class Sweep:
     def from_json(cls, data: Mapping[str, Any]) -> "Sweep":
         """Read back :meth:`to_json` (``dcrt plan --sweep report/sweep.json`` reuses a sweep)."""
         try:
-            return cls([SweepPoint(**p) for p in data["points"]], int(data["samples"]),
+            return cls([SweepPoint(**{k: _unsafe(v) for k, v in p.items()}) for p in data["points"]],
+                       int(data["samples"]),
                        tuple(data["sparsities"]), tuple(data["bits"]),
                        {n: LayerPlan(**p) for n, p in (data.get("plans") or {}).items()},
                        data.get("reference_top1_accuracy"))
@@ -173,6 +175,11 @@ def _graph_order(model: Model, plans: Mapping[str, LayerPlan]) -> List[str]:
 # -- writing the report ----------------------------------------------------------------------------
 
 
+def _unsafe(v: Any) -> Any:
+    """A number as :func:`dcrt.files.json_safe` wrote it, back (``"inf"``: an exact output's PSNR)."""
+    return float(v) if v in ("inf", "-inf", "nan") else v
+
+
 def _number(v: Any) -> Any:
     if isinstance(v, float):
         return "inf" if v == float("inf") else f"{v:.6g}"
@@ -189,7 +196,7 @@ def write_tables(result: Sweep, folder: str) -> List[str]:
         for row in result.to_rows():
             out.writerow([_number(row[c]) for c in COLUMNS])
     with open(json_path, "w") as f:
-        json.dump(result.to_json(), f, indent=1, default=lambda v: None)
+        json.dump(json_safe(result.to_json()), f, indent=1, default=lambda v: None)
     return [csv_path, json_path]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -39,9 +40,10 @@ def _progress_bar(stream=None):
 
 
 def _cmd_convert(a) -> int:
-    from .converters.convert import convert
-    from .report import inspect, size
     from .converters.accuracy_cli import convert_budget_config
+    from .converters.convert import check_output, convert
+    from .report import inspect, size
+    check_output(a.output, [a.model] + ([a.weights] if a.weights else []), a.force)
     config = convert_budget_config(a) or a.config     # --target-size / --max-drop: a plan from a sweep
     result = convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity,
                      threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=config,
@@ -129,27 +131,36 @@ def _cmd_verify(a) -> int:
 
 
 def _loaded_feeds(sess, specs: List[str]) -> dict:
-    """``--input [NAME=]FILE.npy`` options as a feed (unnamed ones in the model's input order)."""
-    import numpy as np
-    feeds = {}
+    """``--input [NAME=]FILE.npy`` options as a feed. ``NAME=`` counts only when NAME is one of the
+    model's inputs (a file name may hold ``=``); unnamed files go to the inputs not named, in order."""
+    from .files import load_npy
     names = [i.name for i in sess.get_inputs()]
+    named, unnamed = {}, []
     for spec in specs:
-        name, _, path = spec.rpartition("=")
-        feeds[name or names[len(feeds)]] = np.load(path)
-    return feeds
+        name, sep, path = spec.partition("=")
+        if sep and name in names:
+            if name in named:
+                raise InputError(f"input {name!r} is given twice (--input {name}=...)")
+            named[name] = path
+        else:
+            unnamed.append(spec)
+    rest = [n for n in names if n not in named]
+    if len(unnamed) > len(rest):
+        raise InputError(f"{len(unnamed)} unnamed --input file(s) but the model has {len(rest)} input(s) left "
+                         f"to fill ({', '.join(rest) or 'none'}); name them: --input NAME=FILE.npy")
+    named.update(zip(rest, unnamed))
+    return {name: load_npy(path) for name, path in named.items()}
 
 
 def _cmd_run(a) -> int:
     import numpy as np
 
+    from .files import save_outputs
     from .runtime.session import Session
     sess = Session(a.model, mode=a.mode)
     outputs = sess.run(None, _loaded_feeds(sess, a.input))
     if a.output:
-        if len(outputs) == 1:
-            np.save(a.output, outputs[0])
-        else:
-            np.savez(a.output, **{o.name: v for o, v in zip(sess.get_outputs(), outputs)})
+        print(f"wrote {save_outputs(a.output, {o.name: v for o, v in zip(sess.get_outputs(), outputs)})}")
     for o, v in zip(sess.get_outputs(), outputs):
         print(f"{o.name}: {v.dtype} {list(v.shape)}")
         if not a.output:
@@ -217,8 +228,12 @@ def _cmd_profile(a) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -274,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("profile", help="time each node of a .dcm (random inputs unless given)")
     f.add_argument("model")
     f.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE.npy")
-    f.add_argument("--runs", type=_positive, default=20, help="timed runs (medians are printed; default 20)")
+    f.add_argument("--runs", type=positive_int, default=20, help="timed runs (medians are printed; default 20)")
     f.add_argument("--mode", default="index", choices=("index", "dense", "stream"))
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_cmd_profile)
@@ -298,6 +313,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dcrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:     # the reader went away (``dcrt inspect x.dcm | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         print(f"dcrt: error: {e}", file=sys.stderr)
         return 2

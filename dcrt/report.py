@@ -5,6 +5,7 @@ import gzip
 import os
 from typing import Any, Dict, List, Optional
 
+from .errors import ConversionError
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
 from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
@@ -72,14 +73,19 @@ def gzip_size(data: bytes) -> int:
 
 def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
     """Download / extracted / in-memory sizes of a ``.dcm``, against the original model."""
-    with open(path, "rb") as f:
-        data = f.read()
-    with open_dcm(data) as dcm:
+    with open_dcm(path) as dcm:     # errors name the file
         memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph))
         source = dict(dcm.source)
+    with open(path, "rb") as f:
+        data = f.read()
     if original:
-        from_files = [original] + _external_files(original)
-        blob = b"".join(open(p, "rb").read() for p in from_files)
+        try:
+            blob = b"".join(open(p, "rb").read() for p in [original] + _external_files(original))
+        except OSError as e:
+            raise ConversionError(f"cannot read the original model {original}: {e.strerror or e}") from None
+        except Exception as e:      # onnx's DecodeError for a damaged or non-ONNX file
+            raise ConversionError(f"{original} is not a readable ONNX model ({type(e).__name__}: {e}); "
+                                  "give the .onnx file the .dcm was converted from") from None
         source.update(file_name=os.path.basename(original), file_bytes=len(blob), gzip_bytes=gzip_size(blob))
     report = {"file": path, "download_bytes": gzip_size(data), "extracted_bytes": len(data),
               "memory_bytes": memory, "original": source}

@@ -1,6 +1,7 @@
 """Accuracy-aware compression: data loading, eval, centroid refinement, sweeps, budgets, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -298,6 +299,35 @@ def test_eval_cli(onnx_path, dcm_path, zoo, tmp_path, capsys):
     assert main(["eval", str(dcm), "--reference", str(src), "--data", str(tmp_path / "bad.npz")]) == 2
     err = capsys.readouterr().err
     assert "dcrt: error:" in err and "Traceback" not in err
+    np.save(tmp_path / "none.npy", np.zeros((0, 784), np.float32))
+    np.save(tmp_path / "text.npy", np.array([["a"] * 784]))
+    for data, message in [("none.npy", "no samples"), ("text.npy", "holds <U1 values")]:
+        assert main(["eval", str(dcm), "--reference", str(src), "--data", str(tmp_path / data)]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(dcm), "--reference", str(src), "--data", data, "--batch-size", "0"])
+    assert "--batch-size: must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_json_is_strict_json(tmp_path, capsys):
+    """An output reproduced exactly has an infinite PSNR: printed as the string "inf" (json.dumps would
+    write ``Infinity``, which strict parsers refuse)."""
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    assert main(["convert", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.dcm"), "-q"]) == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
+    assert main(["eval", str(tmp_path / "m.dcm"), "--reference", str(tmp_path / "m.onnx"), "--data",
+                 str(tmp_path / "x.npy"), "--json"]) == 0
+    text = capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    report = json.loads(text, parse_constant=refuse)
+    assert report["outputs"]["y"]["psnr_db"] == "inf"
 
 
 # -- sweep -----------------------------------------------------------------------------------------
@@ -339,6 +369,11 @@ def test_sweep_report_files(mlp_sweep, tmp_path):
     assert len(lines) == 1 + len(result.points)
     again = Sweep.from_json(json.load(open(written[1])))
     assert len(again.points) == len(result.points) and again.plans["fc1.weight"].bits == 5
+    # an exact point (infinite PSNR) is written as strict JSON and read back as a float
+    exact = dataclasses.replace(result, points=[dataclasses.replace(result.points[0], psnr_db=float("inf"))])
+    written = write_tables(exact, str(tmp_path))
+    text = open(written[1]).read()
+    assert "Infinity" not in text and Sweep.from_json(json.loads(text)).points[0].psnr_db == float("inf")
     pytest.importorskip("matplotlib")
     plots = write_plots(result, str(tmp_path), model)
     names = sorted(os.path.basename(p) for p in plots)
@@ -366,6 +401,9 @@ def test_sweep_cli_without_matplotlib(onnx_path, zoo, tmp_path, capsys, monkeypa
     assert sorted(os.listdir(tmp_path / "rep")) == ["sweep.csv", "sweep.json"]
     assert main(["sweep", str(onnx_path("lenet_300_100")), "--data", str(tmp_path / "d.npz"), "-o",
                  str(tmp_path / "rep"), "--sparsities", "1.5"]) == 2
+    assert main(["sweep", str(onnx_path("lenet_300_100")), "--data", str(tmp_path / "d.npz"), "-o",
+                 str(tmp_path / "rep" / "sweep.csv")]) == 2
+    assert "is a file; dcrt sweep writes a report folder" in capsys.readouterr().err
 
 
 # -- budgets ---------------------------------------------------------------------------------------
@@ -450,6 +488,12 @@ def test_plan_cli_writes_a_reusable_config(onnx_path, zoo, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "m.dcm") <= 80_000
     assert main(["plan", src, "--calib", str(tmp_path / "calib.npz"), "-o", str(out)]) == 2
     assert "budget" in capsys.readouterr().err
+    # convert --target-size checks its output before the sweep and writes no plan beside a refused one
+    (tmp_path / "kept.dcm").write_bytes(b"precious")
+    assert main(["convert", src, "-o", str(tmp_path / "kept.dcm"), "--calib", str(tmp_path / "calib.npz"),
+                 "--target-size", "80KB", "-q"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "kept.dcm").read_bytes() == b"precious" and not (tmp_path / "kept.dcm.plan.json").exists()
 
 
 # -- plumbing --------------------------------------------------------------------------------------

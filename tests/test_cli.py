@@ -143,3 +143,101 @@ def test_profile_makes_up_only_the_inputs_not_given(tmp_path, capsys):
     assert main(["profile", str(tmp_path / "m.dcm"), "--runs", "1"]) == 0
     assert capsys.readouterr().err.splitlines() == ["input a: random float32 [1, 4] (free dimensions set to 1)",
                                                      "input b: zero int64 [2, 4]"]
+
+
+def _two_in_two_out(tmp_path):
+    """A .dcm with inputs ``a``, ``b`` and outputs ``s = a + b``, ``d = a - b`` (no weights)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import dcrt
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Sub", ["a", "b"], ["d"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 3]) for n in "ab"],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "sd"])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    return str(tmp_path / "m.dcm")
+
+
+def test_run_inputs_by_name_or_order_and_outputs_where_asked(tmp_path, capsys):
+    """``--input``: NAME= only when NAME is an input (a path may hold '='), unnamed files fill the inputs
+    not named, in order; anything but a plain .npy is a message. ``--output`` is written at exactly
+    the path given (.npy for one output, .npz for all), never elsewhere."""
+    import numpy as np
+    model = _two_in_two_out(tmp_path)
+    (tmp_path / "x=1").mkdir()
+    a, b = np.full((2, 3), 5, np.float32), np.ones((2, 3), np.float32)
+    np.save(tmp_path / "x=1" / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    out = tmp_path / "out.npz"
+    assert main(["run", model, "--input", f"b={tmp_path / 'b.npy'}", "--input", str(tmp_path / "x=1" / "a.npy"),
+                 "--output", str(out)]) == 0
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["s"], a + b)
+        np.testing.assert_array_equal(z["d"], a - b)       # a.npy went to 'a', the input left unnamed
+    assert not (tmp_path / "out.npz.npz").exists()
+    capsys.readouterr()
+    np.savez(tmp_path / "ab.npz", a=a, b=b)
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for args, message in [
+        ([f"a={tmp_path / 'ab.npz'}", str(tmp_path / "b.npy")], "is a .npz archive (holding a, b)"),
+        ([str(tmp_path / "obj.npy"), str(tmp_path / "b.npy")], "not a .npy array (an array of Python objects"),
+        ([str(tmp_path / "empty.npy"), str(tmp_path / "b.npy")], "not a .npy array"),
+        ([str(tmp_path / "b.npy")] * 3, "3 unnamed --input file(s) but the model has 2 input(s) left"),
+        ([f"a={tmp_path / 'b.npy'}"] * 2, "input 'a' is given twice"),
+    ]:
+        assert main(["run", model] + [x for spec in args for x in ("--input", spec)]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    feeds = ["--input", str(tmp_path / "x=1" / "a.npy"), "--input", str(tmp_path / "b.npy")]
+    for target, message in [(tmp_path / "two.npy", "give --output a .npz path"), (tmp_path / "x=1", "is a folder")]:
+        assert main(["run", model] + feeds + ["--output", str(target)]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("two.npy*")) and sorted(p.name for p in (tmp_path / "x=1").iterdir()) == ["a.npy"]
+
+
+def test_convert_refuses_outputs_it_must_not_write_before_any_work(tmp_path, onnx_path, capsys):
+    """The source itself (even with --force), a folder, a missing folder, a pipe: refused first, with
+    the source untouched; through a symbolic link the target is replaced and the link kept."""
+    import os
+    import shutil
+    src = tmp_path / "m.onnx"
+    shutil.copy(onnx_path("lenet_300_100"), src)
+    before = src.read_bytes()
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    for output, extra, message in [
+        (src, ["--force"], "is the source file"),
+        (tmp_path / "folder", ["--force"], "is a folder"),
+        (tmp_path / "missing" / "m.dcm", [], "does not exist; create it first"),
+        (tmp_path / "pipe", ["--force"], "not a regular file"),
+    ]:
+        assert main(["convert", str(src), "-o", str(output), "-q"] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert src.read_bytes() == before and not (tmp_path / "missing").exists()
+    assert not os.path.isfile(tmp_path / "pipe")
+    (tmp_path / "target.dcm").write_bytes(b"old")
+    os.symlink("target.dcm", tmp_path / "link.dcm")
+    assert main(["convert", str(src), "-o", str(tmp_path / "link.dcm"), "-q", "--force"]) == 0
+    assert os.path.islink(tmp_path / "link.dcm") and b"DCM1" in (tmp_path / "target.dcm").read_bytes()[:16]
+
+
+def test_size_with_a_damaged_original_and_whole_number_options(converted, tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    assert main(["size", str(converted), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.onnx is not a readable ONNX model" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["profile", str(converted), "--runs", "abc"])
+    assert "--runs: expected a whole number, got 'abc'" in capsys.readouterr().err
+
+
+def test_broken_pipe_ends_quietly(converted):
+    """``dcrt inspect x.dcm | head -1``: no error message when the reader stops early."""
+    proc = subprocess.run(f"{sys.executable} -m dcrt inspect {converted} | head -c 10", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stderr == "" and len(proc.stdout) == 10

@@ -62,7 +62,8 @@ def atomic_write(path: str, data: bytes) -> None:
     A process killed mid-write (SIGKILL, power loss) leaves ``path`` as it was and a
     ``.dcrt-<pid>-*.part`` file, which the next write into that folder removes once its process is gone.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)      # through a symbolic link: its target is replaced, the link kept
+    folder = os.path.dirname(path)
     _remove_orphans(folder)
     fd, tmp = tempfile.mkstemp(prefix=f".dcrt-{os.getpid()}-", suffix=".part", dir=folder)
     try:
@@ -80,6 +81,23 @@ def atomic_write(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def output_problem(path: str) -> Optional[str]:
+    """What keeps :func:`atomic_write` from writing ``path`` (checked before any work is done), or None."""
+    if not path:
+        return "the output path is empty"
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        return f"{path} is a folder; give a file name"
+    if os.path.exists(target) and not os.path.isfile(target):
+        return f"{path} is not a regular file (a device, pipe or socket); give a file name"
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        return f"the folder {os.path.dirname(os.path.abspath(path))} does not exist; create it first"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def _remove_orphans(folder: str) -> None:
