@@ -624,3 +624,16 @@ def test_an_empty_batch_gives_empty_outputs(op, opset, tmp_path):
             got = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(x)
             assert got.shape == want.shape and got.dtype == want.dtype
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm_classifier", "gru_classifier"])
+@pytest.mark.parametrize("options", [{}, {"sparsity": 0.9}])
+def test_recurrent_layers_on_an_empty_batch(name, options, dcm_path):
+    """N = 0 reaches no compiled recurrent kernel (their batch-1 paths read and wrote row 0 of empty
+    arrays: heap corruption, a crash later); the outputs are empty, as dense mode's."""
+    path = dcm_path(name, **options)
+    for mode in ("index", "dense", "stream"):
+        sess = dcrt.Session(path, mode=mode)
+        assert sess.run(np.zeros((0, 7), np.int64)).shape == (0, 2)
+        y = sess.run(np.ones((3, 7), np.int64))                   # and the session still runs
+        assert y.shape == (3, 2) and np.isfinite(y).all()

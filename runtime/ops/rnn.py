@@ -149,6 +149,12 @@ class _Recurrence:
             y = np.where((np.arange(self.steps)[:, None] < self.lens[None, :])[..., None], y, 0)
         return _reverse_within(y, self.lens) if self.direction_is_reverse(direction) else y
 
+    def empty(self, states: int) -> Tuple[np.ndarray, ...]:
+        """The outputs of an empty batch, computed by no kernel: the compiled ones take a batch of 0
+        for their batch-1 path and would write past their arrays."""
+        ys = [np.zeros((self.steps, 0, self.hidden), self.dtype)] * self.directions
+        return self.outputs(ys, [np.zeros((self.directions, 0, self.hidden), self.dtype)] * states)
+
     def outputs(self, ys: List[np.ndarray], states: List[np.ndarray]) -> Tuple[np.ndarray, ...]:
         """``Y [T, D, B, H]`` (or ``[B, T, D, H]``) and each final state ``[D, B, H]`` (or ``[B, D, H]``)."""
         y = _stack(ys, axis=1).astype(self.dtype, copy=False)
@@ -178,6 +184,8 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
          c0: Optional[np.ndarray] = None, p: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """LSTM with gates ``i, o, f, c``, optional peepholes ``P``, ``input_forget`` and ``clip``."""
     rec = _Recurrence(attrs, x, w, seq_lens, 4)
+    if rec.batch == 0:
+        return rec.empty(2)
     hsz = rec.hidden
     funcs = _activations(attrs, ("Sigmoid", "Tanh", "Tanh"), rec.directions)
     hs, cs = rec.initial(h0), rec.initial(c0)
@@ -264,6 +272,8 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """GRU with gates ``z, r, h``; ``linear_before_reset`` applies the reset after ``R_h``."""
     rec = _Recurrence(attrs, x, w, seq_lens, 3)
+    if rec.batch == 0:
+        return rec.empty(1)
     hsz = rec.hidden
     funcs = _activations(attrs, ("Sigmoid", "Tanh"), rec.directions)
     before_reset = bool(attrs.get("linear_before_reset", 0))
@@ -333,6 +343,8 @@ def rnn(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """Simple recurrent layer ``H = f(X W^T + H R^T + Wb + Rb)`` (``f`` = Tanh)."""
     rec = _Recurrence(attrs, x, w, seq_lens, 1)
+    if rec.batch == 0:
+        return rec.empty(1)
     hsz = rec.hidden
     funcs = _activations(attrs, ("Tanh",), rec.directions)
     hs = rec.initial(h0)
