@@ -38,4 +38,9 @@ class LimitError(DcrtError):
 
 
 class InputError(DcrtError):
-    """Inputs given to ``Session.run`` do not match the model (name, shape or dtype)."""
+    """Inputs given to ``Session.run`` do not match the model (name, shape or dtype), or a call's
+    arguments are not what it takes (a mode, output names, a feed that is not a dict)."""
+
+
+class IndexRangeError(InputError, IndexError):
+    """An index given to the model (an embedding's token id, a Gather index) outside its axis."""

@@ -318,8 +318,8 @@ class Executor:
                 args = _inputs(step, env, weights)
             try:
                 result = step.fn(step.attrs, *args)
-            except LimitError as exc:
-                raise LimitError(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}): {exc}") from None
+            except (LimitError, InputError) as exc:     # the user's input or limit: named, and the node
+                raise type(exc)(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}): {exc}") from None
             except DcrtError:
                 raise
             except Exception as exc:  # noqa: BLE001 - add the node to the message, keep the cause

@@ -40,6 +40,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from dcrt.errors import IndexRangeError
+
 from . import winograd
 from .numba_kernels import kernels, launch
 
@@ -200,15 +202,17 @@ def take_rows(w: Weight, idx: np.ndarray) -> np.ndarray:
 
 def wrap_indices(idx: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
     """ONNX indices into an axis of ``size`` (Gather, GatherElements, ScatterElements) as intp,
-    negative ones counted from the end; IndexError naming the first one out of range (numpy's
-    ``take`` would wrap one below ``-size`` into range again)."""
+    negative ones counted from the end; IndexRangeError (an IndexError and InputError) naming the
+    first one out of range and the valid range (numpy's ``take`` would wrap one below ``-size`` into
+    range again)."""
     idx = np.asarray(idx).astype(np.intp, copy=False)
     if not idx.size or (idx.min() >= 0 and idx.max() < size):     # the usual case: two reductions
         return idx
     wrapped = np.where(idx < 0, idx + size, idx)
     outside = (wrapped < 0) | (wrapped >= size)
     if outside.any():
-        raise IndexError(f"index {idx[outside].flat[0]} is out of bounds for axis {axis} with size {size}")
+        raise IndexRangeError(f"index {idx[outside].flat[0]} is out of bounds for axis {axis} with size {size} "
+                              f"(valid: {-size} to {size - 1})")
     return wrapped
 
 

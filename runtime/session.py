@@ -138,7 +138,7 @@ class Session:
 
     def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index"):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self._file = open_dcm(model)
         m = self._file.model
@@ -154,6 +154,7 @@ class Session:
         self._output_names = [o.name for o in self._outputs]
         self._cache: Dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     # -- model facts ---------------------------------------------------------------------------
     def get_inputs(self) -> List[NodeArg]:
@@ -187,6 +188,7 @@ class Session:
         if t is None:     # e.g. an If branch of a damaged or hostile graph that never produced it
             raise FormatError(f"the graph reads {name!r}, which no node produces and the file does not store")
         compressed = t.record.encoding in (QUANTIZED, SPARSE)
+        self._file.check_size()     # the file is read below: a FormatError, not SIGBUS, if it shrank
         if self.mode == "stream" and compressed:
             return stream_weight(t, self._grouping.get(name, memory.ROWS))
         with self._lock:       # one thread decodes; the others wait and reuse it
@@ -196,6 +198,10 @@ class Session:
                     value = indexed_weight(t, self._grouping.get(name, memory.ROWS))
                 else:
                     value = t.decode()
+                    if not compressed and self._file.mapped:
+                        # a raw tensor is a view of the map: copied, runs read only memory of their
+                        # own once every weight is decoded (stream mode: but its compressed ones)
+                        value = np.array(value)
                 if isinstance(value, np.ndarray):
                     # a constant: no operator may change it, and kernels may keep what they derive
                     # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)
@@ -210,6 +216,10 @@ class Session:
         ``run(None, {"name": x})`` / ``run(["out"], feed)``: a list of outputs, as onnxruntime.
         ``run(x)`` for a one-input model: the output array, or a list when there are several.
         """
+        if isinstance(output_names, str):
+            raise InputError(f"output names are a list: run([{output_names!r}], feed)")
+        if isinstance(output_names, Mapping):
+            raise InputError("a feed goes second, after the output names: run(None, {name: array})")
         short = input_feed is None and output_names is not None and not (
             isinstance(output_names, (list, tuple)) and all(isinstance(n, str) for n in output_names))
         if short:
@@ -219,9 +229,11 @@ class Session:
             input_feed, output_names = {self._inputs[0].name: output_names}, None
         if input_feed is None:
             raise InputError("no inputs given: run(None, {name: array}) or run(x)")
+        if self._closed:
+            raise InputError("the session is closed: open the model again")
         feeds = self._check(input_feed)
         names = self._output_names
-        if output_names is not None:
+        if output_names:        # None or [] : every output, as onnxruntime
             names = list(output_names)
             bad = [n for n in names if n not in self._output_names]
             if bad:
@@ -230,20 +242,29 @@ class Session:
         # the weights decoded so far go in as given values (one dict lookup per read, not a call
         # of _weight each: ~0.3 us per weight read); a feed with an initializer's name wins
         results = self._executor.run({**self._cache, **feeds}, self._weight, names)
-        # the caller owns what it gets: an output that is a weight (or a view of one) is read-only
-        # here, the session's constant, so it is copied
-        outputs = [results[n] if results[n].flags.writeable else results[n].copy() for n in names]
+        # the caller owns what it gets, each output its own array: one that is a weight (or a view of
+        # one) is read-only here, the session's constant, and one that is an input or a view of it
+        # (Identity, Reshape), or shares memory with another output, would change with them: copied
+        outputs = []
+        for n in names:
+            y = results[n]
+            if not y.flags.writeable or any(np.may_share_memory(y, v) for v in (*feeds.values(), *outputs)):
+                y = y.copy()
+            outputs.append(y)
         if short:
             return outputs[0] if len(outputs) == 1 else outputs
         return outputs
 
-    def profile(self, input_feed: Mapping[str, Any], runs: int = 10) -> List[NodeTime]:
-        """Time each node over ``runs`` runs on ``input_feed`` (``{name: array}``), after one untimed
+    def profile(self, input_feed: Any, runs: int = 10) -> List[NodeTime]:
+        """Time each node over ``runs`` runs on ``input_feed`` (``{name: array}``, or the array of a
+        one-input model), after one untimed
         run that decodes the weights and prepares the kernels: the median seconds of each node's
         function (in stream mode with the decoding of its weights), in execution order; the
         executor's bookkeeping between nodes is not counted."""
         if runs < 1:
-            raise ValueError(f"runs must be at least 1, not {runs}")
+            raise InputError(f"runs must be at least 1, not {runs}")
+        if not isinstance(input_feed, Mapping) and len(self._inputs) == 1:     # profile(x), as run(x)
+            input_feed = {self._inputs[0].name: input_feed}
         feeds = self._check(input_feed)
         self.run(None, feeds)
         steps = self._executor.steps()
@@ -273,13 +294,19 @@ class Session:
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
         """The feed as arrays, or InputError naming the unknown, mistyped or missing input."""
         expected, fixed = self._expected, self._fixed_dims
+        if not isinstance(feed, Mapping):
+            raise InputError(f"the feed must be a dict {{input name: array}}, not {type(feed).__name__}; "
+                             "run(x) takes the array of a one-input model")
         feeds = {}
         for name, value in feed.items():
             arg = expected.get(name)
             if arg is None:
                 raise InputError(f"unknown input(s) {', '.join(repr(n) for n in feed if n not in expected)}; "
                                  f"the model's inputs are {self._described()}")
-            x = value if type(value) is np.ndarray else np.asarray(value)
+            try:
+                x = value if type(value) is np.ndarray else np.asarray(value)
+            except ValueError as e:     # a ragged list
+                raise InputError(f"input {name!r} is not an array ({e})") from None
             if x.dtype != arg.dtype:
                 raise InputError(f"input {name!r} must be {arg.dtype} ({arg.type}), got {x.dtype}; "
                                  f"convert it with x.astype(np.{arg.dtype.name})")
@@ -304,7 +331,8 @@ class Session:
         return ", ".join(f"{i.name} {i.type} {i.shape}" for i in self._inputs)
 
     def close(self) -> None:
-        """Drop decoded weights and unmap the file."""
+        """Drop decoded weights and unmap the file; the session cannot run afterwards."""
+        self._closed = True
         self._cache.clear()
         self._file.close()
 

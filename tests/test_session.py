@@ -147,6 +147,45 @@ def test_wrong_inputs(feed, message, dcm_path):
         sess.run(["nope"], {"input": np.zeros((1, 1, 28, 28), np.float32)})
 
 
+def test_call_mistakes_are_named(dcm_path):
+    """What onnxruntime's fingers get wrong, as InputErrors saying what to write instead; ``run([])``
+    gives every output, as onnxruntime; ``profile(x)`` takes the array as ``run(x)`` does."""
+    sess = dcrt.Session(dcm_path("lenet5"))
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    for call, message in [(lambda: sess.run({"input": x}), r"run\(None, \{name: array\}\)"),
+                          (lambda: sess.run(None, x), "the feed must be a dict"),
+                          (lambda: sess.run("logits", {"input": x}), r"run\(\['logits'\], feed\)"),
+                          (lambda: sess.run(None, {"input": [[1.0], [1.0, 2.0]]}), "input 'input' is not an array"),
+                          (lambda: dcrt.Session(dcm_path("lenet5"), "Dense"), "mode must be one of")]:
+        with pytest.raises(InputError, match=message):
+            call()
+    (y,) = sess.run([], {"input": x})
+    np.testing.assert_array_equal(y, sess.run(x))
+    assert [r.name for r in sess.profile(x, runs=1)][:1] == ["conv1"]
+
+
+def test_outputs_never_share_memory_with_inputs_or_each_other(tmp_path):
+    """An output that is an input (or a view of one: Reshape) and two outputs that are the same value
+    come back as arrays of their own, as onnxruntime's: writing to one changes nothing else."""
+    from onnx import TensorProto, helper
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [6])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Identity", ["flat"], ["same"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "flat", "same")], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for mode in ("index", "dense", "stream"):
+        outs = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, {"x": x})
+        outs += dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(["flat", "flat"], {"x": x})
+        for i, y in enumerate(outs):
+            assert not np.may_share_memory(y, x) and not any(np.may_share_memory(y, o) for o in outs[:i])
+        for y in outs:
+            y[...] = -1
+        np.testing.assert_array_equal(x, np.arange(6).reshape(2, 3))
+
+
 def test_lazy_loading_and_modes(dcm_path):
     path = dcm_path("lenet_300_100")
     x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
@@ -399,7 +438,7 @@ def test_profile_times_each_node_where_its_work_is(dcm_path, tmp_path):
     assert (big.name, big.op_type, big.weight, act.name, act.op_type, act.weight) == (
         "big", "MatMul", "float32", "act", "Relu", "")
     assert big.seconds > 3 * act.seconds        # 16.8M multiply-adds against 32K comparisons
-    with pytest.raises(ValueError, match="runs"):
+    with pytest.raises(InputError, match="runs"):
         sess.profile({"x": np.ones((64, 512), np.float32)}, runs=0)
     with pytest.raises(ValueError, match="one entry per step"):
         sess._executor.run({"x": np.ones((64, 512), np.float32)}, sess._weight, None, [0.0])
@@ -637,3 +676,45 @@ def test_recurrent_layers_on_an_empty_batch(name, options, dcm_path):
         assert sess.run(np.zeros((0, 7), np.int64)).shape == (0, 2)
         y = sess.run(np.ones((3, 7), np.int64))                   # and the session still runs
         assert y.shape == (3, 2) and np.isfinite(y).all()
+        with pytest.raises(InputError, match=r"node 'embedding' \(Gather\): index 1000 is out of bounds .* "
+                                             r"\(valid: -1000 to 999\)"):
+            sess.run(np.full((1, 7), 1000, np.int64))
+
+
+def test_a_file_written_over_while_open(dcm_path, tmp_path):
+    """The file is memory-mapped: cut short in place (``cp smaller.dcm model.dcm``), a read past its new
+    end would end the process with SIGBUS. Reads of the file check first (FormatError); once every
+    weight is decoded (index and dense mode) runs read only memory of their own. In a subprocess:
+    a regression is a crash."""
+    import shutil
+    path = tmp_path / "m.dcm"
+    script = textwrap.dedent(f"""
+        import numpy as np, dcrt, shutil
+        x = np.ones((1, 784), np.float32)
+        for mode in ("index", "dense", "stream"):
+            for warm in (False, True):
+                shutil.copy({str(dcm_path("lenet_300_100"))!r}, {str(path)!r})
+                s = dcrt.Session({str(path)!r}, mode=mode)
+                y = s.run(x) if warm else None
+                with open({str(path)!r}, "r+b") as f:
+                    f.truncate(1000)
+                try:
+                    again = s.run(x)
+                    print(mode, warm, "ran", bool(np.array_equal(again, y)))
+                except dcrt.FormatError as e:
+                    print(mode, warm, "FormatError", "was written over while open" in str(e))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:-1] == ["index False FormatError True", "index True ran True",
+                                            "dense False FormatError True", "dense True ran True",
+                                            "stream False FormatError True", "stream True FormatError True"]
+    shutil.copy(dcm_path("lenet_300_100"), path)
+    buf = bytearray(path.read_bytes())
+    sess = dcrt.Session(buf)
+    y = sess.run(np.ones((1, 784), np.float32))
+    buf[:] = b"\0" * len(buf)           # the caller's buffer reused: the session kept its own copy
+    np.testing.assert_array_equal(sess.run(np.ones((1, 784), np.float32)), y)
+    sess.close()
+    with pytest.raises(InputError, match="the session is closed"):
+        sess.run(np.ones((1, 784), np.float32))

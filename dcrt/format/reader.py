@@ -152,8 +152,10 @@ class StoredTensor:
 class DcmFile:
     """An open ``.dcm`` file: ``model`` (graph with :class:`StoredTensor` initializers) and facts."""
 
-    def __init__(self, buffer, mapping: Optional[mmap.mmap] = None, path: Optional[str] = None):
+    def __init__(self, buffer, mapping: Optional[mmap.mmap] = None, path: Optional[str] = None,
+                 identity: Optional[Tuple[int, int]] = None):
         self._mmap = mapping
+        self._identity = identity       # (st_dev, st_ino) of the mapped file
         self.path = path
         self.file_bytes = len(buffer)
         with _as_format_error("the file's structure"):
@@ -199,6 +201,25 @@ class DcmFile:
                 problems[name] = str(e)
         return problems
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the tensors are read from a memory-mapped file (not from bytes given)."""
+        return self._mmap is not None
+
+    def check_size(self) -> None:
+        """FormatError if the mapped file has been cut short on disk since it was opened (written over
+        in place): reading a mapped page past its new end would end the process (SIGBUS). A file
+        replaced by a rename or deleted is no danger: the map keeps the old one."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self._identity and st.st_size < self.file_bytes:
+            raise FormatError(f"{self.path} was written over while open ({st.st_size} of its {self.file_bytes} "
+                              "bytes left): open it again. Replace a model in use by renaming a new file over it")
+
     def close(self) -> None:
         """Release the memory map (tensors must not be used afterwards)."""
         if self._mmap is not None:
@@ -218,19 +239,21 @@ class DcmFile:
 def open_dcm(source: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> DcmFile:
     """Open a ``.dcm`` from a path (memory-mapped) or from bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return DcmFile(source)
+        # a buffer the caller may change or resize: the tensors' views would see it (or pin it)
+        mutable = isinstance(source, bytearray) or (isinstance(source, memoryview) and not source.readonly)
+        return DcmFile(bytes(source) if mutable else source)
     path = os.fspath(source)
     try:
         f = open(path, "rb")
     except OSError as e:
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     with f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 12:
-            raise FormatError(f"{path} is not a .dcm file (only {size} bytes)")
+        st = os.fstat(f.fileno())
+        if st.st_size < 12:
+            raise FormatError(f"{path} is not a .dcm file (only {st.st_size} bytes)")
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return DcmFile(mapping, mapping, path)
+        return DcmFile(mapping, mapping, path, (st.st_dev, st.st_ino))
     except FormatError as e:
         mapping.close()
         raise FormatError(f"{path}: {e}") from None
