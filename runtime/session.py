@@ -88,6 +88,15 @@ def held_as(value: Any) -> str:
     return f"CSR {kept:.0%}{suffix}"
 
 
+def _shares_memory(y: np.ndarray, others) -> bool:
+    """Whether ``y`` may share memory with one of ``others``: only an array that is a view can share
+    with another one (numpy's bounds test skipped for two arrays that own their data)."""
+    for v in others:
+        if v is y or ((y.base is not None or v.base is not None) and np.may_share_memory(y, v)):
+            return True
+    return False
+
+
 def _node_arg(v: ValueInfo) -> NodeArg:
     return NodeArg(v.name, None if v.shape is None else list(v.shape),
                    _ONNX_TYPE.get(v.dtype, f"tensor({v.dtype})"), v.dtype)
@@ -216,10 +225,11 @@ class Session:
         ``run(None, {"name": x})`` / ``run(["out"], feed)``: a list of outputs, as onnxruntime.
         ``run(x)`` for a one-input model: the output array, or a list when there are several.
         """
-        if isinstance(output_names, str):
-            raise InputError(f"output names are a list: run([{output_names!r}], feed)")
-        if isinstance(output_names, Mapping):
-            raise InputError("a feed goes second, after the output names: run(None, {name: array})")
+        if output_names is not None and type(output_names) is not list:
+            if isinstance(output_names, str):
+                raise InputError(f"output names are a list: run([{output_names!r}], feed)")
+            if isinstance(output_names, Mapping):
+                raise InputError("a feed goes second, after the output names: run(None, {name: array})")
         short = input_feed is None and output_names is not None and not (
             isinstance(output_names, (list, tuple)) and all(isinstance(n, str) for n in output_names))
         if short:
@@ -248,7 +258,7 @@ class Session:
         outputs = []
         for n in names:
             y = results[n]
-            if not y.flags.writeable or any(np.may_share_memory(y, v) for v in (*feeds.values(), *outputs)):
+            if not y.flags.writeable or _shares_memory(y, feeds.values()) or _shares_memory(y, outputs):
                 y = y.copy()
             outputs.append(y)
         if short:
@@ -294,7 +304,7 @@ class Session:
     def _check(self, feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
         """The feed as arrays, or InputError naming the unknown, mistyped or missing input."""
         expected, fixed = self._expected, self._fixed_dims
-        if not isinstance(feed, Mapping):
+        if type(feed) is not dict and not isinstance(feed, Mapping):
             raise InputError(f"the feed must be a dict {{input name: array}}, not {type(feed).__name__}; "
                              "run(x) takes the array of a one-input model")
         feeds = {}
