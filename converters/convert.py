@@ -17,6 +17,7 @@ from dcrt.errors import ConfigError, ConversionError, DcrtError, UnsupportedOper
 from dcrt.format.tensor import TensorRecord
 from dcrt.format.writer import output_problem, write_dcm
 from dcrt.graph import Model
+from dcrt.report import read_bytes
 
 from . import passes
 from .compress import compress_tensor
@@ -87,7 +88,7 @@ def _read_model(path: str, weights: Optional[str]) -> Tuple[Model, str]:
 
 def source_info(files: List[str], weight_bytes: int, fmt: str) -> Dict[str, Any]:
     """Sizes of the original model file(s): what `dcrt size` compares against."""
-    data = b"".join(open(f, "rb").read() for f in files if os.path.exists(f))
+    data = b"".join(read_bytes(f) for f in files if os.path.exists(f))
     return {"format": fmt, "file_name": os.path.basename(files[0]), "file_bytes": len(data),
             "gzip_bytes": len(gzip.compress(data, 9, mtime=0)), "weight_bytes": weight_bytes}
 

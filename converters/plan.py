@@ -19,6 +19,7 @@ A config file (YAML or JSON)::
 from __future__ import annotations
 
 import fnmatch
+import warnings
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -168,6 +169,8 @@ def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     check_values(flags, "options")
     config = config or {}
+    layers, op_types = config.get("layers") or {}, config.get("op_types") or {}
+    matched, seen_ops = set(), set()
     plans: Dict[str, LayerPlan] = {}
     for name, uses in weight_uses(graph).items():
         value = graph.initializers[name]
@@ -180,11 +183,22 @@ def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
         opts: Dict[str, Any] = dict(CATEGORY_DEFAULTS[category])
         opts.update(flags)
         opts.update(config.get("defaults") or {})
-        opts.update((config.get("op_types") or {}).get(op_type, {}))
-        for pattern, layer_opts in (config.get("layers") or {}).items():
+        opts.update(op_types.get(op_type, {}))
+        seen_ops.add(op_type)
+        for pattern, layer_opts in layers.items():
             if fnmatch.fnmatchcase(name, pattern) or (node and fnmatch.fnmatchcase(node, pattern)):
                 opts.update(layer_opts)
+                matched.add(pattern)
         plans[name] = replace(LayerPlan(category=category, op_type=op_type, node=node), **opts)
+    # a typo in a config would otherwise change nothing, silently
+    for pattern in layers:
+        if pattern not in matched:
+            warnings.warn(f"config: layers entry {pattern!r} matches no weight dcrt compresses (weights of "
+                          "Conv/Gemm/MatMul/LSTM/GRU/RNN/Gather of 64+ elements; biases stay raw)", stacklevel=2)
+    for op in op_types:
+        if op not in seen_ops:
+            warnings.warn(f"config: op_types entry {op!r} is no operator with weights in this model "
+                          f"({', '.join(sorted(seen_ops)) or 'none'})", stacklevel=2)
     return plans
 
 

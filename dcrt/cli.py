@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -302,9 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"dcrt: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``dcrt`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _warn
     try:
         return args.func(args)
     except DcrtError as e:
@@ -319,6 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:
         print(f"dcrt: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

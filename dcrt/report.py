@@ -80,7 +80,7 @@ def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
         data = f.read()
     if original:
         try:
-            blob = b"".join(open(p, "rb").read() for p in [original] + _external_files(original))
+            blob = b"".join(read_bytes(p) for p in [original] + _external_files(original))
         except OSError as e:
             raise ConversionError(f"cannot read the original model {original}: {e.strerror or e}") from None
         except Exception as e:      # onnx's DecodeError for a damaged or non-ONNX file
@@ -105,6 +105,12 @@ def _external_files(path: str) -> List[str]:
         return []
     from .converters.onnx_frontend import external_files
     return external_files(onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path)))
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file's bytes, the file closed after."""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def human(n: float) -> str:

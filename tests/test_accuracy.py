@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import os
 
 import numpy as np
@@ -364,15 +365,15 @@ def test_sweep_rows_and_sizes_are_what_convert_writes(mlp_sweep, onnx_path, tmp_
 def test_sweep_report_files(mlp_sweep, tmp_path):
     model, _, _, result = mlp_sweep
     written = write_tables(result, str(tmp_path))
-    lines = open(written[0]).read().splitlines()
+    lines = pathlib.Path(written[0]).read_text().splitlines()
     assert lines[0].startswith("layer,op_type,category,sparsity,bits")
     assert len(lines) == 1 + len(result.points)
-    again = Sweep.from_json(json.load(open(written[1])))
+    again = Sweep.from_json(json.loads(pathlib.Path(written[1]).read_text()))
     assert len(again.points) == len(result.points) and again.plans["fc1.weight"].bits == 5
     # an exact point (infinite PSNR) is written as strict JSON and read back as a float
     exact = dataclasses.replace(result, points=[dataclasses.replace(result.points[0], psnr_db=float("inf"))])
     written = write_tables(exact, str(tmp_path))
-    text = open(written[1]).read()
+    text = pathlib.Path(written[1]).read_text()
     assert "Infinity" not in text and Sweep.from_json(json.loads(text)).points[0].psnr_db == float("inf")
     pytest.importorskip("matplotlib")
     plots = write_plots(result, str(tmp_path), model)
@@ -380,7 +381,7 @@ def test_sweep_report_files(mlp_sweep, tmp_path):
     assert names == ["bits.png", "hist_fc1.weight.png", "hist_fc2.weight.png", "hist_fc3.weight.png",
                      "sparsity.png"]
     for p in plots:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert pathlib.Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_cli_without_matplotlib(onnx_path, zoo, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,8 @@ independent reader (OpenCV's Caffe importer, which has its own caffe.proto: this
 numbers) and, where OpenCV departs from Caffe, against numpy."""
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -100,7 +102,7 @@ def test_caffe_semantics_opencv_does_not_share(tmp_path):
     """LRN's k and WITHIN_CHANNEL, FLOOR rounding, a Scale alone, InnerProduct's transpose (OpenCV
     ignores k and transpose), phase filtering and net-level input_dim: against numpy."""
     proto, weights = models.write_caffe(SEMANTICS, str(tmp_path), "semantics", seed=4)
-    trained = caffe_pb2.NetParameter.FromString(open(weights, "rb").read())
+    trained = caffe_pb2.NetParameter.FromString(pathlib.Path(weights).read_bytes())
     blobs = {l.name: [np.array(b.data, np.float32).reshape(list(b.shape.dim)) for b in l.blobs]
              for l in trained.layer}
     x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype(np.float32)
@@ -126,7 +128,7 @@ def test_caffe_semantics_opencv_does_not_share(tmp_path):
 def test_v1_caffemodel_weights_are_read(written, tmp_path):
     """An old caffemodel (V1 `layers`, 4-D num/channels/height/width blobs) with a current prototxt."""
     proto, weights = written("lenet5")
-    new = caffe_pb2.NetParameter.FromString(open(weights, "rb").read())
+    new = caffe_pb2.NetParameter.FromString(pathlib.Path(weights).read_bytes())
     old = caffe_pb2.NetParameter(name=new.name)
     for layer in new.layer:
         v1 = old.layers.add(name=layer.name)
@@ -164,7 +166,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip3" bottom: "label" top: 
 
 def test_weight_problems_name_the_layer(tmp_path, written):
     proto, weights = written("lenet5")
-    net = caffe_pb2.NetParameter.FromString(open(weights, "rb").read())
+    net = caffe_pb2.NetParameter.FromString(pathlib.Path(weights).read_bytes())
     names = [l.name for l in net.layer]
     del net.layer[names.index("conv2")]  # conv2's weights are gone
     missing = tmp_path / "missing.caffemodel"

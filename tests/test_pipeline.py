@@ -238,6 +238,25 @@ def test_prune_mask_and_kmeans():
     assert np.mean((book[labels] - values) ** 2) < 0.01
 
 
+def test_config_entries_that_match_nothing_are_warned_about(tmp_path, onnx_path, capsys):
+    """A typo in a config changes nothing: said, through Python's warnings (the CLI prints them)."""
+    from dcrt.cli import main
+    config = {"layers": {"fc6*": {"sparsity": 0.95}, "fc1.weight": {"bits": 4}}, "op_types": {"Comv": {"bits": 6}}}
+    with pytest.warns(UserWarning) as caught:
+        convert(str(onnx_path("lenet_300_100")), str(tmp_path / "m.dcm"), config=config)
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert len(messages) == 2 and any("layers entry 'fc6*' matches no weight" in m for m in messages)
+    assert any("op_types entry 'Comv' is no operator with weights in this model (Gemm)" in m for m in messages)
+    (tmp_path / "plan.yaml").write_text("layers: {fc1.weight: {bits: 4}}\nop_types: {Gemm: {bits: 6}}\n")
+    assert main(["convert", str(onnx_path("lenet_300_100")), "-o", str(tmp_path / "m.dcm"), "--force", "-q",
+                 "--config", str(tmp_path / "plan.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (tmp_path / "plan.yaml").write_text("layers: {fc9.weight: {bits: 4}}\n")
+    assert main(["convert", str(onnx_path("lenet_300_100")), "-o", str(tmp_path / "m.dcm"), "--force", "-q",
+                 "--config", str(tmp_path / "plan.yaml")]) == 0
+    assert "dcrt: warning: config: layers entry 'fc9.weight' matches no weight" in capsys.readouterr().err
+
+
 def _one_node_model(tmp_path, op, w, nodes=None, opset=17):
     """``y = op(x, w)``, ``x`` ``[N, w.shape[0]]``, saved as ``m.onnx``; its path."""
     from onnx import TensorProto, helper, numpy_helper

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
 import struct
 import sys
@@ -89,7 +90,7 @@ def check_model(c: Checks, folder: str, name: str, info: dict) -> None:
     feeds = {k[5:]: v for k, v in arrays.items() if k.startswith("feed.")}
 
     def weights():
-        data = open(path, "rb").read()
+        data = pathlib.Path(path).read_bytes()
         for source in (path, data):
             with dcrt.open_dcm(source) as f:
                 assert f.verify() == {}, "verify() found damage in a sound file"
@@ -109,7 +110,7 @@ def check_model(c: Checks, folder: str, name: str, info: dict) -> None:
         c.check(f"{name}: run in {mode} mode matches the host" + (" and onnxruntime" if info["lossless"] else ""), run)
 
     def damaged():
-        data = bytearray(open(path, "rb").read())
+        data = bytearray(pathlib.Path(path).read_bytes())
         with dcrt.open_dcm(bytes(data)) as f:      # the largest tensor's payload (coded or raw)
             rec = max((t.record for t in f.tensors.values()),
                       key=lambda r: len(r.raw) if r.indices is None else len(r.indices.payload))
