@@ -351,3 +351,11 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __reduce__(self):
+        raise InputError("a Session cannot be pickled or copied (it maps its file): send the model's path or "
+                         "bytes and open a Session where it runs")
+
+    def __repr__(self) -> str:
+        source = self._file.path or f"{self._file.file_bytes} bytes"
+        return f"<dcrt.Session {source} mode={self.mode}{' closed' if self._closed else ''}>"

@@ -715,6 +715,13 @@ def test_a_file_written_over_while_open(dcm_path, tmp_path):
     y = sess.run(np.ones((1, 784), np.float32))
     buf[:] = b"\0" * len(buf)           # the caller's buffer reused: the session kept its own copy
     np.testing.assert_array_equal(sess.run(np.ones((1, 784), np.float32)), y)
+    import copy
+    import pickle
+    for clone in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(InputError, match="cannot be pickled or copied"):
+            clone(sess)
+    assert repr(sess) == f"<dcrt.Session {len(buf)} bytes mode=index>"
     sess.close()
     with pytest.raises(InputError, match="the session is closed"):
         sess.run(np.ones((1, 784), np.float32))
+    assert repr(sess).endswith("closed>")
