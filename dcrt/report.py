@@ -5,7 +5,7 @@ import gzip
 import os
 from typing import Any, Dict, List, Optional
 
-from .errors import ConversionError
+from .errors import ConversionError, FormatError
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
 from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
@@ -73,11 +73,16 @@ def gzip_size(data: bytes) -> int:
 
 def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
     """Download / extracted / in-memory sizes of a ``.dcm``, against the original model."""
-    with open_dcm(path) as dcm:     # errors name the file
-        memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph))
-        source = dict(dcm.source)
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        raise FormatError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        with open_dcm(data) as dcm:
+            memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph))
+            source = dict(dcm.source)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
     if original:
         try:
             blob = b"".join(read_bytes(p) for p in [original] + _external_files(original))
