@@ -77,6 +77,9 @@ def fold_batchnorm(graph: Graph) -> None:
         for name in node.inputs:
             weight_users[name] = weight_users.get(name, 0) + 1
     removed = set()
+
+    def read_once(name: str) -> bool:
+        return weight_users.get(name, 0) == 1 and name not in outputs and not _used_in_subgraph(graph, name)
     for bn in graph.nodes:
         if bn.op_type != "BatchNormalization" or bn.domain or len([o for o in bn.outputs if o]) != 1:
             continue
@@ -90,8 +93,6 @@ def fold_batchnorm(graph: Graph) -> None:
             continue
         weights = layer.inputs[1] if len(layer.inputs) > 1 else ""
         bias = layer.inputs[2] if len(layer.inputs) > 2 else ""
-        def read_once(name: str) -> bool:
-            return weight_users.get(name, 0) == 1 and name not in outputs and not _used_in_subgraph(graph, name)
         if weights not in inits or not read_once(weights) or (bias and (bias not in inits or not read_once(bias))):
             continue
         scale, beta, mean, var = (inits[n].astype(np.float64) for n in bn.inputs[1:5])

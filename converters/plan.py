@@ -19,9 +19,9 @@ A config file (YAML or JSON)::
 from __future__ import annotations
 
 import fnmatch
-import warnings
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
