@@ -132,9 +132,15 @@ def _cmd_verify(a) -> int:
 
 
 def _loaded_feeds(sess, specs: List[str]) -> dict:
-    """``--input [NAME=]FILE.npy`` options as a feed. ``NAME=`` counts only when NAME is one of the
-    model's inputs (a file name may hold ``=``); unnamed files go to the inputs not named, in order."""
+    """``--input [NAME=]FILE.npy`` options as a feed (:func:`_input_paths`)."""
     from .files import load_npy
+    return {name: load_npy(path) for name, path in _input_paths(sess, specs).items()}
+
+
+def _input_paths(sess, specs: List[str]) -> dict:
+    """``--input [NAME=]FILE.npy`` options as ``{input name: path}``. ``NAME=`` counts only when NAME
+    is one of the model's inputs (a file name may hold ``=``); unnamed files go to the inputs not
+    named, in order."""
     names = [i.name for i in sess.get_inputs()]
     named, unnamed = {}, []
     for spec in specs:
@@ -150,16 +156,20 @@ def _loaded_feeds(sess, specs: List[str]) -> dict:
         raise InputError(f"{len(unnamed)} unnamed --input file(s) but the model has {len(rest)} input(s) left "
                          f"to fill ({', '.join(rest) or 'none'}); name them: --input NAME=FILE.npy")
     named.update(zip(rest, unnamed))
-    return {name: load_npy(path) for name, path in named.items()}
+    return named
 
 
 def _cmd_run(a) -> int:
     import numpy as np
 
-    from .files import save_outputs
+    from .files import load_npy, save_outputs
     from .runtime.session import Session
     sess = Session(a.model, mode=a.mode)
-    outputs = sess.run(None, _loaded_feeds(sess, a.input))
+    paths = _input_paths(sess, a.input)
+    if a.output and os.path.exists(a.output) and any(os.path.exists(p) and os.path.samefile(p, a.output)
+                                                     for p in paths.values()):
+        raise InputError(f"--output {a.output} is one of the --input files; give another path")
+    outputs = sess.run(None, {name: load_npy(path) for name, path in paths.items()})
     if a.output:
         print(f"wrote {save_outputs(a.output, {o.name: v for o, v in zip(sess.get_outputs(), outputs)})}")
     for o, v in zip(sess.get_outputs(), outputs):

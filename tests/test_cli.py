@@ -196,6 +196,9 @@ def test_run_inputs_by_name_or_order_and_outputs_where_asked(tmp_path, capsys):
         assert main(["run", model] + feeds + ["--output", str(target)]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("two.npy*")) and sorted(p.name for p in (tmp_path / "x=1").iterdir()) == ["a.npy"]
+    assert main(["run", model] + feeds + ["--output", str(tmp_path / "b.npy")]) == 2      # an input, not written over
+    assert "is one of the --input files" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), b)
 
 
 def test_convert_refuses_outputs_it_must_not_write_before_any_work(tmp_path, onnx_path, capsys):
