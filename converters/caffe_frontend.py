@@ -467,7 +467,8 @@ def _scale(b: _Builder, layer: _Layer) -> List[_Value]:
     axis = p.axis % rank
     if len(layer.inputs) > 1:  # the scale is the second input
         s = layer.inputs[1]
-        shape = list(s.shape) + [1] * (rank - axis - len(s.shape))
+        # 0 copies a dimension of s at run time: its batch may differ from the prototxt's
+        shape = [0] * len(s.shape) + [1] * (rank - axis - len(s.shape))
         factor = b.node("Reshape", [s.name, b.const(f"{layer.name}.shape", shape, np.int64)],
                         f"{layer.name}/reshape")
         y = b.node("Mul", [x.name, factor], layer.name if not p.bias_term else f"{layer.name}/scale",
@@ -670,6 +671,8 @@ class _Converter:
             for top in layer.top:
                 last_def[top] = i
         b.used.update(last_def)
+        # an input keeps its name: a layer writing its blob in place (preprocessing) gets a fresh one
+        input_names = {name for name, _ in inputs} | {t for layer in layers if layer.type == "Input" for t in layer.top}
         # how many layers read each blob version (Scale merges into a BatchNorm read by it alone)
         readers: Dict[Tuple[str, int], int] = {}
         current: Dict[str, int] = {name: -1 for name, _ in inputs}
@@ -728,7 +731,8 @@ class _Converter:
             if zero:
                 raise ConversionError(f"{self.where}: layer {layer.name!r} ({kind}) has {', '.join(zero)} 0; "
                                       "Caffe requires at least 1: the prototxt is damaged")
-            outs = [top if last_def[top] == i else b.fresh(f"{top}/{layer.name}") for top in layer.top]
+            outs = [top if last_def[top] == i and top not in input_names else b.fresh(f"{top}/{layer.name}")
+                    for top in layer.top]
             in_shapes = [x.shape for x in ins]
             try:
                 expected = [tuple(s) for s in param_shapes(kind, layer, in_shapes)]

@@ -747,6 +747,18 @@ def _softmax(b, name, cfg, ins, w, ctx):
     return [_out_tensor(x.shape, x.dtype, perm, y, name)]
 
 
+def _broadcast_shape(shapes: List[Shape]) -> Shape:
+    """numpy's broadcast of Keras shapes (``None``: unknown), as the merge layers compute: the
+    output of ``Multiply()([scale (N,1,1,C), x (N,8,8,C)])`` is 8x8, whichever input comes first."""
+    rank = max(len(s) for s in shapes)
+    out: Shape = []
+    for i in range(rank):
+        dims = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        known = [d for d in dims if d is not None and d != 1]
+        out.append(known[0] if known else (None if None in dims else 1))
+    return out
+
+
 def _merge(op: str):
     def run(b, name, cfg, ins, w, ctx):
         if len(ins) < 2:
@@ -756,7 +768,7 @@ def _merge(op: str):
         else:
             perm = None
         srcs = [b.view(t, perm if perm is not None else _identity(t.rank)) for t in ins]
-        shape = max((t.shape for t in ins), key=len)
+        shape = _broadcast_shape([t.shape for t in ins])
         out_perm = perm if perm is not None else _identity(len(shape))
         if op == "Mean":  # Average: the sum scaled, as ONNX Mean
             y = b.node("Mean", srcs, name, out=name)

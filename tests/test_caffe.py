@@ -199,3 +199,33 @@ def test_default_compression_decodes_exactly_and_cli(written, tmp_path, capsys):
     assert main(["convert", proto, "--weights", weights, "-o", str(cli_out), "-q"]) == 0
     assert main(["inspect", str(cli_out)]) == 0
     assert "ip1.weight" in capsys.readouterr().out
+
+
+PREPROCESS_AND_SE = """name: "se"
+input: "data"
+input_shape { dim: 1 dim: 4 dim: 6 dim: 5 }
+layer { name: "pre" type: "Power" bottom: "data" top: "data" power_param { scale: 0.5 shift: -1 } }
+layer { name: "g" type: "Pooling" bottom: "data" top: "g" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "g" top: "fc" inner_product_param { num_output: 4 } }
+layer { name: "sig" type: "Sigmoid" bottom: "fc" top: "fc" }
+layer { name: "s" type: "Scale" bottom: "data" bottom: "fc" top: "s" scale_param { axis: 0 } }
+"""
+
+
+def test_in_place_preprocessing_of_the_input_and_a_per_sample_scale(tmp_path):
+    """A layer writing the input blob in place keeps the input's name for the input (it was refused as a
+    damaged model); SENet's Scale by a second bottom [N, C] (axis 0) at a batch other than the
+    prototxt's 1 (its reshape held the declared batch). Against numpy."""
+    proto, weights = models.write_caffe(PREPROCESS_AND_SE, str(tmp_path), "se", seed=5)
+    trained = caffe_pb2.NetParameter.FromString(pathlib.Path(weights).read_bytes())
+    w, b = [np.array(blob.data, np.float32).reshape(list(blob.shape.dim))
+            for layer in trained.layer if layer.name == "fc" for blob in layer.blobs]
+    out = tmp_path / "se.dcm"
+    convert(proto, str(out), weights=weights, **LOSSLESS)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).normal(size=(batch, 4, 6, 5)).astype(np.float32)
+        pre = 0.5 * x - 1
+        gate = 1 / (1 + np.exp(-(pre.mean(axis=(2, 3)) @ w.T + b)))
+        (got,), names = run_dcm(out, x)
+        assert names == ["s"]
+        np.testing.assert_allclose(got, pre * gate[:, :, None, None], rtol=1e-5, atol=1e-5)

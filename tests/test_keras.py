@@ -262,3 +262,25 @@ def test_broken_files_are_conversion_errors(tmp_path, built):
         f.attrs["layer_names"] = [b"stem"]
     with pytest.raises(ConversionError, match="weights only"):
         from_keras(str(weights_only))
+
+
+@pytest.mark.parametrize("small_first", [True, False])
+def test_merge_layers_broadcast_whichever_input_comes_first(small_first, tmp_path):
+    """A squeeze-and-excitation block, ``Multiply()([scale (N,1,1,C), x (N,8,8,C)])``: the output is
+    8x8 (the frontend took the first input's shape, so a stride-2 'same' Conv after it was padded for
+    a 1x1 map), and a broadcast Add before Flatten + Dense was refused as a damaged file."""
+    layers = keras.layers
+    inp = keras.Input((8, 8, 4))
+    y = layers.Conv2D(4, 1)(inp)
+    s = layers.Dense(4, activation="sigmoid")(layers.GlobalAveragePooling2D(keepdims=True)(y))
+    m = layers.Multiply()([s, y] if small_first else [y, s])
+    z = layers.Conv2D(3, 3, strides=2, padding="same")(m)
+    a = layers.Add()([layers.GlobalAveragePooling2D(keepdims=True)(inp), inp] if small_first else
+                     [inp, layers.GlobalAveragePooling2D(keepdims=True)(inp)])
+    d = layers.Dense(2)(layers.Flatten()(a))
+    model = keras.Model(inp, [z, d])
+    models.randomize(model, 3)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    model.save(str(tmp_path / "se.keras"))
+    convert(str(tmp_path / "se.keras"), str(tmp_path / "se.dcm"), **LOSSLESS)
+    assert_close(run_dcm(tmp_path / "se.dcm", x), [np.asarray(r) for r in model.predict(x, verbose=0)])
