@@ -946,3 +946,38 @@ def test_endless_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LimitError, match=r"node 'forever' \(Loop\).*after 50 iterations.*DCRT_MAX_LOOP_ITERATIONS"):
         run(None)
     assert run(50)[0] == 50             # a loop that ends within the limit runs
+
+
+@pytest.mark.parametrize("op, opset, shape, attrs", [
+    ("MaxPool", 13, [1, 1, 2], dict(kernel_shape=[3], strides=[2])),
+    ("AveragePool", 13, [1, 1, 2, 4, 4], dict(kernel_shape=[2, 3, 5], strides=[2, 2, 2])),
+    ("LpPool", 18, [1, 1, 2, 2, 4], dict(kernel_shape=[1, 1, 5], strides=[2, 2, 2], auto_pad="VALID")),
+    ("MaxPool", 13, [1, 1, 4, 4], dict(kernel_shape=[5, 5], strides=[3, 3])),
+])
+def test_pooling_window_longer_than_the_input(op, opset, shape, attrs, tmp_path):
+    """A window longer than its input by less than a stride: one output over what it covers, as
+    onnxruntime (dcrt failed with numpy's broadcast error, or gave none); a stride more is a message."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import dcrt
+    from dcrt.errors import InputError
+
+    def model(shape):
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], **attrs)], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        onnx.save(m, str(tmp_path / "m.onnx"))
+        dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), force=True)
+    model(shape)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for mode in ("index", "dense", "stream"):
+        np.testing.assert_allclose(dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(x), want, rtol=1e-5, atol=1e-6)
+    short = shape[:-1] + [1]
+    model(short)
+    with pytest.raises(InputError, match="no output position"):
+        dcrt.Session(str(tmp_path / "m.dcm")).run(np.zeros(short, np.float32))

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dcrt.errors import InputError
+
 from .. import kernels
 from . import bounded, register
 
@@ -55,19 +57,26 @@ def _geometry(attrs: Attrs, x: np.ndarray, kernel: Sequence[int]) -> Tuple[List[
 
 
 def _windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-             pads: Sequence[int], ceil: bool = False) -> List[int]:
+             pads: Sequence[int], ceil: bool = False, pool: bool = False) -> List[int]:
     """Output size per spatial axis of a sliding window (Conv, pooling).
 
     With ``ceil`` (pooling's ``ceil_mode``) the output may need windows that run past the end pad; a
-    window must still start inside the input or its begin pad (the PyTorch/onnxruntime rule).
+    window must still start inside the input or its begin pad (the PyTorch/onnxruntime rule). A
+    pooling window longer than its padded input by less than a stride gives one output over what it
+    covers, as onnxruntime and ONNX's shape inference (they truncate ``span / stride`` toward zero).
     """
     dims = len(kernel)
     out = []
     for i, n in enumerate(x.shape[2:]):
         span = n + pads[i] + pads[i + dims] - ((kernel[i] - 1) * dilations[i] + 1)
-        o = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
-        if ceil and (o - 1) * strides[i] >= n + pads[i]:
+        up = ceil or (pool and span < 0)
+        o = (-(-span // strides[i]) if up else span // strides[i]) + 1
+        if up and (o - 1) * strides[i] >= n + pads[i]:
             o -= 1
+        if pool and o < 1:
+            raise InputError(f"a pooling window of {kernel[i]} (dilation {dilations[i]}) is longer than "
+                             f"spatial axis {i} of the input ({n}, pads {pads[i]} + {pads[i + dims]}) by a "
+                             "stride or more: no output position")
         out.append(o)
     return out
 
@@ -421,7 +430,7 @@ def _pool_layout(attrs: Attrs, x: np.ndarray) -> Tuple[List[int], List[int], Lis
     kernel = [int(k) for k in attrs["kernel_shape"]]
     strides, dilations = _geometry(attrs, x, kernel)
     pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
-    out = _windows(x, kernel, strides, dilations, pads, bool(attrs.get("ceil_mode", 0)))
+    out = _windows(x, kernel, strides, dilations, pads, bool(attrs.get("ceil_mode", 0)), pool=True)
     _bounded_windows(x, x.shape[1], pads, out)
     attrs["_pool_layout"] = (x.shape, x.dtype, (kernel, strides, dilations, pads, out))
     return kernel, strides, dilations, pads, out
