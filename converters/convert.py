@@ -16,8 +16,8 @@ import numpy as np
 from dcrt.errors import ConfigError, ConversionError, DcrtError, UnsupportedOperatorError
 from dcrt.format.tensor import TensorRecord
 from dcrt.format.writer import output_problem, write_dcm
+from dcrt.files import read_bytes
 from dcrt.graph import Model
-from dcrt.report import read_bytes
 
 from . import passes
 from .compress import compress_tensor

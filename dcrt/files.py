@@ -1,4 +1,4 @@
-"""Users' array and JSON files, as the command line reads and writes them.
+"""Users' files as the command line reads and writes them: arrays, JSON, whole files.
 
 Every failure is an :class:`~dcrt.errors.InputError` naming the file and what to give instead; a
 written file appears whole or not at all (``format.writer.atomic_write``).
@@ -14,6 +14,12 @@ import numpy as np
 
 from .errors import InputError
 from .format.writer import atomic_write
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file's bytes, the file closed after."""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load_npy(path: str) -> np.ndarray:

@@ -6,6 +6,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from .errors import ConversionError, FormatError
+from .files import read_bytes
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
 from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
@@ -110,12 +111,6 @@ def _external_files(path: str) -> List[str]:
         return []
     from .converters.onnx_frontend import external_files
     return external_files(onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path)))
-
-
-def read_bytes(path: str) -> bytes:
-    """A whole file's bytes, the file closed after."""
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def human(n: float) -> str:
