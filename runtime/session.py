@@ -142,12 +142,24 @@ def stream_weight(t: StoredTensor, grouping: str = memory.ROWS):
     return indexed_weight(t, memory.stream_grouping(grouping))
 
 
-class Session:
-    """An inference session over a ``.dcm`` file (path, bytes or bytearray)."""
+#: The one execution provider dcrt is (``providers=`` and ``get_providers()``, as onnxruntime's).
+PROVIDERS = ["CPUExecutionProvider"]
 
-    def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index"):
+
+class Session:
+    """An inference session over a ``.dcm`` file (path, bytes or bytearray).
+
+    ``providers`` is accepted as onnxruntime's, so that code written for it runs unchanged: dcrt is
+    its own CPU provider, and a list without ``"CPUExecutionProvider"`` is an InputError.
+    """
+
+    def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index", *,
+                 providers: Optional[Sequence[Any]] = None):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if providers is not None and not any(p == PROVIDERS[0] or (isinstance(p, tuple) and p[:1] == (PROVIDERS[0],))
+                                             for p in providers):
+            raise InputError(f"dcrt computes on the CPU only: providers={PROVIDERS} (got {list(providers)})")
         self.mode = mode
         self._file = open_dcm(model)
         m = self._file.model
@@ -169,6 +181,10 @@ class Session:
     def get_inputs(self) -> List[NodeArg]:
         """The model's inputs (name, shape, type)."""
         return list(self._inputs)
+
+    def get_providers(self) -> List[str]:
+        """``["CPUExecutionProvider"]``, as onnxruntime's CPU session answers."""
+        return list(PROVIDERS)
 
     def get_outputs(self) -> List[NodeArg]:
         """The model's outputs (name, shape, type)."""
@@ -219,10 +235,11 @@ class Session:
         return value
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, output_names: Any = None, input_feed: Optional[Mapping[str, Any]] = None):
+    def run(self, output_names: Any = None, input_feed: Optional[Mapping[str, Any]] = None, run_options: Any = None):
         """Run the model.
 
-        ``run(None, {"name": x})`` / ``run(["out"], feed)``: a list of outputs, as onnxruntime.
+        ``run(None, {"name": x})`` / ``run(["out"], feed)``: a list of outputs, as onnxruntime
+        (whose ``run_options`` is accepted and has nothing to set here).
         ``run(x)`` for a one-input model: the output array, or a list when there are several.
         """
         if output_names is not None and type(output_names) is not list:

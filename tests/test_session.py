@@ -162,6 +162,12 @@ def test_call_mistakes_are_named(dcm_path):
     (y,) = sess.run([], {"input": x})
     np.testing.assert_array_equal(y, sess.run(x))
     assert [r.name for r in sess.profile(x, runs=1)][:1] == ["conv1"]
+    # onnxruntime's code runs unchanged: providers, run_options
+    as_ort = dcrt.Session(dcm_path("lenet5"), providers=[("CPUExecutionProvider", {})])
+    assert as_ort.get_providers() == ["CPUExecutionProvider"]
+    np.testing.assert_array_equal(as_ort.run(None, {"input": x}, None)[0], y)
+    with pytest.raises(InputError, match="CPU only"):
+        dcrt.Session(dcm_path("lenet5"), providers=["CUDAExecutionProvider"])
 
 
 def test_outputs_never_share_memory_with_inputs_or_each_other(tmp_path):
