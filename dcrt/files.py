@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from .errors import InputError
-from .format.writer import atomic_write
+from .format.writer import atomic_write, output_problem
 
 
 def read_bytes(path: str) -> bytes:
@@ -46,8 +45,9 @@ def load_npy(path: str) -> np.ndarray:
 def save_outputs(path: str, outputs: Mapping[str, np.ndarray]) -> str:
     """``outputs`` saved at ``path`` exactly: one array as ``.npy``, or all of them as a ``.npz`` (a
     ``.npz`` path, and the only choice for several outputs); returns the path."""
-    if os.path.isdir(path):
-        raise InputError(f"--output {path} is a folder; give a file name (.npy, or .npz for several outputs)")
+    problem = output_problem(path)     # a folder, a device, a missing folder: before any writing
+    if problem:
+        raise InputError(f"--output: {problem}")
     buf = io.BytesIO()
     if path.endswith(".npz"):
         np.savez(buf, **outputs)
