@@ -25,7 +25,9 @@ check and LLVM vectorises the inner loops (3-5x faster than ``x[n, c, i, j + off
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._jit import njit
 
 _U = np.uint64
 _PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)

@@ -15,7 +15,9 @@ checks that they agree.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._jit import njit
 
 _FAST = {"reassoc", "nsz", "contract"}     # the sum vectorised; NaN and inf kept (no nnan/ninf)
 _PARTS = 16     # tasks of the parallel form (a constant: numba.get_num_threads() is not cachable)

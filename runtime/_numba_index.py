@@ -28,7 +28,9 @@ Offsets are cast to unsigned before indexing: numba then skips its negative-inde
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._jit import njit
 
 _U = np.uint64
 _COLUMN_BLOCK = 256     # output columns one task of the scatter kernels owns

@@ -22,7 +22,7 @@ FMA's latency is longer (16 steps 260 -> 274 us).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .._jit import njit
 
 from ._numba_index import (csr_dot4, csr_row_dot, index_dot4, padded_t, product_table, row_dots, slot_expand,
                            slot_rows, slot_split, store4, table_stride)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 import weakref
 
@@ -55,6 +58,65 @@ def test_no_numba_is_read_once_and_on_reset(monkeypatch):
     monkeypatch.setenv("DCRT_NO_NUMBA", "0")
     numba_kernels.reset()
     assert numba_kernels.kernels() is not None
+
+
+def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
+    """A fresh process loads the cached kernels without numba's compiler set-up (``dcrt._jit``): a model's
+    first result imports none of numba's lowering modules (``numba.np.arraymath`` imports
+    ``scipy.linalg``) and equals the result of a process that did the set-up first."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    script = tmp_path / "fresh.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        if sys.argv[1] == "setup":
+            from numba.core.registry import cpu_target
+            cpu_target.target_context.refresh()
+        import dcrt
+        x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        ys = [dcrt.Session({str(dcm_path("resnet18_tiny"))!r}, mode=mode).run(x) for mode in ("index", "dense")]
+        np.save(sys.argv[2], np.stack(ys))
+        print("arraymath" if "numba.np.arraymath" in sys.modules else "light")
+    """))
+
+    def fresh(how):
+        out = tmp_path / f"{how}.npy"
+        proc = subprocess.run([sys.executable, str(script), how, str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip(), np.load(out)
+    fresh("light")      # compiles whatever is not cached yet
+    light, y = fresh("light")
+    setup, y_setup = fresh("setup")
+    assert (light, setup) == ("light", "arraymath")
+    np.testing.assert_array_equal(y, y_setup)
+
+
+def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
+    """A cached load that fails without numba's set-up is done again numba's way (refresh first)."""
+    from numba.core.caching import FunctionCache
+    from dcrt import _jit
+    k = numba_kernels.kernels()
+    if k is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    codebook = rand(16)
+    out = np.empty((3, 4), np.float32)
+    k.expand(np.arange(12, dtype=np.uint8).reshape(3, 4), codebook, out)
+    np.testing.assert_array_equal(out.ravel(), codebook[:12])
+    kernel = k.expand
+    assert isinstance(kernel._cache, _jit._LoadCache)
+    sig = kernel.signatures[0]
+    failures = []
+    load = FunctionCache._load_overload
+
+    def fail_light_load(self, sig, ctx):
+        if not failures:
+            failures.append(sig)
+            raise KeyError("a type numba has not registered yet")
+        return load(self, sig, ctx)
+    monkeypatch.setattr(FunctionCache, "_load_overload", fail_light_load)
+    cres = kernel._cache.load_overload(sig, kernel.targetctx)
+    assert failures == [sig] and cres is not None and cres.signature.args == sig
 
 
 def weights(shape, density, seed=0, centroids=31):

@@ -8,7 +8,9 @@ bounds, and problems are reported through return values for the caller to raise 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._jit import njit
 
 
 _LANES = 4  # chunks one thread decodes interleaved: independent chains hide the lookup latency
