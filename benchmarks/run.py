@@ -22,8 +22,9 @@ environment is dropped unless ``--keep-blas-pin`` is given (the header says whic
    first result, libraries imported beforehand in both cases: first in a fresh process (for dcrt
    this includes numba's one-time initialisation and loading its cached kernels, which a warm-up
    process per model has compiled if needed), the same in a fresh process where scipy cannot be
-   imported (the device install; numba imports scipy's BLAS bindings when it finds scipy), then a
-   second session of each in the same process. Memory, each mode in its own fresh process: the weight
+   imported (the device install; numba's compiler set-up imports scipy's BLAS bindings when it finds
+   scipy, which cached loads skipped from session 23 on: ``dcrt/_jit.py``), then a second session of
+   each in the same process. Memory, each mode in its own fresh process: the weight
    bytes a session holds (``resident_bytes``: index vs dense float32), and RSS measured from
    ``/proc``: growth after the first result ("resident"), peak growth while opening and running
    it, and the peak of a later, steady-state run.
@@ -251,7 +252,8 @@ def _open_first(dcm_path: str, onnx_path: str, feed: dict, threads: int):
 
 def open_first_device(onnx_path: str, dcm_path: str) -> dict:
     """Open + first result as on a device: scipy cannot be imported (the runtime's install is numpy,
-    flatbuffers and numba; numba imports ``scipy.linalg.cython_blas`` when it finds scipy)."""
+    flatbuffers and numba; numba's compiler set-up imports ``scipy.linalg.cython_blas`` when it finds
+    scipy)."""
     class NoScipy:
         def find_spec(self, name, path=None, target=None):
             if name == "scipy" or name.startswith("scipy."):
@@ -500,8 +502,8 @@ def main() -> int:
 
     print("\n### Opening, memory and conversion\n")
     print("Open + first result, dcrt / onnxruntime, seconds: in a fresh process (dcrt: numba's one-time "
-          "initialisation included), the same without scipy (a device install: numba imports scipy's "
-          "BLAS bindings when it finds them), then a second session in the same process.\n")
+          "initialisation included), the same without scipy (a device install: numba's compiler set-up "
+          "imports scipy's BLAS bindings when it finds them), then a second session in the same process.\n")
     print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | open+first, no scipy | "
           f"second session, 1 thread | open+first, {cores} threads | weights index / dense float32 | "
           "RSS index / dense | peak RSS opening / resident (index) | peak RSS growth of a later run, stream / "

@@ -282,6 +282,14 @@ def _padded(data: np.ndarray) -> np.ndarray:
     return buf
 
 
+def _words(data: np.ndarray) -> np.ndarray:
+    """The payload as native uint64 words read big-endian, then a zero word: the compiled decoder
+    reads the 64 bits from any bit position in two loads (``_numba._huffman_next``)."""
+    words = np.zeros(data.size // 8 + 2, dtype=">u8")
+    words.view(np.uint8)[: data.size] = data
+    return words.astype(np.uint64)
+
+
 def _check_end(end: int, data: np.ndarray) -> None:
     """The last chunk must end in the payload's last byte: no truncation, no trailing bytes."""
     if not 8 * data.size - 8 < end <= 8 * data.size:
@@ -306,9 +314,9 @@ def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
     final = np.empty(c.offsets.size, dtype=np.int64)
     order, ln = _canonical_order(c.lengths)
     peek = min(int(ln[-1]), PRIMARY_BITS)
-    buf, table, ranges = _padded(c.data), _short_codes(order, ln, peek), _canonical_ranges(ln)
+    words, table, ranges = _words(c.data), _short_codes(order, ln, peek), _canonical_ranges(ln)
     with _PARALLEL_LOCK:
-        _numba.huffman_chunks(buf, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
+        _numba.huffman_chunks(words, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
     bad = np.flatnonzero(final[:-1] != c.ends[:-1])
     if final[-1] < 0 or bad.size:
         chunk = int(bad[0]) if bad.size else c.offsets.size - 1
