@@ -1,6 +1,7 @@
 """numba's ``njit``, with cached kernels loaded without numba's compiler set-up.
 
-Importing this module imports numba: only the compiled-kernel modules import it.
+Importing this module imports numba: only the compiled-kernel modules import it. It raises ImportError
+when numba's compiler is disabled (``NUMBA_DISABLE_JIT``), so that their loaders fall back to numpy.
 
 Before loading a kernel from its cache, numba refreshes its target context: it imports and registers
 every lowering module it has (numpy's array maths, which imports ``scipy.linalg`` where scipy is
@@ -17,6 +18,9 @@ from typing import Any, Callable
 import numba
 from numba.core.caching import FunctionCache
 from numba.core.runtime import rtsys
+
+if numba.config.DISABLE_JIT:    # njit would give plain Python functions: far slower than the numpy twins
+    raise ImportError("numba's compiler is disabled (NUMBA_DISABLE_JIT): dcrt uses its numpy kernels")
 
 
 class _LoadCache(FunctionCache):

@@ -24,9 +24,10 @@ dropped as soon as the first parallel launch shows that one of them is in use.
 from __future__ import annotations
 
 import os
-import threading
 from types import SimpleNamespace
 from typing import Any, Optional
+
+from ..codecs.raw import PARALLEL_LOCK
 
 # numba's omp threading layer (GNU libgomp) lets its threads spin after a parallel region; between
 # BLAS calls, whose OpenBLAS threads also want the cores, that spinning costs more than it saves.
@@ -34,8 +35,9 @@ from typing import Any, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _MODULE: Any = None
-#: Held around parallel launches unless the threading layer is known to be thread-safe.
-LOCK = threading.Lock()
+#: Held around parallel launches unless the threading layer is known to be thread-safe (the decoders'
+#: lock: the Huffman decoder's kernel is parallel too).
+LOCK = PARALLEL_LOCK
 #: Work (multiply-adds or element writes) from which a kernel runs on all of numba's threads: about
 #: a millisecond of one thread's work, so that a launch (and the wake-up of the threads, which do not
 #: spin: see OMP_WAIT_POLICY above) is worth it.

@@ -616,6 +616,26 @@ def test_sealing_reaches_the_decoder(dcm_path):
         open_dcm(bytes(buf)).tensors[next(iter(open_dcm(bytes(buf)).verify()))].decode()
 
 
+def test_damaged_structure_opened_by_path_is_a_format_error(tmp_path, dcm_path):
+    """A vector's length damaged (the graph resealed), the file opened by path: FormatError, not the
+    BufferError of closing a memory map the failed parse still had views of."""
+    from dcrt.errors import FormatError
+    from dcrt.format import open_dcm
+
+    schema = parse_schema(SCHEMA.read_text())
+    data = dcm_path("lenet_300_100", coder="huffman").read_bytes()
+    fields, _ = walk(data, schema)
+    target = next(i for i, f in enumerate(fields) if f.path.endswith("relative_index.stages[0].chunk_bit_offsets"))
+    buf = apply(data, [("field", target, ("delta", -3))], fields)
+    seal(buf, schema)
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(bytes(buf))
+    with pytest.raises(FormatError, match="damaged"):
+        open_dcm(str(path))
+    with pytest.raises(FormatError, match="damaged"):
+        open_dcm(bytes(buf))
+
+
 def test_fuzz_mutated_files(tmp_path, dcm_path, zoo):
     """Hypothesis-mutated real files: a result (equal to the original's unless resealed) or a dcrt error."""
     pytest.importorskip("hypothesis")

@@ -119,6 +119,65 @@ def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
     assert failures == [sig] and cres is not None and cres.signature.args == sig
 
 
+def test_huffman_and_runtime_parallel_kernels_share_one_lock(tmp_path):
+    """numba's workqueue threading layer aborts the process when two threads launch parallel kernels
+    at once: the Huffman decoder and the runtime's parallel kernels take the same lock."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    script = tmp_path / "two_threads.py"
+    script.write_text(textwrap.dedent("""
+        import threading
+        import numpy as np
+        from dcrt.codecs import huffman
+        from dcrt.runtime.numba_kernels import PARALLEL_WORK, kernels, launch
+        symbols = np.random.default_rng(0).integers(0, 200, 1 << 20)
+        payload, stage = huffman.encode(symbols, 200)
+        k = kernels()
+        idx = np.zeros((4096, PARALLEL_WORK // 4096 + 1), np.uint8)
+        codebook, out = np.ones(256, np.float32), np.empty(idx.shape, np.float32)
+
+        def decode():
+            for _ in range(40):
+                assert np.array_equal(huffman.decode(payload, stage), symbols)
+
+        def expand():
+            for _ in range(40):
+                launch(k, "expand", idx.size, idx, codebook, out)
+        threads = [threading.Thread(target=decode), threading.Thread(target=expand)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("ok")
+    """))
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_numba_disable_jit_means_the_numpy_kernels(dcm_path, tmp_path):
+    """With ``NUMBA_DISABLE_JIT=1`` numba gives plain Python functions: dcrt runs its numpy kernels, with
+    the result ``DCRT_NO_NUMBA=1`` gives (it failed, looking for compiled kernels that were not)."""
+    pytest.importorskip("numba")
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import dcrt
+        from dcrt.codecs.raw import numba_kernels
+        from dcrt.runtime.numba_kernels import kernels
+        assert kernels() is None and numba_kernels() is None
+        x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        np.save(sys.argv[1], dcrt.Session({str(dcm_path("resnet18_tiny"))!r}).run(x))
+    """))
+    outs = []
+    for flag in ("NUMBA_DISABLE_JIT", "DCRT_NO_NUMBA"):
+        out = tmp_path / f"{flag}.npy"
+        proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
+                              env=dict(os.environ, **{flag: "1"}), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(np.load(out))
+    np.testing.assert_array_equal(*outs)
+
+
 def weights(shape, density, seed=0, centroids=31):
     """The same random pruned weight as dense float32, IndexedWeight and SparseWeight (CSR)."""
     codebook, symbols = random_weight(shape, density, seed, centroids)

@@ -20,7 +20,6 @@ their canonical ranges, one length after another.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from numbers import Integral
 from typing import List, Optional, Tuple
@@ -29,7 +28,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import Coder, Stage, symbol_dtype
-from .raw import Payload, as_bytes, check_stage, check_symbols, numba_kernels, pack_codes
+from .raw import PARALLEL_LOCK, Payload, as_bytes, check_stage, check_symbols, numba_kernels, pack_codes
 
 MAX_ALPHABET = 1 << 16
 MAX_CODE_LENGTH = 16
@@ -44,9 +43,6 @@ _PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup (decode_numpy)
 PRIMARY_BITS = 11
 _GROUP_BITS = 1 << 23    # decode_numpy's per-bit arrays (~6 bytes a bit) cover this many payload bits at a time
 _ROW_TABLE_MIN_BITS = 1 << 18  # below this, building the per-byte row table costs more than it saves
-# numba's fallback threading layer (workqueue) aborts on concurrent parallel launches; one decode at
-# a time uses every core anyway.
-_PARALLEL_LOCK = threading.Lock()
 
 
 def chunk_size_for(count: int) -> int:
@@ -315,7 +311,7 @@ def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
     order, ln = _canonical_order(c.lengths)
     peek = min(int(ln[-1]), PRIMARY_BITS)
     words, table, ranges = _words(c.data), _short_codes(order, ln, peek), _canonical_ranges(ln)
-    with _PARALLEL_LOCK:
+    with PARALLEL_LOCK:     # one decode at a time uses every core anyway
         _numba.huffman_chunks(words, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
     bad = np.flatnonzero(final[:-1] != c.ends[:-1])
     if final[-1] < 0 or bad.size:

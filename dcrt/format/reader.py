@@ -255,8 +255,13 @@ def open_dcm(source: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> D
     try:
         return DcmFile(mapping, mapping, path, (st.st_dev, st.st_ino))
     except FormatError as e:
+        error = FormatError(f"{path}: {e}")
+    # out of the except block: its traceback, whose frames held the parse's views of the map, is gone
+    try:
         mapping.close()
-        raise FormatError(f"{path}: {e}") from None
+    except BufferError:     # a view still alive in a reference cycle: the map closes when collected
+        pass
+    raise error
 
 
 # -- parsing ----------------------------------------------------------------------------------------
