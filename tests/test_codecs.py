@@ -165,46 +165,6 @@ def test_huffman_numpy_and_numba_agree(case):
     np.testing.assert_array_equal(a, b)
 
 
-@needs_numba
-@pytest.mark.parametrize("damage", [False, True])
-def test_huffman_serial_and_parallel_kernels_agree(damage, monkeypatch):
-    """The one-thread and the parallel kernel give the same symbols and chunk ends (-1 for the chunks
-    a flipped bit breaks), and decode_numba takes the parallel one from PARALLEL_SYMBOLS."""
-    from dcrt.codecs import _numba
-
-    symbols = np.minimum(np.random.default_rng(8).geometric(0.1, 200_003) - 1, 299)
-    payload, stage = huffman.encode(symbols, 300)
-    data = bytearray(payload)
-    if damage:
-        for at in (1000, len(data) // 2):
-            data[at] ^= 0x10
-    c = huffman._check(bytes(data), stage)
-    order, ln = huffman._canonical_order(c.lengths)
-    peek = min(int(ln[-1]), huffman.PRIMARY_BITS)
-    results = []
-    for kernel in (_numba.huffman_chunks, _numba.huffman_chunks_par):
-        out, final = np.zeros(c.count, np.uint16), np.zeros(c.offsets.size, np.int64)
-        kernel(huffman._words(c.data), huffman._short_codes(order, ln, peek), peek, huffman._canonical_ranges(ln),
-               order, c.offsets, c.ends, c.chunk_size, out, final)
-        results.append((out, final))
-    np.testing.assert_array_equal(results[0][1], results[1][1])
-    assert ((results[0][1] < 0).any() or not np.array_equal(results[0][1][:-1], c.ends[:-1])) == damage
-    if not damage:
-        np.testing.assert_array_equal(results[0][0], symbols)
-        np.testing.assert_array_equal(results[1][0], symbols)
-    launched = []
-    for name in ("huffman_chunks", "huffman_chunks_par"):
-        monkeypatch.setattr(_numba, name, lambda *a, k=getattr(_numba, name), n=name: launched.append(n) or k(*a))
-    monkeypatch.setattr(huffman, "PARALLEL_SYMBOLS", 0)
-    import numba
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
-    if not damage:
-        np.testing.assert_array_equal(huffman.decode_numba(payload, stage), symbols)
-        monkeypatch.setattr(huffman, "PARALLEL_SYMBOLS", symbols.size + 1)
-        np.testing.assert_array_equal(huffman.decode_numba(payload, stage), symbols)
-        assert launched == ["huffman_chunks_par", "huffman_chunks"]
-
-
 def test_huffman_long_codes_past_the_table():
     """decode_numba looks codes of up to PRIMARY_BITS bits up in its table and finds longer ones by
     their canonical ranges: codes of every length 1..16 decode as numpy's decoder does, and a long

@@ -63,67 +63,52 @@ def _huffman_chunk(words, table, peek, ranges, order, offsets, ends, chunk_size,
     final[c] = pos if pos <= end else -1
 
 
-@njit(inline="always")
-def _huffman_group(words, table, peek, ranges, order, offsets, ends, chunk_size, out, final,
-                   g):  # pragma: no cover - compiled
-    """Decode chunks ``4g .. 4g+3`` (see huffman_chunks)."""
-    count = out.size
-    nchunks = offsets.size
-    c = g * _LANES
-    if c + _LANES > nchunks or (c + _LANES) * chunk_size > count:
-        for k in range(c, min(c + _LANES, nchunks)):  # a partial group, or the short last chunk
-            _huffman_chunk(words, table, peek, ranges, order, offsets, ends, chunk_size, out, final, k)
-        return
-    # Four chunks interleaved, written out by hand so the four positions stay in registers.
-    p0, p1 = np.int64(offsets[c]), np.int64(offsets[c + 1])
-    p2, p3 = np.int64(offsets[c + 2]), np.int64(offsets[c + 3])
-    e0, e1 = np.int64(ends[c]), np.int64(ends[c + 1])
-    e2, e3 = np.int64(ends[c + 2]), np.int64(ends[c + 3])
-    o0 = _U(c * chunk_size)     # unsigned: no wraparound test on every store
-    o1, o2, o3 = o0 + _U(chunk_size), o0 + _U(2 * chunk_size), o0 + _U(3 * chunk_size)
-    ok = True
-    for i in range(chunk_size):
-        a0 = _huffman_next(words, table, peek, ranges, order, p0, e0)
-        a1 = _huffman_next(words, table, peek, ranges, order, p1, e1)
-        a2 = _huffman_next(words, table, peek, ranges, order, p2, e2)
-        a3 = _huffman_next(words, table, peek, ranges, order, p3, e3)
-        if (a0 | a1 | a2 | a3) < 0:
-            ok = False
-            break
-        u = _U(i)
-        out[o0 + u] = a0 & 0xFFFF
-        out[o1 + u] = a1 & 0xFFFF
-        out[o2 + u] = a2 & 0xFFFF
-        out[o3 + u] = a3 & 0xFFFF
-        p0 += a0 >> 16
-        p1 += a1 >> 16
-        p2 += a2 >> 16
-        p3 += a3 >> 16
-    final[c] = p0 if ok and p0 <= e0 else -1
-    final[c + 1] = p1 if ok and p1 <= e1 else -1
-    final[c + 2] = p2 if ok and p2 <= e2 else -1
-    final[c + 3] = p3 if ok and p3 <= e3 else -1
-
-
-@njit(cache=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True)
 def huffman_chunks(words, table, peek, ranges, order, offsets, ends, chunk_size, out,
                    final):  # pragma: no cover - compiled
-    """Decode every Huffman chunk into ``out``, four chunks at a time; ``huffman_chunks_par``: the
-    groups of four on parallel threads.
+    """Decode every Huffman chunk into ``out``: groups of four chunks on parallel threads.
 
     ``words``, ``table``, ``peek``, ``ranges`` and ``order``: see :func:`_huffman_next`; chunk ``c``
     holds bits ``[offsets[c], ends[c])``. ``final[c]`` receives the bit where the chunk's last code
     ends, or -1 if a code is invalid or crosses ``ends[c]``.
     """
-    for g in range((offsets.size + _LANES - 1) // _LANES):
-        _huffman_group(words, table, peek, ranges, order, offsets, ends, chunk_size, out, final, g)
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def huffman_chunks_par(words, table, peek, ranges, order, offsets, ends, chunk_size, out,
-                       final):  # pragma: no cover - compiled
-    for g in prange((offsets.size + _LANES - 1) // _LANES):
-        _huffman_group(words, table, peek, ranges, order, offsets, ends, chunk_size, out, final, g)
+    count = out.size
+    nchunks = offsets.size
+    for g in prange((nchunks + _LANES - 1) // _LANES):
+        c = g * _LANES
+        if c + _LANES > nchunks or (c + _LANES) * chunk_size > count:
+            for k in range(c, min(c + _LANES, nchunks)):  # a partial group, or the short last chunk
+                _huffman_chunk(words, table, peek, ranges, order, offsets, ends, chunk_size, out, final, k)
+            continue
+        # Four chunks interleaved, written out by hand so the four positions stay in registers.
+        p0, p1 = np.int64(offsets[c]), np.int64(offsets[c + 1])
+        p2, p3 = np.int64(offsets[c + 2]), np.int64(offsets[c + 3])
+        e0, e1 = np.int64(ends[c]), np.int64(ends[c + 1])
+        e2, e3 = np.int64(ends[c + 2]), np.int64(ends[c + 3])
+        o0 = _U(c * chunk_size)     # unsigned: no wraparound test on every store
+        o1, o2, o3 = o0 + _U(chunk_size), o0 + _U(2 * chunk_size), o0 + _U(3 * chunk_size)
+        ok = True
+        for i in range(chunk_size):
+            a0 = _huffman_next(words, table, peek, ranges, order, p0, e0)
+            a1 = _huffman_next(words, table, peek, ranges, order, p1, e1)
+            a2 = _huffman_next(words, table, peek, ranges, order, p2, e2)
+            a3 = _huffman_next(words, table, peek, ranges, order, p3, e3)
+            if (a0 | a1 | a2 | a3) < 0:
+                ok = False
+                break
+            u = _U(i)
+            out[o0 + u] = a0 & 0xFFFF
+            out[o1 + u] = a1 & 0xFFFF
+            out[o2 + u] = a2 & 0xFFFF
+            out[o3 + u] = a3 & 0xFFFF
+            p0 += a0 >> 16
+            p1 += a1 >> 16
+            p2 += a2 >> 16
+            p3 += a3 >> 16
+        final[c] = p0 if ok and p0 <= e0 else -1
+        final[c + 1] = p1 if ok and p1 <= e1 else -1
+        final[c + 2] = p2 if ok and p2 <= e2 else -1
+        final[c + 3] = p3 if ok and p3 <= e3 else -1
 
 
 @njit(cache=True, nogil=True)

@@ -41,9 +41,6 @@ _PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup (decode_numpy)
 #: Bits decode_numba looks up in its table: longer codes (rare: that is why they are long) take a
 #: canonical search. A 16-bit table (256 KB) spills L1 and L2 and was most of a small stream's decoding.
 PRIMARY_BITS = 11
-#: Symbols from which decode_numba runs on all of numba's threads: about a millisecond of one thread's
-#: work, against a parallel launch's ~0.1 ms (and, in a fresh process, loading numba's thread pool).
-PARALLEL_SYMBOLS = 1 << 20
 _GROUP_BITS = 1 << 23    # decode_numpy's per-bit arrays (~6 bytes a bit) cover this many payload bits at a time
 _ROW_TABLE_MIN_BITS = 1 << 18  # below this, building the per-byte row table costs more than it saves
 
@@ -303,10 +300,7 @@ def decode(payload: Payload, stage: Stage) -> np.ndarray:
 
 
 def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
-    """Decode with the compiled kernel (chunks on parallel threads from :data:`PARALLEL_SYMBOLS`);
-    ImportError if numba is missing."""
-    import numba
-
+    """Decode with the compiled kernel (chunks on parallel threads); ImportError if numba is missing."""
     from . import _numba
 
     c = _check(payload, stage)
@@ -317,12 +311,8 @@ def decode_numba(payload: Payload, stage: Stage) -> np.ndarray:
     order, ln = _canonical_order(c.lengths)
     peek = min(int(ln[-1]), PRIMARY_BITS)
     words, table, ranges = _words(c.data), _short_codes(order, ln, peek), _canonical_ranges(ln)
-    args = (words, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
-    if c.count < PARALLEL_SYMBOLS or numba.get_num_threads() < 2:
-        _numba.huffman_chunks(*args)
-    else:
-        with PARALLEL_LOCK:     # one decode at a time uses every core anyway
-            _numba.huffman_chunks_par(*args)
+    with PARALLEL_LOCK:     # one decode at a time uses every core anyway
+        _numba.huffman_chunks(words, table, peek, ranges, order, c.offsets, c.ends, c.chunk_size, out, final)
     bad = np.flatnonzero(final[:-1] != c.ends[:-1])
     if final[-1] < 0 or bad.size:
         chunk = int(bad[0]) if bad.size else c.offsets.size - 1
