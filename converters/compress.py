@@ -87,9 +87,9 @@ def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRe
     pruned = nonzero < w.size
     centroids = (1 << min(plan.bits, 16)) - (1 if pruned else 0)
     shared = share_weights(w[keep], max(centroids, 1), lossless)
-    if shared is None:
-        rec = raw_record(name, w)
-        return rec, w
+    if shared is None:      # lossless, too many distinct values for a codebook: float32, pruned as planned
+        kept = np.where(keep, w, np.float32(0))
+        return raw_record(name, kept), kept
     codebook, labels = shared
     approx = np.zeros_like(w)
     approx[keep] = codebook[labels]
@@ -126,7 +126,7 @@ def compress_tensor(name: str, w: np.ndarray, plan: LayerPlan) -> Tuple[TensorRe
 
     best = min(candidates, key=cost)
     if cost(best) >= w.nbytes:    # e.g. a lossless codebook of many distinct values: raw is smaller
-        return raw_record(name, w), w
+        return raw_record(name, approx), approx     # the values the plan asked for, pruning included
     encoding, book, indices, relative_s, counts_s = best
     stats = LayerStats(element_count=w.size, nonzero_count=nonzero, original_bytes=w.nbytes,
                        coded_bytes=cost((encoding, book, indices, relative_s, counts_s)),

@@ -2,7 +2,8 @@
 
     python examples/digits.py [--quick] [--models mlp,cnn] [--out examples/models/digits] [--no-finetune]
 
-About 3 minutes on 2 cores (``--quick``: about one); numpy, onnx and scikit-learn only.
+About 30 seconds on 2 cores once numba's kernels are cached (``--quick``: fewer epochs); numpy, onnx and
+scikit-learn only.
 
 1. Data: scikit-learn's digits (1,797 8x8 scans shipped inside the package, no download), each
    upsampled to 20x20 and centred in 28x28 like MNIST, so the networks are the paper's own
@@ -637,7 +638,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--models", default="mlp,cnn", help="mlp (LeNet-300-100), cnn (LeNet-5) or both")
     ap.add_argument("--out", help="folder for the .onnx and .dcm files (default: a temporary folder)")
-    ap.add_argument("--quick", action="store_true", help="few epochs (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="few epochs")
     ap.add_argument("--no-finetune", action="store_true", help="skip the prune/retrain/cluster/fine-tune loop")
     a = ap.parse_args(argv)
     epochs = {"mlp": 8, "cnn": 3} if a.quick else None

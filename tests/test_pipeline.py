@@ -214,6 +214,21 @@ def test_config_errors(text, message, tmp_path, onnx_path):
     assert not (tmp_path / "m.dcm").exists()
 
 
+@pytest.mark.parametrize("size", [500, 150000])
+def test_weight_kept_as_float32_is_still_pruned_as_planned(size):
+    """bits 32 with a sparsity: when no coded form beats float32 (small), or the lossless codebook would
+    be too large (many distinct values), the tensor is stored raw, and pruned as the plan asked."""
+    from dcrt.converters.compress import compress_tensor
+    from dcrt.format.tensor import RAW
+
+    w = np.random.default_rng(3).standard_normal(size).astype(np.float32).reshape(-1, 10)
+    rec, approx = compress_tensor("w", w, LayerPlan(bits=32, sparsity=0.34))
+    assert rec.encoding == RAW
+    keep = prune_mask(w, LayerPlan(sparsity=0.34))
+    np.testing.assert_array_equal(approx, np.where(keep, w, 0))
+    assert np.count_nonzero(approx) == keep.sum() < 0.67 * w.size
+
+
 def test_prune_mask_and_kmeans():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((50, 40)).astype(np.float32)
