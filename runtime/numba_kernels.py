@@ -17,9 +17,10 @@ Threads: the products have a one-thread form ``name`` and a parallel form ``name
 launch costs from ~5 us (idle machine) to a millisecond (threads busy elsewhere), so :func:`launch`
 takes the parallel form only for work above :data:`PARALLEL_WORK` multiply-adds and when numba has
 more than one thread. numba's ``workqueue`` threading layer aborts when two threads launch parallel
-kernels at once: launches then hold :data:`LOCK`. The ``omp`` and ``tbb`` layers are thread-safe
-(numba picks them first when present; ``omp`` ships with GNU libgomp on Linux), and the lock is
-dropped as soon as the first parallel launch shows that one of them is in use.
+kernels at once: launches then hold ``dcrt.codecs.raw.PARALLEL_LOCK`` (the Huffman decoder's too).
+The ``omp`` and ``tbb`` layers are thread-safe (numba picks them first when present; ``omp`` ships
+with GNU libgomp on Linux), and the lock is dropped as soon as the first parallel launch shows that
+one of them is in use.
 """
 from __future__ import annotations
 
@@ -35,9 +36,6 @@ from ..codecs.raw import PARALLEL_LOCK
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _MODULE: Any = None
-#: Held around parallel launches unless the threading layer is known to be thread-safe (the decoders'
-#: lock: the Huffman decoder's kernel is parallel too).
-LOCK = PARALLEL_LOCK
 #: Work (multiply-adds or element writes) from which a kernel runs on all of numba's threads: about
 #: a millisecond of one thread's work, so that a launch (and the wake-up of the threads, which do not
 #: spin: see OMP_WAIT_POLICY above) is worth it.
@@ -92,7 +90,7 @@ def launch(k: SimpleNamespace, name: str, work: int, *args: Any) -> Any:
     fn = getattr(k, name + "_par")
     if _THREADSAFE:
         return fn(*args)
-    with LOCK:
+    with PARALLEL_LOCK:
         result = fn(*args)
         if _THREADSAFE is None:
             import numba

@@ -27,8 +27,8 @@ Payload = Union[bytes, bytearray, memoryview, np.ndarray]
 _LITTLE = sys.byteorder == "little"
 _PACK_BLOCK = 1 << 20  # codes packed per pass: bounds the temporaries of pack_codes
 _KERNELS = None  # dcrt.codecs._numba once imported, False if it cannot be
-#: Held around a parallel kernel's launch, by the decoders and by the runtime's kernels (which use it
-#: as ``dcrt.runtime.numba_kernels.LOCK``): numba's fallback threading layer (workqueue) aborts the
+#: Held around a parallel kernel's launch, by the decoders and by the runtime's kernels
+#: (``dcrt.runtime.numba_kernels.launch``): numba's fallback threading layer (workqueue) aborts the
 #: process when two threads launch parallel kernels at once.
 PARALLEL_LOCK = threading.Lock()
 
