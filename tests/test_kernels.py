@@ -60,14 +60,23 @@ def test_no_numba_is_read_once_and_on_reset(monkeypatch):
     assert numba_kernels.kernels() is not None
 
 
+def fresh_python(tmp_path, source: str, *args, **env) -> str:
+    """Run ``source`` in a new Python process (``env`` added to the environment); its stdout, stripped."""
+    script = tmp_path / "fresh.py"
+    script.write_text(textwrap.dedent(source))
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
 def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
     """A fresh process loads the cached kernels without numba's compiler set-up (``dcrt._jit``): a model's
     first result imports none of numba's lowering modules (``numba.np.arraymath`` imports
     ``scipy.linalg``) and equals the result of a process that did the set-up first."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set")
-    script = tmp_path / "fresh.py"
-    script.write_text(textwrap.dedent(f"""
+    source = f"""
         import sys
         import numpy as np
         if sys.argv[1] == "setup":
@@ -78,13 +87,11 @@ def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
         ys = [dcrt.Session({str(dcm_path("resnet18_tiny"))!r}, mode=mode).run(x) for mode in ("index", "dense")]
         np.save(sys.argv[2], np.stack(ys))
         print("arraymath" if "numba.np.arraymath" in sys.modules else "light")
-    """))
+    """
 
     def fresh(how):
         out = tmp_path / f"{how}.npy"
-        proc = subprocess.run([sys.executable, str(script), how, str(out)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.strip(), np.load(out)
+        return fresh_python(tmp_path, source, how, out), np.load(out)
     fresh("light")      # compiles whatever is not cached yet
     light, y = fresh("light")
     setup, y_setup = fresh("setup")
@@ -124,8 +131,7 @@ def test_huffman_and_runtime_parallel_kernels_share_one_lock(tmp_path):
     at once: the Huffman decoder and the runtime's parallel kernels take the same lock."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set")
-    script = tmp_path / "two_threads.py"
-    script.write_text(textwrap.dedent("""
+    source = """
         import threading
         import numpy as np
         from dcrt.codecs import huffman
@@ -147,18 +153,15 @@ def test_huffman_and_runtime_parallel_kernels_share_one_lock(tmp_path):
         [t.start() for t in threads]
         [t.join() for t in threads]
         print("ok")
-    """))
-    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    """
+    assert fresh_python(tmp_path, source, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2") == "ok"
 
 
 def test_numba_disable_jit_means_the_numpy_kernels(dcm_path, tmp_path):
     """With ``NUMBA_DISABLE_JIT=1`` numba gives plain Python functions: dcrt runs its numpy kernels, with
     the result ``DCRT_NO_NUMBA=1`` gives (it failed, looking for compiled kernels that were not)."""
     pytest.importorskip("numba")
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
+    source = f"""
         import sys
         import numpy as np
         import dcrt
@@ -167,13 +170,11 @@ def test_numba_disable_jit_means_the_numpy_kernels(dcm_path, tmp_path):
         assert kernels() is None and numba_kernels() is None
         x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
         np.save(sys.argv[1], dcrt.Session({str(dcm_path("resnet18_tiny"))!r}).run(x))
-    """))
+    """
     outs = []
     for flag in ("NUMBA_DISABLE_JIT", "DCRT_NO_NUMBA"):
         out = tmp_path / f"{flag}.npy"
-        proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
-                              env=dict(os.environ, **{flag: "1"}), timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        fresh_python(tmp_path, source, out, **{flag: "1"})
         outs.append(np.load(out))
     np.testing.assert_array_equal(*outs)
 
