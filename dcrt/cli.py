@@ -70,6 +70,11 @@ def _print_layers(info, only_coded: bool = False) -> None:
               f"{human(r['original_bytes']):>10} {human(r['coded_bytes']):>10} {r['ratio']:6.1f}x "
               f"{human(r['memory_bytes']['index']):>10}")
     t = info["total"]
+    raw = [r for r in info["layers"] if only_coded and r["encoding"] == "raw"]
+    if raw:     # biases, and weights no coding made smaller: counted in the total below
+        label = f"(+{len(raw)} tensor{'s' * (len(raw) > 1)} stored uncompressed; dcrt inspect lists every tensor)"
+        print(f"{label:<100} "
+              f"{human(sum(r['original_bytes'] for r in raw)):>10} {human(sum(r['coded_bytes'] for r in raw)):>10}")
     print("-" * len(head))
     print(f"{'total (all ' + str(t['layers']) + ' tensors)':<28} {'':<13} {t['weights']:<18,} "
           f"{100 * t['sparsity']:7.1f}% {'':>8} {t['bits_per_weight']:7.2f} {'':<12} "
@@ -149,6 +154,10 @@ def _input_paths(sess, specs: List[str]) -> dict:
             if name in named:
                 raise InputError(f"input {name!r} is given twice (--input {name}=...)")
             named[name] = path
+        elif sep and name and not os.path.exists(spec):
+            # NAME=PATH with a NAME the model does not have, and no file of that whole name either
+            raise InputError(f"--input {spec}: {name!r} is not an input of the model (its inputs: "
+                             f"{', '.join(names) or 'none'}), and no file {spec!r} exists")
         else:
             unnamed.append(spec)
     rest = [n for n in names if n not in named]

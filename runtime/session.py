@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,6 +50,22 @@ class NodeArg:
     shape: Optional[List[Any]]
     type: str
     dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What :meth:`Session.get_modelmeta` answers, under onnxruntime's names where it has them:
+    ``producer_name`` (the ``.dcm``'s: ``"dcrt 0.1.0"``), ``graph_name`` and ``custom_metadata_map``
+    (the source model's ``metadata_props``); then the file's ``format_version``, ``opsets`` and
+    ``source`` (format, file name, its bytes and gzip'd bytes, its weights' bytes). The source's own
+    producer, domain, description and version are not kept by the conversion."""
+
+    producer_name: str
+    graph_name: str
+    custom_metadata_map: Dict[str, str]
+    format_version: Tuple[int, int]
+    opsets: Dict[str, int]
+    source: Dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,10 @@ class Session:
 
     def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index", *,
                  providers: Optional[Sequence[Any]] = None):
+        if hasattr(mode, "intra_op_num_threads"):   # onnxruntime's InferenceSession(path, sess_options)
+            raise InputError("Session's second argument is the memory mode (index, dense or stream), not "
+                             "onnxruntime's SessionOptions: leave it out (threads: NUMBA_NUM_THREADS and "
+                             "OMP_NUM_THREADS, or numba.set_num_threads)")
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if providers is not None and not any(p == PROVIDERS[0] or (isinstance(p, tuple) and p[:1] == (PROVIDERS[0],))
@@ -190,11 +210,11 @@ class Session:
         """The model's outputs (name, shape, type)."""
         return list(self._outputs)
 
-    def get_modelmeta(self) -> Dict[str, Any]:
-        """Producer, format version, opsets, metadata and the source model's facts."""
+    def get_modelmeta(self) -> ModelMetadata:
+        """Producer, graph name, metadata, format version, opsets and the source model's facts."""
         f = self._file
-        return {"producer": f.producer, "format_version": f.format_version, "opsets": f.model.opsets,
-                "metadata": f.model.metadata, "source": f.source}
+        return ModelMetadata(f.producer, f.model.graph.name, dict(f.model.metadata), tuple(f.format_version),
+                             dict(f.model.opsets), dict(f.source))
 
     def resident_bytes(self) -> Dict[str, int]:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""

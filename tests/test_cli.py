@@ -25,6 +25,12 @@ def test_convert_prints_progress_table_and_summary(tmp_path, onnx_path, capsys):
     assert "3/3 layers" in captured.err                       # the progress bar ran to the end
     assert "fc1.weight" in captured.out and "download (gzip -9)" in captured.out
     assert "80.0%" in captured.out
+    assert "(+3 tensors stored uncompressed" in captured.out      # the three biases: a line, not rows
+    assert "fc1.bias" not in captured.out
+    # every tensor stored as float32: no rows, the line says where they went
+    assert main(["convert", str(onnx_path("lenet_300_100")), "-o", str(out), "--bits", "32", "--no-prune",
+                 "--force"]) == 0
+    assert "(+6 tensors stored uncompressed" in capsys.readouterr().out
 
 
 def test_inspect_json_matches_stored_stats(converted, capsys):
@@ -187,6 +193,7 @@ def test_run_inputs_by_name_or_order_and_outputs_where_asked(tmp_path, capsys):
         ([str(tmp_path / "empty.npy"), str(tmp_path / "b.npy")], "not a .npy array"),
         ([str(tmp_path / "b.npy")] * 3, "3 unnamed --input file(s) but the model has 2 input(s) left"),
         ([f"a={tmp_path / 'b.npy'}"] * 2, "input 'a' is given twice"),
+        ([f"bogus={tmp_path / 'b.npy'}"], "'bogus' is not an input of the model (its inputs: a, b)"),
     ]:
         assert main(["run", model] + [x for spec in args for x in ("--input", spec)]) == 2, args
         err = capsys.readouterr().err

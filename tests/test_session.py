@@ -156,7 +156,9 @@ def test_call_mistakes_are_named(dcm_path):
                           (lambda: sess.run(None, x), "the feed must be a dict"),
                           (lambda: sess.run("logits", {"input": x}), r"run\(\['logits'\], feed\)"),
                           (lambda: sess.run(None, {"input": [[1.0], [1.0, 2.0]]}), "input 'input' is not an array"),
-                          (lambda: dcrt.Session(dcm_path("lenet5"), "Dense"), "mode must be one of")]:
+                          (lambda: dcrt.Session(dcm_path("lenet5"), "Dense"), "mode must be one of"),
+                          (lambda: dcrt.Session(dcm_path("lenet5"), ort.SessionOptions()), "not onnxruntime's "
+                           "SessionOptions: leave it out")]:
         with pytest.raises(InputError, match=message):
             call()
     (y,) = sess.run([], {"input": x})
@@ -168,6 +170,25 @@ def test_call_mistakes_are_named(dcm_path):
     np.testing.assert_array_equal(as_ort.run(None, {"input": x}, None)[0], y)
     with pytest.raises(InputError, match="CPU only"):
         dcrt.Session(dcm_path("lenet5"), providers=["CUDAExecutionProvider"])
+
+
+def test_modelmeta_answers_as_onnxruntime(tmp_path):
+    """``get_modelmeta()``: the graph name and the source's ``metadata_props`` under onnxruntime's
+    attribute names, as its session answers them for the original; the producer is the .dcm's."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "tiny_relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(model, {"labels": "cat,dog", "author": "dcrt tests"})
+    onnx.save(model, tmp_path / "m.onnx")
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    meta = dcrt.Session(tmp_path / "m.dcm").get_modelmeta()
+    theirs = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert meta.graph_name == theirs.graph_name == "tiny_relu"
+    assert meta.custom_metadata_map == theirs.custom_metadata_map == {"labels": "cat,dog", "author": "dcrt tests"}
+    assert meta.producer_name == f"dcrt {dcrt.__version__}" and meta.format_version == (1, 0)
+    assert meta.opsets == {"": 13} and meta.source["file_name"] == "m.onnx" and meta.source["format"] == "onnx"
 
 
 def test_outputs_never_share_memory_with_inputs_or_each_other(tmp_path):
