@@ -99,6 +99,29 @@ def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
     np.testing.assert_array_equal(y, y_setup)
 
 
+def test_one_profile_run_fills_the_cache_a_deployed_run_loads(dcm_path, tmp_path):
+    """README's advice for devices: ``dcrt profile model.dcm --runs 1`` in a fresh numba cache compiles
+    every kernel a later ``dcrt run`` of the model needs, so that run loads them all and writes nothing."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    model, cache = dcm_path("lenet_300_100"), tmp_path / "numba_cache"
+    np.save(tmp_path / "x.npy", rand(1, 784))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+
+    def dcrt_cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "dcrt", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def files():
+        return {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    dcrt_cli("profile", model, "--runs", "1")
+    compiled = files()
+    assert sum(p.suffix == ".nbi" for p in compiled) >= 3        # the products, the Huffman decoder...
+    dcrt_cli("run", model, "--input", tmp_path / "x.npy")
+    assert files() == compiled
+
+
 def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
     """A cached load that fails without numba's set-up is done again numba's way (refresh first)."""
     from numba.core.caching import FunctionCache
