@@ -78,6 +78,9 @@ def test_verify(converted, tmp_path, capsys):
     assert main(["verify", str(bad)]) != 0
     out = capsys.readouterr()
     assert "DAMAGED" in out.out or "damaged" in out.err
+    bad.write_bytes(converted.read_bytes()[:-100])      # unreadable, not a verdict on its tensors: 2
+    assert main(["verify", str(bad)]) == 2
+    assert "truncated" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
