@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +30,9 @@ BATCH = 256
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
 
 Feeds = Dict[str, np.ndarray]
+#: What reading a data file can raise besides dcrt's own errors (a damaged or truncated ``.npz``
+#: is a ``BadZipFile``).
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -51,6 +55,11 @@ def _as_input(name: str, value: np.ndarray, spec: Optional[ValueInfo], where: st
             value = value.astype(spec.dtype)      # float64 from numpy, int32 token ids, ...
         else:
             raise InputError(f"{where}: input {name!r} is {value.dtype}, the model expects {spec.dtype}")
+    if value.dtype.kind == "f":
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:     # a NaN row's arg-max is 0 on both sides: it would count as agreeing
+            raise InputError(f"{where}: input {name!r} holds {bad} NaN or infinite values; "
+                             "give finite data (drop or fill those samples)")
     return value
 
 
@@ -93,7 +102,7 @@ def load_data(path: str, inputs: Sequence[ValueInfo], max_samples: Optional[int]
                 stored = {k: z[k] for k in z.files}
             label_key = next((k for k in LABEL_KEYS if k in stored and k not in specs), None)
             if label_key:
-                labels = stored.pop(label_key)
+                labels = _checked_labels(stored.pop(label_key), path)
             if set(names) <= set(stored):
                 arrays = {n: stored[n] for n in names}
             elif len(names) == 1 and len(stored) == 1:
@@ -108,8 +117,8 @@ def load_data(path: str, inputs: Sequence[ValueInfo], max_samples: Optional[int]
             arrays = {names[0]: load_npy(path)}
         else:
             raise InputError(f"{path}: data must be a .npz, a .npy or a folder of .npy files")
-    except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: cannot read the data ({e})") from None
+    except _READ_ERRORS as e:
+        raise InputError(f"{path}: cannot read the data ({_read_problem(e)})") from None
     feeds = {n: _as_input(n, a, specs[n], path) for n, a in arrays.items()}
     counts = {len(a) for a in feeds.values()}
     if len(counts) != 1:
@@ -127,6 +136,22 @@ def load_data(path: str, inputs: Sequence[ValueInfo], max_samples: Optional[int]
     return feeds, labels
 
 
+def feeds_of(data: Any, inputs: Sequence[ValueInfo], max_samples: Optional[int] = None) -> Feeds:
+    """Inputs given to the Python API: a data path (:func:`load_data`, labels dropped), a mapping from
+    input names to arrays, or one array for a one-input model; checked and cast as files are."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(os.fspath(data), inputs, max_samples)[0]
+    names = [v.name for v in inputs]
+    if isinstance(data, np.ndarray) and len(names) == 1:
+        data = {names[0]: data}
+    if not isinstance(data, Mapping) or set(data) != set(names):
+        raise InputError(f"data must be a path, or arrays by input name ({', '.join(names)}), not "
+                         f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+    specs = {v.name: v for v in inputs}
+    feeds = {n: _as_input(n, np.asarray(data[n]), specs[n], "the data") for n in names}
+    return {n: a[:max_samples] for n, a in feeds.items()} if max_samples else feeds
+
+
 def load_labels(path: str) -> np.ndarray:
     """Integer class labels from a ``.npy`` (or the single / ``labels`` array of a ``.npz``)."""
     try:
@@ -138,16 +163,45 @@ def load_labels(path: str) -> np.ndarray:
                 labels = z[key]
         else:
             labels = load_npy(path)
-    except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: cannot read the labels ({e})") from None
+    except _READ_ERRORS as e:
+        raise InputError(f"{path}: cannot read the labels ({_read_problem(e)})") from None
+    return _checked_labels(labels, path)
+
+
+def _read_problem(e: Exception) -> str:
+    why = str(e)
+    if isinstance(e, zipfile.BadZipFile) or "pickled" in why:    # numpy's words for a file it cannot place
+        return "not a .npz or .npy file written by numpy, or a damaged one"
+    return why
+
+
+def _checked_labels(labels: Any, where: str) -> np.ndarray:
+    """Labels as integer class indices (one-hot rows become their arg-max); InputError otherwise."""
     labels = np.asarray(labels)
+    if labels.ndim == 0:
+        raise InputError(f"{where}: the labels are a single value; give one class index per sample")
     if labels.ndim == 2 and labels.shape[1] > 1:
         labels = labels.argmax(1)                 # one-hot
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(labels == np.round(labels)):
-            raise InputError(f"{path}: labels must be integer class indices")
-        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not (
+            np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)))):
+        raise InputError(f"{where}: labels must be integer class indices (one per sample), not {labels.dtype} values")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{where}: labels must be class indices from 0; found {int(labels.min())}")
     return labels.reshape(len(labels), *labels.shape[1:]) if labels.ndim > 1 else labels
+
+
+def check_batch_first(graph: Graph) -> None:
+    """InputError when a graph input is time-major: read straight by an LSTM, GRU or RNN of the
+    default layout (``[seq, batch, features]``). The tools here take samples along the first axis,
+    so they would cut its sequences into time steps."""
+    inputs = {v.name for v in graph.inputs} - set(graph.initializers)
+    for node in graph.nodes:
+        if node.op_type in ("LSTM", "GRU", "RNN") and not node.attrs.get("layout", 0) and node.inputs[0] in inputs:
+            raise InputError(f"input {node.inputs[0]!r} is time-major ([seq, batch, features]: {node.op_type} "
+                             f"{node.name or node.outputs[0]!r} reads it with layout 0), and dcrt eval / sweep / "
+                             "plan / --calib take samples along the first axis: export the model batch-first "
+                             "(PyTorch batch_first=True, or ONNX layout=1)")
 
 
 def split(feeds: Feeds, count: int) -> Tuple[Feeds, Feeds]:
@@ -174,8 +228,8 @@ def batches(feeds: Feeds, size: int = BATCH) -> Iterable[Feeds]:
 def _classes(y: np.ndarray) -> np.ndarray:
     """``y`` as ``[samples * positions, classes]``: classes on axis 1 (NCHW and [N, C] alike)."""
     y = np.asarray(y, dtype=np.float64)
-    if y.ndim == 1:
-        return y[:, None]
+    if y.ndim <= 1:
+        return y.reshape(-1, 1)
     return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
 
 
@@ -230,6 +284,24 @@ def output_metrics(reference: np.ndarray, approx: np.ndarray,
             for tag, y in (("reference", ref), ("compressed", got)):
                 m[f"{tag}_top1_accuracy"] = float(np.mean(y.argmax(1) == lab))
                 m[f"{tag}_top5_accuracy"] = float(np.mean(np.any(topk(y, 5) == lab[:, None], axis=1)))
+    return m
+
+
+def judged_output(outputs: Sequence[np.ndarray]) -> int:
+    """Which output top-1 agreement is measured on: the first with classes (two or more on axis 1),
+    else the first. A one-value-per-sample output (a regression head) always "agrees" with itself,
+    so a classifier output after it must not be missed."""
+    return next((i for i, y in enumerate(outputs) if np.ndim(y) > 1 and np.shape(y)[1] > 1), 0)
+
+
+def model_metrics(references: Sequence[np.ndarray], approx: Sequence[np.ndarray],
+                  labels: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Fidelity of a whole model: :func:`output_metrics` of the judged output (:func:`judged_output`),
+    with ``cosine`` the lowest of all outputs', so that compressing for a classifier output does not
+    wreck a regression head beside it."""
+    i = judged_output(references)
+    m = output_metrics(references[i], approx[i], labels)
+    m["cosine"] = min(cosine(r, a) for r, a in zip(references, approx))
     return m
 
 
@@ -316,6 +388,7 @@ class Runner:
 
     def __init__(self, model: Model, variable: Iterable[str] = (), backend: str = "auto",
                  batch_size: int = BATCH, extra_outputs: Sequence[str] = ()):
+        check_batch_first(model.graph)
         self.model = model
         self.variable = [n for n in variable if n in model.graph.initializers]
         self.batch_size = batch_size
@@ -364,7 +437,12 @@ class Runner:
             result = [batch[n] if n in batch else got[n] for n in names]
             for part, value in zip(parts, result):
                 part.append(np.asarray(value))
-        return [np.concatenate(p) if p and p[0].ndim else (p[0] if p else np.zeros(0)) for p in parts]
+        return [_joined(p) for p in parts]
+
+
+def _joined(parts: List[np.ndarray]) -> np.ndarray:
+    """The batches' values of one output as one array (a 0-d output, one per batch: the first)."""
+    return np.concatenate(parts) if parts and parts[0].ndim else (parts[0] if parts else np.zeros(0))
 
 
 def run_onnx_file(path: str, feeds: Feeds, batch_size: int = BATCH) -> List[np.ndarray]:
@@ -391,7 +469,7 @@ def run_onnx_file(path: str, feeds: Feeds, batch_size: int = BATCH) -> List[np.n
             raise InputError(f"onnxruntime could not run {os.path.basename(path)} on the data: {e}") from None
         for part, value in zip(parts, result):
             part.append(value)
-    return [np.concatenate(p) for p in parts]
+    return [_joined(p) for p in parts]
 
 
 def run_dcm(path: str, feeds: Feeds, batch_size: int = BATCH, mode: str = "index") -> List[np.ndarray]:
@@ -402,7 +480,7 @@ def run_dcm(path: str, feeds: Feeds, batch_size: int = BATCH, mode: str = "index
         for batch in batches(feeds, batch_size):
             for part, value in zip(parts, sess.run(None, batch)):
                 part.append(value)
-    return [np.concatenate(p) for p in parts]
+    return [_joined(p) for p in parts]
 
 
 # -- dcrt eval -------------------------------------------------------------------------------------
@@ -444,19 +522,24 @@ def evaluate(dcm_path: str, reference: Optional[str], data: str, labels: Optiona
 
     Runs ``data`` through the ``.dcm`` (``dcrt.Session``) and through ``reference`` (the original
     ONNX model, onnxruntime); compares each output; adds accuracy when labels are given (``labels``
-    file, or a ``labels`` array inside the ``.npz``) and the per-layer weight PSNR.
+    file, or a ``labels`` array inside the ``.npz``), on the output :func:`judged_output` picks, and
+    the per-layer weight PSNR.
     """
-    from dcrt.runtime.session import Session
-    if reference is None and labels is None:
-        raise InputError("nothing to compare with: give --reference model.onnx and/or --labels labels.npy")
-    with Session(dcm_path) as sess:
-        specs = [ValueInfo(i.name, i.dtype, i.shape) for i in sess.get_inputs()]
-        out_names = [o.name for o in sess.get_outputs()]
+    from dcrt.format import open_dcm
+    with open_dcm(dcm_path) as dcm:
+        graph = dcm.model.graph
+        check_batch_first(graph)
+        specs = [v for v in graph.inputs if v.name not in graph.initializers]
+        out_names = [v.name for v in graph.outputs]
     feeds, stored_labels = load_data(data, specs, max_samples)
     y = load_labels(labels) if labels else stored_labels
+    if reference is None and y is None:
+        raise InputError("nothing to compare with: give --reference model.onnx and/or labels (--labels "
+                         "labels.npy, or a 'labels' array in the .npz)")
     if y is not None and max_samples:
         y = y[:max_samples]
     got = run_dcm(dcm_path, feeds, batch_size)
+    judged = out_names[judged_output(got)]
     report: Dict[str, Any] = {"model": dcm_path, "reference": reference, "data": data,
                               "samples": sample_count(feeds), "outputs": {}}
     if reference is not None:
@@ -468,18 +551,19 @@ def evaluate(dcm_path: str, reference: Optional[str], data: str, labels: Optiona
             if e.shape != g.shape:
                 raise InputError(f"output {name!r}: the reference gives shape {list(e.shape)}, the .dcm "
                                  f"{list(g.shape)}: is it the model the .dcm was converted from?")
-            report["outputs"][name] = output_metrics(e, g, y if name == out_names[0] else None)
+            report["outputs"][name] = output_metrics(e, g, y if name == judged else None)
         report["layers"] = layer_fidelity(dcm_path, reference)
     else:
-        first = _classes(got[0])
+        first = _classes(got[out_names.index(judged)])
         lab = np.asarray(y).reshape(-1)
         if lab.size != first.shape[0]:
             raise InputError(f"{lab.size} labels for {first.shape[0]} predictions")
-        report["outputs"][out_names[0]] = {
+        report["outputs"][judged] = {
             "compressed_top1_accuracy": float(np.mean(first.argmax(1) == lab)),
             "compressed_top5_accuracy": float(np.mean(np.any(topk(first, 5) == lab[:, None], axis=1)))}
     return report
 
 
-__all__ = ["load_data", "load_labels", "output_metrics", "weight_psnr", "psnr", "cosine", "Runner",
-           "run_onnx_file", "run_dcm", "evaluate", "layer_fidelity", "to_onnx"]
+__all__ = ["load_data", "feeds_of", "check_batch_first", "load_labels", "output_metrics", "judged_output", "model_metrics",
+           "weight_psnr", "psnr",
+           "cosine", "Runner", "run_onnx_file", "run_dcm", "evaluate", "layer_fidelity", "to_onnx"]

@@ -34,6 +34,17 @@ def _ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _percent(text: str) -> float:
+    """An argparse type: a percentage in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:       # also refuses nan
+        raise argparse.ArgumentTypeError(f"a percentage is in [0, 100], not {text}")
+    return value
+
+
 def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
@@ -83,6 +94,12 @@ def print_eval(report: Dict[str, Any], out=None) -> None:
                   f"{r['bits_per_weight']:7.2f} {r['ratio']:6.1f}x {_db(r['psnr_db']):>8} {r['cosine']:8.5f}", file=out)
 
 
+def below_minimum(agreement: float, minimum_pct: float) -> bool:
+    """Whether an agreement (a fraction) is below ``--min-agreement`` (a percentage): 29 of 100 samples
+    meet 29 %, though ``100 * 0.29`` is 28.999..."""
+    return round(100 * agreement, 9) < minimum_pct
+
+
 def _cmd_eval(a) -> int:
     from .accuracy import evaluate
     report = evaluate(a.model, a.reference, a.data, a.labels, batch_size=a.batch_size, max_samples=a.max_samples)
@@ -91,11 +108,13 @@ def _cmd_eval(a) -> int:
     else:
         print_eval(report)
     if a.min_agreement is not None:
-        first = next(iter(report["outputs"].values()))
-        got = first.get("top1_agreement")
-        if got is None:
+        if not a.reference:
             raise ConfigError("--min-agreement needs --reference (agreement is measured against it)")
-        if 100 * got < a.min_agreement:
+        got = next((m["top1_agreement"] for m in report["outputs"].values() if "top1_agreement" in m), None)
+        if got is None:
+            raise ConfigError("--min-agreement: no output of the model has classes to agree on (each gives "
+                              "one value per sample); compare cosine and PSNR instead")
+        if below_minimum(got, a.min_agreement):
             print(f"dcrt: top-1 agreement {100 * got:.2f} % is below --min-agreement {a.min_agreement} %",
                   file=sys.stderr)
             return 1
@@ -121,6 +140,11 @@ def _cmd_sweep(a) -> int:
     from .sweep import sweep, write_plots, write_tables
     if os.path.exists(a.output) and not os.path.isdir(a.output):
         raise ConfigError(f"-o {a.output} is a file; dcrt sweep writes a report folder: give a folder path")
+    existing = a.output if os.path.isdir(a.output) else os.path.dirname(os.path.abspath(a.output))
+    while not os.path.isdir(existing):      # the nearest folder that exists: it is written into
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):     # found before the sweep, which can take minutes
+        raise ConfigError(f"cannot write the report into {a.output}: {existing} is not writable")
     model, plans = _load(a.model, a.weights, a.config, {"coder": a.coder})
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     feeds, labels = load_data(a.data, inputs, a.max_samples)
@@ -172,7 +196,6 @@ def run_budget(source: str, data: Optional[str], *, target_size: Optional[str], 
     if not data:
         raise ConfigError("a budget needs calibration data to measure the drop on: --calib/--data data.npz")
     if save:        # checked before the sweep, which can take minutes
-        os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
         problem = output_problem(save)
         if problem:
             raise ConfigError(f"cannot write the plan: {problem}")
@@ -188,7 +211,7 @@ def run_budget(source: str, data: Optional[str], *, target_size: Optional[str], 
                              sparsities=sparsities or DEFAULT_SPARSITIES, bits=bits or DEFAULT_BITS,
                              max_samples=max_samples, progress=_progress(quiet))
     if save:
-        atomic_write(save, (json.dumps(result.config, indent=2) + "\n").encode())
+        write_plan(save, result.config)
     if not quiet:
         print(result.summary())
         if save:
@@ -209,15 +232,36 @@ def _cmd_plan(a) -> int:
 def convert_budget_config(a) -> Optional[Dict[str, Any]]:
     """For ``dcrt convert``: the budget's plan when ``--target-size``/``--max-drop`` are given, else None.
 
-    The plan is also written next to the output as ``<output>.plan.json``.
+    The caller writes it next to the output, as ``<output>.plan.json`` (:func:`plan_path`), once the
+    conversion has succeeded; an existing one is replaced only with ``--force``.
     """
     if getattr(a, "target_size", None) is None and getattr(a, "max_drop", None) is None:
         return None
+    if getattr(a, "no_prune", False) or getattr(a, "threshold", None) is not None:
+        # the sweep prunes by magnitude, at the sparsities it measures: a plan measured so, then
+        # written with another pruning, would miss the size or the drop it promised
+        raise ConfigError("--target-size/--max-drop choose each layer's sparsity: leave out --no-prune and "
+                          "--threshold (or plan with dcrt plan, edit the plan, then convert --config)")
+    save = plan_path(a.output)
+    problem = output_problem(save)
+    if problem:
+        raise ConfigError(f"cannot write the plan beside the output: {problem}")
+    if os.path.exists(save) and not getattr(a, "force", False):
+        raise ConfigError(f"{save} exists (the plan of an earlier conversion?): use --force to replace it")
     flags = {"bits": a.bits, "sparsity": a.sparsity, "coder": a.coder}
     result = run_budget(a.model, getattr(a, "calib", None), target_size=a.target_size, max_drop=a.max_drop,
-                        config=a.config, flags=flags, weights=a.weights,
-                        save=a.output + ".plan.json", quiet=a.quiet)
+                        config=a.config, flags=flags, weights=a.weights, quiet=a.quiet)
     return result.config
+
+
+def plan_path(output: str) -> str:
+    """Where ``dcrt convert --target-size/--max-drop`` writes the plan it chose."""
+    return output + ".plan.json"
+
+
+def write_plan(path: str, config: Dict[str, Any]) -> None:
+    """The plan as JSON, written atomically (reusable with ``--config``)."""
+    atomic_write(path, (json.dumps(config, indent=2) + "\n").encode())
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -236,7 +280,7 @@ def add_commands(sub) -> None:
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--max-samples", type=positive_int, help="use the first N samples only")
-    e.add_argument("--min-agreement", type=float, metavar="PCT",
+    e.add_argument("--min-agreement", type=_percent, metavar="PCT",
                    help="exit with status 1 when top-1 agreement is below PCT percent (for CI)")
     e.set_defaults(func=_cmd_eval)
 

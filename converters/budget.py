@@ -31,7 +31,7 @@ from dcrt.errors import ConfigError
 from dcrt.graph import Model
 from dcrt.report import human
 
-from .accuracy import Feeds, Runner, load_data, output_metrics
+from .accuracy import Feeds, Runner, feeds_of, judged_output, model_metrics
 from .calibrate import quantize
 from .plan import LayerPlan, make_plan, plan_to_json
 from .sweep import DEFAULT_BITS, DEFAULT_SPARSITIES, Sweep, SweepPoint, sweep
@@ -192,7 +192,8 @@ class _Judge:
         self.model = model
         self.feeds = feeds
         self.runner = runner or Runner(model, variable=names)
-        self.reference = self.runner.run(feeds)[0]
+        self.references = self.runner.run(feeds)
+        self.reference = self.references[judged_output(self.references)]
         self._approx: Dict[Tuple[str, float, int], np.ndarray] = {}
         self._seen: Dict[tuple, Dict[str, float]] = {}
 
@@ -206,8 +207,7 @@ class _Judge:
         key = tuple(sorted((n, p.sparsity, p.bits) for n, p in state.items()))
         if key not in self._seen:
             weights = {n: self.approx(n, plans[n]) for n in state}
-            got = self.runner.run(self.feeds, weights)[0]
-            m = output_metrics(self.reference, got)
+            m = model_metrics(self.references, self.runner.run(self.feeds, weights))
             self._seen[key] = {"top1_agreement": m.get("top1_agreement", 1.0), "cosine": m["cosine"]}
         return self._seen[key]
 
@@ -241,7 +241,7 @@ def plan_for_budget(source: str, data: Any, *, target_size: Optional[Any] = None
     if target_size is None and max_drop is None:
         raise ConfigError("give a budget: a target size (e.g. 2MB) and/or a maximum drop (e.g. 0.5 percent)")
     target = parse_size(target_size) if isinstance(target_size, str) else target_size
-    if max_drop is not None and not 0.0 <= max_drop <= 100.0:
+    if max_drop is not None and (not isinstance(max_drop, (int, float)) or not 0.0 <= max_drop <= 100.0):
         raise ConfigError(f"the maximum drop is a percentage in [0, 100], not {max_drop}")
     model, _ = load_model(source, weights)
     passes.simplify(model.graph)
@@ -250,9 +250,12 @@ def plan_for_budget(source: str, data: Any, *, target_size: Optional[Any] = None
     base = make_plan(model.graph, flags, config)
     swept = {n: p for n, p in base.items() if not p.skip}
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
-    feeds = load_data(data, inputs, max_samples)[0] if isinstance(data, str) else \
-        {k: np.asarray(v)[:max_samples] for k, v in data.items()}
+    feeds = feeds_of(data, inputs, max_samples)
     runner = Runner(model, variable=list(swept))
+    judge = _Judge(model, list(swept), feeds, runner)
+    if max_drop is not None and not (judge.reference.ndim > 1 and judge.reference.shape[1] > 1):
+        raise ConfigError("--max-drop is a loss of top-1 agreement, but no output of the model has classes "
+                          "(each gives one value per sample): give a --target-size instead")
     if sweep_result is None:
         sweep_result = sweep(model, swept, feeds, sparsities=sparsities, bits=bits, runner=runner,
                              progress=progress)
@@ -260,20 +263,23 @@ def plan_for_budget(source: str, data: Any, *, target_size: Optional[Any] = None
     if missing:
         raise ConfigError(f"the sweep has no rows for {', '.join(sorted(missing))}: "
                           "sweep the same model with the same plan")
+    extra = set(sweep_result.layers()) - set(swept)
+    if extra:       # layers the plan skips (or another model's): the walk must not touch them
+        sweep_result = Sweep([p for p in sweep_result.points if p.layer in swept], sweep_result.samples,
+                             sweep_result.sparsities, sweep_result.bits,
+                             {n: p for n, p in sweep_result.plans.items() if n in swept},
+                             sweep_result.reference_top1_accuracy)
     path = greedy_path(sweep_result)
     all_plans = [state_plans(s, base) for s in path]
-    judge = _Judge(model, list(swept), feeds, runner)
 
     def drop_at(i: int) -> float:
         return 100.0 * (1.0 - judge.measure(all_plans[i], path[i])["top1_agreement"])
 
     # fixed bytes of the file: graph, raw tensors, plan, headers (measured once, from the start plan)
-    overhead = None
-    if check_size and target is not None:
+    overhead = 0
+    if check_size:
         file_bytes, coded = _file_size(source, plan_to_json(all_plans[0]), weights)
         overhead = file_bytes - coded
-    else:
-        overhead = 0
     fits = None
     if target is not None:
         fits = next((i for i, s in enumerate(path) if state_bytes(s) + overhead <= target), None)
@@ -319,7 +325,8 @@ def plan_for_budget(source: str, data: Any, *, target_size: Optional[Any] = None
             later = next((i for i in range(index + 1, len(path))
                           if state_bytes(path[i]) <= state_bytes(path[index]) - excess), None)
             if later is None or (within is not None and later > within):
-                raise ConfigError(f"the plan closest to {human(target)} still writes {human(file_bytes)}")
+                raise ConfigError(f"the plan closest to {human(target)} still writes {file_bytes:,} bytes "
+                                  f"(over {target:,}); sweep smaller settings (more sparsity, fewer bits)")
             index = later
     chosen = judge.measure(all_plans[index], path[index])
     return BudgetResult(all_plans[index], plan_to_json(all_plans[index]), state_bytes(path[index]) + overhead,

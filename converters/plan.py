@@ -168,6 +168,8 @@ def make_plan(graph: Graph, flags: Optional[Dict[str, Any]] = None,
     """The plan of every compressible initializer (those with ``skip`` are stored raw, as are the rest)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     check_values(flags, "options")
+    if config is not None:      # a dict from the Python API is checked as a file's is (load_config)
+        check_config(config)
     config = config or {}
     layers, op_types = config.get("layers") or {}, config.get("op_types") or {}
     matched, seen_ops = set(), set()

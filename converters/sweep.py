@@ -17,7 +17,7 @@ import csv
 import fnmatch
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,7 +26,7 @@ from dcrt.errors import ConfigError
 from dcrt.files import json_safe
 from dcrt.graph import Model
 
-from .accuracy import Feeds, Runner, output_metrics, weight_psnr
+from .accuracy import Feeds, Runner, judged_output, model_metrics, output_metrics, weight_psnr
 from .calibrate import quantize
 from .compress import LOSSLESS_BITS, compress_tensor
 from .plan import LayerPlan
@@ -66,6 +66,17 @@ class SweepPoint:
     @property
     def ratio(self) -> float:
         return self.original_bytes / self.coded_bytes if self.coded_bytes else float("inf")
+
+    def __post_init__(self) -> None:
+        # a hand-edited sweep.json ("coded_bytes": "12") fails here, not deep inside the budget walk
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "str":
+                ok = isinstance(v, str)
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) or (v is None and "Optional" in f.type)
+            if not ok:
+                raise TypeError(f"{f.name} must be {f.type}, not {v!r}")
 
 
 @dataclass
@@ -108,7 +119,7 @@ class Sweep:
                        tuple(data["sparsities"]), tuple(data["bits"]),
                        {n: LayerPlan(**p) for n, p in (data.get("plans") or {}).items()},
                        data.get("reference_top1_accuracy"))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"not a sweep table written by dcrt sweep ({e})") from None
 
 
@@ -121,7 +132,8 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
     ``model`` is the simplified graph (as ``dcrt convert`` stores it), ``plans`` the base plan of
     each weight (its coder and ``prune`` setting are kept; ``skip`` layers are left out),
     ``feeds`` the data, ``layers`` glob patterns restricting the sweep. Fidelity is against the
-    original model's outputs on the same data (first output).
+    original model's outputs on the same data (``accuracy.model_metrics``: agreement on the judged
+    output, the lowest cosine of all).
     """
     if not sparsities or not bits:
         raise ConfigError("the sweep needs at least one sparsity and one bit width")
@@ -137,7 +149,8 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
     if not names:
         raise ConfigError("no compressible layer matches" + (f" {', '.join(layers)}" if layers else ""))
     runner = runner or Runner(model, variable=names)
-    reference = runner.run(feeds)[0]
+    references = runner.run(feeds)
+    reference = references[judged_output(references)]
     result = Sweep([], len(reference), tuple(sparsities), tuple(bits), {n: plans[n] for n in names})
     if labels is not None:
         result.reference_top1_accuracy = output_metrics(reference, reference, labels).get("reference_top1_accuracy")
@@ -151,8 +164,7 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
             for b in bits:
                 plan = replace(base, sparsity=float(s), bits=int(b), threshold=None, prune=s > 0 or base.prune)
                 rec, approx = compress_tensor(name, w, plan)
-                got = runner.run(feeds, {name: approx})[0]
-                m = output_metrics(reference, got, labels)
+                m = model_metrics(references, runner.run(feeds, {name: approx}), labels)
                 result.points.append(SweepPoint(
                     name, base.op_type, base.category, float(s), int(b), int(w.size), int(w.nbytes),
                     int(rec.stats.coded_bytes) if rec.stats is not None else int(w.nbytes),
@@ -279,6 +291,8 @@ def write_plots(result: Sweep, folder: str, model: Optional[Model] = None, max_h
             ax.legend(fontsize=7)
             fig.tight_layout()
             path = os.path.join(folder, f"hist_{_safe(layer)}.png")
+            if path in written:     # "blk/fc.w" and "blk:fc.w" are both hist_blk_fc.w
+                path = path[:-4] + f"_{len(written)}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)

@@ -41,15 +41,18 @@ def _progress_bar(stream=None):
 
 
 def _cmd_convert(a) -> int:
-    from .converters.accuracy_cli import convert_budget_config
+    from .converters.accuracy_cli import convert_budget_config, plan_path, write_plan
     from .converters.convert import check_output, convert
     from .report import inspect, size
     check_output(a.output, [a.model] + ([a.weights] if a.weights else []), a.force)
-    config = convert_budget_config(a) or a.config     # --target-size / --max-drop: a plan from a sweep
-    result = convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity,
-                     threshold=a.threshold, prune=not a.no_prune, coder=a.coder, config=config,
-                     force=a.force, calib=a.calib, saliency=a.saliency,
-                     progress=None if a.quiet else _progress_bar())
+    budget = convert_budget_config(a)       # --target-size / --max-drop: a plan from a sweep
+    convert(a.model, a.output, weights=a.weights, bits=a.bits, sparsity=a.sparsity, threshold=a.threshold,
+            prune=not a.no_prune, coder=a.coder, config=budget or a.config, force=a.force, calib=a.calib,
+            saliency=a.saliency, progress=None if a.quiet else _progress_bar())
+    if budget:      # only once the conversion has succeeded: a failed one leaves no file behind
+        write_plan(plan_path(a.output), budget)
+        if not a.quiet:
+            print(f"plan written to {plan_path(a.output)}")
     if not a.quiet:
         info = inspect(a.output)
         _print_layers(info, only_coded=True)

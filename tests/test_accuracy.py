@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from dcrt.cli import main
+from dcrt.converters.accuracy_cli import below_minimum
 from dcrt.converters import passes
-from dcrt.converters.accuracy import (Runner, cosine, evaluate, load_data, output_metrics, psnr,
+from dcrt.converters.accuracy import (Runner, cosine, evaluate, feeds_of, judged_output, load_data,
+                                      load_labels, output_metrics, psnr,
                                       run_onnx_file)
 from dcrt.converters.budget import (damage, frontier, greedy_path, hull, parse_size, plan_for_budget,
                                     state_bytes)
@@ -22,7 +24,8 @@ from dcrt.converters.convert import convert
 from dcrt.converters.onnx_frontend import from_onnx
 from dcrt.converters.plan import LayerPlan, load_config, make_plan
 from dcrt.converters.sweep import Sweep, SweepPoint, sweep, write_plots, write_tables
-from dcrt.errors import ConfigError, InputError
+from dcrt.errors import ConfigError, ConversionError, InputError
+from dcrt.files import json_safe
 from dcrt.format import open_dcm
 from dcrt.graph import Graph, Node, ValueInfo
 
@@ -247,6 +250,127 @@ def test_load_data_formats(tmp_path):
         load_data(str(tmp_path / "missing.npz"), inputs)
 
 
+def test_data_and_labels_a_user_can_get_wrong(tmp_path):
+    """Non-finite inputs (a NaN row's arg-max is 0 on both sides: it would count as agreeing), a damaged
+    .npz and labels that are no class indices are InputErrors; labels inside the .npz are checked and
+    read as --labels are (one-hot rows become indices); arrays given to the API are checked so too."""
+    import zipfile
+    inputs = [ValueInfo("input", np.float32, ["N", 3])]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    bad = x.copy()
+    bad[1, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", input=bad)
+    with pytest.raises(InputError, match="holds 1 NaN or infinite values"):
+        load_data(str(tmp_path / "nan.npz"), inputs)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        feeds_of({"input": bad}, inputs)
+    assert np.array_equal(feeds_of(x.astype(np.float64), inputs, max_samples=2)["input"], x[:2])
+    np.savez(tmp_path / "ok.npz", input=x)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:100])
+    with pytest.raises(zipfile.BadZipFile):
+        np.load(tmp_path / "cut.npz")
+    with pytest.raises(InputError, match="cannot read the data .not a .npz or .npy file written by numpy"):
+        load_data(str(tmp_path / "cut.npz"), inputs)
+    np.savez(tmp_path / "onehot.npz", input=x, labels=np.eye(5)[[0, 4, 2, 1]])
+    assert np.array_equal(load_data(str(tmp_path / "onehot.npz"), inputs)[1], [0, 4, 2, 1])
+    for labels, message in [(np.array(["cat"] * 4), "not <U3 values"), (np.full(4, 0.5), "not float64 values"),
+                            (np.array([0, 1, -1, 2]), "from 0; found -1"), (np.full(4, np.inf), "float64")]:
+        np.savez(tmp_path / "lab.npz", input=x, labels=labels)
+        with pytest.raises(InputError, match=message):
+            load_data(str(tmp_path / "lab.npz"), inputs)
+        np.save(tmp_path / "lab.npy", labels)
+        with pytest.raises(InputError, match=message):
+            load_labels(str(tmp_path / "lab.npy"))
+
+
+def test_time_major_inputs_are_refused_not_cut_into_time_steps(tmp_path):
+    """An input an LSTM reads as [seq, batch, features] (ONNX's default layout) would be cut along its
+    time axis by the tools, which take samples along the first axis: an InputError saying so."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("W", (1, 64, 8)), ("R", (1, 64, 16))]]
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], hidden_size=16, name="lstm")],
+                              "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", "N", 8])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(tmp_path / "m.onnx"))
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((30, 4, 8)).astype(np.float32))
+    with pytest.raises(InputError, match="input 'x' is time-major .* LSTM 'lstm' reads it with layout 0"):
+        evaluate(str(tmp_path / "m.dcm"), str(tmp_path / "m.onnx"), str(tmp_path / "d.npz"))
+    with pytest.raises(InputError, match="export the model batch-first"):
+        Runner(_ir(tmp_path / "m.onnx"))
+    graph.node[0].attribute.append(helper.make_attribute("layout", 1))     # batch-first: accepted
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 8]))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(tmp_path / "b.onnx"))
+    assert Runner(_ir(tmp_path / "b.onnx")).run({"x": np.zeros((2, 3, 8), np.float32)})[0].shape == (2, 1, 16)
+
+
+def _two_heads(path, rng):
+    """x [N, 16] -> a regression head r [N, 1] (first) and a 10-class head c [N, 10]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("reg.weight", (1, 64)), ("cls.weight", (10, 64)), ("trunk.weight", (64, 16))]]
+    nodes = [helper.make_node("Gemm", ["x", "trunk.weight"], ["t"], transB=1), helper.make_node("Relu", ["t"], ["h"]),
+             helper.make_node("Gemm", ["h", "reg.weight"], ["r"], transB=1),
+             helper.make_node("Gemm", ["h", "cls.weight"], ["c"], transB=1),
+             helper.make_node("ReduceSum", ["c"], ["total"], keepdims=0, noop_with_empty_axes=0)]
+    graph = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("r", "c", "total")],
+                              inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def test_agreement_is_judged_on_the_output_with_classes(tmp_path, capsys):
+    """A regression head first (one value per sample always "agrees") and a classifier after it: eval,
+    --min-agreement, sweeps and budgets judge the classifier; a 0-d output is reported, not a crash;
+    labels inside the .npz alone are enough to evaluate."""
+    rng = np.random.default_rng(0)
+    src = _two_heads(tmp_path / "m.onnx", rng)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=np.arange(64) % 10)
+    dcm = str(tmp_path / "m.dcm")
+    convert(src, dcm, bits=2, sparsity=0.95)
+    report = evaluate(dcm, src, str(tmp_path / "d.npz"))
+    assert set(report["outputs"]) == {"r", "c", "total"}
+    assert "top1_agreement" not in report["outputs"]["r"] and "compressed_top1_accuracy" in report["outputs"]["c"]
+    agreement = report["outputs"]["c"]["top1_agreement"]
+    assert agreement < 1.0
+    assert main(["eval", dcm, "--reference", src, "--data", str(tmp_path / "d.npz"), "--min-agreement",
+                 f"{100 * agreement + 1:.3f}"]) == 1
+    capsys.readouterr()
+    only_labels = evaluate(dcm, None, str(tmp_path / "d.npz"))
+    assert list(only_labels["outputs"]) == ["c"]
+    model = _ir(src)
+    plans = make_plan(model.graph)
+    feeds = {"x": x}
+    result = sweep(model, plans, feeds, sparsities=(0.0, 0.95), bits=(2, 8))
+    reg = {(p.sparsity, p.bits): p for p in result.of("reg.weight")}
+    cls = {(p.sparsity, p.bits): p for p in result.of("cls.weight")}
+    assert reg[(0.95, 2)].top1_agreement == 1.0 and cls[(0.95, 2)].top1_agreement < 1.0   # the classifier's
+    assert reg[(0.95, 2)].cosine < 0.999        # the regression head's damage shows in the cosine
+    assert judged_output([np.zeros((4, 1)), np.zeros((4, 10))]) == 1 and judged_output([np.zeros(4)]) == 0
+    with pytest.raises(ConfigError, match="no output of the model has classes"):
+        plan_for_budget(_regression_only(tmp_path, rng), {"x": rng.standard_normal((8, 64)).astype(np.float32)},
+                        max_drop=1.0, sparsities=(0.0, 0.5), bits=(4, 8))
+
+
+def _regression_only(tmp_path, rng):
+    """x [N, 64] -> one value per sample."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "reg.weight"], ["r"], transB=1)], "reg",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.standard_normal((1, 64)).astype(np.float32), "reg.weight")])
+    path = tmp_path / "reg.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
 def test_output_metrics_by_hand():
     ref = np.array([[3.0, 1, 0, 0, 0, 0], [0, 2, 1, 0, 0, 0], [0, 0, 1, 5, 0, 0]])
     got = np.array([[3.0, 1, 0, 0, 0, 0], [0, 1, 2, 0, 0, 0], [0, 0, 1, 5, 0, 0]])
@@ -295,7 +419,15 @@ def test_eval_cli(onnx_path, dcm_path, zoo, tmp_path, capsys):
     assert main(["eval", str(dcm), "--reference", str(src), "--data", data]) == 0
     text = capsys.readouterr().out
     assert "top-1 agreement" in text and "fc1.weight" in text and "PSNR" in text
-    assert main(["eval", str(dcm), "--reference", str(src), "--data", data, "--min-agreement", "100.1"]) == 1
+    harsh = str(tmp_path / "harsh.dcm")     # 2-bit codebooks: some of the 24 answers change
+    convert(str(src), harsh, bits=2, sparsity=0.95)
+    assert main(["eval", harsh, "--reference", str(src), "--data", data, "--min-agreement", "100"]) == 1
+    assert "is below --min-agreement 100.0 %" in capsys.readouterr().err
+    assert below_minimum(28 / 100, 29) and not below_minimum(29 / 100, 29)     # 100 * 0.29 is 28.999...
+    for bad in ("100.1", "-5", "nan"):
+        with pytest.raises(SystemExit):     # argparse: a message and status 2
+            main(["eval", str(dcm), "--reference", str(src), "--data", data, "--min-agreement", bad])
+        assert "a percentage is in [0, 100]" in capsys.readouterr().err
     np.savez(tmp_path / "bad.npz", a=np.zeros((2, 5)), b=np.zeros((2, 5)))
     assert main(["eval", str(dcm), "--reference", str(src), "--data", str(tmp_path / "bad.npz")]) == 2
     err = capsys.readouterr().err
@@ -497,6 +629,46 @@ def test_plan_cli_writes_a_reusable_config(onnx_path, zoo, tmp_path, capsys):
     assert (tmp_path / "kept.dcm").read_bytes() == b"precious" and not (tmp_path / "kept.dcm.plan.json").exists()
 
 
+def test_plans_reuse_a_sweep_of_more_layers_and_refuse_an_edited_one(mlp_sweep, onnx_path, tmp_path, capsys):
+    """``dcrt plan --sweep`` with a base plan that skips a swept layer walks the others only; a sweep.json
+    whose values were edited into other types is a ConfigError, not a TypeError deep in the walk."""
+    model, plans, feeds, result = mlp_sweep
+    src = str(onnx_path("lenet_300_100"))
+    (tmp_path / "sweep.json").write_text(json.dumps(json_safe(result.to_json())))
+    (tmp_path / "skip.json").write_text(json.dumps({"layers": {"fc3.weight": {"skip": True}}}))
+    np.savez(tmp_path / "calib.npz", **feeds)
+    out = tmp_path / "plan.json"
+    assert main(["plan", src, "--data", str(tmp_path / "calib.npz"), "--sweep", str(tmp_path / "sweep.json"),
+                 "--config", str(tmp_path / "skip.json"), "--max-drop", "50", "-o", str(out), "-q"]) == 0
+    layers = load_config(str(out))["layers"]
+    assert layers["fc3.weight"]["skip"] is True and {"bits", "sparsity"} <= set(layers["fc1.weight"])
+    edited = result.to_json()
+    edited["points"][0]["coded_bytes"] = "12"
+    (tmp_path / "edited.json").write_text(json.dumps(json_safe(edited)))
+    assert main(["plan", src, "--data", str(tmp_path / "calib.npz"), "--sweep", str(tmp_path / "edited.json"),
+                 "--max-drop", "50", "-o", str(out), "-q"]) == 2
+    assert "coded_bytes must be int, not '12'" in capsys.readouterr().err
+
+
+def test_api_configs_and_few_calibration_samples(onnx_path, zoo, tmp_path):
+    """A config dict given to ``convert`` is checked as a file is; with too few calibration samples for a
+    layer's centroids, the layer keeps its k-means centroids (the fit would only match those samples)."""
+    src = str(onnx_path("lenet_300_100"))
+    for config, message in [({"layers": {"fc1.weight": {"sparsity": -0.5}}}, "sparsity must be in"),
+                            ({"layers": {"fc1.weight": {"bits": 40}}}, "bits must be 1..16"),
+                            ({"bogus": {}}, "unknown section"), ([1], "top level must be a mapping")]:
+        with pytest.raises(ConfigError, match=message):
+            convert(src, str(tmp_path / "m.dcm"), config=config)
+    assert not (tmp_path / "m.dcm").exists()
+    model = _ir(onnx_path("lenet_300_100"))
+    plans = make_plan(model.graph)
+    few = calibrate(model, plans, _feeds(zoo, "lenet_300_100", 2, seed=5))
+    assert not few.layers["fc3.weight"].refined and "too few" in few.layers["fc3.weight"].reason
+    assert np.array_equal(few.weights["fc3.weight"], model.graph.initializers["fc3.weight"])
+    many = calibrate(model, plans, _feeds(zoo, "lenet_300_100", 64, seed=5))
+    assert many.layers["fc3.weight"].refined
+
+
 # -- plumbing --------------------------------------------------------------------------------------
 
 
@@ -531,20 +703,40 @@ def test_calibrate_reads_a_data_file_and_skips_what_it_cannot_refine(onnx_path, 
         assert cal.plans[n] == plans[n]
 
 
-def test_convert_flags_helper_writes_the_plan_next_to_the_output(onnx_path, zoo, tmp_path):
-    """What ``dcrt convert --target-size/--max-drop --calib`` calls (see accuracy_cli)."""
+def test_convert_with_a_budget_writes_the_plan_next_to_the_output(onnx_path, zoo, tmp_path, capsys, monkeypatch):
+    """``dcrt convert --target-size --calib``: the .dcm fits and its plan lands beside it, only once the
+    conversion succeeded; an existing plan is replaced only with --force; pruning flags the sweep
+    did not measure with are refused before any work."""
     import argparse
     from dcrt.converters.accuracy_cli import convert_budget_config
     src = str(onnx_path("lenet_300_100"))
     np.savez(tmp_path / "calib.npz", **_feeds(zoo, "lenet_300_100", 32, seed=3))
-    args = argparse.Namespace(model=src, output=str(tmp_path / "m.dcm"), calib=str(tmp_path / "calib.npz"),
-                              target_size="90KB", max_drop=None, config=None, bits=None, sparsity=None,
-                              coder=None, weights=None, quiet=True)
-    config = convert_budget_config(args)
-    assert load_config(str(tmp_path / "m.dcm.plan.json")) == config
-    convert(src, args.output, config=config)
-    assert os.path.getsize(args.output) <= 90_000
+    out, calib = tmp_path / "m.dcm", str(tmp_path / "calib.npz")
+    assert main(["convert", src, "-o", str(out), "--calib", calib, "--target-size", "90KB", "-q"]) == 0
+    assert out.stat().st_size <= 90_000
+    plan = load_config(str(tmp_path / "m.dcm.plan.json"))
+    with open_dcm(str(out)) as dcm:
+        assert {n: {"bits": p["bits"], "sparsity": p["sparsity"]} for n, p in dcm.plan["layers"].items()
+                if not p.get("skip")} == {n: {"bits": p["bits"], "sparsity": p["sparsity"]}
+                                          for n, p in plan["layers"].items()}
+    out.unlink()        # the plan alone is left: refused without --force, before the sweep
+    assert main(["convert", src, "-o", str(out), "--calib", calib, "--target-size", "90KB", "-q"]) == 2
+    assert "m.dcm.plan.json exists" in capsys.readouterr().err and not out.exists()
+    for flag in (["--no-prune"], ["--threshold", "0.01"]):
+        assert main(["convert", src, "-o", str(tmp_path / "n.dcm"), "--calib", calib, "--target-size", "90KB",
+                     *flag]) == 2
+        assert "leave out --no-prune and --threshold" in capsys.readouterr().err
+    from dcrt.converters import convert as convert_module
+
+    def full_disk(*args, **kwargs):
+        raise ConversionError("no space left on the device")
+    monkeypatch.setattr(convert_module, "write_dcm", full_disk)     # the plan is made, the writing fails
+    bad = tmp_path / "bad.dcm"
+    assert main(["convert", src, "-o", str(bad), "--calib", calib, "--target-size", "90KB", "-q"]) == 2
+    assert "no space left" in capsys.readouterr().err and not list(tmp_path.glob("bad.dcm*"))
     assert convert_budget_config(argparse.Namespace(target_size=None, max_drop=None)) is None
-    args.calib = None
+    args = argparse.Namespace(model=src, output=str(tmp_path / "c.dcm"), calib=None, target_size="90KB",
+                              max_drop=None, config=None, bits=None, sparsity=None, coder=None, weights=None,
+                              quiet=True)
     with pytest.raises(ConfigError, match="calibration data"):
         convert_budget_config(args)
