@@ -564,6 +564,6 @@ def evaluate(dcm_path: str, reference: Optional[str], data: str, labels: Optiona
     return report
 
 
-__all__ = ["load_data", "feeds_of", "check_batch_first", "load_labels", "output_metrics", "judged_output", "model_metrics",
-           "weight_psnr", "psnr",
-           "cosine", "Runner", "run_onnx_file", "run_dcm", "evaluate", "layer_fidelity", "to_onnx"]
+__all__ = ["load_data", "feeds_of", "check_batch_first", "load_labels", "output_metrics", "judged_output",
+           "model_metrics", "weight_psnr", "psnr", "cosine", "Runner", "run_onnx_file", "run_dcm", "evaluate",
+           "layer_fidelity", "to_onnx"]

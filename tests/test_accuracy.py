@@ -13,8 +13,7 @@ from dcrt.cli import main
 from dcrt.converters.accuracy_cli import below_minimum
 from dcrt.converters import passes
 from dcrt.converters.accuracy import (Runner, cosine, evaluate, feeds_of, judged_output, load_data,
-                                      load_labels, output_metrics, psnr,
-                                      run_onnx_file)
+                                      load_labels, output_metrics, psnr, run_onnx_file)
 from dcrt.converters.budget import (damage, frontier, greedy_path, hull, parse_size, plan_for_budget,
                                     state_bytes)
 from dcrt.converters.calibrate import (calibrate, layer_rows, layer_view, normal_equations, output_error,
