@@ -278,13 +278,22 @@ def output_metrics(reference: np.ndarray, approx: np.ndarray,
         m["top1_agreement"] = float(np.mean(ref_top == got.argmax(1)))
         m["top5_agreement"] = float(np.mean(np.any(topk(got, 5) == ref_top[:, None], axis=1)))
         if labels is not None:
-            lab = np.asarray(labels).reshape(-1)
-            if lab.size != ref.shape[0]:
-                raise InputError(f"{lab.size} labels for {ref.shape[0]} predictions")
+            lab = _label_rows(labels, ref)
             for tag, y in (("reference", ref), ("compressed", got)):
                 m[f"{tag}_top1_accuracy"] = float(np.mean(y.argmax(1) == lab))
                 m[f"{tag}_top5_accuracy"] = float(np.mean(np.any(topk(y, 5) == lab[:, None], axis=1)))
     return m
+
+
+def _label_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Labels, one per row of ``scores`` (``[rows, classes]``), each a class the scores have."""
+    lab = np.asarray(labels).reshape(-1)
+    if lab.size != scores.shape[0]:
+        raise InputError(f"{lab.size} labels for {scores.shape[0]} predictions")
+    if lab.size and lab.max() >= scores.shape[1]:
+        raise InputError(f"label {int(lab.max())} names no class: the output has {scores.shape[1]} "
+                         f"(0 to {scores.shape[1] - 1})")
+    return lab
 
 
 def judged_output(outputs: Sequence[np.ndarray]) -> int:
@@ -555,9 +564,7 @@ def evaluate(dcm_path: str, reference: Optional[str], data: str, labels: Optiona
         report["layers"] = layer_fidelity(dcm_path, reference)
     else:
         first = _classes(got[out_names.index(judged)])
-        lab = np.asarray(y).reshape(-1)
-        if lab.size != first.shape[0]:
-            raise InputError(f"{lab.size} labels for {first.shape[0]} predictions")
+        lab = _label_rows(y, first)
         report["outputs"][judged] = {
             "compressed_top1_accuracy": float(np.mean(first.argmax(1) == lab)),
             "compressed_top5_accuracy": float(np.mean(np.any(topk(first, 5) == lab[:, None], axis=1)))}

@@ -381,6 +381,8 @@ def test_output_metrics_by_hand():
     assert m["cosine"] == pytest.approx(float(np.sum(ref * got) / np.sum(ref * ref)))
     assert m["psnr_db"] == pytest.approx(10 * np.log10(25 / (2 / 18)))
     assert psnr(ref, ref) == float("inf") and cosine(ref, ref) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="label 6 names no class: the output has 6"):
+        output_metrics(ref, got, labels=np.array([0, 6, 1]))
 
 
 def test_eval_matches_a_direct_computation(onnx_path, dcm_path, zoo, tmp_path):
