@@ -17,7 +17,7 @@ from dcrt.errors import ConfigError, ConversionError, DcrtError, UnsupportedOper
 from dcrt.format.tensor import TensorRecord
 from dcrt.format.writer import output_problem, write_dcm
 from dcrt.files import read_bytes
-from dcrt.graph import Model
+from dcrt.graph import Model, all_initializers
 
 from . import passes
 from .compress import compress_tensor
@@ -137,7 +137,7 @@ def convert(source: str, output: str, *, weights: Optional[str] = None, bits: Op
     model, fmt = load_model(source, weights)
     # gzip -9 of a large original takes seconds; zlib releases the GIL, so it overlaps the compression.
     pool = ThreadPoolExecutor(max_workers=1)
-    weight_bytes = sum(v.nbytes for v in model.graph.initializers.values())
+    weight_bytes = sum(v.nbytes for v in all_initializers(model.graph).values())
     info_job = pool.submit(source_info, source_files(source, weights), weight_bytes, fmt)
     passes.simplify(model.graph)
     check_operators(model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -79,6 +79,24 @@ def subgraphs(node: Node) -> List[Tuple[str, Graph]]:
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, Graph):
                 found.append((key, item))
+    return found
+
+
+def all_nodes(graph: Graph) -> Iterator[Node]:
+    """The nodes of ``graph`` and of its subgraphs, nested ones too."""
+    for node in graph.nodes:
+        yield node
+        for _, sub in subgraphs(node):
+            yield from all_nodes(sub)
+
+
+def all_initializers(graph: Graph) -> Dict[str, Any]:
+    """The initializers of ``graph`` and of its subgraphs (an If branch's weights), by name."""
+    found = dict(graph.initializers)
+    for node in all_nodes(graph):
+        for _, sub in subgraphs(node):
+            for name, value in sub.initializers.items():
+                found.setdefault(name, value)
     return found
 
 

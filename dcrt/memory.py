@@ -23,7 +23,7 @@ import numpy as np
 
 from .codecs import symbol_dtype
 from .format.tensor import QUANTIZED, SPARSE, TensorRecord
-from .graph import Graph, subgraphs
+from .graph import Graph, all_nodes, subgraphs
 from .sparse import matrix_shape
 
 MODES = ("index", "dense", "stream")
@@ -271,13 +271,19 @@ def dense_bytes(record: TensorRecord) -> int:
     return record.stats.original_bytes
 
 
-def resident_bytes(records, grouping: Optional[Mapping[str, str]] = None) -> Dict[str, int]:
+def resident_bytes(records, grouping: Optional[Mapping[str, str]] = None,
+                   graph: Optional[Graph] = None) -> Dict[str, int]:
     """Total weight bytes resident in each mode for an iterable of TensorRecords (``grouping``: what
-    :func:`groupings` gives for their graph)."""
+    :func:`groupings` gives for their graph). Stream mode's is a peak: the raw tensors and the
+    compressed weights of the one node that holds the most (``graph``'s nodes; without it, of the
+    largest weight alone: a node holds all its weights at once, an LSTM its ``W`` and ``R``)."""
     records, grouping = list(records), grouping or {}
     raw = sum(dense_bytes(r) for r in records if r.encoding not in (QUANTIZED, SPARSE))
-    largest = max((stream_bytes(r, grouping.get(r.name, ROWS)) for r in records
-                   if r.encoding in (QUANTIZED, SPARSE)), default=0)
+    held = {r.name: stream_bytes(r, grouping.get(r.name, ROWS)) for r in records
+            if r.encoding in (QUANTIZED, SPARSE)}
+    largest = max(held.values(), default=0)
+    if graph is not None:
+        largest = max([largest] + [sum(held.get(n, 0) for n in set(node.inputs)) for node in all_nodes(graph)])
     return {"index": sum(index_bytes(r, grouping.get(r.name, ROWS)) for r in records),
             "dense": sum(dense_bytes(r) for r in records),
             "stream": raw + largest}

@@ -9,24 +9,25 @@ from .errors import ConversionError, FormatError
 from .files import read_bytes
 from .format import DcmFile, open_dcm
 from .format.tensor import QUANTIZED, SPARSE
+from .graph import all_nodes
 from .memory import ROWS, dense_bytes, groupings, index_bytes, resident_bytes, stream_bytes
 
 
 def layer_rows(dcm: DcmFile, grouping: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
     """One row per stored tensor, in graph order, from the stored stats (no decoding); ``grouping``:
     ``dcrt.memory.groupings`` of the graph, when the caller has it."""
-    graph = dcm.model.graph
+    graph, tensors = dcm.model.graph, dcm.tensors      # subgraphs' weights too
     order, ops = [], {}
-    for node in graph.nodes:
+    for node in all_nodes(graph):
         for name in node.inputs:
-            if name in graph.initializers and name not in ops:
+            if name in tensors and name not in ops:
                 ops[name] = node.op_type
                 order.append(name)
-    order += sorted(set(graph.initializers) - set(ops))
+    order += sorted(set(tensors) - set(ops))
     grouping = groupings(graph) if grouping is None else grouping
     rows = []
     for name in order:
-        t = graph.initializers[name]
+        t = tensors[name]
         s, rec = t.stats, t.record
         coded = rec.encoding in (QUANTIZED, SPARSE)
         g = grouping.get(name, ROWS)
@@ -58,7 +59,7 @@ def inspect(path: str) -> Dict[str, Any]:
         g = dcm.model.graph
         grouping = groupings(g)
         rows = layer_rows(dcm, grouping)
-        memory = resident_bytes((t.record for t in g.initializers.values()), grouping)
+        memory = resident_bytes((t.record for t in dcm.tensors.values()), grouping, g)
         return {"file": path, "producer": dcm.producer, "format_version": "%d.%d" % dcm.format_version,
                 "opsets": dcm.model.opsets, "source": dcm.source,
                 "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
@@ -80,7 +81,8 @@ def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     try:
         with open_dcm(data) as dcm:
-            memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph))
+            memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph),
+                                    dcm.model.graph)
             source = dict(dcm.source)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None

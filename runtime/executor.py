@@ -19,6 +19,7 @@ inputs that accept weights, and expanded with ``kernels.dense`` for any other in
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -32,6 +33,10 @@ from . import kernels
 from .ops import OPS, WEIGHT_INPUTS, nn, supported
 
 WeightSource = Callable[[str], Any]
+#: The weight source of the run in progress (this thread's, this task's), for the subgraphs it runs
+#: (If branches, Loop bodies): they read their own weights through it, so that a session decodes and
+#: keeps them as it does the graph's (once, in its mode) instead of decoding them on every run.
+_RUN_WEIGHTS: ContextVar[Optional[WeightSource]] = ContextVar("dcrt_run_weights", default=None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,14 @@ class Subgraph:
         values = dict(captured)
         if feeds:
             values.update(feeds)
-        result = self.executor.run(values, self.graph.initializers.__getitem__)
+        outer, own = _RUN_WEIGHTS.get(), self.graph.initializers
+
+        def weights(name: str) -> Any:
+            try:
+                return outer(name)
+            except KeyError:        # a source that knows the top-level graph's weights only
+                return own[name]
+        result = self.executor.run(values, own.__getitem__ if outer is None else weights)
         return [result[v.name] for v in self.graph.outputs]
 
 
@@ -123,6 +135,7 @@ class Executor:
         self.output_names = [v.name for v in graph.outputs]
         outer = set(outer_scope)
         self._steps = self._order(graph, outer)
+        self._nested = any(subgraphs(node) for node in graph.nodes)     # If / Loop / Scan bodies
         self._produced = {name for step in self._steps for name in step.outputs if name}
         self._known = self._produced | set(self.input_names) | set(graph.initializers) | outer
         for name in self.output_names:
@@ -288,8 +301,16 @@ class Executor:
         per step of :meth:`steps`, to which each step adds the seconds its function and the
         fetching of its weights took.
         """
-        if weights is None:
-            weights = self.graph.initializers.__getitem__
+        if not self._nested:
+            return self._run(feeds, weights or self.graph.initializers.__getitem__, outputs, times)
+        token = _RUN_WEIGHTS.set(weights)       # for its subgraphs (None: they read their own initializers)
+        try:
+            return self._run(feeds, weights or self.graph.initializers.__getitem__, outputs, times)
+        finally:
+            _RUN_WEIGHTS.reset(token)
+
+    def _run(self, feeds: Mapping[str, Any], weights: WeightSource, outputs: Optional[Sequence[str]],
+             times: Optional[List[float]]) -> Dict[str, np.ndarray]:
         wanted = None if outputs is None else tuple(outputs)
         plan = self._default_plan
         if wanted not in (None, plan.outputs):

@@ -231,8 +231,10 @@ class IndexedWeight:
     fused_epilogue = True       # matmul/matmul_t take bias= and clamp= (see kernels.matmul_t)
 
     def __init__(self, codebook: np.ndarray, indices: np.ndarray):
-        # an own (writable) copy, as SparseWeight's: a read-only view of the file would be another
-        # type to numba, i.e. a second compiled specialisation of each kernel to load (~0.5 MB)
+        # the codebook an own (writable) copy, as SparseWeight's: a read-only view of the file would be
+        # another type to numba, i.e. a second compiled specialisation of each kernel to load (~0.5 MB).
+        # The indices are as decoded: a --coder none file's are a read-only view of the memory map
+        # (resident file pages, counted by Session.resident_bytes()["now"] as held)
         self.codebook = np.array(codebook, dtype=np.float32)
         self.indices = indices
         self.arrays = (indices, self.codebook)     # what the compiled kernels read (an attribute: ~0.1 us)

@@ -184,7 +184,7 @@ class Session:
         self._file = open_dcm(model)
         m = self._file.model
         self._executor = Executor(m.graph, m.opsets, chain=mode != "stream")
-        self._tensors: Dict[str, StoredTensor] = m.graph.initializers
+        self._tensors: Dict[str, StoredTensor] = self._file.tensors    # subgraphs' weights too
         self._grouping = memory.groupings(m.graph)   # CSR weights not kept by rows in index mode
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
         self._outputs = [_node_arg(v) for v in m.graph.outputs]
@@ -218,7 +218,8 @@ class Session:
 
     def resident_bytes(self) -> Dict[str, int]:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
-        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._grouping)
+        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._grouping,
+                                       self._file.model.graph)
         with self._lock:
             held = list(self._cache.values())
         report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)

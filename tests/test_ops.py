@@ -745,6 +745,9 @@ class IndexedStandIn:
     ("Gemm", {"a": rand(3, 5), "w": rand(4, 5)}, dict(transB=1), ["y"]),
     ("Gemm", {"a": rand(3, 5), "w": rand(5, 4)}, {}, ["y"]),
     ("MatMul", {"a": rand(2, 3, 5), "w": rand(5, 4)}, {}, ["y"]),
+    ("MatMul", {"w": rand(4, 5), "x": rand(5, 3)}, {}, ["y"]),          # a weight on the left: W @ x
+    ("MatMul", {"w": rand(4, 5), "x": rand(2, 5, 3)}, {}, ["y"]),
+    ("MatMul", {"w": rand(4, 5), "x": rand(5)}, {}, ["y"]),
     ("Gather", {"w": rand(10, 4), "i": np.array([[1, -1], [3, 0]], np.int64)}, {}, ["y"]),
     ("LSTM", {"x": rand(3, 2, 4), "w": rand(2, 12, 4), "r": rand(2, 12, 3)},
      dict(hidden_size=3, direction="bidirectional"), ["y", "h", "c"]),
@@ -755,11 +758,11 @@ class IndexedStandIn:
 ])
 def test_weights_are_only_used_through_kernels(op: str, inputs: Dict[str, np.ndarray],
                                                attrs: Dict[str, Any], outputs: List[str]) -> None:
-    """Weight inputs given as indexed-weight stand-ins give the same results as arrays, and are
-    never expanded (``dense``) except for a depthwise kernel."""
+    """Weight inputs (at an operator's weight slots, named w or r here) given as indexed-weight stand-ins
+    give the same results as arrays, and are never expanded (``dense``) except for a depthwise kernel."""
     names = list(inputs)
     weight_positions = WEIGHT_INPUTS[op]
-    weight_names = [n for i, n in enumerate(names) if i in weight_positions]
+    weight_names = [n for i, n in enumerate(names) if i in weight_positions and n[0] in "wr"]
     graph = Graph([Node(op, names, outputs, attrs)],
                   [ValueInfo(n, inputs[n].dtype) for n in names if n not in weight_names],
                   [ValueInfo(o, np.float32) for o in outputs],

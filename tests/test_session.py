@@ -250,8 +250,8 @@ def test_stream_mode_keeps_no_weight_after_a_run(name, onnx_path, dcm_path, zoo)
 @pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "lstm_classifier", "gru_classifier"])
 def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, monkeypatch):
     """Stream mode never decodes a compressed weight to float32: each node gets an index form, the
-    size ``dcrt.memory.stream_bytes`` says (and ``dcrt size``'s stream row is the largest of them,
-    plus the raw tensors), and a run's peak allocation exceeds index mode's (activations, tiles,
+    size ``dcrt.memory.stream_bytes`` says (and ``dcrt size``'s stream row is the most that one node
+    holds at once, an LSTM or GRU its W and R, plus the raw tensors), and a run's peak allocation exceeds index mode's (activations, tiles,
     product tables) by under a quarter of the largest weight's float32 (with numba: numpy's Huffman
     decoder has per-bit temporaries of its own)."""
     from dcrt import memory
@@ -291,7 +291,9 @@ def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, m
     for tensor_name, nbytes in built.items():
         assert nbytes == memory.stream_bytes(tensors[tensor_name].record, sess._grouping.get(tensor_name, memory.ROWS))
     raw = sum(t.record.stats.original_bytes for t in tensors.values() if t.encoding == "raw")
-    assert sess.resident_bytes()["stream"] == raw + max(built.values())
+    together = max(sum(built.get(n, 0) for n in set(node.inputs)) for node in sess._file.model.graph.nodes)
+    assert sess.resident_bytes()["stream"] == raw + together
+    assert together > max(built.values()) if name == "lstm_classifier" else together == max(built.values())
     largest = max(t.size * 4 for t in tensors.values() if t.encoding != "raw")
     assert max(built.values()) < largest / 3
     stream_peak = peak(sess)
@@ -752,3 +754,79 @@ def test_a_file_written_over_while_open(dcm_path, tmp_path):
     with pytest.raises(InputError, match="the session is closed"):
         sess.run(np.ones((1, 784), np.float32))
     assert repr(sess).endswith("closed>")
+
+
+def test_weights_inside_if_branches_are_counted_and_kept(tmp_path, monkeypatch):
+    """Initializers of subgraphs (an If branch's weight) are rows of `dcrt inspect`, part of every size
+    and memory number and of `dcrt verify`, and a session decodes each once and keeps it as the
+    graph's own (they were read from the file on every run and counted nowhere)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from dcrt.format import open_dcm
+    from dcrt.format.reader import StoredTensor
+    from dcrt.report import inspect, size
+    rng = np.random.default_rng(1)
+
+    def branch(name):
+        w = numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.05).astype(np.float32), name)
+        return helper.make_graph([helper.make_node("Gemm", ["x", name], ["o_" + name], transB=1)], "b_" + name, [],
+                                 [helper.make_tensor_value_info("o_" + name, TensorProto.FLOAT, [1, 256])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=branch("W1"), else_branch=branch("W2"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "if.onnx"))
+    dcm = str(tmp_path / "if.dcm")
+    dcrt.convert(str(tmp_path / "if.onnx"), dcm)
+    weights = 4 + 2 * 256 * 256 * 4
+    assert {r["layer"] for r in inspect(dcm)["layers"]} == {"zero", "W1", "W2"}
+    report = size(dcm)
+    assert report["memory_bytes"]["dense"] == report["original"]["weight_bytes"] == weights
+    with open_dcm(dcm) as f:
+        assert set(f.tensors) == {"zero", "W1", "W2"}
+    decoded = []
+    decode = StoredTensor.decode
+    monkeypatch.setattr(StoredTensor, "decode", lambda t: decoded.append(t.name) or decode(t))
+    for mode in ("index", "dense", "stream"):
+        sess = dcrt.Session(dcm, mode=mode)
+        assert sess.resident_bytes()[mode] == weights
+        for x in (np.ones((1, 256), np.float32), -np.ones((1, 256), np.float32), np.ones((1, 256), np.float32)):
+            np.testing.assert_allclose(sess.run(x), ort_run(tmp_path / "if.onnx", {"x": x})[0], rtol=1e-5, atol=1e-6)
+        assert sorted(decoded) == ["W1", "W2", "zero"], (mode, decoded)     # once each, not every run
+        assert sess.resident_bytes()["now"] == weights
+        decoded.clear()
+
+
+def test_a_weight_on_the_left_of_matmul_is_never_expanded(tmp_path):
+    """``MatMul(W, x)``, a compressed W read first: computed from its held form (index and stream mode
+    allocated a float32 copy of W on every run), equal to onnxruntime on the decoded weight."""
+    from onnx import TensorProto, helper, numpy_helper
+    from dcrt.format import open_dcm
+    from dcrt.runtime import numba_kernels
+    w = (np.random.default_rng(0).standard_normal((256, 256)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["W", "x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 4])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    with open_dcm(str(tmp_path / "m.dcm")) as f:
+        assert f.tensors["W"].encoding != "raw"
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(f.tensors["W"].decode(), "W"))
+    onnx.save(model, str(tmp_path / "decoded.onnx"))
+    x = np.random.default_rng(1).standard_normal((256, 4)).astype(np.float32)
+    want = ort_run(tmp_path / "decoded.onnx", {"x": x})[0]
+    for mode in ("index", "stream", "dense"):
+        sess = dcrt.Session(str(tmp_path / "m.dcm"), mode=mode)
+        np.testing.assert_allclose(sess.run(x), want, rtol=1e-4, atol=1e-5)
+        tracemalloc.start()
+        try:
+            sess.run(x)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if mode == "index" or (mode == "stream" and numba_kernels.kernels() is not None):
+            assert peak < w.nbytes / 2, (mode, peak)    # a copy of W: 262 KB; numpy twins hold tiles

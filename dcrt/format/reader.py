@@ -25,7 +25,7 @@ import numpy as np
 
 from ..codecs import Coder, EncodedStream, Stage
 from ..errors import FormatError, VersionError
-from ..graph import Graph, Model, Node, ValueInfo
+from ..graph import Graph, Model, Node, ValueInfo, all_initializers
 from . import FILE_IDENTIFIER, FORMAT_MAJOR, dtypes
 from .digest import model_digest
 from .fb.Model import Model as FbModel
@@ -188,8 +188,8 @@ class DcmFile:
 
     @property
     def tensors(self) -> Dict[str, StoredTensor]:
-        """The initializers, by name."""
-        return self.model.graph.initializers
+        """The initializers, by name: the graph's and its subgraphs' (If branches, Loop bodies)."""
+        return all_initializers(self.model.graph)
 
     def verify(self) -> Dict[str, str]:
         """Check every checksum and decode every tensor; returns ``{name: problem}`` (empty if sound)."""

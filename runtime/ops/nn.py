@@ -378,16 +378,22 @@ def _gemm_general(a: np.ndarray, b: Any, c: Optional[np.ndarray], *, trans_a: bo
     return y
 
 
-@register("MatMul", weights=(1,))
-def matmul(attrs: Attrs, a: np.ndarray, b: Any) -> np.ndarray:
-    """numpy ``matmul`` semantics; a 2-D ``B`` (the usual weight) goes through the kernel."""
+@register("MatMul", weights=(0, 1))
+def matmul(attrs: Attrs, a: Any, b: Any) -> np.ndarray:
+    """numpy ``matmul`` semantics; a 2-D ``B`` (the usual weight) goes through the kernel, and so does a
+    2-D weight ``A`` on the left (``W @ x``), read as held: never expanded whole in index mode."""
+    dtype = (a if isinstance(a, np.ndarray) else b).dtype
     if a.ndim > 2 and b.ndim > 2:       # the batch axes broadcast
-        bounded(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), a.itemsize)
+        bounded(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), dtype.itemsize)
+    if not isinstance(a, np.ndarray) and a.ndim == 2 and isinstance(b, np.ndarray) and 1 <= b.ndim <= 3:
+        y = kernels.lmatmul(a, b[:, None]) if b.ndim == 1 else kernels.lmatmul(a, b)
+        return np.asarray(y if b.ndim > 1 else y[:, 0]).astype(dtype, copy=False)
+    a = kernels.dense(a)
     if b.ndim == 2:
         y = kernels.matmul(a, b)
     else:
         y = np.matmul(a, kernels.dense(b))
-    return np.asarray(y).astype(a.dtype, copy=False)
+    return np.asarray(y).astype(dtype, copy=False)
 
 
 @register("Einsum")
