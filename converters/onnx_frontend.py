@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 
 from dcrt.errors import ConversionError
+from dcrt.format.dtypes import NUMPY_TO_ONNX
 from dcrt.graph import Graph, Model, Node, ValueInfo
 
 try:
@@ -107,6 +108,10 @@ def _array(t: onnx.TensorProto) -> np.ndarray:
                               "dims or type; the file is damaged: export it again") from None
     if arr.dtype == object:
         raise ConversionError(f"tensor {t.name!r} holds strings, which dcrt does not support")
+    if np.dtype(arr.dtype) not in NUMPY_TO_ONNX:    # bfloat16, float8, int4 (numpy has no such types)
+        raise ConversionError(f"tensor {t.name!r} is {onnx.TensorProto.DataType.Name(t.data_type).lower()}, "
+                              "a type dcrt does not store (it stores float16/32/64, integers and bool): "
+                              "export the model with it as float16 or float32")
     return np.array(arr)  # own, writable, contiguous
 
 

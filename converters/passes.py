@@ -25,8 +25,35 @@ def simplify(graph: Graph) -> Graph:
 def _rename_input(graph: Graph, old: str, new: str) -> None:
     for node in graph.nodes:
         node.inputs = [new if i == old else i for i in node.inputs]
-        for _, sub in subgraphs(node):  # subgraphs may read outer-scope names
-            _rename_input(sub, old, new)
+        for _, sub in subgraphs(node):  # subgraphs may read outer-scope names, unless they define their own
+            if old not in _defined(sub):
+                _rename_input(sub, old, new)
+
+
+def _defined(graph: Graph) -> Set[str]:
+    """The names ``graph`` itself gives values to: its inputs, initializers and node outputs."""
+    return {v.name for v in graph.inputs} | set(graph.initializers) | {o for n in graph.nodes for o in n.outputs}
+
+
+def _all_names(graph: Graph) -> Set[str]:
+    """Every value name of ``graph`` and its subgraphs (read, defined or output)."""
+    names = _defined(graph) | {v.name for v in graph.outputs}
+    for node in graph.nodes:
+        names.update(node.inputs)
+        for _, sub in subgraphs(node):
+            names |= _all_names(sub)
+    return names
+
+
+def _shadowed(graph: Graph, old: str, new: str) -> bool:
+    """Whether renaming reads of ``old`` to ``new`` would reach a subgraph that reads ``old`` from
+    outside but has a value named ``new`` of its own (which the renamed reads would then take)."""
+    for node in graph.nodes:
+        for _, sub in subgraphs(node):
+            if old not in _defined(sub) and (any(old in n.inputs for n in sub.nodes) and new in _defined(sub)
+                                              or _shadowed(sub, old, new)):
+                return True
+    return False
 
 
 def _used_in_subgraph(graph: Graph, name: str) -> bool:
@@ -54,6 +81,8 @@ def drop_identities(graph: Graph) -> None:
                      and all(not o for o in node.outputs[1:]))
         if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
             removable = False  # training_mode given as an input: leave it to the runtime
+        if removable and _shadowed(graph, node.outputs[0], node.inputs[0]):
+            removable = False
         if removable:
             _rename_input(graph, node.outputs[0], node.inputs[0])
         else:
@@ -126,8 +155,9 @@ def fold_batchnorm(graph: Graph) -> None:
         b = (b - mean) * factor + beta
         dtype = inits[weights].dtype
         inits[weights] = w.astype(dtype)
-        bias_name = bias or _free_name(inits, weights[:-len("weight")] + "bias" if weights.endswith(".weight")
-                                       else f"{weights}.bias")
+        # a new name: no value of the graph or its subgraphs (an input, a node's output) may have it
+        bias_name = bias or _free_name(set(inits) | _all_names(graph), weights[:-len("weight")] + "bias"
+                                       if weights.endswith(".weight") else f"{weights}.bias")
         inits[bias_name] = b.astype(dtype)
         layer.inputs = [layer.inputs[0], weights, bias_name]
         layer.outputs = [bn.outputs[0]]

@@ -91,12 +91,16 @@ def all_nodes(graph: Graph) -> Iterator[Node]:
 
 
 def all_initializers(graph: Graph) -> Dict[str, Any]:
-    """The initializers of ``graph`` and of its subgraphs (an If branch's weights), by name."""
+    """The initializers of ``graph`` and of its subgraphs (an If branch's weights), by name; one of a
+    subgraph whose name an other already has is listed as ``"name (in <subgraph>)"``."""
     found = dict(graph.initializers)
     for node in all_nodes(graph):
         for _, sub in subgraphs(node):
             for name, value in sub.initializers.items():
-                found.setdefault(name, value)
+                key = name
+                while key in found and found[key] is not value:
+                    key = f"{key} (in {sub.name or node.name or node.op_type})"
+                found[key] = value
     return found
 
 

@@ -33,10 +33,11 @@ from . import kernels
 from .ops import OPS, WEIGHT_INPUTS, nn, supported
 
 WeightSource = Callable[[str], Any]
-#: The weight source of the run in progress (this thread's, this task's), for the subgraphs it runs
-#: (If branches, Loop bodies): they read their own weights through it, so that a session decodes and
-#: keeps them as it does the graph's (once, in its mode) instead of decoding them on every run.
-_RUN_WEIGHTS: ContextVar[Optional[WeightSource]] = ContextVar("dcrt_run_weights", default=None)
+#: How the run in progress (this thread's, this task's) holds a subgraph's own initializer (an If
+#: branch's weight, as stored): a session sets it so that it decodes and keeps those as it does the
+#: graph's, once and in its mode, instead of each run decoding them anew. By the stored tensor, not
+#: its name: two branches may each have their own weight of the same name.
+HOLD: ContextVar[Optional[Callable[[Any], Any]]] = ContextVar("dcrt_hold", default=None)
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,8 @@ class Subgraph:
         values = dict(captured)
         if feeds:
             values.update(feeds)
-        outer, own = _RUN_WEIGHTS.get(), self.graph.initializers
-
-        def weights(name: str) -> Any:
-            try:
-                return outer(name)
-            except KeyError:        # a source that knows the top-level graph's weights only
-                return own[name]
-        result = self.executor.run(values, own.__getitem__ if outer is None else weights)
+        hold, own = HOLD.get(), self.graph.initializers
+        result = self.executor.run(values, own.__getitem__ if hold is None else lambda name: hold(own[name]))
         return [result[v.name] for v in self.graph.outputs]
 
 
@@ -135,7 +130,6 @@ class Executor:
         self.output_names = [v.name for v in graph.outputs]
         outer = set(outer_scope)
         self._steps = self._order(graph, outer)
-        self._nested = any(subgraphs(node) for node in graph.nodes)     # If / Loop / Scan bodies
         self._produced = {name for step in self._steps for name in step.outputs if name}
         self._known = self._produced | set(self.input_names) | set(graph.initializers) | outer
         for name in self.output_names:
@@ -301,16 +295,8 @@ class Executor:
         per step of :meth:`steps`, to which each step adds the seconds its function and the
         fetching of its weights took.
         """
-        if not self._nested:
-            return self._run(feeds, weights or self.graph.initializers.__getitem__, outputs, times)
-        token = _RUN_WEIGHTS.set(weights)       # for its subgraphs (None: they read their own initializers)
-        try:
-            return self._run(feeds, weights or self.graph.initializers.__getitem__, outputs, times)
-        finally:
-            _RUN_WEIGHTS.reset(token)
-
-    def _run(self, feeds: Mapping[str, Any], weights: WeightSource, outputs: Optional[Sequence[str]],
-             times: Optional[List[float]]) -> Dict[str, np.ndarray]:
+        if weights is None:
+            weights = self.graph.initializers.__getitem__
         wanted = None if outputs is None else tuple(outputs)
         plan = self._default_plan
         if wanted not in (None, plan.outputs):

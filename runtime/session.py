@@ -29,10 +29,10 @@ from dcrt.errors import FormatError, InputError
 from dcrt.format import open_dcm
 from dcrt.format.reader import StoredTensor
 from dcrt.format.tensor import QUANTIZED, SPARSE
-from dcrt.graph import ValueInfo
+from dcrt.graph import ValueInfo, subgraphs
 
 from . import winograd
-from .executor import Executor
+from .executor import HOLD, Executor
 from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows
 
 MODES = memory.MODES
@@ -184,7 +184,8 @@ class Session:
         self._file = open_dcm(model)
         m = self._file.model
         self._executor = Executor(m.graph, m.opsets, chain=mode != "stream")
-        self._tensors: Dict[str, StoredTensor] = self._file.tensors    # subgraphs' weights too
+        self._tensors: Dict[str, StoredTensor] = m.graph.initializers
+        self._nested = any(subgraphs(node) for node in m.graph.nodes)     # If / Loop bodies
         self._grouping = memory.groupings(m.graph)   # CSR weights not kept by rows in index mode
         self._inputs = [_node_arg(v) for v in m.graph.inputs]
         self._outputs = [_node_arg(v) for v in m.graph.outputs]
@@ -194,6 +195,7 @@ class Session:
                             for i in self._inputs}
         self._output_names = [o.name for o in self._outputs]
         self._cache: Dict[str, Any] = {}
+        self._nested_cache: Dict[StoredTensor, Any] = {}    # subgraphs' own weights, by tensor
         self._lock = threading.Lock()
         self._closed = False
 
@@ -218,10 +220,10 @@ class Session:
 
     def resident_bytes(self) -> Dict[str, int]:
         """Weight bytes resident in each mode (estimated from the file) and ``"now"`` (held by this session)."""
-        report = memory.resident_bytes((t.record for t in self._tensors.values()), self._grouping,
+        report = memory.resident_bytes((t.record for t in self._file.tensors.values()), self._grouping,
                                        self._file.model.graph)
         with self._lock:
-            held = list(self._cache.values())
+            held = list(self._cache.values()) + list(self._nested_cache.values())
         report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)
         return report
 
@@ -233,15 +235,25 @@ class Session:
         t = self._tensors.get(name)
         if t is None:     # e.g. an If branch of a damaged or hostile graph that never produced it
             raise FormatError(f"the graph reads {name!r}, which no node produces and the file does not store")
+        return self._held(t, self._cache, name)
+
+    def _nested_weight(self, t: StoredTensor) -> Any:
+        """A subgraph's own initializer, held as the graph's are (``executor.HOLD``)."""
+        value = self._nested_cache.get(t)
+        return value if value is not None else self._held(t, self._nested_cache, t)
+
+    def _held(self, t: StoredTensor, cache: Dict[Any, Any], key: Any) -> Any:
+        """``t`` as this session's mode holds it, kept in ``cache[key]`` (stream mode: its compressed
+        tensors for the length of their node only)."""
         compressed = t.record.encoding in (QUANTIZED, SPARSE)
         self._file.check_size()     # the file is read below: a FormatError, not SIGBUS, if it shrank
         if self.mode == "stream" and compressed:
-            return stream_weight(t, self._grouping.get(name, memory.ROWS))
+            return stream_weight(t, self._grouping.get(t.name, memory.ROWS))
         with self._lock:       # one thread decodes; the others wait and reuse it
-            value = self._cache.get(name)
+            value = cache.get(key)
             if value is None:
                 if compressed and self.mode == "index":
-                    value = indexed_weight(t, self._grouping.get(name, memory.ROWS))
+                    value = indexed_weight(t, self._grouping.get(t.name, memory.ROWS))
                 else:
                     value = t.decode()
                     if not compressed and self._file.mapped:
@@ -252,8 +264,20 @@ class Session:
                     # a constant: no operator may change it, and kernels may keep what they derive
                     # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)
                     value.setflags(write=False)
-                self._cache[name] = value
+                cache[key] = value
         return value
+
+    def _run_graph(self, feeds: Dict[str, np.ndarray], names: Optional[List[str]],
+                   times: Optional[List[float]] = None) -> Dict[str, np.ndarray]:
+        # the weights decoded so far go in as given values (one dict lookup per read, not a call
+        # of _weight each: ~0.3 us per weight read); a feed with an initializer's name wins
+        if not self._nested:
+            return self._executor.run({**self._cache, **feeds}, self._weight, names, times)
+        token = HOLD.set(self._nested_weight)
+        try:
+            return self._executor.run({**self._cache, **feeds}, self._weight, names, times)
+        finally:
+            HOLD.reset(token)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, output_names: Any = None, input_feed: Optional[Mapping[str, Any]] = None, run_options: Any = None):
@@ -287,9 +311,7 @@ class Session:
             if bad:
                 raise InputError(f"unknown output(s) {', '.join(bad)}; the model's outputs are "
                                  f"{', '.join(sorted(self._output_names))}")
-        # the weights decoded so far go in as given values (one dict lookup per read, not a call
-        # of _weight each: ~0.3 us per weight read); a feed with an initializer's name wins
-        results = self._executor.run({**self._cache, **feeds}, self._weight, names)
+        results = self._run_graph(feeds, names)
         # the caller owns what it gets, each output its own array: one that is a weight (or a view of
         # one) is read-only here, the session's constant, and one that is an input or a view of it
         # (Identity, Reshape), or shares memory with another output, would change with them: copied
@@ -319,7 +341,7 @@ class Session:
         samples = np.empty((runs, len(steps)))
         for r in range(runs):
             times = [0.0] * len(steps)
-            self._executor.run({**self._cache, **feeds}, self._weight, None, times)
+            self._run_graph(feeds, None, times)
             samples[r] = times
         seconds = np.median(samples, axis=0)
         rows = []
@@ -382,6 +404,7 @@ class Session:
         """Drop decoded weights and unmap the file; the session cannot run afterwards."""
         self._closed = True
         self._cache.clear()
+        self._nested_cache.clear()
         self._file.close()
 
     def __enter__(self):

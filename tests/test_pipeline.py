@@ -389,3 +389,83 @@ def test_huffman_streams_are_within_2_percent_of_entropy(onnx_path, tmp_path):
             assert len(stream.payload) <= 1.02 * entropy + table, (rec.name, len(stream.payload), entropy)
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("taken_by", ["graph_input", "node_output"])
+def test_a_folded_bias_takes_a_name_no_value_has(taken_by, tmp_path):
+    """Folding a BatchNormalization into a Conv without bias makes one, named after the weight
+    (``c1.weight`` -> ``c1.bias``) unless a graph input or a node's output already has that name, which
+    the Conv would then read as its bias."""
+    import dcrt
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = {"c1.weight": rng.standard_normal((4, 3, 3, 3)), "s": rng.uniform(0.5, 2, 4), "bb": rng.standard_normal(4),
+             "m": rng.standard_normal(4), "v": rng.uniform(0.5, 2, 4)}
+    nodes = [helper.make_node("Conv", ["x", "c1.weight"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])]
+    if taken_by == "graph_input":
+        inputs.append(helper.make_tensor_value_info("c1.bias", TensorProto.FLOAT, [1, 4, 1, 1]))
+    else:
+        nodes.insert(0, helper.make_node("ReduceMean", ["x"], ["c1.bias"], axes=[0, 2, 3], keepdims=1))
+        inits["pad"] = np.zeros((1, 1, 1, 1))     # c1.bias is [1, 3, 1, 1]: padded to 4 channels below
+        nodes.insert(1, helper.make_node("Concat", ["c1.bias", "pad"], ["b4"], axis=1))
+    nodes.append(helper.make_node("Add", ["y", "c1.bias" if taken_by == "graph_input" else "b4"], ["z"]))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), bits=32, prune=False)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    if taken_by == "graph_input":
+        feeds["c1.bias"] = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    want = run_ort(model, feeds)[0]
+    conv = next(n for n in open_dcm(str(tmp_path / "m.dcm")).model.graph.nodes if n.op_type == "Conv")
+    assert len(conv.inputs) == 3 and conv.inputs[2] != "c1.bias"       # folded, under a free name
+    for mode in ("index", "dense", "stream"):
+        np.testing.assert_allclose(dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, feeds)[0], want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_dropping_an_identity_leaves_a_subgraphs_own_value_of_that_name(tmp_path):
+    """``Identity(x) -> t`` is dropped by renaming reads of ``t`` to ``x``, but not inside a Loop body
+    that has an input named ``t`` of its own (its loop-carried state)."""
+    import dcrt
+    from onnx import TensorProto, helper, numpy_helper
+    vi = helper.make_tensor_value_info
+    g1 = (np.random.default_rng(0).standard_normal((16, 16)) * 0.2).astype(np.float32)
+    body = helper.make_graph([helper.make_node("Gemm", ["t", "G1"], ["g"], transB=1),
+                              helper.make_node("Tanh", ["g"], ["t2"]), helper.make_node("Identity", ["cond"], ["cond2"])],
+                             "body", [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []),
+                                      vi("t", TensorProto.FLOAT, ["N", 16])],
+                             [vi("cond2", TensorProto.BOOL, []), vi("t2", TensorProto.FLOAT, ["N", 16])])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["t"]), helper.make_node("Relu", ["t"], ["r"]),
+                               helper.make_node("Loop", ["trip", "", "r"], ["y"], body=body)], "g",
+                              [vi("x", TensorProto.FLOAT, ["N", 16]), vi("trip", TensorProto.INT64, [])],
+                              [vi("y", TensorProto.FLOAT, ["N", 16])], [numpy_helper.from_array(g1, "G1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), bits=32, prune=False)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32), "trip": np.array(3, np.int64)}
+    want = run_ort(model, feeds)[0]
+    for mode in ("index", "dense", "stream"):
+        np.testing.assert_allclose(dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, feeds)[0], want,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("data_type", ["BFLOAT16", "FLOAT8E4M3FN", "INT4"])
+def test_tensor_types_dcrt_cannot_store_are_a_message(data_type, tmp_path):
+    """bfloat16, float8 and int4 tensors (numpy has no such types): a ConversionError naming the tensor
+    and its type, and no file (they were a TypeError traceback)."""
+    from onnx import TensorProto, helper
+    kind = getattr(TensorProto, data_type)
+    w = helper.make_tensor("w", kind, [4], [1, -2, 3, 4])
+    graph = helper.make_graph([helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+                               helper.make_node("Add", ["x", "wf"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "m.onnx"))
+    with pytest.raises(ConversionError, match=f"tensor 'w' is {data_type.lower()}, a type dcrt does not store"):
+        convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    assert not (tmp_path / "m.dcm").exists()

@@ -759,7 +759,8 @@ def test_a_file_written_over_while_open(dcm_path, tmp_path):
 def test_weights_inside_if_branches_are_counted_and_kept(tmp_path, monkeypatch):
     """Initializers of subgraphs (an If branch's weight) are rows of `dcrt inspect`, part of every size
     and memory number and of `dcrt verify`, and a session decodes each once and keeps it as the
-    graph's own (they were read from the file on every run and counted nowhere)."""
+    graph's own (they were read from the file on every run and counted nowhere). The two branches
+    each have their own weight named W: each computes with its own."""
     from onnx import TensorProto, helper, numpy_helper
     from dcrt.format import open_dcm
     from dcrt.format.reader import StoredTensor
@@ -767,13 +768,13 @@ def test_weights_inside_if_branches_are_counted_and_kept(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
 
     def branch(name):
-        w = numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.05).astype(np.float32), name)
-        return helper.make_graph([helper.make_node("Gemm", ["x", name], ["o_" + name], transB=1)], "b_" + name, [],
+        w = numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.05).astype(np.float32), "W")
+        return helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["o_" + name], transB=1)], name, [],
                                  [helper.make_tensor_value_info("o_" + name, TensorProto.FLOAT, [1, 256])], [w])
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
          helper.make_node("Greater", ["s", "zero"], ["c"]),
-         helper.make_node("If", ["c"], ["y"], then_branch=branch("W1"), else_branch=branch("W2"))],
+         helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
         [numpy_helper.from_array(np.array(0, np.float32), "zero")])
@@ -781,11 +782,11 @@ def test_weights_inside_if_branches_are_counted_and_kept(tmp_path, monkeypatch):
     dcm = str(tmp_path / "if.dcm")
     dcrt.convert(str(tmp_path / "if.onnx"), dcm)
     weights = 4 + 2 * 256 * 256 * 4
-    assert {r["layer"] for r in inspect(dcm)["layers"]} == {"zero", "W1", "W2"}
+    assert {r["layer"] for r in inspect(dcm)["layers"]} == {"zero", "W", "W (in then)"}
     report = size(dcm)
     assert report["memory_bytes"]["dense"] == report["original"]["weight_bytes"] == weights
     with open_dcm(dcm) as f:
-        assert set(f.tensors) == {"zero", "W1", "W2"}
+        assert set(f.tensors) == {"zero", "W", "W (in then)"}
     decoded = []
     decode = StoredTensor.decode
     monkeypatch.setattr(StoredTensor, "decode", lambda t: decoded.append(t.name) or decode(t))
@@ -794,7 +795,7 @@ def test_weights_inside_if_branches_are_counted_and_kept(tmp_path, monkeypatch):
         assert sess.resident_bytes()[mode] == weights
         for x in (np.ones((1, 256), np.float32), -np.ones((1, 256), np.float32), np.ones((1, 256), np.float32)):
             np.testing.assert_allclose(sess.run(x), ort_run(tmp_path / "if.onnx", {"x": x})[0], rtol=1e-5, atol=1e-6)
-        assert sorted(decoded) == ["W1", "W2", "zero"], (mode, decoded)     # once each, not every run
+        assert sorted(decoded) == ["W", "W", "zero"], (mode, decoded)     # once each, not every run
         assert sess.resident_bytes()["now"] == weights
         decoded.clear()
 
