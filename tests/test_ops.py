@@ -251,6 +251,27 @@ def test_resize_sizes(mode: str, sizes: List[int]) -> None:
           dict(mode=mode, coordinate_transformation_mode="half_pixel"), rtol=1e-4)
 
 
+@pytest.mark.parametrize("coord, nearest_mode, length, out", [
+    ("align_corners", "floor", 13, 7), ("align_corners", "floor", 13, 14), ("align_corners", "ceil", 11, 13),
+    ("align_corners", "round_prefer_floor", 11, 13), ("asymmetric", "round_prefer_ceil", 7, 2),
+    ("half_pixel", "round_prefer_ceil", 14, 1)])
+def test_resize_nearest_to_sizes_reads_the_exact_rows(coord: str, nearest_mode: str, length: int, out: int) -> None:
+    """With ``sizes`` the ratio is exact: 13 rows to 7 with align_corners read rows 0, 2, ..., 12 (a
+    float32 scale 7/13 put coordinates a hair below whole numbers, so floor took 0, 1, 3, ...)."""
+    x = np.arange(length, dtype=np.float32).reshape(1, 1, length, 1)
+    check("Resize", {"x": x, "roi": None, "scales": None, "sizes": np.array([1, 1, out, 1], np.int64)},
+          dict(mode="nearest", nearest_mode=nearest_mode, coordinate_transformation_mode=coord), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceProd", "ReduceMax", "ReduceMin", "ReduceL1",
+                                "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"])
+def test_reductions_over_no_axes_keep_their_elementwise_part(op: str) -> None:
+    """``noop_with_empty_axes=1`` and no axes: nothing is summed, but ReduceL1 still gives ``|x|``,
+    ReduceSumSquare ``x * x``, ReduceLogSum ``log x`` (onnxruntime and onnx's reference agree; dcrt gave
+    ``x`` back)."""
+    check(op, {"x": np.abs(rand(2, 3)) + 0.1, "axes": None}, dict(noop_with_empty_axes=1), opset=18)
+
+
 def test_resize_cubic_exclude_outside_and_tf_crop() -> None:
     x = rand(1, 1, 6, 6)
     check("Resize", {"x": x, "roi": None, "scales": np.array([1, 1, 0.7, 1.6], np.float32)},
@@ -919,6 +940,29 @@ def test_tensor_limit_is_configurable(tmp_path: Any) -> None:
     env = dict(__import__("os").environ, DCRT_MAX_TENSOR_BYTES=str(32 * 32 * 4))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("refused") and "[36, 32]" in out
+
+
+def test_a_loop_run_zero_times_gives_scan_outputs_as_declared() -> None:
+    """Zero iterations: each scan output is empty along its new first axis with the type and element
+    shape the body declares (they came back as float32 of shape (0,))."""
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond2"]), helper.make_node("Add", ["acc", "i"], ["acc2"]),
+         helper.make_node("Unsqueeze", ["i", "zero"], ["iu"]), helper.make_node("Identity", ["h"], ["hs"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []), vi("acc", TensorProto.INT64, [])],
+        [vi("cond2", TensorProto.BOOL, []), vi("acc2", TensorProto.INT64, []), vi("iu", TensorProto.INT64, [1]),
+         vi("hs", TensorProto.FLOAT, [2, 16])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trip", "", "a0"], ["accf", "idx", "hseq"], body=body)], "g",
+        [vi("trip", TensorProto.INT64, []), vi("a0", TensorProto.INT64, []), vi("h", TensorProto.FLOAT, [2, 16])],
+        [vi("accf", TensorProto.INT64, []), vi("idx", TensorProto.INT64, ["T", 1]),
+         vi("hseq", TensorProto.FLOAT, ["T", 2, 16])], [numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    for trip in (0, 3):
+        feeds = {"trip": np.array(trip, np.int64), "a0": np.array(5, np.int64), "h": rand(2, 16)}
+        for got, expected in run_both(model, feeds):
+            assert got.shape == expected.shape and got.dtype == expected.dtype, (trip, got.shape, expected.shape)
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_endless_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

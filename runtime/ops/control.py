@@ -70,6 +70,12 @@ def loop(attrs: Attrs, *inputs: Any) -> Tuple[np.ndarray, ...]:
         i += 1
     stacked: List[Optional[np.ndarray]] = [np.stack(b) if b else None for b in scanned]
     n_scan = len(body.graph.outputs) - 1 - len(carried)
-    if not scanned and n_scan > 0:  # zero iterations: empty scan outputs of unknown element shape
-        stacked = [np.zeros((0,), dtype=np.float32) for _ in range(n_scan)]
+    if not scanned and n_scan > 0:  # zero iterations: empty scan outputs, as the body declares them
+        stacked = [np.zeros((0,) + _declared_shape(v), v.dtype) for v in body.graph.outputs[1 + len(carried):]]
     return tuple(carried) + tuple(stacked)
+
+
+def _declared_shape(v: Any) -> Tuple[int, ...]:
+    """A value's declared shape when every dimension is a number, else ``()`` (unknown)."""
+    shape = v.shape or ()
+    return tuple(shape) if all(isinstance(d, int) for d in shape) else ()

@@ -446,9 +446,9 @@ def _reduce_axes(attrs: Attrs, x: np.ndarray, axes: Optional[np.ndarray]) -> Opt
 
 def _reduction(name: str, fn: Any, pre: Any = None, post: Any = None) -> None:
     def run(attrs: Attrs, x: np.ndarray, axes: Optional[np.ndarray] = None) -> np.ndarray:
+        # picked == () (no axes, noop_with_empty_axes): numpy reduces over no axis, so an element-wise
+        # part is still applied (ReduceL1 gives |x|, ReduceLogSum log x), as onnxruntime does
         picked = _reduce_axes(attrs, x, axes)
-        if picked == ():
-            return x
         keep = bool(attrs.get("keepdims", 1))
         v = pre(x) if pre else x
         y = fn(v, picked, keep)
@@ -519,29 +519,41 @@ _arg("ArgMin", np.argmin)
 # -- resizing --------------------------------------------------------------------------------------
 
 
-def _source_coords(mode: str, out: int, length: int, scale: float, roi: Tuple[float, float]) -> np.ndarray:
+def _source_coords(mode: str, out: int, length: int, scale: float, roi: Tuple[float, float],
+                   sized: bool = False) -> np.ndarray:
     """Input coordinate of every output index along one axis (``coordinate_transformation_mode``).
 
     ``scale * length`` (a float, not the rounded output size) is the "resized length", as in the
     ONNX reference. The arithmetic is float32, as in onnxruntime: with a float32 scale such as 0.6,
     float64 would put some coordinates a hair below an integer that nearest ``floor`` then misses.
+    ``sized``: the output size was given (``sizes``), so the ratio is exact, ``length / out``: float64
+    products of whole numbers then one division, exact wherever the coordinate is (13 -> 7 rows with
+    align_corners reads 0, 2, ..., 12; a float32 scale 7/13 made it 0, 1, 3, ...).
     """
-    x = np.arange(out, dtype=np.float32)
-    scale = np.float32(scale)
-    resized = scale * np.float32(length)
+    if sized:
+        x, resized = np.arange(out, dtype=np.float64), float(out)
+
+        def unscale(v: np.ndarray) -> np.ndarray:
+            return v * length / out
+    else:
+        x, scale = np.arange(out, dtype=np.float32), np.float32(scale)
+        resized = scale * np.float32(length)
+
+        def unscale(v: np.ndarray) -> np.ndarray:
+            return v / scale
     if mode == "half_pixel":
-        return (x + 0.5) / scale - 0.5
+        return unscale(x + 0.5) - 0.5
     if mode == "half_pixel_symmetric":
         offset = length / 2 * (1 - out / resized)
-        return offset + (x + 0.5) / scale - 0.5
+        return offset + unscale(x + 0.5) - 0.5
     if mode == "pytorch_half_pixel":
-        return (x + 0.5) / scale - 0.5 if resized > 1 else np.full(out, -0.5)
+        return unscale(x + 0.5) - 0.5 if resized > 1 else np.full(out, -0.5)
     if mode == "align_corners":
         return x * (length - 1) / (resized - 1) if resized != 1 else np.zeros(out)
     if mode == "asymmetric":
-        return x / scale
+        return unscale(x)
     if mode == "tf_half_pixel_for_nn":
-        return (x + 0.5) / scale
+        return unscale(x + 0.5)
     if mode == "tf_crop_and_resize":
         start, end = roi
         if resized == 1:
@@ -590,11 +602,12 @@ def _resize_taps(attrs: Attrs, src: np.ndarray, length: int, scale: float) -> Tu
 
 
 def _resize_axis(attrs: Attrs, x: np.ndarray, axis: int, out: int, scale: float,
-                 roi: Tuple[float, float]) -> np.ndarray:
-    """Resample one axis (resizing is separable, so N-D is a sequence of these)."""
+                 roi: Tuple[float, float], sized: bool = False) -> np.ndarray:
+    """Resample one axis (resizing is separable, so N-D is a sequence of these); ``sized``: see
+    :func:`_source_coords`."""
     length = x.shape[axis]
     coord_mode = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
-    src = _source_coords(coord_mode, out, length, scale, roi)
+    src = _source_coords(coord_mode, out, length, scale, roi, sized)
     index, weights = _resize_taps(attrs, src, length, scale)
     shape = [1] * x.ndim
     shape[axis] = out
@@ -617,6 +630,7 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
     axes = [a % rank for a in attrs.get("axes") or range(rank)]
     full_scale = [1.0] * rank
     full_size = list(x.shape)
+    sized = sizes is not None and len(sizes) > 0 and _text(attrs.get("keep_aspect_ratio_policy", "stretch")) == "stretch"
     if sizes is not None and len(sizes):
         for a, s in zip(axes, sizes):
             full_size[a] = int(s)
@@ -644,7 +658,7 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
     for a in range(rank):
         if full_size[a] == x.shape[a] and full_scale[a] == 1.0 and (not crop or boxes[a] == (0.0, 1.0)):
             continue
-        work = _resize_axis(attrs, work, a, full_size[a], full_scale[a], boxes[a])
+        work = _resize_axis(attrs, work, a, full_size[a], full_scale[a], boxes[a], sized)
     if x.dtype.kind != "f":
         work = np.round(work) if x.dtype.kind in "iu" else work
     return work.astype(x.dtype, copy=False)
