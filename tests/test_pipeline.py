@@ -436,7 +436,8 @@ def test_dropping_an_identity_leaves_a_subgraphs_own_value_of_that_name(tmp_path
     vi = helper.make_tensor_value_info
     g1 = (np.random.default_rng(0).standard_normal((16, 16)) * 0.2).astype(np.float32)
     body = helper.make_graph([helper.make_node("Gemm", ["t", "G1"], ["g"], transB=1),
-                              helper.make_node("Tanh", ["g"], ["t2"]), helper.make_node("Identity", ["cond"], ["cond2"])],
+                              helper.make_node("Tanh", ["g"], ["t2"]),
+                              helper.make_node("Identity", ["cond"], ["cond2"])],
                              "body", [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []),
                                       vi("t", TensorProto.FLOAT, ["N", 16])],
                              [vi("cond2", TensorProto.BOOL, []), vi("t2", TensorProto.FLOAT, ["N", 16])])

@@ -251,9 +251,9 @@ def test_stream_mode_keeps_no_weight_after_a_run(name, onnx_path, dcm_path, zoo)
 def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, monkeypatch):
     """Stream mode never decodes a compressed weight to float32: each node gets an index form, the
     size ``dcrt.memory.stream_bytes`` says (and ``dcrt size``'s stream row is the most that one node
-    holds at once, an LSTM or GRU its W and R, plus the raw tensors), and a run's peak allocation exceeds index mode's (activations, tiles,
-    product tables) by under a quarter of the largest weight's float32 (with numba: numpy's Huffman
-    decoder has per-bit temporaries of its own)."""
+    holds at once, an LSTM or GRU its W and R, plus the raw tensors), and a run's peak allocation
+    exceeds index mode's (activations, tiles, product tables) by under a quarter of the largest
+    weight's float32 (with numba: numpy's Huffman decoder has per-bit temporaries of its own)."""
     from dcrt import memory
     from dcrt.format.reader import StoredTensor
     from dcrt.runtime import numba_kernels

@@ -630,12 +630,12 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
     axes = [a % rank for a in attrs.get("axes") or range(rank)]
     full_scale = [1.0] * rank
     full_size = list(x.shape)
-    sized = sizes is not None and len(sizes) > 0 and _text(attrs.get("keep_aspect_ratio_policy", "stretch")) == "stretch"
+    policy = _text(attrs.get("keep_aspect_ratio_policy", "stretch"))
+    sized = sizes is not None and len(sizes) > 0 and policy == "stretch"
     if sizes is not None and len(sizes):
         for a, s in zip(axes, sizes):
             full_size[a] = int(s)
             full_scale[a] = int(s) / x.shape[a]
-        policy = _text(attrs.get("keep_aspect_ratio_policy", "stretch"))
         if policy != "stretch":
             pick = min if policy == "not_larger" else max
             common = pick(full_scale[a] for a in axes)
