@@ -281,7 +281,7 @@ def _convolution(b: _Builder, layer: _Layer) -> List[_Value]:
     kernel, stride, pad, dilation = _conv_geometry(p, len(x.shape))
     shapes = param_shapes(layer.param.type, layer.param, [x.shape])
     blobs = _check_count(layer, len(shapes), shapes)
-    if not transposed and (x.shape[1] % p.group or p.num_output % p.group):
+    if x.shape[1] % p.group or p.num_output % p.group:     # Caffe checks both, for Deconvolution too
         raise ConversionError(f"layer {layer.name!r}: group {p.group} does not divide the channels")
     inputs = [x.name, b.const(f"{layer.name}.weight", blobs[0])]
     if p.bias_term:
@@ -483,13 +483,11 @@ def _scale(b: _Builder, layer: _Layer) -> List[_Value]:
     gamma, beta = blobs[0], (blobs[1] if p.bias_term else None)
     bn = b.bn_nodes.get(x.name)
     if bn is not None and axis == 1 and gamma.ndim == 1 and layer.input_readers == 1:
-        # BatchNorm followed by its Scale: one ONNX BatchNormalization with the Scale's parameters
-        for slot, value, suffix in ((1, gamma, "weight"), (2, beta, "bias")):
-            if value is None:
-                continue
-            old = bn.inputs[slot]
-            del b.inits[old]
-            bn.inputs[slot] = b.const(f"{layer.name}.{suffix}", value)
+        # BatchNorm followed by its Scale: one ONNX BatchNormalization whose scale and bias take the
+        # Scale's in: (xhat * g + b) * gamma + beta, so that a second Scale composes with the first
+        g, bias = b.inits.pop(bn.inputs[1]), b.inits.pop(bn.inputs[2])
+        bn.inputs[1] = b.const(f"{layer.name}.weight", g * gamma)
+        bn.inputs[2] = b.const(f"{layer.name}.bias", bias * gamma + (0.0 if beta is None else beta))
         bn.outputs[0] = layer.outs[0]
         del b.bn_nodes[x.name]
         b.bn_nodes[layer.outs[0]] = bn
@@ -722,6 +720,8 @@ class _Converter:
             if kind in _IGNORED:
                 continue
             if kind in _ALIASES:
+                if list(layer.top) != list(layer.bottom[:1]):   # other names for a BatchNorm's output: other
+                    b.bn_nodes.pop(ins[0].name, None)           # readers a Scale merged into it would miss
                 for top in layer.top:
                     values[top] = ins[0]
                     version[top] = i

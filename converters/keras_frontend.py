@@ -403,6 +403,7 @@ class _Unsupported(Exception):
 class _Ctx:
     keras_major: int
     layer: str = ""  # the Keras layer being translated: its weights are named after it
+    module: str = ""  # its module: keras.layers' merge layers and keras.ops' arithmetic share class names
 
 
 def _spatial_perm(rank: int, cfg: dict) -> Perm:
@@ -416,6 +417,15 @@ def _spatial_input(b: _Builder, x: _Tensor, cfg: dict) -> Tuple[Perm, str, Shape
     """``(perm, value, shape)``: ``x`` as ONNX's NC... layout for a ``data_format`` layer."""
     perm = _spatial_perm(x.rank, cfg)
     return perm, b.view(x, perm), [x.shape[a] for a in perm]
+
+
+def _as_float32(b: "_Builder", t: _Tensor) -> _Tensor:
+    """``t`` itself when float32, else cast to float32 (from the view its producer wrote)."""
+    if t.dtype == np.float32:
+        return t
+    perm, src = t.primary
+    name = b.node("Cast", [src], f"{t.base}/float", out=f"{t.base}/float", to=1)
+    return _out_tensor(t.shape, np.float32, perm, name, f"{t.base}/float")
 
 
 def _out_tensor(shape: Shape, dtype: Any, perm: Perm, name: str, base: str) -> _Tensor:
@@ -539,8 +549,8 @@ def _conv_like(b: _Builder, name: str, cfg: dict, x: _Tensor, kernel_oi: np.ndar
     has_act = _fused_activation(act)
     y = b.node("Conv", inputs, node_name or name, out=(node_name or name) + (".conv" if has_act else ""),
                kernel_shape=kernel, strides=strides, dilations=dil, group=group, **attrs)
-    if has_act:
-        y = _apply_activation(b, act, y, name, ctx, final=node_name or name)
+    if has_act:     # a softmax over Keras's last axis: channels (axis 1 here) unless channels_first
+        y = _apply_activation(b, act, y, name, ctx, axis=perm.index(x.rank - 1), final=node_name or name)
     out_nc = [nc_in[0], kernel_oi.shape[0]] + [_conv_out(n, k, s, d, padding)
                                                for n, k, s, d in zip(nc_in[2:], kernel, strides, dil)]
     return _out_tensor(_keras_shape(out_nc, perm), np.float32, perm, y, name)
@@ -621,7 +631,7 @@ def _conv_transpose(b, name, cfg, ins, w, ctx):
                strides=strides, dilations=dil, pads=begin + end,
                output_padding=out_pad if any(out_pad) else None)
     if has_act:
-        y = _apply_activation(b, act, y, name, ctx, final=name)
+        y = _apply_activation(b, act, y, name, ctx, axis=perm.index(x.rank - 1), final=name)
     out_nc = [nc_in[0], weight.shape[1]] + out_sizes
     return [_out_tensor(_keras_shape(out_nc, perm), np.float32, perm, y, name)]
 
@@ -759,10 +769,24 @@ def _broadcast_shape(shapes: List[Shape]) -> Shape:
     return out
 
 
+def _unsqueezed(b: _Builder, t: _Tensor, rank: int, name: str) -> _Tensor:
+    """``t`` with axes of length 1 inserted at axis 1 up to ``rank`` (Keras's merge layers' rule)."""
+    extra = rank - t.rank
+    axes = b.const(f"{name}.axes", np.arange(1, 1 + extra, dtype=np.int64))
+    y = b.node("Unsqueeze", [b.view(t, _identity(t.rank)), axes], name, out=name)
+    return _out_tensor([t.shape[0]] + [1] * extra + list(t.shape[1:]), t.dtype, _identity(rank), y, name)
+
+
 def _merge(op: str):
     def run(b, name, cfg, ins, w, ctx):
         if len(ins) < 2:
             raise _Unsupported("fewer than two inputs")
+        ranks = {t.rank for t in ins}
+        if len(ranks) > 1 and ".ops." not in ctx.module:
+            # keras.layers' merges expand a lower-rank input at axis 1, (N, C) -> (N, 1, C), before
+            # broadcasting; keras.ops arithmetic (same class names) broadcasts from the right, as numpy
+            top = max(ranks)
+            ins = [t if t.rank == top else _unsqueezed(b, t, top, f"{name}/in{i}") for i, t in enumerate(ins)]
         if len({t.rank for t in ins}) == 1:
             perm = ins[0].primary[0]
         else:
@@ -810,6 +834,8 @@ def _flatten(b, name, cfg, ins, w, ctx):
 
 
 def _reshape(b, name, cfg, ins, w, ctx):
+    if ".ops." in ctx.module:   # keras.ops.reshape, saved under the layer's class name
+        raise _Unsupported("keras.ops.reshape (use a keras.layers.Reshape)")
     x = ins[0]
     target = [int(v) for v in _ints(cfg["target_shape"], 0)]
     src = b.view(x, _identity(x.rank))
@@ -1037,9 +1063,10 @@ def _dense(b, name, cfg, ins, w, ctx):
     out = name + (".dense" if has_act else "")
     if x.rank == 2:
         y = b.node("Gemm", [b.view(x, (0, 1))] + _weight_inputs(b, ctx, kernel.T, bias), name, out=out, transB=1)
-    else:  # Dense acts on the last axis of an N-D input
+    else:  # Dense acts on the last axis of an N-D input: the kernel as Keras has it, [in, out], under a
+        # name of its own (a layer shared by a 2-D and a 3-D input holds both forms)
         src = b.view(x, _identity(x.rank))
-        y = b.node("MatMul", [src, b.weight(f"{ctx.layer}.weight", lambda: kernel.astype(np.float32))], name,
+        y = b.node("MatMul", [src, b.weight(f"{ctx.layer}.kernel", lambda: kernel.astype(np.float32))], name,
                    out=out if bias is None else f"{name}.matmul")
         if bias is not None:
             y = b.node("Add", [y, b.weight(f"{ctx.layer}.bias", lambda: bias.astype(np.float32))],
@@ -1088,6 +1115,14 @@ _LAYERS: Dict[str, Callable] = {
     "Cropping1D": _pad_layer(True), "Cropping2D": _pad_layer(True),
     "Rescaling": _rescaling,
 }
+#: Layers that compute in float32 whatever their input's type, as Keras's do (Rescaling casts, Dense
+#: and the convolutions promote an integer input, every layer casts a float64 one to its float32
+#: compute type): an integer or float64 input is cast first. Other layers keep their input's type
+#: (token ids into an Embedding, shape-only layers).
+_FLOAT_LAYERS = frozenset(k for k in _LAYERS if k not in (
+    "Embedding", "Flatten", "Reshape", "Permute", "RepeatVector", "Concatenate", "ZeroPadding1D", "ZeroPadding2D",
+    "Cropping1D", "Cropping2D", "UpSampling1D", "UpSampling2D"))
+
 # identity at inference time
 for _name in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
               "GaussianDropout", "AlphaDropout", "ActivityRegularization"):
@@ -1295,14 +1330,17 @@ def _convert(source: _Source) -> Model:
             progress = True
             lcls, lname, cfg = layer["class_name"], _layer_name(layer), layer.get("config") or {}
             node_name = lname if index == 0 else f"{lname}_call{index}"
-            ctx.layer = lname
+            ctx.layer, ctx.module = lname, str(layer.get("module") or "")
             try:
                 if tensor_kwargs:
                     raise _Unsupported("called with tensor keyword arguments (e.g. initial_state or mask)")
                 weights = source.weights(lname)
                 _check_weights(f"{source.path}: layer {lname!r} ({lcls})", lcls, cfg,
                                [tensors[r] for r in refs], weights)
-                outs = _LAYERS[lcls](b, node_name, cfg, [tensors[r] for r in refs], weights, ctx)
+                ins = [tensors[r] for r in refs]
+                if lcls in _FLOAT_LAYERS:
+                    ins = [_as_float32(b, t) for t in ins]
+                outs = _LAYERS[lcls](b, node_name, cfg, ins, weights, ctx)
             except _Unsupported as e:
                 errors.append(f"{lcls} {lname!r} ({e})")
                 continue

@@ -284,3 +284,78 @@ def test_merge_layers_broadcast_whichever_input_comes_first(small_first, tmp_pat
     model.save(str(tmp_path / "se.keras"))
     convert(str(tmp_path / "se.keras"), str(tmp_path / "se.dcm"), **LOSSLESS)
     assert_close(run_dcm(tmp_path / "se.dcm", x), [np.asarray(r) for r in model.predict(x, verbose=0)])
+
+
+def _lossless_modes(model, x, path):
+    """The model saved, converted lossless and run in every mode, against Keras's predictions."""
+    model.save(str(path))
+    convert(str(path), str(path.with_suffix(".dcm")), **LOSSLESS)
+    ref = model.predict(x, verbose=0)
+    ref = [np.asarray(r) for r in (ref if isinstance(ref, list) else [ref])]
+    for mode in ("index", "dense", "stream"):
+        sess = dcrt.Session(str(path.with_suffix(".dcm")), mode=mode)
+        got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], x if isinstance(x, list) else [x])))
+        assert [g.dtype for g in got] == [np.dtype(np.float32)] * len(got)
+        assert_close(got, ref)
+
+
+def test_integer_inputs_are_computed_in_float32(tmp_path):
+    """A uint8 image into Rescaling and Conv2D, int32 features into Dense: Keras computes in float32
+    (dcrt kept the integer type, so outputs came back truncated: Rescaling gave all zeros)."""
+    layers = keras.layers
+    image = keras.Input((6, 6, 3), dtype="uint8")
+    conv = layers.Conv2D(4, 3)(layers.Rescaling(1 / 255)(image))
+    feats = keras.Input((5,), dtype="int32")
+    model = keras.Model([image, feats], [conv, layers.Dense(3)(feats)])
+    models.randomize(model, 1)
+    rng = np.random.default_rng(0)
+    x = [rng.integers(0, 256, (2, 6, 6, 3)).astype(np.uint8), rng.integers(-5, 6, (2, 5)).astype(np.int32)]
+    _lossless_modes(model, x, tmp_path / "ints.keras")
+
+
+def test_a_dense_layer_shared_by_a_2d_and_a_3d_input(tmp_path):
+    """One Dense called on (N, 8) and on (N, 5, 8): a Gemm with its kernel transposed and a MatMul with
+    it as Keras holds it, two weights (both were one name: one call read the other's form)."""
+    layers = keras.layers
+    shared = layers.Dense(8)
+    flat, seq = keras.Input((8,)), keras.Input((5, 8))
+    model = keras.Model([flat, seq], [shared(flat), shared(seq)])
+    models.randomize(model, 2)
+    rng = np.random.default_rng(0)
+    _lossless_modes(model, [rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(5, 5, 8)).astype(np.float32)],
+                    tmp_path / "shared.keras")
+
+
+@pytest.mark.parametrize("merge", ["Add", "Multiply"])
+def test_merge_layers_expand_a_lower_rank_input_at_axis_1(merge, tmp_path):
+    """Keras's merge layers turn (N, C) into (N, 1, C) before broadcasting with (N, T, C); dcrt aligned
+    from the right (wrong whenever the batch equals T, an error otherwise)."""
+    seq, vec = keras.Input((4, 3)), keras.Input((3,))
+    model = keras.Model([seq, vec], getattr(keras.layers, merge)()([seq, vec]))
+    rng = np.random.default_rng(0)
+    for batch in (4, 2):
+        _lossless_modes(model, [rng.normal(size=(batch, 4, 3)).astype(np.float32),
+                                rng.normal(size=(batch, 3)).astype(np.float32)], tmp_path / f"{merge}{batch}.keras")
+
+
+@pytest.mark.parametrize("layer", ["Conv2D", "Conv2DTranspose", "Conv1D"])
+def test_a_softmax_activation_of_a_channels_first_conv_is_over_the_last_axis(layer, tmp_path):
+    """``activation="softmax"`` is over Keras's last axis: the width for channels_first (dcrt took the
+    channels, as for channels_last)."""
+    shape = (3, 6) if layer == "Conv1D" else (3, 6, 6)
+    inp = keras.Input(shape)
+    model = keras.Model(inp, getattr(keras.layers, layer)(4, 3, data_format="channels_first",
+                                                          activation="softmax")(inp))
+    models.randomize(model, 4)
+    _lossless_modes(model, np.random.default_rng(0).normal(size=(2,) + shape).astype(np.float32),
+                    tmp_path / f"{layer}.keras")
+
+
+def test_keras_ops_reshape_is_named_as_unsupported(tmp_path):
+    """``keras.ops.reshape`` is saved under the class name Reshape, with other settings than the layer:
+    an unsupported-layer message, not "cannot be read" as if the file were damaged."""
+    inp = keras.Input((4, 3))
+    model = keras.Model(inp, keras.ops.reshape(inp, (-1, 12)))
+    model.save(str(tmp_path / "r.keras"))
+    with pytest.raises(UnsupportedOperatorError, match=r"keras.ops.reshape \(use a keras.layers.Reshape\)"):
+        convert(str(tmp_path / "r.keras"), str(tmp_path / "r.dcm"))
