@@ -114,6 +114,7 @@ def matmul(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
     """
     if isinstance(w, np.ndarray):
         return finish(np.matmul(x, w), bias, clamp)
+    _check_inner(x.shape[-1], w.shape[0], x, w)
     own = getattr(w, "matmul", None)
     if own is not None and getattr(w, "fused_epilogue", False):
         return own(x, bias, clamp)
@@ -168,10 +169,20 @@ def matmul_t(x: np.ndarray, w: Weight, bias: "np.ndarray | None" = None,
             return finish(np.matmul(x, w.T), bias, clamp)
         y = product_t(x.reshape(-1, x.shape[-1]), w)
         return finish(y.reshape(x.shape[:-1] + (w.shape[0],)), bias, clamp)
+    _check_inner(x.shape[-1], w.shape[1], x, w)
     own = getattr(w, "matmul_t", None)
     if own is not None and getattr(w, "fused_epilogue", False):
         return own(x, bias, clamp)
     return finish(own(x) if own is not None else np.matmul(x, dense(w).T), bias, clamp)
+
+
+def _check_inner(k: int, weight_k: int, x: np.ndarray, w: Weight) -> None:
+    """ValueError unless ``x``'s inner dimension is the weight's: numpy checks it for an array, but an
+    index-mode weight's compiled kernels would read past their arrays (a dynamic input fed the wrong
+    size)."""
+    if k != weight_k:
+        raise ValueError(f"an input of shape {list(x.shape)} does not multiply a weight of shape "
+                         f"{list(w.shape)}: the inner dimensions are {k} and {weight_k}")
 
 
 ProductRunner = Callable[[np.ndarray, Weight, "np.ndarray | None"], np.ndarray]
@@ -183,6 +194,7 @@ def product_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", clamp: "
     as ``x`` and weights of ``w``'s kind and shape: ``run(x, w, bias)``, holding no weight. An index-mode
     weight's own runner calls its compiled batch-1 kernel directly (LeNet-300-100's Gemm layers:
     ~1.1 us less Python each); any other case is the plain call."""
+    _check_inner(x.shape[-1], w.shape[1 if transposed else 0], x, w)
     own = getattr(w, "product_runner", None)
     run = own(x, transposed, clamp) if own is not None and (bias is None or _is_vector32(bias)) else None
     if run is not None:
@@ -230,6 +242,7 @@ def lmatmul(w: Weight, x: np.ndarray, out: "np.ndarray | None" = None) -> np.nda
         if x.shape[-1] <= WARM_COLUMNS and WARM_BYTES[0] <= w.nbytes <= WARM_BYTES[1]:
             _warm(w)
         return np.matmul(w, x, out=out)
+    _check_inner(x.shape[-2], w.shape[1], x, w)
     own = getattr(w, "lmatmul", None)
     if own is not None:
         return own(x, out=out)

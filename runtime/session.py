@@ -166,12 +166,13 @@ class Session:
     """An inference session over a ``.dcm`` file (path, bytes or bytearray).
 
     ``providers`` is accepted as onnxruntime's, so that code written for it runs unchanged: dcrt is
-    its own CPU provider, and a list without ``"CPUExecutionProvider"`` is an InputError.
+    its own CPU provider, and a list without ``"CPUExecutionProvider"`` is an InputError; so is a
+    ``sess_options`` (dcrt's threads follow ``NUMBA_NUM_THREADS`` and ``OMP_NUM_THREADS``).
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes, bytearray, memoryview], mode: str = "index", *,
-                 providers: Optional[Sequence[Any]] = None):
-        if hasattr(mode, "intra_op_num_threads"):   # onnxruntime's InferenceSession(path, sess_options)
+                 providers: Optional[Sequence[Any]] = None, sess_options: Any = None):
+        if sess_options is not None or hasattr(mode, "intra_op_num_threads"):   # onnxruntime's options
             raise InputError("Session's second argument is the memory mode (index, dense or stream), not "
                              "onnxruntime's SessionOptions: leave it out (threads: NUMBA_NUM_THREADS and "
                              "OMP_NUM_THREADS, or numba.set_num_threads)")

@@ -1028,3 +1028,16 @@ def test_pooling_window_longer_than_the_input(op, opset, shape, attrs, tmp_path)
     model(short)
     with pytest.raises(InputError, match="no output position"):
         dcrt.Session(str(tmp_path / "m.dcm")).run(np.zeros(short, np.float32))
+
+
+def test_an_integer_resize_saturates_a_cubic_overshoot() -> None:
+    """uint8 through a cubic resize: the kernel's overshoot past 255 (or below 0) saturates, as onnx's
+    reference computes it (it wrapped: 256 -> 0); onnxruntime does not take uint8 cubic."""
+    from onnx.reference import ReferenceEvaluator
+    x = np.array([[[[0, 0, 0, 0, 255, 255, 255, 255]]]], np.uint8)
+    model = one_node_model("Resize", {"x": x, "roi": None, "scales": np.array([1, 1, 1, 2], np.float32)},
+                           dict(mode="cubic"), weights=("scales",))
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = Executor(from_onnx(model).graph, {"": 17}).run({"x": x})["y"]
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.uint8 and int(got.max()) == 255 and int(got.min()) == 0

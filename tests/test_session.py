@@ -158,7 +158,9 @@ def test_call_mistakes_are_named(dcm_path):
                           (lambda: sess.run(None, {"input": [[1.0], [1.0, 2.0]]}), "input 'input' is not an array"),
                           (lambda: dcrt.Session(dcm_path("lenet5"), "Dense"), "mode must be one of"),
                           (lambda: dcrt.Session(dcm_path("lenet5"), ort.SessionOptions()), "not onnxruntime's "
-                           "SessionOptions: leave it out")]:
+                           "SessionOptions: leave it out"),
+                          (lambda: dcrt.Session(dcm_path("lenet5"), sess_options=ort.SessionOptions()),
+                           "not onnxruntime's SessionOptions")]:
         with pytest.raises(InputError, match=message):
             call()
     (y,) = sess.run([], {"input": x})
@@ -831,3 +833,53 @@ def test_a_weight_on_the_left_of_matmul_is_never_expanded(tmp_path):
             tracemalloc.stop()
         if mode == "index" or (mode == "stream" and numba_kernels.kernels() is not None):
             assert peak < w.nbytes / 2, (mode, peak)    # a copy of W: 262 KB; numpy twins hold tiles
+
+
+def test_a_branch_weight_named_as_a_compressed_one_is_its_own(tmp_path):
+    """An If branch's own ``W`` beside a top-level ``W`` that is compressed: the writer stored the
+    branch's under the top-level one's record, so the branch computed with the other weight."""
+    from onnx import TensorProto, helper, numpy_helper
+    from dcrt.format import open_dcm
+    rng = np.random.default_rng(0)
+    w_top = rng.standard_normal((64, 64)).astype(np.float32)
+    w_then = (rng.standard_normal((64, 64)) * 5).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["yt"])], "then", [],
+                             [vi("yt", TensorProto.FLOAT, ["B", 64])], [numpy_helper.from_array(w_then, "W")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["ye"])], "else", [],
+                              [vi("ye", TensorProto.FLOAT, ["B", 64])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["h"], then_branch=then, else_branch=other),
+                               helper.make_node("MatMul", ["h", "W"], ["y"])], "g",
+                              [vi("c", TensorProto.BOOL, []), vi("x", TensorProto.FLOAT, ["B", 64])],
+                              [vi("y", TensorProto.FLOAT, ["B", 64])], [numpy_helper.from_array(w_top, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"), bits=6, sparsity=0.5)
+    with open_dcm(str(tmp_path / "m.dcm")) as f:
+        assert f.tensors["W"].encoding != "raw" and np.array_equal(f.tensors["W (in then)"].decode(), w_then)
+        graph.initializer[0].CopyFrom(numpy_helper.from_array(f.tensors["W"].decode(), "W"))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "decoded.onnx"))
+    for cond in (True, False):
+        feed = {"c": np.array(cond), "x": rng.standard_normal((2, 64)).astype(np.float32)}
+        want = ort_run(tmp_path / "decoded.onnx", feed)[0]
+        for mode in ("index", "dense", "stream"):
+            np.testing.assert_allclose(dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, feed)[0], want,
+                                       rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("node", ["x @ W", "W @ x", "Gemm"])
+def test_an_input_of_the_wrong_inner_size_is_an_error_in_every_mode(node, tmp_path):
+    """A dynamic input fed with the wrong inner size: dense mode's numpy refused it, but index and
+    stream modes' compiled kernels read past the weight's arrays and returned garbage."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    inputs = {"x @ W": ["x", "W"], "W @ x": ["W", "x"], "Gemm": ["x", "W"]}[node]
+    op = helper.make_node("Gemm" if node == "Gemm" else "MatMul", inputs, ["y"])
+    graph = helper.make_graph([op], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["A", "B"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "m.onnx"))
+    dcrt.convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
+    wrong = np.ones((3, 16), np.float32) if node != "W @ x" else np.ones((16, 3), np.float32)
+    for mode in ("index", "stream", "dense"):
+        with pytest.raises(dcrt.DcrtError, match="failed on inputs of shape"):
+            dcrt.Session(str(tmp_path / "m.dcm"), mode=mode).run(None, {"x": wrong})

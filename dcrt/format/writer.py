@@ -126,9 +126,14 @@ class _Writer:
     def __init__(self, records: Mapping[str, TensorRecord]):
         self.b = flatbuffers.Builder(1 << 16)
         self.records = records
+        self.top: Mapping[str, Any] = {}     # the graph's own initializers, which ``records`` code
 
     def record(self, name: str, value) -> TensorRecord:
-        return self.records[name] if name in self.records else raw_record(name, value)
+        """The coded record of a graph initializer, else ``value`` raw: a subgraph's initializer of the
+        same name (an If branch's own ``W``) is another tensor, not the one the record codes."""
+        if name in self.records and self.top.get(name) is value:
+            return self.records[name]
+        return raw_record(name, value)
 
     # -- vectors ------------------------------------------------------------------------------------
     def string(self, text: str) -> int:
@@ -303,6 +308,7 @@ class _Writer:
 
     def model(self, model: Model, source: Dict[str, Any], plan: Optional[Dict[str, Any]]) -> bytes:
         b = self.b
+        self.top = model.graph.initializers
         graph = self.graph(model.graph)
         opsets = []
         for domain, version in sorted(model.opsets.items()):

@@ -659,8 +659,9 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
         if full_size[a] == x.shape[a] and full_scale[a] == 1.0 and (not crop or boxes[a] == (0.0, 1.0)):
             continue
         work = _resize_axis(attrs, work, a, full_size[a], full_scale[a], boxes[a], sized)
-    if x.dtype.kind != "f":
-        work = np.round(work) if x.dtype.kind in "iu" else work
+    if x.dtype.kind in "iu":    # rounded, and a cubic's overshoot saturated (not wrapped: 256 -> 0)
+        info = np.iinfo(x.dtype)
+        work = np.clip(np.round(work), info.min, info.max)
     return work.astype(x.dtype, copy=False)
 
 
