@@ -419,7 +419,7 @@ def _spatial_input(b: _Builder, x: _Tensor, cfg: dict) -> Tuple[Perm, str, Shape
     return perm, b.view(x, perm), [x.shape[a] for a in perm]
 
 
-def _as_float32(b: "_Builder", t: _Tensor) -> _Tensor:
+def _as_float32(b: _Builder, t: _Tensor) -> _Tensor:
     """``t`` itself when float32, else cast to float32 (from the view its producer wrote)."""
     if t.dtype == np.float32:
         return t
