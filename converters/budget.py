@@ -258,7 +258,7 @@ def plan_for_budget(source: str, data: Any, *, target_size: Optional[Any] = None
                           "(each gives one value per sample): give a --target-size instead")
     if sweep_result is None:
         sweep_result = sweep(model, swept, feeds, sparsities=sparsities, bits=bits, runner=runner,
-                             progress=progress)
+                             references=judge.references, progress=progress)
     missing = set(swept) - set(sweep_result.layers())
     if missing:
         raise ConfigError(f"the sweep has no rows for {', '.join(sorted(missing))}: "

@@ -126,14 +126,16 @@ class Sweep:
 def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
           sparsities: Sequence[float] = DEFAULT_SPARSITIES, bits: Sequence[int] = DEFAULT_BITS,
           layers: Optional[Sequence[str]] = None, labels: Optional[np.ndarray] = None,
-          runner: Optional[Runner] = None, progress: Optional[Progress] = None) -> Sweep:
+          runner: Optional[Runner] = None, references: Optional[List[np.ndarray]] = None,
+          progress: Optional[Progress] = None) -> Sweep:
     """Compress each planned weight alone at every ``(sparsity, bits)`` and measure the model.
 
     ``model`` is the simplified graph (as ``dcrt convert`` stores it), ``plans`` the base plan of
     each weight (its coder and ``prune`` setting are kept; ``skip`` layers are left out),
     ``feeds`` the data, ``layers`` glob patterns restricting the sweep. Fidelity is against the
     original model's outputs on the same data (``accuracy.model_metrics``: agreement on the judged
-    output, the lowest cosine of all).
+    output, the lowest cosine of all); ``references``: those outputs when the caller has them
+    (``runner.run(feeds)``: the budget's judge computed them already).
     """
     if not sparsities or not bits:
         raise ConfigError("the sweep needs at least one sparsity and one bit width")
@@ -149,7 +151,7 @@ def sweep(model: Model, plans: Mapping[str, LayerPlan], feeds: Feeds, *,
     if not names:
         raise ConfigError("no compressible layer matches" + (f" {', '.join(layers)}" if layers else ""))
     runner = runner or Runner(model, variable=names)
-    references = runner.run(feeds)
+    references = runner.run(feeds) if references is None else references
     reference = references[judged_output(references)]
     result = Sweep([], len(reference), tuple(sparsities), tuple(bits), {n: plans[n] for n in names})
     if labels is not None:

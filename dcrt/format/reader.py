@@ -14,6 +14,7 @@ against the tensor's shape before decoding it, so no allocation exceeds what the
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -186,9 +187,10 @@ class DcmFile:
             raise FormatError(f"the .dcm's stored compression plan is not valid JSON ({type(e).__name__})") from None
         self.model = Model(graph, opsets or {"": 17}, metadata, self.producer)
 
-    @property
+    @functools.cached_property
     def tensors(self) -> Dict[str, StoredTensor]:
-        """The initializers, by name: the graph's and its subgraphs' (If branches, Loop bodies)."""
+        """The initializers, by name: the graph's and its subgraphs' (If branches, Loop bodies);
+        gathered once, the graph does not change after open."""
         return all_initializers(self.model.graph)
 
     def verify(self) -> Dict[str, str]:
