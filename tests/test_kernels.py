@@ -122,6 +122,49 @@ def test_one_profile_run_fills_the_cache_a_deployed_run_loads(dcm_path, tmp_path
     assert files() == compiled
 
 
+def test_numba_runtime_machine_code_is_kept_beside_the_kernels(dcm_path, tmp_path):
+    """numba's runtime (NRT) is compiled in the first process only: later ones load its machine code from
+    the cache folder (a damaged file is compiled and written again), and run the cached kernels and
+    kernels compiled afresh (which link against the runtime) with the same results."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    source = f"""
+        import sys
+        import numba
+        import numpy as np
+        from numba.core.codegen import CPUCodeLibrary
+        from numba.core.registry import cpu_target
+        from dcrt import _jit
+        compiled = []
+        finalize = CPUCodeLibrary.finalize
+        CPUCodeLibrary.finalize = lambda self: (compiled.append(self.name), finalize(self))[1]
+        _jit._start_runtime(cpu_target.target_context, sys.argv[1])
+        import dcrt
+        x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        y = dcrt.Session({str(dcm_path("resnet18_tiny"))!r}, mode="index").run(x)
+        assert numba.njit(lambda n: np.ones(n).sum())(7) == 7
+        np.save(sys.argv[2], y)
+        print("compiled" if "nrt" in compiled else "loaded")
+    """
+
+    def fresh(name):
+        out = tmp_path / f"{name}.npy"
+        return fresh_python(tmp_path, source, folder, out), np.load(out)
+    first, y = fresh("first")
+    [kept] = folder.iterdir()
+    assert first == "compiled" and kept.name.startswith("numba-runtime-") and kept.suffix == ".nbo"
+    code = kept.read_bytes()
+    second, y2 = fresh("second")
+    assert second == "loaded" and kept.read_bytes() == code
+    kept.write_bytes(code[:len(code) // 2])
+    third, y3 = fresh("third")
+    assert third == "compiled" and kept.read_bytes() == code and list(folder.iterdir()) == [kept]
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(y3, y)
+
+
 def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
     """A cached load that fails without numba's set-up is done again numba's way (refresh first)."""
     from numba.core.caching import FunctionCache
