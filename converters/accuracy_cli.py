@@ -223,6 +223,8 @@ def run_budget(source: str, data: Optional[str], *, target_size: Optional[str], 
 def _cmd_plan(a) -> int:
     if not a.output.endswith(".json"):
         raise ConfigError(f"the plan is written as JSON: give -o {os.path.splitext(a.output)[0]}.json")
+    if os.path.exists(a.output) and not a.force:     # checked before the sweep, which can take minutes
+        raise ConfigError(f"{a.output} exists; pass --force to replace it")
     run_budget(a.model, a.data, target_size=a.target_size, max_drop=a.max_drop, config=a.config,
                flags={"coder": a.coder}, weights=a.weights, sweep_path=a.sweep, sparsities=a.sparsities,
                bits=a.bits, max_samples=a.max_samples, save=a.output, quiet=a.quiet)
@@ -316,5 +318,6 @@ def add_commands(sub) -> None:
                    help="sweep grid (default %s)" % ",".join(map(str, DEFAULT_SPARSITIES)))
     p.add_argument("--bits", type=_ints, help="sweep grid (default %s)" % ",".join(map(str, DEFAULT_BITS)))
     p.add_argument("--max-samples", type=positive_int, default=512)
+    p.add_argument("--force", action="store_true", help="replace the plan file if it exists")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_plan)

@@ -78,15 +78,31 @@ def load_config(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    def unique(pairs: List[Tuple[Any, Any]], lines: Optional[List[int]] = None) -> Dict[Any, Any]:
+        seen = {}
+        for i, (key, _) in enumerate(pairs):
+            if key in seen:     # json and yaml keep the last silently: half of such a plan would be lost
+                where = f" (lines {seen[key]} and {lines[i]})" if lines else ""
+                raise ConfigError(f"config {path}: {key!r} is given twice in one mapping{where}: merge the two")
+            seen[key] = lines[i] if lines else i
+        return dict(pairs)
+
     try:
         if path.endswith(".json"):
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique)
         else:
             try:
                 import yaml
             except ImportError:
                 raise ConfigError("YAML configs need pyyaml (pip install pyyaml), or write the config as .json") from None
-            data = yaml.safe_load(text)
+
+            class Loader(yaml.SafeLoader):
+                def construct_mapping(self, node, deep=False):
+                    own = [(self.construct_object(k, deep=True), None) for k, _ in node.value
+                           if k.tag != "tag:yaml.org,2002:merge"]
+                    unique(own, [k.start_mark.line + 1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"])
+                    return super().construct_mapping(node, deep=deep)
+            data = yaml.load(text, Loader=Loader)
     except ConfigError:
         raise
     except Exception as e:

@@ -620,8 +620,11 @@ def test_plan_cli_writes_a_reusable_config(onnx_path, zoo, tmp_path, capsys):
     assert set(config["layers"]) == {"fc1.weight", "fc2.weight", "fc3.weight"}
     assert main(["convert", src, "-o", str(tmp_path / "m.dcm"), "--config", str(out), "-q"]) == 0
     assert os.path.getsize(tmp_path / "m.dcm") <= 80_000
-    assert main(["plan", src, "--calib", str(tmp_path / "calib.npz"), "-o", str(out)]) == 2
+    assert main(["plan", src, "--calib", str(tmp_path / "calib.npz"), "-o", str(out), "--force"]) == 2
     assert "budget" in capsys.readouterr().err
+    written = out.read_bytes()      # an existing plan is replaced only with --force, as convert's output
+    assert main(["plan", src, "--calib", str(tmp_path / "calib.npz"), "--target-size", "70KB", "-o", str(out)]) == 2
+    assert f"{out} exists; pass --force" in capsys.readouterr().err and out.read_bytes() == written
     # convert --target-size checks its output before the sweep and writes no plan beside a refused one
     (tmp_path / "kept.dcm").write_bytes(b"precious")
     assert main(["convert", src, "-o", str(tmp_path / "kept.dcm"), "--calib", str(tmp_path / "calib.npz"),
@@ -647,7 +650,7 @@ def test_plans_reuse_a_sweep_of_more_layers_and_refuse_an_edited_one(mlp_sweep, 
     edited["points"][0]["coded_bytes"] = "12"
     (tmp_path / "edited.json").write_text(json.dumps(json_safe(edited)))
     assert main(["plan", src, "--data", str(tmp_path / "calib.npz"), "--sweep", str(tmp_path / "edited.json"),
-                 "--max-drop", "50", "-o", str(out), "-q"]) == 2
+                 "--max-drop", "50", "-o", str(out), "--force", "-q"]) == 2
     assert "coded_bytes must be int, not '12'" in capsys.readouterr().err
 
 

@@ -205,6 +205,8 @@ def test_plan_precedence_and_config(onnx_path, tmp_path):
     ("defaults: {bits: 4.0}", "bits must be a whole number"),
     ("layers: {1: {bits: 4}}", "layers key 1 must be a string"),
     (b"defaults: {coder: \xff}", "not UTF-8"),
+    ("layers: {'fc*': {bits: 4}, 'fc*': {sparsity: 0.5}}", r"'fc\*' is given twice"),
+    ("defaults: {bits: 4}\nlayers: {}\ndefaults: {coder: lzw}", "'defaults' is given twice .* .lines 1 and 3."),
 ])
 def test_config_errors(text, message, tmp_path, onnx_path):
     path = tmp_path / "bad.yaml"
@@ -212,6 +214,19 @@ def test_config_errors(text, message, tmp_path, onnx_path):
     with pytest.raises(ConfigError, match=message):
         convert(str(onnx_path("lenet5")), str(tmp_path / "m.dcm"), config=str(path))
     assert not (tmp_path / "m.dcm").exists()
+
+
+def test_config_keys_given_twice(tmp_path):
+    """JSON and YAML keep the last of two equal keys silently; a plan refuses them (a layer's first
+    settings would be lost), while YAML's merge key (`<<`) still overrides what it merges."""
+    from dcrt.converters.plan import load_config
+    path = tmp_path / "plan.json"
+    path.write_text('{"layers": {"fc1.weight": {"bits": 4}, "fc1.weight": {"sparsity": 0.5}}}')
+    with pytest.raises(ConfigError, match="'fc1.weight' is given twice"):
+        load_config(str(path))
+    path = tmp_path / "plan.yaml"
+    path.write_text("layers:\n  a: &base {bits: 4, sparsity: 0.5}\n  b: {<<: *base, bits: 6}\n")
+    assert load_config(str(path))["layers"] == {"a": {"bits": 4, "sparsity": 0.5}, "b": {"bits": 6, "sparsity": 0.5}}
 
 
 @pytest.mark.parametrize("size", [500, 150000])
