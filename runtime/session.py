@@ -51,6 +51,9 @@ class NodeArg:
     type: str
     dtype: np.dtype
 
+    def __hash__(self) -> int:      # the shape is a list, as onnxruntime's: hashed as a tuple
+        return hash((self.name, None if self.shape is None else tuple(self.shape), self.type))
+
 
 @dataclass(frozen=True)
 class ModelMetadata:
@@ -66,6 +69,9 @@ class ModelMetadata:
     format_version: Tuple[int, int]
     opsets: Dict[str, int]
     source: Dict[str, Any]
+
+    def __hash__(self) -> int:      # equal metadata hash alike; the dicts are left out
+        return hash((self.producer_name, self.graph_name, self.format_version))
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,11 @@ def test_modelmeta_answers_as_onnxruntime(tmp_path):
     assert meta.custom_metadata_map == theirs.custom_metadata_map == {"labels": "cat,dog", "author": "dcrt tests"}
     assert meta.producer_name == f"dcrt {dcrt.__version__}" and meta.format_version == (1, 0)
     assert meta.opsets == {"": 13} and meta.source["file_name"] == "m.onnx" and meta.source["format"] == "onnx"
+    # hashable as onnxruntime's objects are (sets, dict keys); equal ones hash alike
+    again = dcrt.Session(tmp_path / "m.dcm")
+    assert {meta, again.get_modelmeta()} == {meta} and hash(meta) == hash(again.get_modelmeta())
+    args = again.get_inputs() + again.get_outputs()
+    assert len(set(args)) == 2 and set(args) == set(dcrt.Session(tmp_path / "m.dcm").get_inputs() + args[1:])
 
 
 def test_outputs_never_share_memory_with_inputs_or_each_other(tmp_path):
