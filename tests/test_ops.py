@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -346,6 +346,15 @@ def test_recurrent_outputs_never_share_an_input(op: str, gates: int) -> None:
     for got, name in zip(finals, states):
         np.testing.assert_array_equal(got, inputs[name])
         assert not np.shares_memory(got, inputs[name])
+
+
+@pytest.mark.parametrize("op, gates, outputs", [("LSTM", 4, ("y", "yh", "yc")), ("GRU", 3, ("y", "yh")),
+                                                ("RNN", 1, ("y", "yh"))])
+def test_recurrent_empty_sequence_has_zero_final_states(op: str, gates: int, outputs: Tuple[str, ...]) -> None:
+    """A batch entry of sequence length 0: Y_h (and Y_c) zeros, as onnxruntime's (not the initial state)."""
+    inputs = _rnn_inputs(gates, "bidirectional", lengths=True, cell=op == "LSTM")
+    inputs["lens"] = np.array([0, 4, 2], np.int32)
+    check(op, inputs, dict(hidden_size=5, direction="bidirectional"), weights=("w", "r"), outputs=outputs)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -5,7 +5,8 @@ The input projection of all time steps is one ``matmul_t`` per direction; each s
 they are only sliced along their leading axis and handed to the kernels.
 
 ``sequence_lens`` is honoured: past its length a batch entry's state stops changing and its outputs
-are zero; the reverse direction starts at the last valid step of each sequence. ``layout=1`` means
+are zero; the reverse direction starts at the last valid step of each sequence; an entry of length 0
+has zero final states (``Y_h``, ``Y_c``), as onnxruntime gives, not its initial ones. ``layout=1`` means
 batch-major inputs and outputs.
 """
 from __future__ import annotations
@@ -159,6 +160,8 @@ class _Recurrence:
         """``Y [T, D, B, H]`` (or ``[B, T, D, H]``) and each final state ``[D, B, H]`` (or ``[B, D, H]``)."""
         y = _stack(ys, axis=1).astype(self.dtype, copy=False)
         finals = [s.astype(self.dtype, copy=False) for s in states]
+        if self.lens is not None and not self.lens.all():   # the spec is silent; onnxruntime answers zeros
+            finals = [np.where((self.lens == 0)[:, None], 0, s).astype(self.dtype, copy=False) for s in finals]
         if self.batch_major:
             y = y.transpose(2, 0, 1, 3)
             finals = [np.swapaxes(s, 0, 1) for s in finals]
