@@ -293,6 +293,17 @@ def test_upsample_deprecated() -> None:
     check("Upsample", {"x": x, "s": np.array([1, 1, 2, 3], np.float32)}, dict(mode="nearest"), opset=9)
 
 
+@pytest.mark.parametrize("batch", [1, 0])
+@pytest.mark.parametrize("size", [0, 2])
+def test_conv_kernel_larger_than_its_padded_input(batch: int, size: int) -> None:
+    """A kernel that fits no window of the padded input is an InputError, for an empty batch too
+    (its shortcut returned an empty map for 2x2, or failed in numpy for 0x0)."""
+    from dcrt.errors import InputError
+    from dcrt.runtime.ops import OPS
+    with pytest.raises(InputError, match=rf"kernel of \(3, 3\) .* padded input \({size}, {size}\): no output"):
+        OPS["Conv"]({}, rand(batch, 4, size, size), rand(4, 4, 3, 3))
+
+
 # -- recurrent layers ------------------------------------------------------------------------------
 
 def _rnn_inputs(gates: int, direction: str, hidden: int = 5, batch: int = 3, steps: int = 4,
@@ -355,6 +366,20 @@ def test_recurrent_empty_sequence_has_zero_final_states(op: str, gates: int, out
     inputs = _rnn_inputs(gates, "bidirectional", lengths=True, cell=op == "LSTM")
     inputs["lens"] = np.array([0, 4, 2], np.int32)
     check(op, inputs, dict(hidden_size=5, direction="bidirectional"), weights=("w", "r"), outputs=outputs)
+
+
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("lens", [[5, 2, 3], [4, -1, 3], [3], [4, 2, 3, 1]])
+def test_recurrent_sequence_lens_out_of_range(op: str, gates: int, direction: str, lens: List[int]) -> None:
+    """Lengths past the steps, negative or not one per batch entry are an InputError, as onnxruntime
+    refuses them (forward: taken silently, a single length broadcast; reverse: an IndexError)."""
+    from dcrt.errors import InputError
+    from dcrt.runtime.ops import OPS
+    inputs = _rnn_inputs(gates, direction, cell=op == "LSTM")
+    args = [inputs[k] for k in ("x", "w", "r", "b")] + [np.array(lens, np.int32), inputs["h0"]]
+    with pytest.raises(InputError, match=r"one length in 0\.\.4 .* each of the 3 batch entries"):
+        OPS[op]({"hidden_size": 5, "direction": direction, "_opset": 14, "_nout": 2}, *args)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -116,6 +116,11 @@ def _conv_runner(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
         out = _windows(x, kernel, strides, dilations, pads)
+        if min(out, default=1) < 1:     # checked before an empty batch's shortcut, which would make no window
+            dims = len(kernel)
+            padded = [n + pads[i] + pads[i + dims] for i, n in enumerate(x.shape[2:])]
+            raise InputError(f"a kernel of {tuple(kernel)} (dilations {tuple(dilations)}) does not fit "
+                             f"the padded input {tuple(padded)}: no output position")
         _bounded_windows(x, w.shape[0], pads, out)
         if x.shape[0] == 0:     # an empty batch: the kernels' reshapes by -1 are undefined on it
             shape = (0, w.shape[0], *out)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import kernels
 from ..indexed import IndexedWeight, SparseWeight, TableRows
-from dcrt.errors import UnsupportedOperatorError
+from dcrt.errors import InputError, UnsupportedOperatorError
 
 from . import register
 from .elementwise import sigmoid
@@ -116,6 +116,10 @@ class _Recurrence:
         self.clip = attrs.get("clip")
         self.dtype = x.dtype
         lens = None if seq_lens is None else np.asarray(seq_lens).astype(np.int64).reshape(-1)
+        if lens is not None and (lens.shape != (self.batch,) or lens.min(initial=0) < 0
+                                 or lens.max(initial=0) > self.steps):
+            raise InputError(f"sequence_lens {np.asarray(seq_lens).tolist()} must give one length in 0..{self.steps} "
+                             f"(the sequence's steps) for each of the {self.batch} batch entries")
         if lens is not None and np.all(lens >= self.steps):
             lens = None  # every sequence is full length: no masking needed
         self.lens = lens
