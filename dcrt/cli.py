@@ -104,6 +104,11 @@ def _print_size(r) -> None:
 def _cmd_inspect(a) -> int:
     from .report import inspect
     info = inspect(a.model)
+    if a.plan:
+        if info["plan"] is None:
+            raise InputError(f"{a.model} holds no compression plan (written by another tool?)")
+        print(json.dumps(info["plan"], indent=2, sort_keys=True))
+        return 0
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer table of a .dcm (no decoding)")
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--plan", action="store_true",
+                   help="print the stored compression plan as JSON, to edit and give to convert --config")
     i.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("size", help="download / installed / memory size against the original model")

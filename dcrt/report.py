@@ -64,7 +64,7 @@ def inspect(path: str) -> Dict[str, Any]:
                 "opsets": dcm.model.opsets, "source": dcm.source,
                 "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
                 "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.outputs],
-                "nodes": len(g.nodes), "layers": rows,
+                "nodes": len(g.nodes), "plan": dcm.plan, "layers": rows,
                 "total": {**totals(rows), "memory_bytes": memory}}
 
 

@@ -56,6 +56,26 @@ def test_inspect_json_matches_stored_stats(converted, capsys):
     assert "bits/w" in text and "conv2.weight" in text and "total" in text and "in memory" in text
 
 
+def test_inspect_plan_is_a_config_that_gives_the_same_bytes(converted, onnx_path, tmp_path, capsys):
+    """``dcrt inspect --plan`` prints the stored plan (also ``--json``'s "plan"): edited and given back with
+    ``--config`` it converts; unedited it gives the same bytes."""
+    assert main(["inspect", str(converted), "--plan"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["layers"]["fc1.weight"]["sparsity"] == pytest.approx(0.9) and plan["layers"]["fc1.weight"]["bits"] == 5
+    assert main(["inspect", str(converted), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"] == plan
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main(["convert", str(onnx_path("lenet5")), "-o", str(tmp_path / "again.dcm"), "--config",
+                 str(tmp_path / "plan.json"), "-q"]) == 0
+    assert (tmp_path / "again.dcm").read_bytes() == converted.read_bytes()
+    plan["layers"]["fc1.weight"]["bits"] = 3
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main(["convert", str(onnx_path("lenet5")), "-o", str(tmp_path / "edited.dcm"), "--config",
+                 str(tmp_path / "plan.json"), "-q"]) == 0
+    assert main(["inspect", str(tmp_path / "edited.dcm"), "--plan"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"]["fc1.weight"]["bits"] == 3
+
+
 def test_size_against_original(converted, onnx_path, capsys):
     original = onnx_path("lenet5")
     assert main(["size", str(converted), str(original), "--json"]) == 0
