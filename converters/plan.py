@@ -78,6 +78,7 @@ def load_config(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
     def unique(pairs: List[Tuple[Any, Any]], lines: Optional[List[int]] = None) -> Dict[Any, Any]:
         seen = {}
         for i, (key, _) in enumerate(pairs):
@@ -98,9 +99,9 @@ def load_config(path: str) -> Dict[str, Any]:
 
             class Loader(yaml.SafeLoader):
                 def construct_mapping(self, node, deep=False):
-                    own = [(self.construct_object(k, deep=True), None) for k, _ in node.value
-                           if k.tag != "tag:yaml.org,2002:merge"]
-                    unique(own, [k.start_mark.line + 1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"])
+                    keys = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]   # `<<` may repeat
+                    unique([(self.construct_object(k, deep=True), None) for k in keys],
+                           [k.start_mark.line + 1 for k in keys])
                     return super().construct_mapping(node, deep=deep)
             data = yaml.load(text, Loader=Loader)
     except ConfigError:
