@@ -251,6 +251,20 @@ def test_resize_sizes(mode: str, sizes: List[int]) -> None:
           dict(mode=mode, coordinate_transformation_mode="half_pixel"), rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_an_empty_batch(mode: str) -> None:
+    """An empty batch resized to sizes (``F.interpolate(size=...)`` exports so): an empty result as
+    onnxruntime's (was a division by the batch's size, 0); an empty axis made larger is an InputError."""
+    from dcrt.errors import InputError
+    from dcrt.runtime.ops import OPS
+    for sizes in ([0, 3, 9, 13], [3, 9, 13]):
+        attrs = dict(mode=mode) if len(sizes) == 4 else dict(mode=mode, axes=[1, 2, 3])
+        check("Resize", {"x": rand(0, 3, 6, 5), "roi": None, "scales": None, "sizes": np.array(sizes, np.int64)},
+              attrs, opset=18)
+    with pytest.raises(InputError, match="cannot make axis 0 of 2 from an empty one"):
+        OPS["Resize"]({"mode": mode, "_opset": 18}, rand(0, 3, 6, 5), None, None, np.array([2, 3, 9, 13]))
+
+
 @pytest.mark.parametrize("coord, nearest_mode, length, out", [
     ("align_corners", "floor", 13, 7), ("align_corners", "floor", 13, 14), ("align_corners", "ceil", 11, 13),
     ("align_corners", "round_prefer_floor", 11, 13), ("asymmetric", "round_prefer_ceil", 7, 2),

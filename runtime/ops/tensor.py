@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
-from dcrt.errors import UnsupportedOperatorError
+from dcrt.errors import InputError, UnsupportedOperatorError
 
 from . import bounded, register
 
@@ -635,7 +635,7 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
     if sizes is not None and len(sizes):
         for a, s in zip(axes, sizes):
             full_size[a] = int(s)
-            full_scale[a] = int(s) / x.shape[a]
+            full_scale[a] = int(s) / x.shape[a] if x.shape[a] else 1.0     # an empty axis: checked below
         if policy != "stretch":
             pick = min if policy == "not_larger" else max
             common = pick(full_scale[a] for a in axes)
@@ -648,6 +648,12 @@ def resize_nd(attrs: Attrs, x: np.ndarray, scales: Optional[Sequence[float]],
             full_scale[a] = float(s)
             full_size[a] = int(float(s) * x.shape[a])
     bounded(full_size, 8 if x.dtype.kind != "f" else x.itemsize)
+    if x.size == 0:     # an empty batch (or map): nothing to interpolate, but nothing from nothing either
+        grown = [a for a in range(rank) if x.shape[a] == 0 and full_size[a] > 0]
+        if grown:
+            raise InputError(f"Resize cannot make axis {grown[0]} of {full_size[grown[0]]} from an empty one "
+                             f"(input shape {list(x.shape)})")
+        return np.zeros(full_size, x.dtype)
     boxes = [(0.0, 1.0)] * rank
     if roi is not None and len(roi):
         n = len(roi) // 2
