@@ -22,6 +22,8 @@ try:
 except ImportError as e:  # pragma: no cover - the [convert] extra is missing
     raise ConversionError("converting ONNX models needs the onnx package: pip install 'dcrt[convert]'") from e
 
+from .onnx_functions import expand_functions  # noqa: E402 - needs onnx, checked above
+
 
 def load(path: str) -> onnx.ModelProto:
     """Read an ONNX file with its external data; ConversionError if it is unreadable."""
@@ -65,6 +67,7 @@ def from_onnx(model: Union[onnx.ModelProto, str]) -> Model:
     if isinstance(model, (str, os.PathLike)):
         where = os.fspath(model)
         model = load(where)
+    model = expand_functions(model, _implemented)
     opsets = {o.domain if o.domain != "ai.onnx" else "": int(o.version) for o in model.opset_import}
     try:
         graph = _graph(model.graph, top=True)
@@ -74,6 +77,12 @@ def from_onnx(model: Union[onnx.ModelProto, str]) -> Model:
         raise ConversionError(f"{where}: {e}") from None
     meta = {p.key: p.value for p in model.metadata_props}
     return Model(graph, opsets or {"": 17}, meta)
+
+
+def _implemented(domain: str, op_type: str) -> bool:
+    """Whether the runtime has a kernel for the operator (else a function body may stand in)."""
+    from dcrt.runtime.ops import DEFAULT_DOMAINS, OPS
+    return domain in DEFAULT_DOMAINS and op_type in OPS
 
 
 def _external_location(t) -> str:

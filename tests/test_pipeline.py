@@ -485,3 +485,71 @@ def test_tensor_types_dcrt_cannot_store_are_a_message(data_type, tmp_path):
     with pytest.raises(ConversionError, match=f"tensor 'w' is {data_type.lower()}, a type dcrt does not store"):
         convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
     assert not (tmp_path / "m.dcm").exists()
+
+
+# -- operators ONNX defines as functions --------------------------------------------------------------
+
+
+def _attention_model(kv_heads: int) -> onnx.ModelProto:
+    """x [B, S, 64] -> Q, K, V projections -> Attention (opset 23: a function in ONNX's schema, causal,
+    4 query heads) -> output projection: a transformer block's attention as PyTorch's exporter writes it."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    width, kv = 64, 16 * kv_heads
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(np.float32), name)
+             for name, shape in (("wq", (width, width)), ("wk", (width, kv)), ("wv", (width, kv)),
+                                 ("wo", (width, width)))]
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_x"]) for w in ("wq", "wk", "wv")] + [
+        helper.make_node("Attention", ["wq_x", "wk_x", "wv_x"], ["a"], q_num_heads=4, kv_num_heads=kv_heads,
+                         is_causal=1),
+        helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_function_operators_expand_into_their_bodies(kv_heads, tmp_path):
+    """An operator dcrt has no kernel for but ONNX defines by a function body (Attention, with grouped
+    query heads too) converts into that body: the .dcm matches onnxruntime on the original in every
+    mode, and the projections around it are compressed as usual."""
+    import onnxruntime as ort
+
+    import dcrt
+    from dcrt.converters.onnx_frontend import _implemented
+    from dcrt.converters.onnx_functions import expand_functions
+    model = _attention_model(kv_heads)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((2, 5, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "exact.dcm"), bits=32, prune=False)
+    for mode in ("index", "dense", "stream"):
+        got = dcrt.Session(tmp_path / "exact.dcm", mode=mode).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    ops = {n.op_type for n in open_dcm(str(tmp_path / "exact.dcm")).model.graph.nodes}
+    assert "Attention" not in ops and {"Softmax", "MatMul"} <= ops
+    convert(str(tmp_path / "m.onnx"), str(tmp_path / "small.dcm"), bits=6, prune=False)
+    with open_dcm(str(tmp_path / "small.dcm")) as dcm:
+        assert all(dcm.tensors[w].record.codebook is not None for w in ("wq", "wk", "wv", "wo"))
+    got = dcrt.Session(tmp_path / "small.dcm").run(None, {"x": x})[0]
+    assert got.shape == want.shape and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+    plain = from_onnx(str(tmp_path / "m.onnx"))
+    assert plain.graph.nodes[0].op_type == "MatMul" and len(plain.graph.nodes) > 10
+    no_functions = onnx.load(str(tmp_path / "m.onnx"))
+    del no_functions.graph.node[3]      # without the Attention node there is nothing to expand: the same model
+    assert expand_functions(no_functions, _implemented) is no_functions
+
+
+def test_function_operator_whose_body_needs_a_missing_operator_is_named(tmp_path):
+    """Bernoulli's body draws random numbers (RandomUniformLike, which the runtime lacks): the node stays
+    whole, and the error names Bernoulli, the operator in the user's model, not its body's."""
+    from onnx import TensorProto, helper
+    from dcrt.errors import UnsupportedOperatorError
+    graph = helper.make_graph([helper.make_node("Bernoulli", ["p"], ["y"])], "g",
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)]), tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedOperatorError, match="does not implement: Bernoulli$"):
+        convert(str(tmp_path / "m.onnx"), str(tmp_path / "m.dcm"))
