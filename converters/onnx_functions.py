@@ -4,9 +4,10 @@ ONNX defines some operators by a *function body* of other operators (Attention, 
 AffineGrid, the window operators, ...). A node whose operator the runtime has no kernel for, but whose
 schema has such a body at the model's opset, is replaced by that body here, so the ``.dcm`` holds only
 operators the runtime implements. The body comes from onnx's own schema (for context-dependent
-functions, built for the node's attributes and input types); its values get names of their own,
-attribute references take the node's attributes (or the schema's defaults), and bodies that use
-function operators again are expanded in turn.
+functions, built for the node's attributes and input types); its values and nodes get names no name
+of the model starts with, attribute references take the node's attributes (or the schema's
+defaults), and bodies that use function operators again are expanded in turn, level by level, with
+the value types of each level inferred for the next (a context-dependent body needs them).
 """
 from __future__ import annotations
 
@@ -26,43 +27,63 @@ def expand_functions(model: onnx.ModelProto, implemented: Callable[[str, str], b
     function replaced by its body (subgraphs included); the model itself when there is none."""
     opsets = {_MERGE_DOMAINS.get(o.domain, o.domain): int(o.version) for o in model.opset_import}
 
+    def runs(node: onnx.NodeProto) -> bool:
+        return implemented(_MERGE_DOMAINS.get(node.domain, node.domain), node.op_type)
+
     def wanted(node: onnx.NodeProto) -> bool:
-        return not implemented(_MERGE_DOMAINS.get(node.domain, node.domain), node.op_type) and \
-            _schema(node, opsets) is not None
+        return not runs(node) and _schema(node, opsets) is not None
 
     if not any(wanted(n) for n in _all_nodes(model.graph)):
         return model
     expanded = onnx.ModelProto()
     expanded.CopyFrom(model)
     types = _value_types(expanded)
-    names = itertools.count()
+    taken = _all_names(expanded.graph)     # a body's names must not meet the model's: prefixes are checked
+    counter = itertools.count()
     used: Dict[str, int] = {}
 
-    def runs(node: onnx.NodeProto) -> bool:
-        return implemented(_MERGE_DOMAINS.get(node.domain, node.domain), node.op_type)
+    def prefix(op_type: str) -> str:
+        while True:
+            candidate = f"__{op_type}{next(counter)}__"
+            if not any(name.startswith(candidate) for name in taken):
+                return candidate
 
-    def flatten(node: onnx.NodeProto, depth: int) -> Optional[List[onnx.NodeProto]]:
-        """The node as implemented operators only (its body, expanded in turn), or None if it cannot be:
-        then it stays as it is, and conversion names it as the operator the runtime lacks."""
-        for attr in node.attribute:
-            for sub in _graphs(attr):
-                expand(sub, depth)
-        if not wanted(node):
-            inner = (n for attr in node.attribute for sub in _graphs(attr) for n in _all_nodes(sub))
-            return [node] if runs(node) and all(runs(n) for n in inner) else None
-        body = _body(node, opsets, types) if depth < MAX_DEPTH else None
-        if body is None:
-            return None
-        parts = [flatten(n, depth + 1) for n in _inline(node, body, f"__{node.op_type}{next(names)}__")]
-        if any(p is None for p in parts):
-            return None
-        for domain in body.opset_import:
-            key = _MERGE_DOMAINS.get(domain.domain, domain.domain)
-            used[key] = max(used.get(key, 0), int(domain.version))
-        return [n for p in parts for n in p]
+    def flatten(node: onnx.NodeProto) -> Optional[List[onnx.NodeProto]]:
+        """The function node as implemented operators only, its body expanded level by level (each
+        level's value types inferred for the next, which a context-dependent body needs), or None if it
+        cannot be: then it stays, and conversion names it as the operator the runtime lacks."""
+        nodes = [node]
+        for _ in range(MAX_DEPTH):
+            if not any(wanted(n) for n in nodes):
+                break
+            known = _mini_types(nodes, types, expanded.opset_import, used)
+            level: List[onnx.NodeProto] = []
+            for n in nodes:
+                body = _body(n, opsets, known) if wanted(n) else None
+                if wanted(n) and body is None:
+                    return None
+                if body is None:
+                    level.append(n)
+                    continue
+                for domain in body.opset_import:
+                    key = _MERGE_DOMAINS.get(domain.domain, domain.domain)
+                    used[key] = max(used.get(key, 0), int(domain.version))
+                level.extend(_inline(n, body, prefix(n.op_type)))
+            nodes = level
+        for n in nodes:         # a branch inside a body may hold function operators too
+            for attr in n.attribute:
+                for sub in _graphs(attr):
+                    expand(sub)
+        inner = (m for n in nodes for attr in n.attribute for sub in _graphs(attr) for m in _all_nodes(sub))
+        return nodes if all(runs(n) for n in nodes) and all(runs(m) for m in inner) else None
 
-    def expand(graph: onnx.GraphProto, depth: int = 0) -> None:
-        out = [n for node in graph.node for n in (flatten(node, depth) or [node])]
+    def expand(graph: onnx.GraphProto) -> None:
+        out: List[onnx.NodeProto] = []
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in _graphs(attr):
+                    expand(sub)
+            out.extend((flatten(node) or [node]) if wanted(node) else [node])
         del graph.node[:]
         graph.node.extend(out)
 
@@ -130,13 +151,15 @@ def _inline(node: onnx.NodeProto, body: onnx.FunctionProto, prefix: str) -> List
                  for i, o in enumerate(body.output))
     attrs = {a.name: a for a in node.attribute}
 
+    index = itertools.count()
+
     def rename(name: str) -> str:
         return names.get(name, prefix + name)
 
     def put(b: onnx.NodeProto) -> onnx.NodeProto:
         n = onnx.NodeProto()
         n.CopyFrom(b)
-        n.name = prefix + (b.name or b.op_type)
+        n.name = f"{prefix}{next(index)}_{b.name or b.op_type}"     # unique: onnxruntime checks
         n.input[:] = [rename(x) for x in b.input]
         n.output[:] = [rename(x) for x in b.output]
         del n.attribute[:]
@@ -161,6 +184,35 @@ def _inline(node: onnx.NodeProto, body: onnx.FunctionProto, prefix: str) -> List
         return n
 
     return [put(b) for b in body.node]
+
+
+def _all_names(graph: onnx.GraphProto) -> set:
+    """Every value and node name of the graph and its subgraphs."""
+    names = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    names.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+        for attr in node.attribute:
+            for sub in _graphs(attr):
+                names |= _all_names(sub)
+    return names
+
+
+def _mini_types(nodes: List[onnx.NodeProto], types: Dict[str, onnx.TypeProto], opset_import,
+                used: Dict[str, int]) -> Dict[str, onnx.TypeProto]:
+    """``types`` with those onnx infers for the values of ``nodes`` (a partly expanded function node),
+    run as a model of their own whose inputs are what they read from outside."""
+    made = {o for n in nodes for o in n.output}
+    outside = [x for n in nodes for x in n.input if x and x not in made]
+    graph = onnx.helper.make_graph(
+        nodes, "body", [onnx.helper.make_value_info(x, types.get(x, onnx.TypeProto())) for x in dict.fromkeys(outside)],
+        [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in made if o])
+    opsets = {o.domain: o.version for o in opset_import}
+    opsets.update((d, v) for d, v in used.items() if d not in opsets)
+    mini = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+    return {**types, **_value_types(mini)}
 
 
 def _value_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:

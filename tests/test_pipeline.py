@@ -542,6 +542,40 @@ def test_function_operators_expand_into_their_bodies(kv_heads, tmp_path):
     assert expand_functions(no_functions, _implemented) is no_functions
 
 
+def test_function_bodies_keep_clear_of_the_models_names_and_nest(tmp_path):
+    """Values of the model named like an expanded body's (``__Attention0__...``) stay the model's (a body
+    value of the same name was a second writer: 'damaged', or inside a branch a wrong result); body
+    nodes get names of their own (onnxruntime refuses a rebuilt model with two of one name); and a body
+    using a context-dependent function (SoftmaxCrossEntropyLoss -> NegativeLogLikelihoodLoss) expands
+    with the inner node's input types inferred."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import dcrt
+    model = _attention_model(4)
+    renames = {"wq_x": "__Attention0__ScaleFactor", "a": "__Attention0__QKAttnWeight"}
+    for node in model.graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+        node.output[:] = [renames.get(x, x) for x in node.output]
+    loss = helper.make_graph(
+        [helper.make_node("SoftmaxCrossEntropyLoss", ["s", "t"], ["loss"], reduction="mean")], "g",
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4, 5]),
+         helper.make_tensor_value_info("t", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])])
+    feeds = {"m": {"x": np.random.default_rng(2).standard_normal((1, 3, 64)).astype(np.float32)},
+             "loss": {"s": np.random.default_rng(3).standard_normal((4, 5)).astype(np.float32),
+                      "t": np.array([0, 4, 2, 1], np.int64)}}
+    onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(helper.make_model(loss, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "loss.onnx")
+    for name, feed in feeds.items():
+        convert(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.dcm"), bits=32, prune=False)
+        want = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+        got = dcrt.Session(tmp_path / f"{name}.dcm").run(None, feed)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+        named = [n.name for n in open_dcm(str(tmp_path / f"{name}.dcm")).model.graph.nodes if n.name]
+        assert len(named) == len(set(named)) > 5
+
+
 def test_function_operator_whose_body_needs_a_missing_operator_is_named(tmp_path):
     """Bernoulli's body draws random numbers (RandomUniformLike, which the runtime lacks): the node stays
     whole, and the error names Bernoulli, the operator in the user's model, not its body's."""
