@@ -67,7 +67,7 @@ def from_onnx(model: Union[onnx.ModelProto, str]) -> Model:
     if isinstance(model, (str, os.PathLike)):
         where = os.fspath(model)
         model = load(where)
-    model = expand_functions(model, _implemented)
+    model = expand_functions(model, runtime_implements)
     opsets = {o.domain if o.domain != "ai.onnx" else "": int(o.version) for o in model.opset_import}
     try:
         graph = _graph(model.graph, top=True)
@@ -79,8 +79,8 @@ def from_onnx(model: Union[onnx.ModelProto, str]) -> Model:
     return Model(graph, opsets or {"": 17}, meta)
 
 
-def _implemented(domain: str, op_type: str) -> bool:
-    """Whether the runtime has a kernel for the operator (else a function body may stand in)."""
+def runtime_implements(domain: str, op_type: str) -> bool:
+    """Whether the runtime has a kernel for the operator (else its ONNX function body may stand in)."""
     from dcrt.runtime.ops import DEFAULT_DOMAINS, OPS
     return domain in DEFAULT_DOMAINS and op_type in OPS
 

@@ -12,7 +12,7 @@ the value types of each level inferred for the next (a context-dependent body ne
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import onnx
 from onnx import defs
@@ -59,12 +59,13 @@ def expand_functions(model: onnx.ModelProto, implemented: Callable[[str, str], b
             known = _mini_types(nodes, types, expanded.opset_import, used)
             level: List[onnx.NodeProto] = []
             for n in nodes:
-                body = _body(n, opsets, known) if wanted(n) else None
-                if wanted(n) and body is None:
-                    return None
-                if body is None:
+                if not wanted(n):
                     level.append(n)
                     continue
+                found = _body(n, opsets, known)
+                if found is None:
+                    return None
+                body, n = found
                 for domain in body.opset_import:
                     key = _MERGE_DOMAINS.get(domain.domain, domain.domain)
                     used[key] = max(used.get(key, 0), int(domain.version))
@@ -118,15 +119,20 @@ def _schema(node: onnx.NodeProto, opsets: Dict[str, int]) -> Optional[defs.OpSch
     return schema if (schema.has_function or schema.has_context_dependent_function) else None
 
 
-def _body(node: onnx.NodeProto, opsets: Dict[str, int], types: Dict[str, onnx.TypeProto]) -> Optional[onnx.FunctionProto]:
-    """The function body for this node (its attributes completed with the schema's defaults), or None
-    when onnx cannot build it (a context-dependent body whose input types are unknown, say)."""
+def _body(node: onnx.NodeProto, opsets: Dict[str, int],
+          types: Dict[str, onnx.TypeProto]) -> Optional[Tuple[onnx.FunctionProto, onnx.NodeProto]]:
+    """The function body for this node and a copy of the node with the schema's defaults for the
+    attributes it leaves out (what the body's references read), or None when onnx cannot build the
+    body (a context-dependent body whose input types are unknown, say)."""
     schema = _schema(node, opsets)
     opset = opsets[_MERGE_DOMAINS.get(node.domain, node.domain)]
+    completed = onnx.NodeProto()
+    completed.CopyFrom(node)
     given = {a.name for a in node.attribute}
     for name, attr in schema.attributes.items():
         if name not in given and attr.default_value.name:
-            node.attribute.append(attr.default_value)
+            completed.attribute.append(attr.default_value)
+    node = completed
     try:
         if schema.has_function:
             version = max(v for v in schema.function_opset_versions if v <= opset)
@@ -140,7 +146,7 @@ def _body(node: onnx.NodeProto, opsets: Dict[str, int], types: Dict[str, onnx.Ty
         return None
     body = onnx.FunctionProto()
     body.ParseFromString(data)
-    return body if body.node else None
+    return (body, node) if body.node else None
 
 
 def _inline(node: onnx.NodeProto, body: onnx.FunctionProto, prefix: str) -> List[onnx.NodeProto]:

@@ -27,7 +27,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 from onnx.backend.base import Backend, BackendRep  # noqa: E402
 
-from dcrt.converters.onnx_frontend import from_onnx  # noqa: E402
+from dcrt.converters.onnx_frontend import from_onnx, runtime_implements  # noqa: E402
 from dcrt.converters.onnx_functions import expand_functions  # noqa: E402
 from dcrt.runtime.executor import Executor  # noqa: E402
 from dcrt.runtime.ops import DEFAULT_DOMAINS, OPS  # noqa: E402
@@ -208,7 +208,7 @@ def model_ops(model: "onnx.ModelProto") -> Set[Tuple[str, str]]:
 def unsupported_ops(model: "onnx.ModelProto") -> List[str]:
     """The model's operators the runtime lacks, once operators ONNX defines as functions are expanded
     into their bodies, as conversion does (``converters/onnx_functions.py``)."""
-    expanded = expand_functions(model, lambda d, op: d in DEFAULT_DOMAINS and op in OPS)
+    expanded = expand_functions(model, runtime_implements)
     return sorted(f"{d}.{op}" if d not in DEFAULT_DOMAINS else op
                   for d, op in model_ops(expanded) if d not in DEFAULT_DOMAINS or op not in OPS)
 

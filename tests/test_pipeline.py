@@ -518,7 +518,7 @@ def test_function_operators_expand_into_their_bodies(kv_heads, tmp_path):
     import onnxruntime as ort
 
     import dcrt
-    from dcrt.converters.onnx_frontend import _implemented
+    from dcrt.converters.onnx_frontend import runtime_implements
     from dcrt.converters.onnx_functions import expand_functions
     model = _attention_model(kv_heads)
     onnx.save(model, tmp_path / "m.onnx")
@@ -539,7 +539,7 @@ def test_function_operators_expand_into_their_bodies(kv_heads, tmp_path):
     assert plain.graph.nodes[0].op_type == "MatMul" and len(plain.graph.nodes) > 10
     no_functions = onnx.load(str(tmp_path / "m.onnx"))
     del no_functions.graph.node[3]      # without the Attention node there is nothing to expand: the same model
-    assert expand_functions(no_functions, _implemented) is no_functions
+    assert expand_functions(no_functions, runtime_implements) is no_functions
 
 
 def test_function_bodies_keep_clear_of_the_models_names_and_nest(tmp_path):
