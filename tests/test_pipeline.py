@@ -503,7 +503,8 @@ def _attention_model(kv_heads: int) -> onnx.ModelProto:
         helper.make_node("Attention", ["wq_x", "wk_x", "wv_x"], ["a"], q_num_heads=4, kv_num_heads=kv_heads,
                          is_causal=1),
         helper.make_node("MatMul", ["a", "wo"], ["y"])]
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 64])],
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 64])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
