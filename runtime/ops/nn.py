@@ -77,6 +77,10 @@ def _windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilat
             raise InputError(f"a pooling window of {kernel[i]} (dilation {dilations[i]}) is longer than "
                              f"spatial axis {i} of the input ({n}, pads {pads[i]} + {pads[i + dims]}) by a "
                              "stride or more: no output position")
+        if o < 1:       # raised here, before a caller's shortcut for an empty batch would make no window
+            padded = tuple(m + pads[j] + pads[j + dims] for j, m in enumerate(x.shape[2:]))
+            raise InputError(f"a kernel of {tuple(kernel)} (dilations {tuple(dilations)}) does not fit "
+                             f"the padded input {padded}: no output position")
         out.append(o)
     return out
 
@@ -116,11 +120,6 @@ def _conv_runner(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         strides, dilations = _geometry(attrs, x, kernel)
         pads = resolve_pads(attrs, x.shape[2:], kernel, strides, dilations)
         out = _windows(x, kernel, strides, dilations, pads)
-        if min(out, default=1) < 1:     # checked before an empty batch's shortcut, which would make no window
-            dims = len(kernel)
-            padded = [n + pads[i] + pads[i + dims] for i, n in enumerate(x.shape[2:])]
-            raise InputError(f"a kernel of {tuple(kernel)} (dilations {tuple(dilations)}) does not fit "
-                             f"the padded input {tuple(padded)}: no output position")
         _bounded_windows(x, w.shape[0], pads, out)
         if x.shape[0] == 0:     # an empty batch: the kernels' reshapes by -1 are undefined on it
             shape = (0, w.shape[0], *out)
