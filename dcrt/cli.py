@@ -103,12 +103,15 @@ def _print_size(r) -> None:
 
 def _cmd_inspect(a) -> int:
     from .report import inspect
-    info = inspect(a.model)
-    if a.plan:
-        if info["plan"] is None:
+    if a.plan:      # the plan alone: no layer table or memory to work out
+        from .format import open_dcm
+        with open_dcm(a.model) as dcm:
+            plan = dcm.plan
+        if plan is None:
             raise InputError(f"{a.model} holds no compression plan (written by another tool?)")
-        print(json.dumps(info["plan"], indent=2, sort_keys=True))
+        print(json.dumps(plan, indent=2, sort_keys=True))
         return 0
+    info = inspect(a.model)
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
