@@ -626,30 +626,40 @@ def im2col2d_par(x, n0, c0, kh, kw, geometry, r0, cols):  # pragma: no cover - c
 
 
 @njit(inline="always")
-def _bias_clamp_plane(y, bias, lo, hi, clamp, job):  # pragma: no cover - compiled
+def _bias_clamp_plane(y, bias, res, lo, hi, clamp, job):  # pragma: no cover - compiled
     m = job % y.shape[1]
     n = job // y.shape[1]
     row = y[n, m]
-    if bias.size:
+    if res.size:                # a residual Add fused: (y + bias) + res, as the Add after it would sum
+        r = res[n, m]
+        if bias.size:
+            b = bias[m]
+            for p in range(row.size):
+                row[p] = _clamped(row[p] + b + r[p], lo, hi, clamp)
+        else:
+            for p in range(row.size):
+                row[p] = _clamped(row[p] + r[p], lo, hi, clamp)
+    elif bias.size:
         b = bias[m]
         for p in range(row.size):
-            row[p] += b
-    if clamp:
+            row[p] = _clamped(row[p] + b, lo, hi, clamp)
+    elif clamp:
         for p in range(row.size):
             row[p] = _clamped(row[p], lo, hi, True)
 
 
 @njit(cache=True, nogil=True)
-def bias_clamp(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
-    """In place on ``y [N, M, P]``: ``y += bias[m]`` (``bias`` may be empty), then clamp to [lo, hi]."""
+def bias_clamp(y, bias, res, lo, hi, clamp):  # pragma: no cover - compiled
+    """In place on ``y [N, M, P]``: ``y += bias[m]`` (``bias`` may be empty), ``y += res`` (a residual
+    of ``y``'s shape, or empty), then clamp to [lo, hi]; one pass over each row."""
     for job in range(y.shape[0] * y.shape[1]):
-        _bias_clamp_plane(y, bias, lo, hi, clamp, job)
+        _bias_clamp_plane(y, bias, res, lo, hi, clamp, job)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def bias_clamp_par(y, bias, lo, hi, clamp):  # pragma: no cover - compiled
+def bias_clamp_par(y, bias, res, lo, hi, clamp):  # pragma: no cover - compiled
     for job in prange(y.shape[0] * y.shape[1]):
-        _bias_clamp_plane(y, bias, lo, hi, clamp, job)
+        _bias_clamp_plane(y, bias, res, lo, hi, clamp, job)
 
 
 @njit(inline="always")
@@ -748,13 +758,15 @@ def winograd_input_par(x, ph, pw, r0, r1, th, v):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k):  # pragma: no cover - compiled
+def _winograd_output_plane(m, bias, res, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k):  # pragma: no cover
     tw = m.shape[2] // max(1, r1 - r0)
     oh_count, ow_count = out.shape[2], out.shape[3]
     mf = m.reshape(m.size)
     of = out.reshape(out.size)
+    rf = res.reshape(res.size)
     plane = m.shape[1] * m.shape[2]
     b = bias[k0 + k] if bias.size else np.float32(0.0)
+    early = clamp and not res.size     # with a residual the clamp follows its sum
     for q in range(r0, r1):
         n = q // th
         i = q - n * th
@@ -772,34 +784,38 @@ def _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, su
         for r in range(2):         # (A^T M) A, the bias and the clamp: two rows of 2 * tw outputs
             for j in range(tw):
                 s0, s1, s2, s3 = sums[4 * r, j], sums[4 * r + 1, j], sums[4 * r + 2, j], sums[4 * r + 3, j]
-                line[r, 2 * j] = _clamped(b + (s0 + s1 + s2), lo, hi, clamp)
-                line[r, 2 * j + 1] = _clamped(b + (s1 - s2 - s3), lo, hi, clamp)
+                line[r, 2 * j] = _clamped(b + (s0 + s1 + s2), lo, hi, early)
+                line[r, 2 * j + 1] = _clamped(b + (s1 - s2 - s3), lo, hi, early)
         for a in range(min(2, oh_count - 2 * i)):     # the last row/column of a tile may lie past the edge
             dst = ((n * out.shape[1] + k0 + k) * oh_count + 2 * i + a) * ow_count
-            for u in range(ow_count):
-                of[_U(dst + u)] = line[a, u]
+            if res.size:
+                for u in range(ow_count):
+                    of[_U(dst + u)] = _clamped(line[a, u] + rf[_U(dst + u)], lo, hi, clamp)
+            else:
+                for u in range(ow_count):
+                    of[_U(dst + u)] = line[a, u]
 
 
 @njit(cache=True, nogil=True)
-def winograd_output(m, bias, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
+def winograd_output(m, bias, res, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
     """Output tile rows ``[r0, r1)`` of channels ``[k0, k0 + K)`` of ``out [N, M, OH, OW]`` from the
     Winograd-domain products ``m [16, K, (r1 - r0) * tw]``: ``A^T M A`` per tile, ``+ bias`` (may be
-    empty), then clamped to [lo, hi] when ``clamp``; the last row/column of a tile is dropped past
-    the edge."""
+    empty), ``+ res`` (a residual of ``out``'s shape, or empty), then clamped to [lo, hi] when
+    ``clamp``; the last row/column of a tile is dropped past the edge."""
     tw = m.shape[2] // max(1, r1 - r0)
     line = np.empty((2, 2 * tw), np.float32)
     sums = np.empty((8, tw), np.float32)
     for k in range(m.shape[1]):
-        _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
+        _winograd_output_plane(m, bias, res, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def winograd_output_par(m, bias, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
+def winograd_output_par(m, bias, res, lo, hi, clamp, r0, r1, th, k0, out):  # pragma: no cover - compiled
     for k in prange(m.shape[1]):
         tw = m.shape[2] // max(1, r1 - r0)
         line = np.empty((2, 2 * tw), np.float32)
         sums = np.empty((8, tw), np.float32)
-        _winograd_output_plane(m, bias, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
+        _winograd_output_plane(m, bias, res, lo, hi, clamp, r0, r1, th, k0, out, line, sums, k)
 
 
 @njit(inline="always")

@@ -5,9 +5,10 @@ missing operators reported at once), the topological order, and for every value 
 nothing reads it any more, so that ``run`` frees each intermediate array as early as possible and
 the peak memory is that of the live values, not of the whole graph.
 
-Two passes merge steps: an activation into the node that produces its input (``_fuse``), and a
-chain of dense layers, each reading only the last one's output, into one step (``_chain``), which
-saves the Python between the layers.
+Passes merge steps: a Conv into the residual Add that alone reads its output (``_residuals``), an
+activation into the node that produces its input (``_fuse``), and a chain of dense layers, each
+reading only the last one's output, into one step (``_chain``), which saves the Python between the
+layers.
 
 ``run`` keeps all of its state in local variables, so one ``Executor`` serves many threads at once.
 Given ``times``, it runs a copy of the plan whose steps add their seconds to it (``Session.profile``):
@@ -197,9 +198,40 @@ class Executor:
         return tuple(steps)
 
     @staticmethod
+    def _residuals(steps: Tuple[_Step, ...], keep: Set[str]) -> Tuple[_Step, ...]:
+        """Merge a Conv into the Add that is the only reader of its output, which is not wanted
+        (``ops.nn.fuse_residual``): the sum is made in the convolution's bias pass. The merged step
+        runs where the Add did (its other input may be made after the Conv); of two Convs feeding
+        one Add, the later one merges."""
+        readers = _readers(steps)
+        made_by = {name: i for i, step in enumerate(steps) for name in step.outputs if name}
+        merged: List[Optional[_Step]] = list(steps)
+        for j, add in enumerate(steps):
+            if add.node.op_type != "Add" or add.node.domain or add.node.attrs or len(add.inputs) != 2:
+                continue        # (attributes: Add before opset 7, whose broadcasting differs)
+            found = None
+            for at, value in enumerate(add.inputs):
+                i = made_by.get(value, -1)
+                conv = merged[i] if i >= 0 else None
+                if (conv is not None and conv.node.op_type == "Conv" and not conv.node.domain and not conv.fused
+                        and len(conv.outputs) == 1 and value not in keep and readers[value] == [j]
+                        and (found is None or i > found[0])):
+                    found = (i, at)
+            if found is None:
+                continue
+            i, at = found
+            conv = merged[i]
+            fn = nn.fuse_residual(len(conv.inputs), at, add.fn, add.attrs)
+            merged[j] = _Step(conv.node, fn, conv.attrs, conv.inputs + (add.inputs[1 - at],), conv.raw, add.outputs,
+                              "Add")
+            merged[i] = None
+        return tuple(step for step in merged if step is not None)
+
+    @staticmethod
     def _fuse(steps: Tuple[_Step, ...], keep: Set[str]) -> Tuple[_Step, ...]:
         """Merge a Relu/Clip into the Conv/Gemm/Add that produces its input when it is that value's
         only reader and the value is not wanted (``ops.nn.fuse_clamp``): one pass, no extra array."""
+        steps = Executor._residuals(steps, keep)
         readers = _readers(steps)
         made_by = {name: i for i, step in enumerate(steps) for name in step.outputs if name}
         merged: List[Optional[_Step]] = list(steps)
@@ -213,10 +245,11 @@ class Executor:
             prod = merged[i]
             if len(prod.outputs) != 1 or any(n and made_by.get(n, -1) >= i for n in extra):
                 continue
-            fn = nn.fuse_clamp(prod.node.op_type, prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
+            producer = f"{prod.node.op_type}+{prod.fused}" if prod.fused else prod.node.op_type
+            fn = nn.fuse_clamp(producer, prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
             if fn is not None:
                 merged[i] = _Step(prod.node, fn, prod.attrs, prod.inputs + extra, prod.raw, act.outputs,
-                                  act.node.op_type)
+                                  f"{prod.fused}+{act.node.op_type}" if prod.fused else act.node.op_type)
                 merged[j] = None
         return tuple(step for step in merged if step is not None)
 

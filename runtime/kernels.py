@@ -340,17 +340,19 @@ def conv(
     pads: Sequence[int],
     group: int,
     clamp: "Tuple[float, float] | None" = None,
+    res: "np.ndarray | None" = None,
 ) -> np.ndarray:
     """N-D convolution (ONNX ``Conv``) of ``x [N, C, *spatial]`` with ``w [M, C/group, *kernel]``.
 
-    ``pads`` is ``[begin..., end...]`` (already resolved from ``auto_pad``); ``clamp=(lo, hi)``
-    clamps the result (a fused Relu or Clip). Each group is ``W_g @ cols`` where ``cols`` is the
-    im2col matrix ``[C/group*k, positions]`` of a block of samples or output rows (``lmatmul``), so
-    the result comes out in NCHW order; a 1x1 convolution with unit strides and no padding reads
-    ``x`` itself as ``cols``. Depthwise convolutions (one input channel per group) take a direct
-    path instead. With numba, 1-D and 2-D convolutions build ``cols`` (and run the depthwise case)
-    with compiled kernels that read the unpadded input. What follows from the shapes alone is
-    computed once per shape (``_conv_shape``).
+    ``pads`` is ``[begin..., end...]`` (already resolved from ``auto_pad``); ``res`` (a residual Add
+    fused: an array of the output's shape and dtype) is added to the result; ``clamp=(lo, hi)``
+    then clamps it (a fused Relu or Clip); both in the pass that adds the bias. Each group is
+    ``W_g @ cols`` where ``cols`` is the im2col matrix ``[C/group*k, positions]`` of a block of
+    samples or output rows (``lmatmul``), so the result comes out in NCHW order; a 1x1 convolution
+    with unit strides and no padding reads ``x`` itself as ``cols``. Depthwise convolutions (one
+    input channel per group) take a direct path instead. With numba, 1-D and 2-D convolutions build
+    ``cols`` (and run the depthwise case) with compiled kernels that read the unpadded input. What
+    follows from the shapes alone is computed once per shape (``_conv_shape``).
     """
     dtype = x.dtype if x.dtype == w.dtype else np.result_type(x.dtype, w.dtype)
     k = kernels() if dtype == np.float32 and x.ndim in (3, 4) else None
@@ -359,15 +361,20 @@ def conv(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if shape.lifted:
             x = x[:, :, None, :]
+            res = None if res is None else res[:, :, None, :]
+    if res is not None:
+        res = np.ascontiguousarray(res)
     if k is not None and winograd.usable(x, w, shape.strides, shape.dilations, group):
         y = winograd.conv3x3(k, x, w, *_epilogue(bias, clamp), clamp is not None, shape.pads, shape.out,
-                             IM2COL_BLOCK_BYTES)
+                             IM2COL_BLOCK_BYTES, res)
         if y is not None:
             return y
     if shape.cin == 1 and group > 1:
-        y = _depthwise(k, x, w, bias, shape, group, clamp)
+        y = _depthwise(k, x, w, bias, shape, group, clamp if res is None else None)
+        if res is not None:
+            _add_residual(k, y, res, clamp)
     else:
-        y = _conv_im2col(k, x, w, bias, shape, group, clamp, dtype)
+        y = _conv_im2col(k, x, w, bias, shape, group, clamp, dtype, res)
     return y.reshape(y.shape[:2] + y.shape[3:]) if shape.lifted else y
 
 
@@ -378,14 +385,15 @@ def _shape_of(x: np.ndarray, w: Weight, strides, dilations, pads, group: int, k)
                                            x.itemsize)
 
 
-ConvRunner = Callable[[np.ndarray, Weight, "np.ndarray | None"], np.ndarray]
+ConvRunner = Callable[..., np.ndarray]     # run(x, w, bias, res=None)
 
 
 def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Sequence[int],
                 dilations: Sequence[int], pads: Sequence[int], group: int,
                 clamp: "Tuple[float, float] | None" = None) -> ConvRunner:
     """:func:`conv` prepared once for inputs of ``x``'s shape and dtype, weights of ``w``'s shape,
-    dtype and kind, a bias or none as ``bias``, and this clamp: ``run(x, w, bias)``.
+    dtype and kind, a bias or none as ``bias``, and this clamp: ``run(x, w, bias, res=None)`` (``res``:
+    a residual of the output's shape and dtype, added before the clamp, as ``conv`` takes it).
 
     The runner holds no weight (stream mode drops each weight after use). For the common small
     layers, float32 and 2-D, it skips what ``conv`` works out on every call (geometry, path,
@@ -399,8 +407,8 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
     """
     strides, dilations, pads = tuple(strides), tuple(dilations), tuple(pads)
 
-    def general(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
-        return conv(x, w, bias, strides, dilations, pads, group, clamp)
+    def general(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
+        return conv(x, w, bias, strides, dilations, pads, group, clamp, res)
 
     if not (x.dtype == np.float32 and w.dtype == np.float32 and x.ndim == 4
             and (bias is None or _is_vector32(bias))):
@@ -416,10 +424,13 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
         taps = (channels,) + shape.kernel
         geometry, work = shape.geometry[:6], x.shape[0] * math.prod(taps) * math.prod(shape.out)
 
-        def depthwise(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
+        def depthwise(x: np.ndarray, w: Weight, bias: "np.ndarray | None",
+                      res: "np.ndarray | None" = None) -> np.ndarray:
             y = np.empty(out_shape, np.float32)
             launch(k, "depthwise2d", work, np.ascontiguousarray(x), array(w).reshape(taps),
-                   b0 if bias is None else bias, 0, mult, geometry, lo, hi, clamped, y)
+                   b0 if bias is None else bias, 0, mult, geometry, lo, hi, clamped and res is None, y)
+            if res is not None:
+                _add_residual(k, y, res, clamp)
             return y
         return depthwise
     pointwise = shape.direct and group == 1 and x.shape[0] == 1     # x itself is the im2col matrix
@@ -430,7 +441,7 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
         kh, kw = shape.kernel
         whole = None if isinstance(w, np.ndarray) else array    # None: as it is (lmatmul tiles it)
 
-        def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None") -> np.ndarray:
+        def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
             if pointwise:
                 cols = x.reshape(rows, positions)
             else:
@@ -440,10 +451,12 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
             y = np.empty(out_shape, np.float32)
             y3 = y.reshape(1, cout, positions)
             lmatmul((w if whole is None else whole(w)).reshape(cout, rows), cols, out=y3[0])
+            res3 = None if res is None else np.ascontiguousarray(res).reshape(y3.shape)
             if k is None:
-                _bias_clamp_numpy(y3, bias, clamp)
-            elif bias is not None or clamped:
-                launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias, lo, hi, clamped)
+                _bias_clamp_numpy(y3, bias, clamp, res3)
+            elif bias is not None or clamped or res3 is not None:
+                launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias,
+                       _NO_RESIDUAL if res3 is None else res3, lo, hi, clamped)
             return y
         return product
     return general
@@ -463,7 +476,7 @@ def _as_array(w: Weight) -> "Callable[[Weight], np.ndarray] | None":
     return lambda w: w.expand_rows(0, rows).reshape(w.shape)    # rows of the 2-D view: no reshape first
 
 
-def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.ndarray:
+def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype, res=None) -> np.ndarray:
     """The im2col path of :func:`conv` (every convolution but depthwise).
 
     The im2col matrix of a block is ``[C/group*k, samples * positions]``: one 2-D product per block
@@ -480,7 +493,7 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.nd
         # that a map of a few positions can take an index weight's compiled dot products)
         xs, ys = (x.reshape(cin, -1), y3[0]) if batch == 1 else (x.reshape(batch, cin, -1), y3)
         lmatmul(w.reshape(cout, -1), xs, out=ys)
-        _bias_clamp(k, y3, bias, clamp)
+        _bias_clamp(k, y3, bias, clamp, res)
         return y
     xp = None
     if not direct and k is None:
@@ -528,7 +541,7 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype) -> np.nd
         multiply = lmatmul
         for n0, n1, r0, r1 in blocks:
             product(wg, cols_of(g, n0, n1, r0, r1), yg, n0, n1, r0, r1, 0, cout)
-    _bias_clamp(k, y3, bias, clamp)
+    _bias_clamp(k, y3, bias, clamp, res)
     return y
 
 
@@ -536,14 +549,29 @@ def _matmul_into(a: np.ndarray, b: np.ndarray, out: "np.ndarray | None") -> np.n
     return np.matmul(a, b, out=out)
 
 
-def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> None:
-    """In place on ``y3 [N, M, P]``: add the per-channel bias, then clamp (one pass with numba)."""
-    if bias is None and clamp is None:
+def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None",
+                res: "np.ndarray | None" = None) -> None:
+    """In place on ``y3 [N, M, P]``: add the per-channel bias, then ``res`` (a residual of ``y3``'s
+    size, or None), then clamp (one pass with numba)."""
+    if bias is None and clamp is None and res is None:
         return
+    res3 = None if res is None else res.reshape(y3.shape)
     if k is not None and y3.dtype == np.float32:
-        launch(k, "bias_clamp", y3.size, y3, *_epilogue(bias, clamp), clamp is not None)
+        b, lo, hi = _epilogue(bias, clamp)
+        launch(k, "bias_clamp", y3.size, y3, b, _NO_RESIDUAL if res3 is None else res3, lo, hi, clamp is not None)
         return
-    _bias_clamp_numpy(y3, bias, clamp)
+    _bias_clamp_numpy(y3, bias, clamp, res3)
+
+
+def _add_residual(k, y: np.ndarray, res: np.ndarray, clamp: "Tuple[float, float] | None") -> None:
+    """``y += res``, then clamped, in place: a residual for a path whose epilogue takes none."""
+    if k is not None and y.dtype == np.float32 and y.flags.c_contiguous:
+        _, lo, hi = _epilogue(None, clamp)
+        launch(k, "add_clamp", y.size, y, res, lo, hi, y)
+        return
+    np.add(y, res, out=y)
+    if clamp is not None:
+        clamp_in_place(y, clamp)
 
 
 def _epilogue(bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> Tuple[np.ndarray, Any, Any]:
@@ -555,6 +583,7 @@ def _epilogue(bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") ->
 
 
 _NO_BIAS = np.zeros(0, np.float32)
+_NO_RESIDUAL = np.zeros((0, 0, 0), np.float32)
 _NO_CLAMP = (-np.inf, np.inf)
 
 
@@ -563,10 +592,13 @@ def _is_vector32(a: Any) -> bool:
     return isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1 and a.flags.c_contiguous
 
 
-def _bias_clamp_numpy(y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> None:
+def _bias_clamp_numpy(y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None",
+                      res: "np.ndarray | None" = None) -> None:
     """numpy twin of the ``bias_clamp`` kernel."""
     if bias is not None:
         y3 += np.asarray(bias).reshape(1, -1, 1)
+    if res is not None:
+        y3 += res
     if clamp is not None:
         clamp_in_place(y3, clamp)
 

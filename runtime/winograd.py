@@ -121,11 +121,12 @@ def pays(w: Any, out: Sequence[int]) -> bool:
 
 
 def conv3x3(k, x: np.ndarray, w: Any, b: np.ndarray, lo: np.float32, hi: np.float32, clamp: bool, pads,
-            out: Tuple[int, int], block_bytes: int) -> Optional[np.ndarray]:
+            out: Tuple[int, int], block_bytes: int, res: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """``Conv`` of ``x [N, C, H, W]`` with a 3x3 weight (unit strides; see :func:`usable`), or None
     when the map is too small for the Winograd form to pay. ``b`` the float32 bias (empty for none),
-    then clamped to [lo, hi] with ``clamp``; ``pads`` = (top, left, ...), ``out`` the output size;
-    ``k`` the numba kernels or None (numpy twins)."""
+    plus ``res`` (a residual Add fused: float32, C-contiguous, of the output's shape), then clamped
+    to [lo, hi] with ``clamp``; ``pads`` = (top, left, ...), ``out`` the output size; ``k`` the numba
+    kernels or None (numpy twins)."""
     if not pays(w, out):
         return None
     oh, ow = out
@@ -133,6 +134,7 @@ def conv3x3(k, x: np.ndarray, w: Any, b: np.ndarray, lo: np.float32, hi: np.floa
     batch, cin = x.shape[:2]
     cout = int(w.shape[0])
     y = np.empty((batch, cout, oh, ow), np.float32)
+    res = _NO_RESIDUAL if res is None else res
     ph, pw = int(pads[0]), int(pads[1])
     rows = batch * th
     step = max(1, block_bytes // (16 * 4 * tw * max(cin, cout)))
@@ -147,9 +149,9 @@ def conv3x3(k, x: np.ndarray, w: Any, b: np.ndarray, lo: np.float32, hi: np.floa
         for a, u in _weight_tiles(k, w, cout, cin):
             m = np.matmul(u, v, out=m if m is not None and m.shape[1] == u.shape[1] else None)
             if k is not None:
-                launch(k, "winograd_output", m.size, m, b, lo, hi, clamp, r0, r1, th, a, y)
+                launch(k, "winograd_output", m.size, m, b, res, lo, hi, clamp, r0, r1, th, a, y)
             else:
-                output_numpy(m, b, lo, hi, clamp, r0, r1, th, a, y)
+                output_numpy(m, b, res, lo, hi, clamp, r0, r1, th, a, y)
     return y
 
 
@@ -166,8 +168,8 @@ def input_numpy(x: np.ndarray, ph: int, pw: int, r0: int, r1: int, th: int, v: n
     v[...] = d.reshape(16, cin, -1)
 
 
-def output_numpy(m: np.ndarray, bias: np.ndarray, lo: float, hi: float, clamp: bool, r0: int, r1: int,
-                 th: int, k0: int, out: np.ndarray) -> None:
+def output_numpy(m: np.ndarray, bias: np.ndarray, res: np.ndarray, lo: float, hi: float, clamp: bool, r0: int,
+                 r1: int, th: int, k0: int, out: np.ndarray) -> None:
     """numpy twin of the ``winograd_output`` kernel."""
     oh, ow = out.shape[2:]
     cout = m.shape[1]
@@ -175,10 +177,18 @@ def output_numpy(m: np.ndarray, bias: np.ndarray, lo: float, hi: float, clamp: b
     tiles = np.einsum("ia,abkqj,lb->kqjil", _AT, m.reshape(4, 4, cout, r1 - r0, tw), _AT, optimize=True)
     if bias.size:
         tiles += bias[k0:k0 + cout].reshape(-1, 1, 1, 1, 1)
-    if clamp:
+    if clamp and not res.size:      # with a residual the clamp follows its sum
         np.clip(tiles, np.float32(lo), np.float32(hi), out=tiles)
     for q in range(r0, r1):
         n, i = divmod(q, th)
         rows = min(2, oh - 2 * i)
         block = tiles[:, q - r0].transpose(0, 2, 1, 3).reshape(cout, 2, 2 * tw)
-        out[n, k0:k0 + cout, 2 * i:2 * i + rows] = block[:, :rows, :ow]
+        part = out[n, k0:k0 + cout, 2 * i:2 * i + rows]
+        part[...] = block[:, :rows, :ow]
+        if res.size:
+            part += res[n, k0:k0 + cout, 2 * i:2 * i + rows]
+            if clamp:
+                np.clip(part, np.float32(lo), np.float32(hi), out=part)
+
+
+_NO_RESIDUAL = np.zeros((0, 0, 0, 0), np.float32)

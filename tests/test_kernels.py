@@ -1156,3 +1156,97 @@ def test_fused_activation_changes_nothing(producer, act, act_inputs, act_attrs):
         apart = ex.run(feeds, outputs=["y", "t"])             # the intermediate asked for: not fused
         np.testing.assert_allclose(apart["t"], t, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(apart["y"], expected, rtol=1e-6, atol=1e-6)
+
+
+RESIDUAL_CONVS = {      # name: (x shape, w shape, Conv attributes): each takes another path of kernels.conv
+    "pointwise": ((1, 8, 6, 6), (16, 8, 1, 1), {}),
+    "im2col": ((1, 4, 9, 9), (8, 4, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "batch": ((2, 4, 6, 6), (8, 4, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "winograd": ((1, 4, 12, 12), (6, 4, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "depthwise": ((1, 8, 7, 7), (8, 1, 3, 3), {"pads": [1, 1, 1, 1], "group": 8}),
+    "1-D": ((1, 4, 10), (6, 4, 3), {"pads": [1, 1]}),
+}
+
+
+def _conv_add(case, act, conv_first=True, residual=None, dtype=np.float32):
+    """Conv -> Add (the Conv's output as the Add's first or second input) -> Relu/Clip or nothing."""
+    xs, ws, attrs = RESIDUAL_CONVS[case]
+    y_shape = (xs[0], ws[0]) + tuple((s + 2 * (attrs.get("pads", [0])[0]) - k) // attrs.get("strides", [1])[0] + 1
+                                     for s, k in zip(xs[2:], ws[2:]))
+    feeds = {"x": rand(*xs).astype(dtype), "r": rand(*(residual or y_shape)).astype(dtype)}
+    inits = {"w": constant(rand(*ws).astype(dtype)), "b": rand(ws[0]).astype(dtype),
+             "lo": np.array(-0.25, dtype), "hi": np.array(0.5, dtype)}
+    nodes = [Node("Conv", ["x", "w", "b"], ["t"], dict(attrs), name="conv"),
+             Node("Add", ["t", "r"] if conv_first else ["r", "t"], ["s" if act else "y"], name="add")]
+    if act:
+        nodes.append(Node(act, ["s", "lo", "hi"] if act == "Clip" else ["s"], ["y"]))
+    graph = Graph(nodes, [ValueInfo(n, dtype) for n in feeds], [ValueInfo("y", dtype)], inits)
+    t = OPS["Conv"](dict(attrs), feeds["x"], inits["w"], inits["b"])
+    s = OPS["Add"]({}, t, feeds["r"]) if conv_first else OPS["Add"]({}, feeds["r"], t)
+    expected = OPS[act]({}, s, *((inits["lo"], inits["hi"]) if act == "Clip" else ())) if act else s
+    return graph, feeds, expected
+
+
+@pytest.mark.parametrize("case", list(RESIDUAL_CONVS))
+@pytest.mark.parametrize("act", ["", "Relu", "Clip"])
+def test_residual_add_runs_in_the_convolution(case, act, monkeypatch):
+    """A Conv whose output only an Add reads runs with the Add in one step (``Executor._residuals``):
+    the residual is summed in the bias pass of each kernel path (pointwise, im2col, batched,
+    Winograd, depthwise, 1-D), before a fused Relu/Clip; the result is bit-identical to the three
+    operators one after the other, with the compiled kernels and with their numpy twins. The first
+    call runs the Add (it learns the output's shape), later ones do not."""
+    adds, add = [], OPS["Add"]
+
+    def counted(attrs, a, b):
+        adds.append(a.shape)
+        return add(attrs, a, b)
+    for conv_first in (True, False):
+        graph, feeds, expected = _conv_add(case, act, conv_first)
+        with monkeypatch.context() as m:
+            m.setitem(OPS, "Add", counted)
+            ex = Executor(graph)
+        assert [(s.node.name, s.fused) for s in ex.steps()] == [("conv", f"Add+{act}" if act else "Add")]
+        adds.clear()
+        for _ in range(3):
+            np.testing.assert_array_equal(ex.run(feeds)["y"], expected)
+        assert len(adds) == 1
+        if numba_kernels.kernels() is not None:
+            got, twin = both(lambda: ex.run(feeds)["y"], monkeypatch)
+            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_allclose(twin, expected, rtol=1e-5, atol=1e-5)
+        apart = ex.run(feeds, outputs=["y", "t"])       # the convolution's output asked for: not merged
+        np.testing.assert_array_equal(apart["y"], expected)
+
+
+@pytest.mark.parametrize("residual,dtype", [((1, 16, 1, 1), np.float32), ((3, 16, 6, 6), np.float32),
+                                            (None, np.float64)])
+def test_residual_add_of_another_shape_or_dtype_runs_apart(residual, dtype):
+    """A residual that broadcasts (to the convolution's shape, or to a larger batch) is added by the Add
+    itself, after the convolution; float64 sums in the numpy epilogue: the same results as the
+    operators one after the other."""
+    graph, feeds, expected = _conv_add("pointwise", "Relu", residual=residual, dtype=dtype)
+    ex = Executor(graph)
+    for _ in range(2):
+        got = ex.run(feeds)["y"]
+        assert got.dtype == dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_residual_merges_only_a_lone_convolution():
+    """Of two Convs feeding one Add, the later merges; a Conv output the Add reads twice, or that
+    another node reads too, stays apart."""
+    x, w1, w2 = rand(1, 4, 5, 5), rand(4, 4, 1, 1), rand(4, 4, 1, 1)
+    two = Graph([Node("Conv", ["x", "w1"], ["a"], name="c1"), Node("Conv", ["x", "w2"], ["b"], name="c2"),
+                 Node("Add", ["a", "b"], ["y"], name="add")],
+                [ValueInfo("x", np.float32)], [ValueInfo("y", np.float32)], {"w1": w1, "w2": w2})
+    ex = Executor(two)
+    assert [(s.node.name, s.fused) for s in ex.steps()] == [("c1", ""), ("c2", "Add")]
+    conv = OPS["Conv"]
+    np.testing.assert_array_equal(ex.run({"x": x})["y"], conv({}, x, w1) + conv({}, x, w2))
+    twice = Graph([Node("Conv", ["x", "w1"], ["a"], name="c1"), Node("Add", ["a", "a"], ["y"], name="add")],
+                  [ValueInfo("x", np.float32)], [ValueInfo("y", np.float32)], {"w1": w1})
+    assert [s.fused for s in Executor(twice).steps()] == ["", ""]
+    read = Graph([Node("Conv", ["x", "w1"], ["a"], name="c1"), Node("Add", ["a", "x"], ["y"], name="add"),
+                  Node("Neg", ["a"], ["z"])],
+                 [ValueInfo("x", np.float32)], [ValueInfo("y", np.float32), ValueInfo("z", np.float32)], {"w1": w1})
+    assert [s.fused for s in Executor(read).steps()] == ["", "", ""]

@@ -102,10 +102,14 @@ def conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray] = None) ->
 
 
 def _conv(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
-          clamp: Optional[Tuple[float, float]]) -> np.ndarray:
+          clamp: Optional[Tuple[float, float]], res: Optional[np.ndarray] = None) -> np.ndarray:
+    """The convolution, plus ``res`` when given (a residual of the output's shape and dtype, which is
+    ``x``'s and ``w``'s), then clamped to ``clamp`` when given."""
     run = _last(attrs, x, w, b, clamp)
     if run is None:
         run = _remember(attrs, x, w, b, clamp, _conv_runner(attrs, x, w, b, clamp))
+    if res is not None:
+        return run(x, w, b, res)
     return run(x, w, b).astype(x.dtype, copy=False)
 
 
@@ -177,9 +181,12 @@ def _remember(attrs: Attrs, x: np.ndarray, w: Any, b: Any, clamp: Any, run: Call
 
 #: Activations that are a clamp: a producer computes them in its own pass over its output.
 CLAMPS = ("Relu", "Clip")
-#: Producers an activation can be fused into: a Conv clamps inside its kernel, the others return a
-#: fresh array that is clamped in place (no second array, no second pass allocating one).
-PRODUCERS = ("Conv", "Gemm", "Add")
+#: A Conv with the residual Add that alone reads its output merged in (:func:`fuse_residual`).
+CONV_ADD = "Conv+Add"
+#: Producers an activation can be fused into: a Conv (with its residual Add or not) clamps inside its
+#: kernel, the others return a fresh array that is clamped in place (no second array, no second pass
+#: allocating one).
+PRODUCERS = ("Conv", "Gemm", "Add", CONV_ADD)
 
 
 def _bounds(op: str, attrs: Attrs, extra: Sequence[Any]) -> Tuple[float, float]:
@@ -207,8 +214,12 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
         return None
     inner = {"Conv": _conv, "Gemm": _gemm}.get(producer)
     relu = activation == "Relu"
+    residual = producer == CONV_ADD
 
     def fused(attrs: Attrs, *args: Any) -> Any:
+        if residual and args[0].dtype.kind == "f":
+            bounds = _RELU if relu else _bounds(activation, activation_attrs, args[inputs:])
+            return producer_fn(attrs, *args[:inputs], clamp=bounds)
         if inner is not None and args[0].dtype.kind == "f":     # decided here, not per call: ~0.3 us
             bounds = _RELU if relu else _bounds(activation, activation_attrs, args[inputs:])
             return inner(attrs, args[0], args[1], args[2] if inputs > 2 else None, bounds)
@@ -222,8 +233,37 @@ def fuse_clamp(producer: str, producer_fn: Callable[..., Any], inputs: int, acti
         kernels.clamp_in_place(y, _bounds(activation, activation_attrs, extra))
         return y
 
-    fused.__name__ = f"{producer.lower()}_{activation.lower()}"
+    fused.__name__ = f"{producer.lower().replace('+', '_')}_{activation.lower()}"
     return fused
+
+
+def fuse_residual(conv_inputs: int, conv_at: int, add_fn: Callable[..., Any], add_attrs: Attrs) -> Callable[..., Any]:
+    """A Conv and the Add that alone reads its output (a residual connection) as one function:
+    ``conv_add(attrs, x, w[, b], r, clamp=None)`` with the Conv's ``attrs`` and ``conv_inputs``
+    inputs, then the Add's other input ``r`` (``conv_at``: the Conv's output is the Add's input 0 or
+    1); ``clamp`` a fused activation's bounds (:func:`fuse_clamp`).
+
+    When ``r`` has the convolution's output shape and dtype, it is added in the pass that adds the
+    bias (and clamps): no pass of its own and no array for the sum, as onnxruntime fuses it. Other
+    inputs take the two operators one after the other (the first call always does, and learns the
+    output's shape from it).
+    """
+    def conv_add(attrs: Attrs, *args: Any, clamp: Optional[Tuple[float, float]] = None) -> Any:
+        x, w, r = args[0], args[1], args[conv_inputs]
+        b = args[2] if conv_inputs > 2 else None
+        fits = attrs.get("_residual")
+        if (fits is not None and fits[0] == x.shape and fits[1] == x.dtype and w.dtype == x.dtype
+                and isinstance(r, np.ndarray) and r.shape == fits[2] and r.dtype == x.dtype):
+            return _conv(attrs, x, w, b, clamp, r)
+        y = _conv(attrs, x, w, b, None)
+        if x.dtype.kind == "f" and w.dtype == x.dtype and y.dtype == x.dtype:
+            attrs["_residual"] = (x.shape, x.dtype, y.shape)
+        z = add_fn(add_attrs, y, r) if conv_at == 0 else add_fn(add_attrs, r, y)
+        if clamp is not None:
+            kernels.clamp_in_place(z, clamp)
+        return z
+
+    return conv_add
 
 
 # -- a chain of dense layers ---------------------------------------------------------------------
