@@ -73,20 +73,38 @@ def fresh_python(tmp_path, source: str, *args, **env) -> str:
 def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
     """A fresh process loads the cached kernels without numba's compiler set-up (``dcrt._jit``): a model's
     first result imports none of numba's lowering modules (``numba.np.arraymath`` imports
-    ``scipy.linalg``) and equals the result of a process that did the set-up first."""
+    ``scipy.linalg``), not even the one its kernels' array allocations come from (``numba.np.arrayobj``),
+    and parses no kernel's bitcode, and equals the result of a process that did the set-up first. A
+    function compiled afterwards that calls a kernel so loaded links it (its bitcode parsed then)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set")
     source = f"""
         import sys
+        import numba
         import numpy as np
         if sys.argv[1] == "setup":
             from numba.core.registry import cpu_target
             cpu_target.target_context.refresh()
         import dcrt
+        from dcrt.runtime.numba_kernels import kernels as compiled
+        kernels = compiled()
         x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
         ys = [dcrt.Session({str(dcm_path("resnet18_tiny"))!r}, mode=mode).run(x) for mode in ("index", "dense")]
         np.save(sys.argv[2], np.stack(ys))
-        print("arraymath" if "numba.np.arraymath" in sys.modules else "light")
+        loaded = [o.library for d in (kernels.expand, kernels.bias_clamp) for o in d.overloads.values()]
+        parsed = sum(lib.__dict__.get("_shared_module") is not None for lib in loaded)
+        print("arraymath" if "numba.np.arraymath" in sys.modules else
+              "arrayobj" if "numba.np.arrayobj" in sys.modules else f"light, {{len(loaded)}} loaded, {{parsed}} parsed")
+
+        expand = kernels.expand
+
+        @numba.njit
+        def linked(i, c, o):
+            expand(i, c, o)
+            return o.sum()
+        before = len(kernels.expand.overloads)
+        assert linked(np.arange(6, dtype=np.uint8).reshape(2, 3), np.arange(8, dtype=np.float32),
+                      np.empty((2, 3), np.float32)) == 15 and len(kernels.expand.overloads) == before
     """
 
     def fresh(how):
@@ -95,7 +113,8 @@ def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
     fresh("light")      # compiles whatever is not cached yet
     light, y = fresh("light")
     setup, y_setup = fresh("setup")
-    assert (light, setup) == ("light", "arraymath")
+    assert light.startswith("light, ") and light.endswith(" loaded, 0 parsed") and light != "light, 0 loaded, 0 parsed"
+    assert setup == "arraymath"
     np.testing.assert_array_equal(y, y_setup)
 
 
@@ -179,17 +198,20 @@ def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
     kernel = k.expand
     assert isinstance(kernel._cache, _jit._LoadCache)
     sig = kernel.signatures[0]
-    failures = []
+    failures, numbas = [], []
     load = FunctionCache._load_overload
 
     def fail_light_load(self, sig, ctx):
-        if not failures:
-            failures.append(sig)
-            raise KeyError("a type numba has not registered yet")
+        failures.append(sig)
+        raise KeyError("a type numba has not registered yet")
+
+    def numbas_load(self, sig, ctx):
+        numbas.append(sig)
         return load(self, sig, ctx)
-    monkeypatch.setattr(FunctionCache, "_load_overload", fail_light_load)
+    monkeypatch.setattr(_jit._LoadCache, "_load_light", fail_light_load)
+    monkeypatch.setattr(FunctionCache, "_load_overload", numbas_load)
     cres = kernel._cache.load_overload(sig, kernel.targetctx)
-    assert failures == [sig] and cres is not None and cres.signature.args == sig
+    assert failures == numbas == [sig] and cres is not None and cres.signature.args == sig
 
 
 def test_huffman_and_runtime_parallel_kernels_share_one_lock(tmp_path):
