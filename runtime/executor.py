@@ -359,12 +359,12 @@ class Executor:
             try:
                 result = step.fn(step.attrs, *args)
             except (LimitError, InputError) as exc:     # the user's input or limit: named, and the node
-                raise type(exc)(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}): {exc}") from None
+                raise type(exc)(f"node '{step.node.name or step.outputs[0]}' ({op_types(step)}): {exc}") from None
             except DcrtError:
                 raise
             except Exception as exc:  # noqa: BLE001 - add the node to the message, keep the cause
                 shapes = ", ".join("None" if a is None else str(getattr(a, "shape", "?")) for a in args)
-                raise DcrtError(f"node '{step.node.name or step.outputs[0]}' ({step.node.op_type}) "
+                raise DcrtError(f"node '{step.node.name or step.outputs[0]}' ({op_types(step)}) "
                                 f"failed on inputs of shape [{shapes}]: {type(exc).__name__}: {exc}"
                                 ) from exc
             del args
@@ -381,6 +381,11 @@ class Executor:
             value = env[name] if name in env else weights(name)
             results[name] = value if isinstance(value, ndarray) else kernels.dense(value)
         return results
+
+
+def op_types(step: _Step) -> str:
+    """A step's op type, with the ops merged into it (``Conv+Add+Relu``), as errors and profiles name it."""
+    return f"{step.node.op_type}+{step.fused}" if step.fused else step.node.op_type
 
 
 def _readers(steps: Sequence[_Step]) -> Dict[str, List[int]]:

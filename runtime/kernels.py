@@ -565,7 +565,8 @@ def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[floa
 
 def _add_residual(k, y: np.ndarray, res: np.ndarray, clamp: "Tuple[float, float] | None") -> None:
     """``y += res``, then clamped, in place: a residual for a path whose epilogue takes none."""
-    if k is not None and y.dtype == np.float32 and y.flags.c_contiguous:
+    if (k is not None and y.dtype == np.float32 and res.dtype == np.float32 and y.flags.c_contiguous
+            and res.flags.c_contiguous):
         _, lo, hi = _epilogue(None, clamp)
         launch(k, "add_clamp", y.size, y, res, lo, hi, y)
         return

@@ -32,7 +32,7 @@ from dcrt.format.tensor import QUANTIZED, SPARSE
 from dcrt.graph import ValueInfo, subgraphs
 
 from . import winograd
-from .executor import HOLD, Executor
+from .executor import HOLD, Executor, op_types
 from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows
 
 MODES = memory.MODES
@@ -356,8 +356,7 @@ class Session:
             held = ", ".join(self._held_as(step.inputs[i]) for i in sorted(step.raw) if step.inputs[i] in self._tensors)
             if self.mode == "stream" and held:
                 held = "decoded per run: " + held
-            rows.append(NodeTime(step.node.name or step.outputs[0],
-                                 step.node.op_type + (f"+{step.fused}" if step.fused else ""), held, float(t)))
+            rows.append(NodeTime(step.node.name or step.outputs[0], op_types(step), held, float(t)))
         return rows
 
     def _held_as(self, name: str) -> str:

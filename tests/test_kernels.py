@@ -17,7 +17,7 @@ import pytest
 from runtime_helpers import no_numba, random_weight
 
 from dcrt import sparse
-from dcrt.errors import FormatError
+from dcrt.errors import DcrtError, FormatError
 from dcrt.graph import Graph, Node, ValueInfo
 from dcrt.runtime import indexed, kernels, numba_kernels, winograd
 from dcrt.runtime.executor import Executor
@@ -1254,6 +1254,16 @@ def test_residual_add_of_another_shape_or_dtype_runs_apart(residual, dtype):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("case", ["pointwise", "depthwise", "batch"])
+def test_residual_add_of_a_strided_view(case):
+    """A residual that is a strided view (here in Fortran order) sums as a contiguous one would."""
+    graph, feeds, expected = _conv_add(case, "Clip")
+    feeds["r"] = np.asfortranarray(feeds["r"])
+    ex = Executor(graph)
+    for _ in range(2):
+        np.testing.assert_array_equal(ex.run(feeds)["y"], expected)
+
+
 def test_residual_merges_only_a_lone_convolution():
     """Of two Convs feeding one Add, the later merges; a Conv output the Add reads twice, or that
     another node reads too, stays apart."""
@@ -1272,3 +1282,14 @@ def test_residual_merges_only_a_lone_convolution():
                   Node("Neg", ["a"], ["z"])],
                  [ValueInfo("x", np.float32)], [ValueInfo("y", np.float32), ValueInfo("z", np.float32)], {"w1": w1})
     assert [s.fused for s in Executor(read).steps()] == ["", "", ""]
+
+
+def test_a_failing_merged_add_is_named_with_its_conv():
+    """An Add merged into its Conv that fails (a residual fed in a shape that does not broadcast) is a
+    DcrtError naming the step and the ops merged into it."""
+    graph, feeds, _ = _conv_add("pointwise", "Relu")
+    graph.inputs[1] = ValueInfo("r", np.float32, ["n", "c", "h", "w"])
+    ex = Executor(graph)
+    ex.run(feeds)
+    with pytest.raises(DcrtError, match=r"node 'conv' \(Conv\+Add\+Relu\) failed .*broadcast"):
+        ex.run({"x": feeds["x"], "r": rand(1, 16, 5, 6)})
