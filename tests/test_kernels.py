@@ -1293,3 +1293,24 @@ def test_a_failing_merged_add_is_named_with_its_conv():
     ex.run(feeds)
     with pytest.raises(DcrtError, match=r"node 'conv' \(Conv\+Add\+Relu\) failed .*broadcast"):
         ex.run({"x": feeds["x"], "r": rand(1, 16, 5, 6)})
+
+
+def test_residual_add_follows_the_shapes_that_fix_the_output():
+    """The residual joins the bias pass only while the output keeps the shape it had when the Add last
+    ran: a weight fed as an input may change it (3x3 then 1x1 over a 3x3 map, the residual
+    broadcasting to the second); an empty batch gives an empty sum on every call."""
+    x, r = rand(1, 3, 3, 3), rand(1, 4, 1, 1)
+    graph = Graph([Node("Conv", ["x", "w"], ["c"], name="conv"), Node("Add", ["c", "r"], ["y"], name="add")],
+                  [ValueInfo("x", np.float32), ValueInfo("w", np.float32), ValueInfo("r", np.float32)],
+                  [ValueInfo("y", np.float32)], {})
+    ex = Executor(graph)
+    assert [s.fused for s in ex.steps()] == ["Add"]
+    for k in (3, 3, 1, 1, 3):
+        w = rand(4, 3, k, k)
+        np.testing.assert_array_equal(ex.run({"x": x, "w": w, "r": r})["y"], OPS["Conv"]({}, x, w) + r)
+    graph, feeds, expected = _conv_add("im2col", "Relu")
+    ex = Executor(graph)
+    empty = {"x": feeds["x"][:0], "r": feeds["r"][:0]}
+    for _ in range(3):
+        y = ex.run(empty)["y"]
+        assert y.shape == (0,) + expected.shape[1:] and y.dtype == np.float32

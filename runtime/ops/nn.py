@@ -127,7 +127,7 @@ def _conv_runner(attrs: Attrs, x: np.ndarray, w: Any, b: Optional[np.ndarray],
         _bounded_windows(x, w.shape[0], pads, out)
         if x.shape[0] == 0:     # an empty batch: the kernels' reshapes by -1 are undefined on it
             shape = (0, w.shape[0], *out)
-            return _keep(runners, key, lambda x, w, b: np.zeros(shape, x.dtype))
+            return _keep(runners, key, lambda x, w, b, res=None: np.zeros(shape, x.dtype))
         run = _keep(runners, key, kernels.conv_runner(x, w, b, strides, dilations, pads,
                                                       int(attrs.get("group", 1)), clamp))
     return run
@@ -252,12 +252,12 @@ def fuse_residual(conv_inputs: int, conv_at: int, add_fn: Callable[..., Any], ad
         x, w, r = args[0], args[1], args[conv_inputs]
         b = args[2] if conv_inputs > 2 else None
         fits = attrs.get("_residual")
-        if (fits is not None and fits[0] == x.shape and fits[1] == x.dtype and w.dtype == x.dtype
-                and isinstance(r, np.ndarray) and r.shape == fits[2] and r.dtype == x.dtype):
+        if (fits is not None and fits[0] == x.shape and fits[1] == w.shape and fits[2] == x.dtype
+                and w.dtype == x.dtype and isinstance(r, np.ndarray) and r.shape == fits[3] and r.dtype == x.dtype):
             return _conv(attrs, x, w, b, clamp, r)
         y = _conv(attrs, x, w, b, None)
         if x.dtype.kind == "f" and w.dtype == x.dtype and y.dtype == x.dtype:
-            attrs["_residual"] = (x.shape, x.dtype, y.shape)
+            attrs["_residual"] = (x.shape, w.shape, x.dtype, y.shape)      # what fixes the output's shape
         z = add_fn(add_attrs, y, r) if conv_at == 0 else add_fn(add_attrs, r, y)
         if clamp is not None:
             kernels.clamp_in_place(z, clamp)
