@@ -13,7 +13,9 @@
 #   2. dcrt installed with `pip install --no-deps` from a copy of the repository (packaging on 3.9);
 #   3. the payload on the declared minimum versions (numpy 1.21, flatbuffers 2.0);
 #   4. the payload on PYNEW with numba (a current device OS: Debian 13 ships Python 3.13); skipped
-#      with a note when PYNEW is not there.
+#      with a note when PYNEW is not there;
+#   5. the payload on the declared minimum numba (pyproject's `fast` extra) on PY311, twice: compiling
+#      every kernel, then loading them from the cache (dcrt/_jit.py reaches into numba's cache code).
 # Needs network (PyPI) the first time. Work folder: $DCRT_COMPAT_WORK (default /var/tmp/dcrt-compat).
 set -eu
 
@@ -22,6 +24,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 WORK=${DCRT_COMPAT_WORK:-/var/tmp/dcrt-compat}
 PY39=${PY39:-/root/.pyenv/versions/3.9.18/bin/python}
 PYNEW=${PYNEW:-/root/.pyenv/versions/3.13.0/bin/python}
+PY311=${PY311:-/root/.pyenv/versions/3.11.7/bin/python}
 PYTHON=${PYTHON:-python3}
 PAYLOAD=${DCRT_COMPAT_PAYLOAD:-/var/tmp/dcrt-arm/payload}
 
@@ -85,6 +88,26 @@ if [ -x "$PYNEW" ]; then
   tail -n 1 "$WORK/result-newest.txt" | grep -q "RESULT .*: \([0-9]*\)/\1 checks passed" || status=1
 else
   echo "skipped: no Python at PYNEW=$PYNEW"
+fi
+
+echo "== 5. the declared minimum numba, compiling the kernels, then loading them from the cache"
+minimum=$(sed -n 's/^fast = \["numba>=\([0-9.]*\)"\].*/\1/p' "$ROOT/pyproject.toml")
+rm -f "$WORK/result-numba-min.txt" "$WORK/result-numba-min-cached.txt"
+if [ -x "$PY311" ] && [ -n "$minimum" ]; then
+  venv_nmin="$WORK/venv-numba-$minimum"
+  if [ ! -x "$venv_nmin/bin/python" ]; then
+    "$PY311" -m venv "$venv_nmin"
+    "$venv_nmin/bin/pip" install --disable-pip-version-check -q "numba==$minimum.*" "numpy<2" flatbuffers
+  fi
+  "$venv_nmin/bin/pip" list --disable-pip-version-check 2>/dev/null | grep -i -E "^(numpy|numba|llvmlite) "
+  rm -rf "$WORK/numba-min-cache"
+  for run in numba-min numba-min-cached; do
+    NUMBA_CACHE_DIR="$WORK/numba-min-cache" timeout 1800 "$venv_nmin/bin/python" "$PAYLOAD/device_check.py" \
+      --numba yes --models "$PAYLOAD/models" 2>&1 | tee "$WORK/result-$run.txt" || true
+    tail -n 1 "$WORK/result-$run.txt" | grep -q "RESULT .*: \([0-9]*\)/\1 checks passed" || status=1
+  done
+else
+  echo "skipped: no Python at PY311=$PY311, or no numba minimum in pyproject.toml"
 fi
 
 echo "== summary"
