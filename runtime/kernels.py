@@ -372,7 +372,7 @@ def conv(
     if shape.cin == 1 and group > 1:
         y = _depthwise(k, x, w, bias, shape, group, clamp if res is None else None)
         if res is not None:
-            _add_residual(k, y, res, clamp)
+            add_clamp(y, res, clamp, out=y)     # the depthwise kernels take no residual
     else:
         y = _conv_im2col(k, x, w, bias, shape, group, clamp, dtype, res)
     return y.reshape(y.shape[:2] + y.shape[3:]) if shape.lifted else y
@@ -430,7 +430,7 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
             launch(k, "depthwise2d", work, np.ascontiguousarray(x), array(w).reshape(taps),
                    b0 if bias is None else bias, 0, mult, geometry, lo, hi, clamped and res is None, y)
             if res is not None:
-                _add_residual(k, y, res, clamp)
+                add_clamp(y, res, clamp, out=y)
             return y
         return depthwise
     pointwise = shape.direct and group == 1 and x.shape[0] == 1     # x itself is the im2col matrix
@@ -563,18 +563,6 @@ def _bias_clamp(k, y3: np.ndarray, bias: "np.ndarray | None", clamp: "Tuple[floa
     _bias_clamp_numpy(y3, bias, clamp, res3)
 
 
-def _add_residual(k, y: np.ndarray, res: np.ndarray, clamp: "Tuple[float, float] | None") -> None:
-    """``y += res``, then clamped, in place: a residual for a path whose epilogue takes none."""
-    if (k is not None and y.dtype == np.float32 and res.dtype == np.float32 and y.flags.c_contiguous
-            and res.flags.c_contiguous):
-        _, lo, hi = _epilogue(None, clamp)
-        launch(k, "add_clamp", y.size, y, res, lo, hi, y)
-        return
-    np.add(y, res, out=y)
-    if clamp is not None:
-        clamp_in_place(y, clamp)
-
-
 def _epilogue(bias: "np.ndarray | None", clamp: "Tuple[float, float] | None") -> Tuple[np.ndarray, Any, Any]:
     """``(bias, lo, hi)`` as the compiled epilogues take them: a float32 vector (empty for none) and
     float32 bounds (infinite for no clamp)."""
@@ -655,18 +643,19 @@ def _depthwise(k, x, w, bias, shape: _ConvShape, group, clamp) -> np.ndarray:
     return y
 
 
-def add_clamp(a: np.ndarray, b: np.ndarray, clamp: Tuple[float, float]) -> np.ndarray:
-    """``a + b`` clamped to ``clamp`` for two arrays of one shape and float dtype (an Add with its
-    Relu/Clip fused): one compiled pass for C-contiguous float32, else numpy (the sum, then the
-    clamp in place: the twin)."""
+def add_clamp(a: np.ndarray, b: np.ndarray, clamp: "Tuple[float, float] | None",
+              out: "np.ndarray | None" = None) -> np.ndarray:
+    """``a + b`` clamped to ``clamp`` (None: not clamped) for two arrays of one shape and float dtype
+    (an Add with its Relu/Clip fused; ``out=a``: a residual added in place): one compiled pass for
+    C-contiguous float32, else numpy (the sum, then the clamp in place: the twin)."""
     k = kernels()
     if (k is not None and a.dtype == np.float32 and b.dtype == np.float32 and a.shape == b.shape
             and a.flags.c_contiguous and b.flags.c_contiguous):
-        out = np.empty_like(a)
+        out = np.empty_like(a) if out is None else out
         _, lo, hi = _epilogue(None, clamp)
         launch(k, "add_clamp", out.size, a, b, lo, hi, out)
         return out
-    return finish(np.add(a, b), None, clamp)
+    return finish(np.add(a, b, out=out), None, clamp)
 
 
 def max_pool2d(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
