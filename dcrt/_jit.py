@@ -102,9 +102,8 @@ _UNIMPORTED = frozenset({"numba.np.arrayobj"})
 
 def _environment(modname: str, consts: Any, env_name: str) -> Any:
     """numba's ``environment._rebuild_env``; a module of ``_UNIMPORTED`` not imported yet stays so."""
-    env = environment.lookup_environment(env_name)
-    if env is not None or modname not in _UNIMPORTED or modname in sys.modules:
-        return env if env is not None else environment._rebuild_env(modname, consts, env_name)
+    if modname not in _UNIMPORTED or modname in sys.modules or environment.lookup_environment(env_name) is not None:
+        return environment._rebuild_env(modname, consts, env_name)
     env = environment.Environment({"__name__": modname})
     env.consts[:] = consts
     env.env_name = env_name

@@ -245,8 +245,7 @@ class Executor:
             prod = merged[i]
             if len(prod.outputs) != 1 or any(n and made_by.get(n, -1) >= i for n in extra):
                 continue
-            producer = f"{prod.node.op_type}+{prod.fused}" if prod.fused else prod.node.op_type
-            fn = nn.fuse_clamp(producer, prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
+            fn = nn.fuse_clamp(op_types(prod), prod.fn, len(prod.inputs), act.node.op_type, act.attrs, act.fn)
             if fn is not None:
                 merged[i] = _Step(prod.node, fn, prod.attrs, prod.inputs + extra, prod.raw, act.outputs,
                                   f"{prod.fused}+{act.node.op_type}" if prod.fused else act.node.op_type)
