@@ -28,6 +28,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import njit
+from ._simd import transpose8x8
 
 _U = np.uint64
 _PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)
@@ -288,15 +289,15 @@ def _clamp_run(of, start, count, lo, hi):  # pragma: no cover - compiled
 @njit(inline="always")
 def _transpose(src, s0, rows, cols, dst, d0):  # pragma: no cover - compiled
     """``dst[d0 + j * rows + i] = src[s0 + i * cols + j]``: a ``[rows, cols]`` block of a flat array
-    transposed into another, by 8x8 tiles (constant loops, which LLVM unrolls): 0.58 -> 0.28 ns a
-    value for 960 channels of 49 positions here, against blocks of 16 positions."""
+    transposed into another, by 8x8 tiles of vector shuffles (``_simd.transpose8x8``), a column of
+    tiles at a time so that ``dst`` is written in order: 960 channels of 49 positions here, 0.65 ->
+    0.24-0.27 ns a value (scalar 8x8 tiles, a row of tiles at a time, before)."""
     r8 = rows - rows % 8
     c8 = cols - cols % 8
+    for j0 in range(0, c8, 8):
+        for i0 in range(0, r8, 8):
+            transpose8x8(src, s0 + i0 * cols + j0, cols, dst, d0 + j0 * rows + i0, rows)
     for i0 in range(0, r8, 8):
-        for j0 in range(0, c8, 8):
-            for i in range(8):
-                for j in range(8):
-                    dst[_U(d0 + (j0 + j) * rows + i0 + i)] = src[_U(s0 + (i0 + i) * cols + j0 + j)]
         for j in range(c8, cols):
             for i in range(8):
                 dst[_U(d0 + j * rows + i0 + i)] = src[_U(s0 + (i0 + i) * cols + j)]
@@ -395,20 +396,19 @@ def _nine_taps(xt, taps, start, s0, s1, s2, acc, q, count, lo, hi, clamp):  # pr
         acc[_U(q + c)] = _clamped(start[c] + (p0 + (p1 + p2)), lo, hi, clamp)
 
 
-#: Output maps up to this many positions take the channels-last depthwise loop (up to 64 for the
-#: unit-stride 3x3 / pad 1 kernels, whose flat plane loop is faster from 14x14 up): below it the
-#: per-plane loops are too short to vectorise well. One core of an AVX-512 EPYC (session 18):
-#: 960 channels on 7x7 98 -> 45-50 us, 192 from 28x28 at stride 2 69 -> 49-52 us; 576 on 14x14
-#: 72 -> 84 us channels-last, so not there.
+#: Output maps up to this many positions take the channels-last depthwise loop: below it the
+#: per-plane loops are too short to vectorise well, and the two transposes are cheap. One core here
+#: (session 27, with the shuffled 8x8 transposes; channels-last against the per-plane loops, us):
+#: 576 channels from 14x14 at stride 2 56 / 230, 960 on 7x7 77 / 199, 192 from 28x28 at stride 2
+#: 66 / 132, 384 on 14x14 79 / 102, 96 on 16x16 33 / 35; 144 from 56x56 at stride 2 (784
+#: positions) 384 / 256, so not there. (With scalar transposes unit-stride 3x3 maps took it only
+#: up to 64 positions.)
 CHANNELS_LAST_PLANE = 256
 
 
 @njit(inline="always")
-def _channels_last(mult, w, geometry, out):  # pragma: no cover - compiled
-    plane = out.shape[2] * out.shape[3]
-    unit3x3 = (w.shape[1] == 3 and w.shape[2] == 3 and geometry[0] == 1 and geometry[1] == 1
-               and geometry[2] == 1 and geometry[3] == 1 and geometry[4] == 1 and geometry[5] == 1)
-    return mult == 1 and plane <= (64 if unit3x3 else CHANNELS_LAST_PLANE)
+def _channels_last(mult, out):  # pragma: no cover - compiled
+    return mult == 1 and out.shape[2] * out.shape[3] <= CHANNELS_LAST_PLANE
 
 
 @njit(cache=True, nogil=True, fastmath=_CONTRACT)
@@ -421,7 +421,7 @@ def depthwise2d(x, w, bias, m0, mult, geometry, lo, hi, clamp, out):  # pragma: 
     NaN, as ``np.clip``). ``out [N, M, OH, OW]`` float32, C-contiguous like ``x``. Each output is
     ``bias + tap_0 * x_0 + tap_1 * x_1 + ...`` over the taps inside the input.
     """
-    if _channels_last(mult, w, geometry, out):
+    if _channels_last(mult, out):
         for n in range(x.shape[0]):
             _depthwise_channels_last(x, w, bias, m0, geometry, lo, hi, clamp, out, n, 0, w.shape[0])
         return
@@ -430,7 +430,7 @@ def depthwise2d(x, w, bias, m0, mult, geometry, lo, hi, clamp, out):  # pragma: 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_CONTRACT)
 def depthwise2d_par(x, w, bias, m0, mult, geometry, lo, hi, clamp, out):  # pragma: no cover - compiled
-    if _channels_last(mult, w, geometry, out):
+    if _channels_last(mult, out):
         tiles = w.shape[0]
         parts = max(1, min(tiles // 8, _PARTS))
         for t in prange(x.shape[0] * parts):

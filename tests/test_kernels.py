@@ -478,14 +478,16 @@ CONVS = [  # x shape, w shape, strides, dilations, pads, group
     ((1, 2, 5, 6, 7), (3, 2, 2, 3, 2), [1, 1, 1], [1, 1, 1], [1, 0, 1, 0, 1, 1], 1),  # 3-D (numpy only)
 ]
 DEPTHWISE = [  # channels, size, stride, multiplier, kernel, dilation, pads
-    (6, 12, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1: the flat plane loop
+    (6, 17, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1 past 256 positions: the flat plane loop
     (6, 3, 1, 2, 3, 1, [1, 1, 1, 1]),          # ... on its smallest plane (a multiplier: not channels-last)
     (40, 7, 1, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1 on 7x7: channels-last
     (6, 3, 1, 1, 3, 1, [1, 1, 1, 1]),          # ... on a 3x3 plane
-    (6, 20, 2, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 2: split columns
-    (5, 17, 2, 1, 3, 1, [1, 1, 1, 1]),         # ... odd size: the last window reaches the padding
+    (6, 34, 2, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 2: split columns
+    (5, 35, 2, 1, 3, 1, [1, 1, 1, 1]),         # ... odd size: the last window reaches the padding
     (3, 18, 2, 2, 3, 1, [1, 1, 1, 1]),         # ... depth multiplier
-    (4, 26, 3, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 3: one-pass rows
+    (4, 50, 3, 1, 3, 1, [1, 1, 1, 1]),         # 3x3 pad 1, stride 3: one-pass rows
+    (24, 14, 1, 1, 3, 1, [1, 1, 1, 1]),        # 3x3 pad 1 on 14x14: channels-last
+    (9, 16, 1, 1, 3, 1, [1, 1, 1, 1]),         # ... on 16x16 (256 positions, the last that is)
     (5, 2, 1, 2, 3, 1, [1, 1, 1, 1]),          # two rows: one-pass rows
     (40, 14, 2, 1, 3, 1, [1, 1, 1, 1]),        # strided, small map: channels-last, nine taps unrolled
     (21, 13, 2, 1, 3, 1, [1, 1, 1, 1]),        # ... channels and positions not multiples of 8
@@ -697,6 +699,40 @@ def test_depthwise_kernels_agree(case, monkeypatch):
         got, twin = both(lambda: kernels.conv(x, w, b, [stride, stride], [dil, dil], pads, channels, (0.0, 3.0)),
                          monkeypatch)
         np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, cols", [(8, 8), (16, 24), (21, 13), (49, 960), (960, 49)], ids=str)
+def test_transpose8x8_intrinsic(rows, cols):
+    """The shuffled 8x8 tile transpose (``_simd.transpose8x8``) and the block transpose built on it
+    (``_numba_conv._transpose``: whole tiles, then the rows and columns past a multiple of 8) move
+    every value where numpy's ``.T`` puts it, from and to offsets that are not multiples of 8."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
+    from numba import njit
+    from dcrt.runtime._numba_conv import _transpose
+    from dcrt.runtime._simd import transpose8x8
+
+    @njit
+    def tile(src, s0, s_step, dst, d0, d_step):
+        transpose8x8(src, s0, s_step, dst, d0, d_step)
+
+    @njit
+    def block(src, s0, rows, cols, dst, d0):
+        _transpose(src, s0, rows, cols, dst, d0)
+
+    src = rand(3 + rows * cols)
+    want = src[3:].reshape(rows, cols).T
+    dst = np.full(5 + rows * cols, -1, np.float32)
+    block(src, 3, rows, cols, dst, 5)
+    np.testing.assert_array_equal(dst[5:].reshape(cols, rows), want)
+    assert (dst[:5] == -1).all()
+    # one tile: rows 1-8 of a 12x10 matrix (columns 2-9) become rows 2-9 (columns 1-8) of its transpose
+    m = rand(12, 10)
+    t = np.full((10, 12), -1, np.float32)
+    tile(m.reshape(-1), 10 + 2, 10, t.reshape(-1), 2 * 12 + 1, 12)
+    np.testing.assert_array_equal(t[2:10, 1:9], m[1:9, 2:10].T)
+    t[2:10, 1:9] = -1
+    assert (t == -1).all()
 
 
 def test_add_clamp_kernel_agrees(monkeypatch):
