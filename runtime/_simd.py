@@ -52,8 +52,8 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
         src_v, s0_v, s_step_v, dst_v, d0_v, d_step_v = args
         sdata = context.make_array(signature.args[0])(context, builder, src_v).data
         ddata = context.make_array(signature.args[3])(context, builder, dst_v).data
-        step = [ir.Constant(s0_v.type, i) for i in range(8)]
-        rows = [_load(builder, _at(builder, sdata, builder.add(s0_v, builder.mul(s_step_v, step[r]))))
+        nth = [ir.Constant(s0_v.type, i) for i in range(8)]
+        rows = [_load(builder, _at(builder, sdata, builder.add(s0_v, builder.mul(s_step_v, nth[r]))))
                 for r in range(8)]
         # 1: rows 2k and 2k+1 interleaved by pairs of columns: (0 1 4 5) and (2 3 6 7)
         pairs = []
@@ -70,7 +70,7 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
         for c in range(4):
             for col, mask in ((c, [0, 1, 2, 3, 8, 9, 10, 11]), (c + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
                 v = _shuffle(builder, quads[c], quads[c + 4], mask)
-                builder.store(v, _at(builder, ddata, builder.add(d0_v, builder.mul(d_step_v, step[col]))), align=4)
+                builder.store(v, _at(builder, ddata, builder.add(d0_v, builder.mul(d_step_v, nth[col]))), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
