@@ -218,11 +218,34 @@ class _LoadCache(FunctionCache):
             del codegen.unserialize_library
 
 
+_DIGESTS: dict = {}
+
+
+def _siblings_digest(folder: str) -> str:
+    """A digest of the private modules (``_*.py``) in a kernel module's folder: the modules its kernels
+    inline from (``_numba_rnn`` inlines ``_numba_index``'s sums, ``_numba_conv`` ``_simd``'s shuffles)."""
+    if folder not in _DIGESTS:
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("_") and name.endswith(".py") and not name.startswith("__"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+        _DIGESTS[folder] = h.hexdigest()
+    return _DIGESTS[folder]
+
+
 def njit(**options: Any) -> Callable[[Callable], Any]:
-    """``numba.njit(**options)``; with ``cache=True`` the kernel loads from the cache as above."""
+    """``numba.njit(**options)``; with ``cache=True`` the kernel loads from the cache as above.
+
+    numba marks a cached kernel stale when its own source file changes, not when a module it inlines
+    from does: a kernel would keep the old code of an edited helper (a git checkout, an editable
+    install). Its cache index is therefore stamped with the private modules of its folder too."""
     def compile_later(fn: Callable) -> Any:
         dispatcher = numba.njit(**options)(fn)
-        if type(getattr(dispatcher, "_cache", None)) is FunctionCache:
-            dispatcher._cache.__class__ = _LoadCache   # the same object: numba built it
+        cache = getattr(dispatcher, "_cache", None)
+        if type(cache) is FunctionCache:
+            cache.__class__ = _LoadCache   # the same object: numba built it
+            index = cache._cache_file
+            index._source_stamp = (index._source_stamp, _siblings_digest(os.path.dirname(fn.__code__.co_filename)))
         return dispatcher
     return compile_later

@@ -184,6 +184,36 @@ def test_numba_runtime_machine_code_is_kept_beside_the_kernels(dcm_path, tmp_pat
     np.testing.assert_array_equal(y3, y)
 
 
+def test_cached_kernel_is_stale_when_a_module_it_inlines_from_changes(tmp_path):
+    """A kernel cached by ``dcrt._jit.njit`` compiles again when a private module of its folder changes
+    (``_numba_conv`` inlines ``_simd``'s shuffles, ``_numba_rnn`` ``_numba_index``'s sums): numba itself
+    checks only the kernel's own file, so an edited helper kept its old code in the cache."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set")
+    package = tmp_path / "kernels_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "_numba_kernel.py").write_text(textwrap.dedent("""
+        from dcrt._jit import njit
+        from ._helper import scale
+
+        @njit(cache=True)
+        def kernel(v):
+            return scale(v)
+    """))
+    helper = package / "_helper.py"
+    source = """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from kernels_pkg._numba_kernel import kernel
+        print(kernel(5.0), len(kernel.stats.cache_hits))
+    """
+    for factor, loaded in ((2, "0"), (2, "1"), (3, "0"), (3, "1")):
+        helper.write_text(f"from dcrt._jit import njit\n\n\n@njit(inline='always')\ndef scale(v):\n    return v * {factor}\n")
+        assert fresh_python(tmp_path, source, tmp_path, NUMBA_CACHE_DIR=str(tmp_path / "cache")) \
+            == f"{5.0 * factor} {loaded}"
+
+
 def test_cached_kernel_load_falls_back_to_numbas_way(monkeypatch):
     """A cached load that fails without numba's set-up is done again numba's way (refresh first)."""
     from numba.core.caching import FunctionCache
