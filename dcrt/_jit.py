@@ -28,6 +28,9 @@ numba compiles its runtime's own functions (reference counts, allocation) from L
 process, ~25 ms of a fresh process's first result; their machine code is kept beside the kernels'
 cache instead (``numba-runtime-<key>.nbo``, keyed by the IR, the CPU and the versions), as numba keeps
 the kernels'.
+
+numba marks a cached kernel stale when its own source file changes; ``njit`` here adds the private
+modules of the kernel's folder to that stamp (see :func:`njit`).
 """
 from __future__ import annotations
 
@@ -226,10 +229,13 @@ def _siblings_digest(folder: str) -> str:
     inline from (``_numba_rnn`` inlines ``_numba_index``'s sums, ``_numba_conv`` ``_simd``'s shuffles)."""
     if folder not in _DIGESTS:
         h = hashlib.sha256()
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("_") and name.endswith(".py") and not name.startswith("__"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(name.encode() + b"\0" + f.read())
+        try:
+            for name in sorted(os.listdir(folder)):
+                if name.startswith("_") and name.endswith(".py") and not name.startswith("__"):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(name.encode() + b"\0" + f.read())
+        except OSError:     # no readable sources beside it (a zipped install): numba's own stamp alone
+            h = hashlib.sha256()
         _DIGESTS[folder] = h.hexdigest()
     return _DIGESTS[folder]
 

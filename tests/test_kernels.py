@@ -208,8 +208,9 @@ def test_cached_kernel_is_stale_when_a_module_it_inlines_from_changes(tmp_path):
         from kernels_pkg._numba_kernel import kernel
         print(kernel(5.0), len(kernel.stats.cache_hits))
     """
-    for factor, loaded in ((2, "0"), (2, "1"), (3, "0"), (3, "1")):
-        helper.write_text(f"from dcrt._jit import njit\n\n\n@njit(inline='always')\ndef scale(v):\n    return v * {factor}\n")
+    for factor, loaded in ((2, "0"), (2, "1"), (3, "0"), (3, "1")):     # compiled, cached, compiled, cached
+        helper.write_text(f"from dcrt._jit import njit\n\n\n@njit(inline='always')\ndef scale(v):\n"
+                          f"    return v * {factor}\n")
         assert fresh_python(tmp_path, source, tmp_path, NUMBA_CACHE_DIR=str(tmp_path / "cache")) \
             == f"{5.0 * factor} {loaded}"
 
