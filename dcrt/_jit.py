@@ -34,6 +34,7 @@ modules of the kernel's folder to that stamp (see :func:`njit`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -221,23 +222,19 @@ class _LoadCache(FunctionCache):
             del codegen.unserialize_library
 
 
-_DIGESTS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)     # once per folder: every kernel module of it asks
 def _siblings_digest(folder: str) -> str:
     """A digest of the private modules (``_*.py``) in a kernel module's folder: the modules its kernels
     inline from (``_numba_rnn`` inlines ``_numba_index``'s sums, ``_numba_conv`` ``_simd``'s shuffles)."""
-    if folder not in _DIGESTS:
+    h = hashlib.sha256()
+    try:
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("_") and name.endswith(".py") and not name.startswith("__"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+    except OSError:     # no readable sources beside it (a zipped install): numba's own stamp alone
         h = hashlib.sha256()
-        try:
-            for name in sorted(os.listdir(folder)):
-                if name.startswith("_") and name.endswith(".py") and not name.startswith("__"):
-                    with open(os.path.join(folder, name), "rb") as f:
-                        h.update(name.encode() + b"\0" + f.read())
-        except OSError:     # no readable sources beside it (a zipped install): numba's own stamp alone
-            h = hashlib.sha256()
-        _DIGESTS[folder] = h.hexdigest()
-    return _DIGESTS[folder]
+    return h.hexdigest()
 
 
 def njit(**options: Any) -> Callable[[Callable], Any]:
