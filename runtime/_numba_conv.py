@@ -7,6 +7,10 @@
   for the padding, straight from the unpadded input (no padded copy, no strided numpy copy); with
   unit strides and rows as wide as the input's, each tap's block is one flat copy of the plane; small
   blocks are gathered through a table of tap offsets.
+- ``pointwise``: a 1x1 convolution of one sample from weights packed by ``pack_pointwise``, in
+  register tiles of 12 output channels by 16 positions (``_simd.pointwise_tile``), the bias, a
+  residual and the clamp applied before each tile is stored (numpy twin: the product and
+  ``_bias_clamp_numpy``).
 - ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output; ``add_clamp``
   the same for a residual Add and its Relu.
 - ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
@@ -28,9 +32,11 @@ import numpy as np
 from numba import prange
 
 from .._jit import njit
-from ._simd import transpose8x8
+from ._simd import LANES, PACK, pointwise_tile, transpose8x8
 
 _U = np.uint64
+#: Bytes of the input's columns that ``pointwise`` works through at a time (they stay in L2).
+_POINTWISE_BLOCK = 512 << 10
 _PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)
 # Depthwise multiply-adds may be fused (FMA), and the 3x3 rows sum per kernel row: results differ
 # from the numpy twin's (one tap at a time, each product rounded) in the last bits only; NaN and inf
@@ -681,6 +687,97 @@ def add_clamp_par(a, b, lo, hi, out):  # pragma: no cover - compiled
     af, bf, of = a.reshape(a.size), b.reshape(b.size), out.reshape(out.size)
     for t in prange(_PARTS):
         _add_clamp_run(af, bf, lo, hi, of, t * of.size // _PARTS, (t + 1) * of.size // _PARTS)
+
+
+# -- pointwise convolution from packed weights ------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def pack_pointwise(w):  # pragma: no cover - compiled
+    """``[ceil(M / PACK), K, PACK]`` from ``w [M, K]``: each group of PACK rows with its column ``c``
+    adjacent, as ``pointwise_tile`` reads them (zero rows pad the last group)."""
+    m, k = w.shape
+    packed = np.zeros(((m + PACK - 1) // PACK, k, PACK), np.float32)
+    for r in range(m):
+        for c in range(k):
+            packed[r // PACK, c, r % PACK] = w[r, c]
+    return packed
+
+
+@njit(inline="always")
+def _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, t, p0, p1):  # pragma: no cover - compiled
+    """Output channels ``t * PACK`` on, positions ``p0..p1`` (whole tiles of LANES)."""
+    c0 = t * PACK
+    rows = min(PACK, m - c0)
+    for p in range(p0, p1, LANES):
+        pointwise_tile(wf, c0 * k, xf, p, n, k, of, c0 * n + p, n, rows, bias, c0, rf, lo, hi, flags)
+
+
+@njit(inline="always")
+def _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, t):  # pragma: no cover - compiled
+    """Output channels ``t * PACK`` on, the last ``n % LANES`` positions: from ``xt`` (those columns of
+    ``x``, zero-padded to LANES) into a scratch tile, then finished and copied."""
+    c0 = t * PACK
+    rows = min(PACK, m - c0)
+    full = n - n % LANES
+    scratch = np.empty(PACK * LANES, np.float32)
+    pointwise_tile(wf, c0 * k, xt, 0, LANES, k, scratch, 0, LANES, rows, bias, c0, scratch, lo, hi, flags & 1)
+    for i in range(rows):
+        at = (c0 + i) * n + full
+        for j in range(n - full):
+            v = scratch[i * LANES + j]
+            if flags & 2:
+                v += rf[at + j]
+            of[at + j] = _clamped(v, lo, hi, flags & 4 != 0)
+
+
+@njit(inline="always")
+def _pointwise_setup(packed, x, res, out):  # pragma: no cover - compiled
+    """Flat views, the tail columns of ``x`` zero-padded to LANES (``[K * LANES]``, empty when the
+    positions are whole tiles), the positions of a block and the number of jobs (see ``pointwise``)."""
+    k, n = x.shape
+    full = n - n % LANES
+    xt = np.zeros(k * LANES if full < n else 0, np.float32)
+    for c in range(k if full < n else 0):
+        for j in range(n - full):
+            xt[c * LANES + j] = x[c, full + j]
+    block = max(LANES, _POINTWISE_BLOCK // (4 * k) // LANES * LANES)
+    tiles = packed.shape[0]
+    jobs = (full + block - 1) // block * tiles + (tiles if full < n else 0)
+    return packed.reshape(packed.size), x.reshape(x.size), res.reshape(res.size), out.reshape(out.size), xt, block, jobs
+
+
+@njit(inline="always")
+def _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job):  # pragma: no cover - compiled
+    """Job ``job`` of ``pointwise``: a block of positions for a tile of output channels, blocks first
+    (so one thread's jobs read a block's input columns while they are in L2), then the tail tiles."""
+    wf, xf, rf, of, xt, block, _ = views
+    k, n = x.shape
+    m, tiles = out.shape[0], packed.shape[0]
+    full = n - n % LANES
+    whole = (full + block - 1) // block * tiles
+    if job < whole:
+        p0 = job // tiles * block
+        _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, job % tiles, p0, min(p0 + block, full))
+    else:
+        _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, job - whole)
+
+
+@njit(cache=True, nogil=True)
+def pointwise(packed, x, bias, res, lo, hi, flags, out):  # pragma: no cover - compiled
+    """``out [M, P]`` = the 1x1 convolution of ``x [K, P]`` (one sample) by the weight packed as
+    ``pack_pointwise`` gives it, then with ``flags`` 1 the bias added, 2 the residual ``res [M, P]``,
+    4 clamped to [lo, hi] (``_simd.pointwise_tile``). Positions go in blocks whose columns of ``x``
+    stay in L2 while every tile of output channels reads them."""
+    views = _pointwise_setup(packed, x, res, out)
+    for job in range(views[-1]):
+        _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pointwise_par(packed, x, bias, res, lo, hi, flags, out):  # pragma: no cover - compiled
+    views = _pointwise_setup(packed, x, res, out)
+    for job in prange(views[-1]):
+        _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job)
 
 
 # -- Winograd F(2x2, 3x3) transforms (see runtime/winograd.py) -------------------------------------

@@ -1,4 +1,4 @@
-"""Vector shuffles that LLVM's vectorizers do not find on their own, as numba intrinsics; import only
+"""Vector code that LLVM's vectorizers do not find on their own, as numba intrinsics; import only
 through ``numba_kernels.kernels()`` (via the kernel modules).
 
 ``transpose8x8`` moves an 8x8 tile of float32 values with eight vector loads, 24 shuffles and eight
@@ -7,27 +7,48 @@ stores: neither the loop nor the SLP vectorizer forms the shuffles. The shuffles
 ``shufflevector``s, so each target lowers them its own way (unpack and lane permutes with AVX,
 zips with NEON). Its test is ``tests/test_kernels.py::test_transpose8x8_intrinsic``; the kernels that
 use it keep their numpy twins.
+
+``pointwise_tile`` is the register tile of a 1x1 convolution: 12 output channels by 16 positions
+summed over every input channel in twelve 16-lane accumulators (a 16-lane vector is a zmm register
+with AVX-512, a pair of ymm ones or four NEON ones elsewhere), one load of the input row and twelve
+broadcast weights a step, from weights packed so that those twelve are adjacent (``PACK``). LLVM
+keeps a loop's accumulators in memory when it vectorises the loop itself; here they stay in
+registers, and the bias, residual and clamp are applied before the one store. Its test is
+``tests/test_kernels.py::test_pointwise_kernel``.
 """
 from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _F8 = ir.VectorType(ir.FloatType(), 8)
 _MASK = ir.VectorType(ir.IntType(32), 8)
+#: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions.
+PACK = 12
+LANES = 16
+_F32 = ir.FloatType()
+_F16 = ir.VectorType(_F32, LANES)
 
 
-def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value) -> ir.Value:
-    """A pointer to the 8 floats from ``data[offset]`` (``data``: a float pointer)."""
-    return builder.bitcast(builder.gep(data, [offset]), _F8.as_pointer())
+def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
+    """A pointer to the ``vector`` of floats from ``data[offset]`` (``data``: a float pointer)."""
+    return builder.bitcast(builder.gep(data, [offset]), vector.as_pointer())
 
 
-def _load(builder: ir.IRBuilder, ptr: ir.Value) -> ir.Value:
+def _load(builder: ir.IRBuilder, ptr: ir.Value, typ: ir.Type = _F8) -> ir.Value:
     try:    # llvmlite >= 0.44 (opaque pointers) names the loaded type; older ones read it off ptr
-        return builder.load(ptr, align=4, typ=_F8)
+        return builder.load(ptr, align=4, typ=typ)
     except TypeError:
         return builder.load(ptr, align=4)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """``value`` (a float) in every lane of a 16-lane vector."""
+    undef = ir.Constant(_F16, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
 
 
 def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, mask: list) -> ir.Value:
@@ -71,6 +92,54 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
             for col, mask in ((c, [0, 1, 2, 3, 8, 9, 10, 11]), (c + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
                 v = _shuffle(builder, quads[c], quads[c + 4], mask)
                 builder.store(v, _at(builder, ddata, builder.add(d0_v, builder.mul(d_step_v, nth[col]))), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
+    """``out[o0 + i * ldo + j] = clamp(sum_c wp[w0 + c * PACK + i] * x[x0 + c * ldx + j] + bias[b0 + i]
+    + res[o0 + i * ldo + j])`` for ``i < rows`` (<= PACK) and ``j < LANES``, over ``c < k``. ``flags``:
+    1 adds the bias, 2 the residual ``res`` (laid out as ``out``), 4 clamps to [lo, hi] (NaN stays NaN,
+    as ``np.clip``). All arrays 1-D C-contiguous float32; offsets are not bounds-checked. The products
+    are fused multiply-adds where the target has them (``llvm.fmuladd``)."""
+    if not all(_float32_vector(a) for a in (wp, x, out, bias, res)):
+        return None
+    i = types.intp
+    sig = types.void(wp, i, x, i, i, i, out, i, i, i, bias, i, res, types.float32, types.float32, i)
+
+    def codegen(context, builder, signature, args):
+        wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v, r_v, lo_v, hi_v, flags_v = args
+        data = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 2, 6, 10, 12)]
+        wd, xd, od, bd, rd = data
+        const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3),
+                                             f"llvm.fmuladd.v{LANES}f32")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_F16, None)) for _ in range(PACK)]
+        with cgutils.for_range(builder, k_v) as loop:
+            c = loop.index
+            xv = _load(builder, _at(builder, xd, builder.add(x0_v, builder.mul(c, ldx_v)), _F16), _F16)
+            wrow = builder.add(w0_v, builder.mul(c, const(PACK)))
+            for r in range(PACK):
+                w = _load(builder, builder.gep(wd, [builder.add(wrow, const(r))]), _F32)
+                builder.store(builder.call(fma, [_splat(builder, w), xv, builder.load(accs[r])]), accs[r])
+        has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4)]
+        lo_s, hi_s = _splat(builder, lo_v), _splat(builder, hi_v)
+        for r in range(PACK):
+            with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
+                at = builder.add(o0_v, builder.mul(const(r), ldo_v))
+                acc = cgutils.alloca_once_value(builder, builder.load(accs[r]))
+                with builder.if_then(has[0]):
+                    b = _load(builder, builder.gep(bd, [builder.add(b0_v, const(r))]), _F32)
+                    builder.store(builder.fadd(builder.load(acc), _splat(builder, b)), acc)
+                with builder.if_then(has[1]):
+                    builder.store(builder.fadd(builder.load(acc), _load(builder, _at(builder, rd, at, _F16), _F16)), acc)
+                with builder.if_then(has[2]):
+                    v = builder.load(acc)
+                    v = builder.select(builder.fcmp_ordered("<", v, lo_s), lo_s, v)
+                    builder.store(builder.select(builder.fcmp_ordered(">", v, hi_s), hi_s, v), acc)
+                builder.store(builder.load(acc), _at(builder, od, at, _F16), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

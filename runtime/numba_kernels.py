@@ -24,6 +24,7 @@ one of them is in use.
 """
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -72,6 +73,15 @@ def _load() -> Any:
                               if hasattr(v, "py_func") and not k.startswith("_")})
             _MODULE = SimpleNamespace(**names)
     return _MODULE
+
+
+@functools.lru_cache(maxsize=None)
+def wide_vectors() -> bool:
+    """Whether numba compiles for this CPU (no ``NUMBA_CPU_NAME``) and it has AVX-512's 32 vector
+    registers, which the 16-lane register tiles of ``_simd.pointwise_tile`` need to run from registers."""
+    import numba
+    from llvmlite import binding
+    return not numba.config.CPU_NAME and bool(binding.get_host_cpu_features().get("avx512f"))
 
 
 def threads() -> int:

@@ -31,7 +31,7 @@ from dcrt.format.reader import StoredTensor
 from dcrt.format.tensor import QUANTIZED, SPARSE
 from dcrt.graph import ValueInfo, subgraphs
 
-from . import winograd
+from . import derived
 from .executor import HOLD, Executor, op_types
 from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows
 
@@ -231,7 +231,7 @@ class Session:
                                        self._file.model.graph)
         with self._lock:
             held = list(self._cache.values()) + list(self._nested_cache.values())
-        report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + winograd.cached_bytes(held)
+        report["now"] = sum(getattr(v, "nbytes", 0) for v in held) + derived.cached_bytes(held)
         return report
 
     # -- weights -------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Session:
                         value = np.array(value)
                 if isinstance(value, np.ndarray):
                     # a constant: no operator may change it, and kernels may keep what they derive
-                    # from it (the Winograd form of a 3x3 convolution's weight: runtime/winograd.py)
+                    # from it (runtime/derived.py: the Winograd form of a 3x3 convolution's weight, ...)
                     value.setflags(write=False)
                 cache[key] = value
         return value

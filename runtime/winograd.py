@@ -12,8 +12,8 @@ one group, on maps big enough for 16 small products to beat one large one (:data
 the weight is
 
 - a constant (a read-only array: the session's decoded weights in dense mode, the file's raw ones):
-  its transform is computed once and kept beside it (``transformed``; 16/9 of its bytes, counted by
-  ``cached_bytes`` and so by ``Session.resident_bytes()["now"]``);
+  its transform is computed once and kept beside it (``transformed``, through ``runtime/derived.py``;
+  16/9 of its bytes, counted by ``Session.resident_bytes()["now"]``);
 - an index-mode weight: tiles of output channels are expanded from the codebook and transformed on
   every call, each tile and its transform together under half of the weight (never a dense copy),
   on bigger maps only (:data:`MIN_TILES_INDEXED`).
@@ -26,12 +26,11 @@ with as many channels in as out: 64 on 56x56 3.8 against 13.8 ms, 128 on 28x28 1
 """
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .derived import derived
 from .numba_kernels import launch
 
 #: Tiles (2x2 outputs each) per image from which the Winograd form is used: below it the 16 products
@@ -47,10 +46,6 @@ MIN_TILES_INDEXED = 128
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], np.float32)
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-
-_TRANSFORMED: Dict[int, Tuple[Any, np.ndarray]] = {}
-_LOCK = threading.Lock()
-
 
 def usable(x: np.ndarray, w: Any, strides, dilations, group: int) -> bool:
     """Whether ``conv`` can take the Winograd form for these operands (before the map size check):
@@ -74,26 +69,9 @@ def weight_transform(k, w: np.ndarray, u: Optional[np.ndarray] = None) -> np.nda
     return u
 
 
-def _kept(w: Any) -> Optional[np.ndarray]:
-    """The transform kept for this very array (an id is reused once its array is freed), or None."""
-    entry = _TRANSFORMED.get(id(w))
-    return entry[1] if entry is not None and entry[0]() is w else None
-
-
 def transformed(k, w: np.ndarray) -> np.ndarray:
-    """The cached ``weight_transform`` of a constant weight (dropped when the weight is freed)."""
-    u = _kept(w)
-    if u is None:
-        u = weight_transform(k, w)
-        key = id(w)
-        with _LOCK:
-            _TRANSFORMED[key] = (weakref.ref(w, lambda _, key=key: _TRANSFORMED.pop(key, None)), u)
-    return u
-
-
-def cached_bytes(arrays) -> int:
-    """Bytes of the transforms kept for any of ``arrays``."""
-    return sum(u.nbytes for u in map(_kept, arrays) if u is not None)
+    """The kept ``weight_transform`` of a constant weight (dropped when the weight is freed)."""
+    return derived(w, "winograd", lambda w: weight_transform(k, w))
 
 
 def _weight_tiles(k, w: Any, cout: int, cin: int) -> Iterator[Tuple[int, np.ndarray]]:

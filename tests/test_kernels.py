@@ -19,7 +19,7 @@ from runtime_helpers import no_numba, random_weight
 from dcrt import sparse
 from dcrt.errors import DcrtError, FormatError
 from dcrt.graph import Graph, Node, ValueInfo
-from dcrt.runtime import indexed, kernels, numba_kernels, winograd
+from dcrt.runtime import derived, indexed, kernels, numba_kernels, winograd
 from dcrt.runtime.executor import Executor
 from dcrt.runtime.indexed import IndexedWeight, SparseWeight
 from dcrt.runtime.ops import OPS
@@ -766,6 +766,59 @@ def test_transpose8x8_intrinsic(rows, cols):
     assert (t == -1).all()
 
 
+@pytest.mark.parametrize("cout,cin,positions", [(12, 1, 16), (7, 3, 5), (25, 33, 40), (30, 16, 49), (13, 20, 1)])
+@pytest.mark.parametrize("form", ["pointwise", "pointwise_par"])
+def test_pointwise_kernel(cout, cin, positions, form):
+    """The register-tiled 1x1 convolution (``_simd.pointwise_tile`` through ``_numba_conv.pointwise``):
+    the product, bias, residual and clamp of numpy's twin for output channels that are not a multiple
+    of the tile's 12 and positions short of and past its 16 (the tail tile), with NaN kept by the
+    clamp; nothing written past the output, and no residual read when none is asked for."""
+    k = numba_kernels.kernels()
+    if k is None:
+        pytest.skip("DCRT_NO_NUMBA is set: no compiled kernels to compare")
+    w, x, b, res = rand(cout, cin), rand(cin, positions), rand(cout), rand(cout, positions)
+    x[0, -1] = np.nan
+    packed = k.pack_pointwise(w)
+    assert packed.shape == (-(-cout // 12), cin, 12) and (packed[-1, :, (cout - 1) % 12 + 1:] == 0).all()
+    none, unbiased = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    for flags, bias, residual in ((0, b, none), (1, b, none), (3, b, res), (5, b, none), (6, unbiased, res),
+                                  (7, b, res)):
+        out = np.full((cout + 1, positions), -7, np.float32)
+        getattr(k, form)(packed, x, bias, residual, np.float32(-0.5), np.float32(1.0), flags, out[:cout])
+        want = w.astype(np.float64) @ x
+        want += b[:, None] if flags & 1 else 0
+        want += res if flags & 2 else 0
+        want = np.clip(want, -0.5, 1.0) if flags & 4 else want
+        np.testing.assert_allclose(out[:cout], want, rtol=1e-5, atol=1e-5)
+        assert np.isnan(out[:cout, -1]).all() and (out[cout] == -7).all()
+
+
+def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
+    """A pointwise convolution of one sample by a read-only weight runs the ``pointwise`` kernel where
+    ``wide_vectors`` holds (its packed weight kept while the weight lives) and gives what BLAS and the
+    numpy twins give, bias, residual and clamp included; a writable weight, more input channels than
+    POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product."""
+    if numba_kernels.kernels() is None:
+        pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take compiled kernels")
+    x, d, b, res = rand(1, 20, 7, 9), rand(26, 20, 1, 1), rand(26), rand(1, 26, 7, 9)
+    w = constant(d)
+    args = ([1, 1], [1, 1], [0, 0, 0, 0], 1, (0.0, 6.0))
+    got, twin = both(lambda: kernels.conv_runner(x, w, b, *args)(x, w, b, res), monkeypatch)
+    assert derived.cached_bytes([w]) == (26 + 10) * 20 * 4 * numba_kernels.wide_vectors()
+    blas = kernels.conv_runner(x, d, b, *args)(x, d, b, res)
+    assert derived.cached_bytes([d]) == 0
+    for other in (got, twin):
+        np.testing.assert_allclose(other, blas, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernels, "POINTWISE_MAX_INPUTS", 19)
+    v, x2 = constant(d), np.concatenate([x, x])
+    kernels.conv_runner(x, v, b, *args)(x, v, b)
+    kernels.conv_runner(x2, v, b, *args)(x2, v, b)
+    assert derived.cached_bytes([v]) == 0
+    count = len(derived._KEPT)
+    del w
+    assert len(derived._KEPT) == count - numba_kernels.wide_vectors()
+
+
 def test_add_clamp_kernel_agrees(monkeypatch):
     """A residual Add with its Relu/Clip in one pass, against the numpy sum and clamp: bit for bit,
     NaN kept; other shapes (broadcasting) and dtypes take numpy."""
@@ -850,7 +903,7 @@ def test_winograd_agrees_with_im2col(case, form, monkeypatch):
     reference = kernels.conv(x, d, b, [1, 1], [1, 1], pads, 1, (-1.0, 2.0))   # writable array: im2col
     w = {"constant": constant(d), "indexed": iw, "sparse": sw}[form]
     assert winograd.usable(x, w, [1, 1], [1, 1], 1) and not winograd.usable(x, d, [1, 1], [1, 1], 1)
-    assert winograd.cached_bytes([w]) == 0
+    assert derived.cached_bytes([w]) == 0
     taken, tiles = [], winograd._weight_tiles
 
     def counted(*args):
@@ -862,7 +915,7 @@ def test_winograd_agrees_with_im2col(case, form, monkeypatch):
     got, twin = winograd_both(x, w, b, pads, (-1.0, 2.0), monkeypatch)
     assert len(taken) == 2      # the Winograd form was taken, by the kernels and by their twins
     if form == "constant":      # ... and the transform kept
-        assert winograd.cached_bytes([w]) == 16 * ws[0] * ws[1] * 4
+        assert derived.cached_bytes([w]) == 16 * ws[0] * ws[1] * 4
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(twin, reference, rtol=1e-5, atol=1e-5)
 
@@ -888,10 +941,10 @@ def test_winograd_blocks_and_small_maps(monkeypatch):
     np.testing.assert_allclose(twin, whole, rtol=1e-6, atol=1e-6)
     small = constant(rand(6, 4, 3, 3))
     kernels.conv(rand(1, 4, 9, 9), small, None, [1, 1], [1, 1], [1, 1, 1, 1], 1)     # 5x5 tiles
-    assert winograd.cached_bytes([small]) == 0 and winograd.cached_bytes([w]) > 0
-    count = len(winograd._TRANSFORMED)
+    assert derived.cached_bytes([small]) == 0 and derived.cached_bytes([w]) > 0
+    count = len(derived._KEPT)
     del w
-    assert len(winograd._TRANSFORMED) == count - 1
+    assert len(derived._KEPT) == count - 1
 
 
 @pytest.mark.parametrize("strides", [[1, 2], [1, 1]])   # row by row; flat copies (unit strides)
