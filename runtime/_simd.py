@@ -134,7 +134,8 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
                     b = _load(builder, builder.gep(bd, [builder.add(b0_v, const(r))]), _F32)
                     builder.store(builder.fadd(builder.load(acc), _splat(builder, b)), acc)
                 with builder.if_then(has[1]):
-                    builder.store(builder.fadd(builder.load(acc), _load(builder, _at(builder, rd, at, _F16), _F16)), acc)
+                    r_vec = _load(builder, _at(builder, rd, at, _F16), _F16)
+                    builder.store(builder.fadd(builder.load(acc), r_vec), acc)
                 with builder.if_then(has[2]):
                     v = builder.load(acc)
                     v = builder.select(builder.fcmp_ordered("<", v, lo_s), lo_s, v)

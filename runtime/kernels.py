@@ -450,9 +450,6 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
         rows, cout, positions = shape.cin * shape.kprod, shape.cout, math.prod(shape.out)
         kh, kw = shape.kernel
         whole = None if isinstance(w, np.ndarray) else array    # None: as it is (lmatmul tiles it)
-        if (pointwise and k is not None and rows <= POINTWISE_MAX_INPUTS and wide_vectors()
-                and isinstance(w, np.ndarray) and not w.flags.writeable):
-            return _pointwise_runner(k, out_shape, rows, positions, clamp)
 
         def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
             if pointwise:
@@ -471,18 +468,24 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                 launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias,
                        _NO_RESIDUAL if res3 is None else res3, lo, hi, clamped)
             return y
+        if (pointwise and k is not None and rows <= POINTWISE_MAX_INPUTS and isinstance(w, np.ndarray)
+                and wide_vectors()):
+            return _pointwise_runner(k, out_shape, rows, positions, clamp, product)
         return product
     return general
 
 
 def _pointwise_runner(k, out_shape: Tuple[int, ...], rows: int, positions: int,
-                      clamp: "Tuple[float, float] | None") -> ConvRunner:
+                      clamp: "Tuple[float, float] | None", product: ConvRunner) -> ConvRunner:
     """A pointwise convolution of one sample by a constant weight: numba's ``pointwise`` kernel, from
-    the weight packed once (``derived``), the epilogue in its register tiles (see POINTWISE_MAX_INPUTS)."""
+    the weight packed once (``derived``), the epilogue in its register tiles (see POINTWISE_MAX_INPUTS);
+    a writable weight (one fed as an input may change between runs) takes ``product``."""
     _, lo, hi = _epilogue(None, clamp)
     cout, work = out_shape[1], out_shape[1] * rows * positions
 
     def pointwise(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
+        if w.flags.writeable:
+            return product(x, w, bias, res)
         packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
         y = np.empty(out_shape, np.float32)
         flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2

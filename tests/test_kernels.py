@@ -797,7 +797,8 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     """A pointwise convolution of one sample by a read-only weight runs the ``pointwise`` kernel where
     ``wide_vectors`` holds (its packed weight kept while the weight lives) and gives what BLAS and the
     numpy twins give, bias, residual and clamp included; a writable weight, more input channels than
-    POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product."""
+    POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product (a writable one also through a runner
+    prepared for a constant: a weight fed as an input may change between runs)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take compiled kernels")
     x, d, b, res = rand(1, 20, 7, 9), rand(26, 20, 1, 1), rand(26), rand(1, 26, 7, 9)
@@ -807,6 +808,10 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     assert derived.cached_bytes([w]) == (26 + 10) * 20 * 4 * numba_kernels.wide_vectors()
     blas = kernels.conv_runner(x, d, b, *args)(x, d, b, res)
     assert derived.cached_bytes([d]) == 0
+    d2 = d * 2          # a writable weight through the runner prepared for a constant one: not kept
+    np.testing.assert_allclose(kernels.conv_runner(x, w, b, *args)(x, d2, b), kernels.conv(x, d2, b, *args),
+                               rtol=1e-5, atol=1e-5)
+    assert derived.cached_bytes([d2]) == 0
     for other in (got, twin):
         np.testing.assert_allclose(other, blas, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(kernels, "POINTWISE_MAX_INPUTS", 19)
