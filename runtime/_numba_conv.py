@@ -37,6 +37,9 @@ from ._simd import LANES, PACK, pointwise_tile, transpose8x8
 _U = np.uint64
 #: Bytes of the input's columns that ``pointwise`` works through at a time (they stay in L2).
 _POINTWISE_BLOCK = 512 << 10
+#: Input channels a ``pointwise`` tile sums before it stores (the next chunk sums onto the stored
+#: values): the chunk's rows of a block of the input stay in L1 and its pages in the TLB.
+_POINTWISE_DEPTH = 64
 _PARTS = 16      # tasks of a parallel kernel (a constant: numba.get_num_threads() is not cachable)
 # Depthwise multiply-adds may be fused (FMA), and the 3x3 rows sum per kernel row: results differ
 # from the numpy twin's (one tap at a time, each product rounded) in the last bits only; NaN and inf
@@ -705,11 +708,17 @@ def pack_pointwise(w):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, t, p0, p1):  # pragma: no cover - compiled
-    """Output channels ``t * PACK`` on, positions ``p0..p1`` (whole tiles of LANES)."""
+    """Output channels ``t * PACK`` on, positions ``p0..p1`` (whole tiles of LANES), input channels
+    ``_POINTWISE_DEPTH`` at a time (the tiles summing onto the previous chunks' sums), the epilogue
+    ``flags`` with the last chunk."""
     c0 = t * PACK
     rows = min(PACK, m - c0)
-    for p in range(p0, p1, LANES):
-        pointwise_tile(wf, c0 * k, xf, p, n, k, of, c0 * n + p, n, rows, bias, c0, rf, lo, hi, flags)
+    for k0 in range(0, k, _POINTWISE_DEPTH):
+        depth = min(_POINTWISE_DEPTH, k - k0)
+        chunk = (8 if k0 else 0) | (flags if k0 + depth == k else 0)
+        for p in range(p0, p1, LANES):
+            pointwise_tile(wf, c0 * k + k0 * PACK, xf, k0 * n + p, n, depth, of, c0 * n + p, n, rows, bias, c0,
+                           rf, lo, hi, chunk)
 
 
 @njit(inline="always")
@@ -720,7 +729,11 @@ def _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, t):  # pragma:
     rows = min(PACK, m - c0)
     full = n - n % LANES
     scratch = np.empty(PACK * LANES, np.float32)
-    pointwise_tile(wf, c0 * k, xt, 0, LANES, k, scratch, 0, LANES, rows, bias, c0, scratch, lo, hi, flags & 1)
+    for k0 in range(0, k, _POINTWISE_DEPTH):
+        depth = min(_POINTWISE_DEPTH, k - k0)
+        chunk = (8 if k0 else 0) | (flags & 1 if k0 + depth == k else 0)
+        pointwise_tile(wf, c0 * k + k0 * PACK, xt, k0 * LANES, LANES, depth, scratch, 0, LANES, rows, bias, c0,
+                       scratch, lo, hi, chunk)
     for i in range(rows):
         at = (c0 + i) * n + full
         for j in range(n - full):

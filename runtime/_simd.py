@@ -102,8 +102,9 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
     """``out[o0 + i * ldo + j] = clamp(sum_c wp[w0 + c * PACK + i] * x[x0 + c * ldx + j] + bias[b0 + i]
     + res[o0 + i * ldo + j])`` for ``i < rows`` (<= PACK) and ``j < LANES``, over ``c < k``. ``flags``:
     1 adds the bias, 2 the residual ``res`` (laid out as ``out``), 4 clamps to [lo, hi] (NaN stays NaN,
-    as ``np.clip``). All arrays 1-D C-contiguous float32; offsets are not bounds-checked. The products
-    are fused multiply-adds where the target has them (``llvm.fmuladd``)."""
+    as ``np.clip``), 8 sums onto ``out``'s values instead of zeros. All arrays 1-D C-contiguous float32;
+    offsets are not bounds-checked. The products are fused multiply-adds where the target has them
+    (``llvm.fmuladd``)."""
     if not all(_float32_vector(a) for a in (wp, x, out, bias, res)):
         return None
     i = types.intp
@@ -117,6 +118,11 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3),
                                              f"llvm.fmuladd.v{LANES}f32")
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_F16, None)) for _ in range(PACK)]
+        with builder.if_then(builder.icmp_signed("!=", builder.and_(flags_v, const(8)), const(0))):
+            for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
+                with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
+                    at = builder.add(o0_v, builder.mul(const(r), ldo_v))
+                    builder.store(_load(builder, _at(builder, od, at, _F16), _F16), accs[r])
         with cgutils.for_range(builder, k_v) as loop:
             c = loop.index
             xv = _load(builder, _at(builder, xd, builder.add(x0_v, builder.mul(c, ldx_v)), _F16), _F16)

@@ -68,13 +68,14 @@ WARM_COLUMNS = 256
 #: (160 -> 960: 1.30 against 1.38 ms).
 SAMPLE_POSITIONS = 128
 
-#: A pointwise convolution of one sample by a constant float32 weight with at most this many input
-#: channels runs numba's ``pointwise`` kernel where the CPU has 32 512-bit vector registers
+#: A convolution of one sample by a constant float32 weight whose product has at most this many input
+#: rows (a pointwise one's input channels; channels x taps for an im2col product: MobileNetV2's stem,
+#: 27) runs numba's ``pointwise`` kernel where the CPU has 32 512-bit vector registers
 #: (``numba_kernels.wide_vectors``), else BLAS. One core, hot, against OpenBLAS's product + the
-#: bias/clamp pass (Emerald Rapids): MobileNetV2's 16 -> 96 on 112x112 0.51x, 24 -> 144 on 56x56
-#: 0.65x, 160 -> 960 on 7x7 0.64x, 64 -> 384 on 14x14 0.70x, 320 -> 1280 on 7x7 0.89x; from 384
-#: inputs 0.93-1.22x (576 -> 96 on 14x14 1.03-1.17x, 512 -> 128 on 28x28 1.22x): BLAS's blocking of the
-#: inner dimension wins there.
+#: bias/clamp pass (Emerald Rapids): MobileNetV2's 16 -> 96 on 112x112 0.44-0.67x, 24 -> 144 on 56x56
+#: 0.65x, 160 -> 960 on 7x7 0.64-0.78x, 64 -> 384 on 14x14 0.70x, 320 -> 1280 on 7x7 0.87-0.92x, the
+#: stem's 27 rows on 112x112 0.53-0.79x; from 384 inputs 0.9-1.1x (576 -> 96 on 14x14 0.93-1.04x,
+#: 512 -> 128 on 28x28 0.97-1.04x, 1024 -> 256 on 14x14 0.90-1.10x): no gain to take there.
 POINTWISE_MAX_INPUTS = 320
 
 
@@ -451,6 +452,7 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
         kh, kw = shape.kernel
         whole = None if isinstance(w, np.ndarray) else array    # None: as it is (lmatmul tiles it)
 
+
         def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
             if pointwise:
                 cols = x.reshape(rows, positions)
@@ -460,6 +462,9 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                        cols.reshape(rows, 1, positions))
             y = np.empty(out_shape, np.float32)
             y3 = y.reshape(1, cout, positions)
+            if _tiles(k, w, x, rows):
+                _tiled_product(k, w, cols, bias, res, clamp, y3[0])
+                return y
             lmatmul((w if whole is None else whole(w)).reshape(cout, rows), cols, out=y3[0])
             res3 = None if res is None else np.ascontiguousarray(res).reshape(y3.shape)
             if k is None:
@@ -468,33 +473,29 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                 launch(k, "bias_clamp", y3.size, y3, b0 if bias is None else bias,
                        _NO_RESIDUAL if res3 is None else res3, lo, hi, clamped)
             return y
-        if (pointwise and k is not None and rows <= POINTWISE_MAX_INPUTS and isinstance(w, np.ndarray)
-                and wide_vectors()):
-            return _pointwise_runner(k, out_shape, rows, positions, clamp, product)
         return product
     return general
 
 
-def _pointwise_runner(k, out_shape: Tuple[int, ...], rows: int, positions: int,
-                      clamp: "Tuple[float, float] | None", product: ConvRunner) -> ConvRunner:
-    """A pointwise convolution of one sample by a constant weight: numba's ``pointwise`` kernel, from
-    the weight packed once (``derived``), the epilogue in its register tiles (see POINTWISE_MAX_INPUTS);
-    a writable weight (one fed as an input may change between runs) takes ``product``."""
-    _, lo, hi = _epilogue(None, clamp)
-    cout, work = out_shape[1], out_shape[1] * rows * positions
+def _tiles(k, w: Weight, x: np.ndarray, rows: int) -> bool:
+    """Whether a product of one sample with ``rows`` input rows runs numba's register tiles (see
+    POINTWISE_MAX_INPUTS): float32, and a constant array weight (a writable one, fed as an input, may
+    change between runs; its packed form is kept)."""
+    return (k is not None and rows <= POINTWISE_MAX_INPUTS and isinstance(w, np.ndarray) and not w.flags.writeable
+            and w.dtype == np.float32 and x.dtype == np.float32 and wide_vectors())
 
-    def pointwise(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
-        if w.flags.writeable:
-            return product(x, w, bias, res)
-        packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
-        y = np.empty(out_shape, np.float32)
-        flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
-        launch(k, "pointwise", work, packed, np.ascontiguousarray(x).reshape(rows, positions),
-               _NO_BIAS if bias is None else bias,
-               _NO_RESIDUAL2 if res is None else np.ascontiguousarray(res).reshape(cout, positions), lo, hi, flags,
-               y.reshape(cout, positions))
-        return y
-    return pointwise
+
+def _tiled_product(k, w: np.ndarray, cols: np.ndarray, bias: "np.ndarray | None", res: "np.ndarray | None",
+                   clamp: "Tuple[float, float] | None", out: np.ndarray) -> None:
+    """``out [M, P] = clamp(w @ cols + bias + res)`` by numba's ``pointwise`` kernel, from the constant
+    weight ``w`` packed once (``derived``: kept while it lives), the epilogue in its register tiles."""
+    cout, rows = out.shape[0], cols.shape[0]
+    packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
+    b, lo, hi = _epilogue(bias, clamp)
+    flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
+    launch(k, "pointwise", out.size * rows, packed, np.ascontiguousarray(cols), b,
+           _NO_RESIDUAL2 if res is None else np.ascontiguousarray(res, np.float32).reshape(out.shape), lo, hi, flags,
+           out)
 
 
 def _as_array(w: Weight) -> "Callable[[Weight], np.ndarray] | None":
@@ -527,6 +528,9 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype, res=None
         # pointwise: x itself is the im2col matrix of each sample (one sample as a 2-D product, so
         # that a map of a few positions can take an index weight's compiled dot products)
         xs, ys = (x.reshape(cin, -1), y3[0]) if batch == 1 else (x.reshape(batch, cin, -1), y3)
+        if batch == 1 and _tiles(k, w, x, cin):
+            _tiled_product(k, w, xs, bias, res, clamp, ys)
+            return y
         lmatmul(w.reshape(cout, -1), xs, out=ys)
         _bias_clamp(k, y3, bias, clamp, res)
         return y
@@ -554,6 +558,9 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype, res=None
         else:
             target[...] = multiply(weight, cols, None).reshape(b - a, n1 - n0, -1).transpose(1, 0, 2)
 
+    if batch == 1 and group == 1 and len(blocks) == 1 and _tiles(k, w, x, cin * kprod):
+        _tiled_product(k, w, cols_of(0, *blocks[0]), bias, res, clamp, y3[0])
+        return y
     for g in range(group):
         wg = (w if group == 1 else w[g * cout:(g + 1) * cout]).reshape(cout, -1)
         yg = y3 if group == 1 else y3[:, g * cout:(g + 1) * cout]
