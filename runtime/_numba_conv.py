@@ -7,10 +7,10 @@
   for the padding, straight from the unpadded input (no padded copy, no strided numpy copy); with
   unit strides and rows as wide as the input's, each tap's block is one flat copy of the plane; small
   blocks are gathered through a table of tap offsets.
-- ``pointwise``: a 1x1 convolution of one sample from weights packed by ``pack_pointwise``, in
-  register tiles of 12 output channels by 16 positions (``_simd.pointwise_tile``), the bias, a
-  residual and the clamp applied before each tile is stored (numpy twin: the product and
-  ``_bias_clamp_numpy``).
+- ``pointwise``: the product of a weight packed by ``pack_pointwise`` with one sample's 1x1
+  convolution input or im2col matrix, in register tiles of 12 output channels by 16 positions
+  (``_simd.pointwise_tile``), the bias, a residual and the clamp applied before each tile is stored
+  (numpy twin: the product and ``_bias_clamp_numpy``).
 - ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output; ``add_clamp``
   the same for a residual Add and its Relu.
 - ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
@@ -777,10 +777,11 @@ def _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job):  # pra
 
 @njit(cache=True, nogil=True)
 def pointwise(packed, x, bias, res, lo, hi, flags, out):  # pragma: no cover - compiled
-    """``out [M, P]`` = the 1x1 convolution of ``x [K, P]`` (one sample) by the weight packed as
-    ``pack_pointwise`` gives it, then with ``flags`` 1 the bias added, 2 the residual ``res [M, P]``,
-    4 clamped to [lo, hi] (``_simd.pointwise_tile``). Positions go in blocks whose columns of ``x``
-    stay in L2 while every tile of output channels reads them."""
+    """``out [M, P]`` = ``W @ x`` for ``x [K, P]`` (one sample's 1x1 convolution input or im2col
+    matrix) and the weight ``W [M, K]`` packed as ``pack_pointwise`` gives it, then with ``flags`` 1
+    the bias added, 2 the residual ``res [M, P]``, 4 clamped to [lo, hi] (``_simd.pointwise_tile``).
+    Positions go in blocks whose columns of ``x`` stay in L2 while every tile of output channels reads
+    them; each tile sums ``_POINTWISE_DEPTH`` input channels at a time."""
     views = _pointwise_setup(packed, x, res, out)
     for job in range(views[-1]):
         _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job)

@@ -452,7 +452,6 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
         kh, kw = shape.kernel
         whole = None if isinstance(w, np.ndarray) else array    # None: as it is (lmatmul tiles it)
 
-
         def product(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
             if pointwise:
                 cols = x.reshape(rows, positions)

@@ -47,6 +47,7 @@ _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
+
 def usable(x: np.ndarray, w: Any, strides, dilations, group: int) -> bool:
     """Whether ``conv`` can take the Winograd form for these operands (before the map size check):
     a constant float32 array weight, or an index-mode weight (expanded a tile at a time)."""

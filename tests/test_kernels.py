@@ -798,9 +798,10 @@ def test_pointwise_kernel(cout, cin, positions, form):
 def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     """A pointwise convolution of one sample by a read-only weight (and an im2col product of few rows)
     runs the ``pointwise`` kernel where ``wide_vectors`` holds (its packed weight kept while the weight
-    lives) and gives what BLAS and the numpy twins give, bias, residual and clamp included; a writable weight, more input channels than
-    POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product (a writable one also through a runner
-    prepared for a constant: a weight fed as an input may change between runs)."""
+    lives) and gives what BLAS and the numpy twins give, bias, residual and clamp included; a writable
+    weight, more input channels than POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product (a
+    writable one also through a runner prepared for a constant: a weight fed as an input may change
+    between runs)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take compiled kernels")
     x, d, b, res = rand(1, 20, 7, 9), rand(26, 20, 1, 1), rand(26), rand(1, 26, 7, 9)

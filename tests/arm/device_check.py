@@ -13,7 +13,8 @@ pointer size, numpy version) and checks, for every model:
   onnxruntime's output on the original model (rtol 1e-3);
 - a copy with one payload byte flipped is reported as damaged, naming a tensor;
 
-and that the codecs round-trip random symbols (every chain) on this machine. Exits 1 on any
+and that the codecs round-trip random symbols (every chain) and, with numba, the pointwise register
+tile agrees with numpy on this machine. Exits 1 on any
 failure; the last line is ``RESULT <machine>: <passed>/<total> checks passed``.
 """
 from __future__ import annotations
@@ -145,6 +146,24 @@ def check_codecs(c: Checks) -> None:
         c.check(f"codec {chain} round-trips on this machine", round_trip)
 
 
+def check_register_tiles(c: Checks) -> None:
+    """numba's pointwise register tile (an LLVM IR intrinsic, ``runtime/_simd.py``) compiles and agrees
+    with numpy on this machine: the model runs take it only where AVX-512 is (``wide_vectors``)."""
+    from dcrt.runtime.numba_kernels import kernels
+    k = kernels()
+    if k is None:
+        return
+
+    def agrees():
+        rng = np.random.default_rng(1)
+        w, x = rng.standard_normal((14, 150), np.float32), rng.standard_normal((150, 37), np.float32)
+        b, res = rng.standard_normal(14, np.float32), rng.standard_normal((14, 37), np.float32)
+        out = np.empty((14, 37), np.float32)
+        k.pointwise(k.pack_pointwise(w), x, b, res, np.float32(-1.0), np.float32(2.0), 7, out)
+        close(out, np.clip(w @ x + b[:, None] + res, -1.0, 2.0).astype(np.float32), 1e-5, "pointwise")
+    c.check("pointwise register tiles agree with numpy on this machine", agrees)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--numba", choices=("yes", "no", "any"), default="any")
@@ -164,6 +183,7 @@ def main(argv=None) -> int:
             assert (kernels is not None) == (a.numba == "yes"), f"numba kernels in use: {kernels is not None}"
         c.check(f"numba {'used' if a.numba == 'yes' else 'not used'}", numba_state)
     check_codecs(c)
+    check_register_tiles(c)
     with open(os.path.join(a.models, "manifest.json")) as f:
         manifest = json.load(f)
     for name, info in manifest.items():
