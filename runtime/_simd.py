@@ -13,7 +13,8 @@ summed over every input channel in twelve 16-lane accumulators (a 16-lane vector
 with AVX-512, a pair of ymm ones or four NEON ones elsewhere), one load of the input row and twelve
 broadcast weights a step, from weights packed so that those twelve are adjacent (``PACK``). LLVM
 keeps a loop's accumulators in memory when it vectorises the loop itself; here they stay in
-registers, and the bias, residual and clamp are applied before the one store. Its test is
+registers, and the bias, residual and clamp are applied before the one store; ``pointwise_tile4``
+is the same for 4 positions (a map's last few). Their test is
 ``tests/test_kernels.py::test_pointwise_kernel``.
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ from numba.extending import intrinsic
 
 _F8 = ir.VectorType(ir.FloatType(), 8)
 _MASK = ir.VectorType(ir.IntType(32), 8)
-#: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions.
+#: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions
+#: (``pointwise_tile4``: 4 positions, for the last few of a map).
 PACK = 12
 LANES = 16
 _F32 = ir.FloatType()
-_F16 = ir.VectorType(_F32, LANES)
 
 
 def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
@@ -44,11 +45,12 @@ def _load(builder: ir.IRBuilder, ptr: ir.Value, typ: ir.Type = _F8) -> ir.Value:
         return builder.load(ptr, align=4)
 
 
-def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    """``value`` (a float) in every lane of a 16-lane vector."""
-    undef = ir.Constant(_F16, ir.Undefined)
+def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
+    """``value`` (a float) in every lane of a ``vector``."""
+    undef = ir.Constant(vector, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+    lanes = vector.count
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
 def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, mask: list) -> ir.Value:
@@ -97,6 +99,56 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
     return sig, codegen
 
 
+def _tile_typing(lanes: int, wp, x, out, bias, res):
+    """The typing and code of ``pointwise_tile`` for tiles of ``lanes`` positions (None: not these types)."""
+    vec = ir.VectorType(_F32, lanes)
+    if not all(_float32_vector(a) for a in (wp, x, out, bias, res)):
+        return None
+    i = types.intp
+    sig = types.void(wp, i, x, i, i, i, out, i, i, i, bias, i, res, types.float32, types.float32, i)
+
+    def codegen(context, builder, signature, args):
+        wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v, r_v, lo_v, hi_v, flags_v = args
+        wd, xd, od, bd, rd = [context.make_array(signature.args[n])(context, builder, args[n]).data
+                              for n in (0, 2, 6, 10, 12)]
+        const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
+        has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4, 8)]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                             f"llvm.fmuladd.v{lanes}f32")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(PACK)]
+        with builder.if_then(has[3]):
+            for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
+                with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
+                    at = builder.add(o0_v, builder.mul(const(r), ldo_v))
+                    builder.store(_load(builder, _at(builder, od, at, vec), vec), accs[r])
+        with cgutils.for_range(builder, k_v) as loop:
+            c = loop.index
+            xv = _load(builder, _at(builder, xd, builder.add(x0_v, builder.mul(c, ldx_v)), vec), vec)
+            wrow = builder.add(w0_v, builder.mul(c, const(PACK)))
+            for r in range(PACK):
+                w = _load(builder, builder.gep(wd, [builder.add(wrow, const(r))]), _F32)
+                builder.store(builder.call(fma, [_splat(builder, w, vec), xv, builder.load(accs[r])]), accs[r])
+        lo_s, hi_s = _splat(builder, lo_v, vec), _splat(builder, hi_v, vec)
+        for r in range(PACK):
+            with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
+                at = builder.add(o0_v, builder.mul(const(r), ldo_v))
+                acc = cgutils.alloca_once_value(builder, builder.load(accs[r]))
+                with builder.if_then(has[0]):
+                    b = _load(builder, builder.gep(bd, [builder.add(b0_v, const(r))]), _F32)
+                    builder.store(builder.fadd(builder.load(acc), _splat(builder, b, vec)), acc)
+                with builder.if_then(has[1]):
+                    r_vec = _load(builder, _at(builder, rd, at, vec), vec)
+                    builder.store(builder.fadd(builder.load(acc), r_vec), acc)
+                with builder.if_then(has[2]):
+                    v = builder.load(acc)
+                    v = builder.select(builder.fcmp_ordered("<", v, lo_s), lo_s, v)
+                    builder.store(builder.select(builder.fcmp_ordered(">", v, hi_s), hi_s, v), acc)
+                builder.store(builder.load(acc), _at(builder, od, at, vec), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
     """``out[o0 + i * ldo + j] = clamp(sum_c wp[w0 + c * PACK + i] * x[x0 + c * ldx + j] + bias[b0 + i]
@@ -105,48 +157,10 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
     as ``np.clip``), 8 sums onto ``out``'s values instead of zeros. All arrays 1-D C-contiguous float32;
     offsets are not bounds-checked. The products are fused multiply-adds where the target has them
     (``llvm.fmuladd``)."""
-    if not all(_float32_vector(a) for a in (wp, x, out, bias, res)):
-        return None
-    i = types.intp
-    sig = types.void(wp, i, x, i, i, i, out, i, i, i, bias, i, res, types.float32, types.float32, i)
+    return _tile_typing(LANES, wp, x, out, bias, res)
 
-    def codegen(context, builder, signature, args):
-        wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v, r_v, lo_v, hi_v, flags_v = args
-        data = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 2, 6, 10, 12)]
-        wd, xd, od, bd, rd = data
-        const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3),
-                                             f"llvm.fmuladd.v{LANES}f32")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_F16, None)) for _ in range(PACK)]
-        with builder.if_then(builder.icmp_signed("!=", builder.and_(flags_v, const(8)), const(0))):
-            for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
-                with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
-                    at = builder.add(o0_v, builder.mul(const(r), ldo_v))
-                    builder.store(_load(builder, _at(builder, od, at, _F16), _F16), accs[r])
-        with cgutils.for_range(builder, k_v) as loop:
-            c = loop.index
-            xv = _load(builder, _at(builder, xd, builder.add(x0_v, builder.mul(c, ldx_v)), _F16), _F16)
-            wrow = builder.add(w0_v, builder.mul(c, const(PACK)))
-            for r in range(PACK):
-                w = _load(builder, builder.gep(wd, [builder.add(wrow, const(r))]), _F32)
-                builder.store(builder.call(fma, [_splat(builder, w), xv, builder.load(accs[r])]), accs[r])
-        has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4)]
-        lo_s, hi_s = _splat(builder, lo_v), _splat(builder, hi_v)
-        for r in range(PACK):
-            with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
-                at = builder.add(o0_v, builder.mul(const(r), ldo_v))
-                acc = cgutils.alloca_once_value(builder, builder.load(accs[r]))
-                with builder.if_then(has[0]):
-                    b = _load(builder, builder.gep(bd, [builder.add(b0_v, const(r))]), _F32)
-                    builder.store(builder.fadd(builder.load(acc), _splat(builder, b)), acc)
-                with builder.if_then(has[1]):
-                    r_vec = _load(builder, _at(builder, rd, at, _F16), _F16)
-                    builder.store(builder.fadd(builder.load(acc), r_vec), acc)
-                with builder.if_then(has[2]):
-                    v = builder.load(acc)
-                    v = builder.select(builder.fcmp_ordered("<", v, lo_s), lo_s, v)
-                    builder.store(builder.select(builder.fcmp_ordered(">", v, hi_s), hi_s, v), acc)
-                builder.store(builder.load(acc), _at(builder, od, at, _F16), align=4)
-        return context.get_dummy_value()
 
-    return sig, codegen
+@intrinsic
+def pointwise_tile4(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
+    """``pointwise_tile`` for 4 positions (``j < 4``): the last few positions of a map (7x7: 3 x 16 + 1)."""
+    return _tile_typing(4, wp, x, out, bias, res)
