@@ -707,31 +707,37 @@ def pack_pointwise(w):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def _chunk(k0, k, epilogue):  # pragma: no cover - compiled
+    """``(depth, flags)`` of the input channels from ``k0``: ``_POINTWISE_DEPTH`` of them (fewer at the
+    end), summed onto the previous chunks' stored sums (flag 8) from the second on, ``epilogue`` with
+    the last."""
+    depth = min(_POINTWISE_DEPTH, k - k0)
+    return depth, (8 if k0 else 0) | (epilogue if k0 + depth == k else 0)
+
+
+@njit(inline="always")
 def _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, t, p0, p1):  # pragma: no cover - compiled
-    """Output channels ``t * PACK`` on, positions ``p0..p1`` (whole tiles of LANES), input channels
-    ``_POINTWISE_DEPTH`` at a time (the tiles summing onto the previous chunks' sums), the epilogue
-    ``flags`` with the last chunk."""
+    """Output channels ``t * PACK`` on, positions ``p0..p1`` (whole tiles of LANES), input channels a
+    chunk at a time (``_chunk``)."""
     c0 = t * PACK
     rows = min(PACK, m - c0)
     for k0 in range(0, k, _POINTWISE_DEPTH):
-        depth = min(_POINTWISE_DEPTH, k - k0)
-        chunk = (8 if k0 else 0) | (flags if k0 + depth == k else 0)
+        depth, chunk = _chunk(k0, k, flags)
         for p in range(p0, p1, LANES):
             pointwise_tile(wf, c0 * k + k0 * PACK, xf, k0 * n + p, n, depth, of, c0 * n + p, n, rows, bias, c0,
                            rf, lo, hi, chunk)
 
 
 @njit(inline="always")
-def _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, t):  # pragma: no cover - compiled
-    """Output channels ``t * PACK`` on, the last ``n % LANES`` positions: from ``xt`` (those columns of
-    ``x``, zero-padded to LANES) into a scratch tile, 4 positions at a time, then finished and copied."""
+def _pointwise_tail(wf, xt, k, n, full, m, bias, rf, lo, hi, flags, of, t):  # pragma: no cover - compiled
+    """Output channels ``t * PACK`` on, the positions from ``full`` (fewer than LANES): from ``xt``
+    (those columns of ``x``, zero-padded to LANES) into a scratch tile, 4 positions at a time, then
+    finished and copied."""
     c0 = t * PACK
     rows = min(PACK, m - c0)
-    full = n - n % LANES
     scratch = np.empty(PACK * LANES, np.float32)
     for k0 in range(0, k, _POINTWISE_DEPTH):
-        depth = min(_POINTWISE_DEPTH, k - k0)
-        chunk = (8 if k0 else 0) | (flags & 1 if k0 + depth == k else 0)
+        depth, chunk = _chunk(k0, k, flags & 1)
         for s in range(0, n - full, 4):     # tiles of 4 positions: a 7x7 map's last one costs 1/4 of a 16
             pointwise_tile4(wf, c0 * k + k0 * PACK, xt, k0 * LANES + s, LANES, depth, scratch, s, LANES, rows, bias,
                             c0, scratch, lo, hi, chunk)
@@ -747,7 +753,8 @@ def _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, t):  # pragma:
 @njit(inline="always")
 def _pointwise_setup(packed, x, res, out):  # pragma: no cover - compiled
     """Flat views, the tail columns of ``x`` zero-padded to LANES (``[K * LANES]``, empty when the
-    positions are whole tiles), the positions of a block and the number of jobs (see ``pointwise``)."""
+    positions are whole tiles), the positions of a block, the positions in whole tiles, the jobs over
+    them and all the jobs (see ``pointwise``)."""
     k, n = x.shape
     full = n - n % LANES
     xt = np.zeros(k * LANES if full < n else 0, np.float32)
@@ -756,24 +763,23 @@ def _pointwise_setup(packed, x, res, out):  # pragma: no cover - compiled
             xt[c * LANES + j] = x[c, full + j]
     block = max(LANES, _POINTWISE_BLOCK // (4 * k) // LANES * LANES)
     tiles = packed.shape[0]
-    jobs = (full + block - 1) // block * tiles + (tiles if full < n else 0)
-    return packed.reshape(packed.size), x.reshape(x.size), res.reshape(res.size), out.reshape(out.size), xt, block, jobs
+    whole = (full + block - 1) // block * tiles
+    flat = packed.reshape(packed.size), x.reshape(x.size), res.reshape(res.size), out.reshape(out.size)
+    return flat + (xt, block, full, whole, whole + (tiles if full < n else 0))
 
 
 @njit(inline="always")
 def _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job):  # pragma: no cover - compiled
     """Job ``job`` of ``pointwise``: a block of positions for a tile of output channels, blocks first
     (so one thread's jobs read a block's input columns while they are in L2), then the tail tiles."""
-    wf, xf, rf, of, xt, block, _ = views
+    wf, xf, rf, of, xt, block, full, whole, _ = views
     k, n = x.shape
     m, tiles = out.shape[0], packed.shape[0]
-    full = n - n % LANES
-    whole = (full + block - 1) // block * tiles
     if job < whole:
         p0 = job // tiles * block
         _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, job % tiles, p0, min(p0 + block, full))
     else:
-        _pointwise_tail(wf, xt, k, n, m, bias, rf, lo, hi, flags, of, job - whole)
+        _pointwise_tail(wf, xt, k, n, full, m, bias, rf, lo, hi, flags, of, job - whole)
 
 
 @njit(cache=True, nogil=True)

@@ -24,13 +24,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_F8 = ir.VectorType(ir.FloatType(), 8)
+_F32 = ir.FloatType()
+_F8 = ir.VectorType(_F32, 8)
 _MASK = ir.VectorType(ir.IntType(32), 8)
 #: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions
 #: (``pointwise_tile4``: 4 positions, for the last few of a map).
 PACK = 12
 LANES = 16
-_F32 = ir.FloatType()
 
 
 def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
