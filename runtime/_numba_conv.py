@@ -11,6 +11,9 @@
   convolution input or im2col matrix, in register tiles of 12 output channels by 16 positions
   (``_simd.pointwise_tile``), the bias, a residual and the clamp applied before each tile is stored
   (numpy twin: the product and ``_bias_clamp_numpy``).
+- ``conv_tiles``: a convolution of one sample by the same packed weight and tiles, each tile reading
+  its taps from the input in place (its columns split by the stride) instead of an im2col matrix
+  (``_simd.conv_tile``; numpy twin: the im2col product).
 - ``bias_clamp``: adds the bias and clamps, in place, in one pass over the output; ``add_clamp``
   the same for a residual Add and its Relu.
 - ``winograd_input``, ``winograd_output``, ``winograd_weights``: the three transforms of a 3x3
@@ -32,7 +35,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import njit
-from ._simd import LANES, PACK, pointwise_tile, pointwise_tile4, transpose8x8
+from ._simd import COLUMNS, LANES, PACK, conv_tile, pointwise_column, pointwise_tile, transpose8x8
 
 _U = np.uint64
 #: Bytes of the input's columns that ``pointwise`` works through at a time (they stay in L2).
@@ -731,16 +734,14 @@ def _pointwise_rows(wf, xf, k, n, m, bias, rf, lo, hi, flags, of, t, p0, p1):  #
 @njit(inline="always")
 def _pointwise_tail(wf, xt, k, n, full, m, bias, rf, lo, hi, flags, of, t):  # pragma: no cover - compiled
     """Output channels ``t * PACK`` on, the positions from ``full`` (fewer than LANES): from ``xt``
-    (those columns of ``x``, zero-padded to LANES) into a scratch tile, 4 positions at a time, then
-    finished and copied."""
+    (those columns of ``x``, zero-padded to LANES) into a scratch tile, COLUMNS positions at a time
+    (``pointwise_column``; ``xt`` is compact, so all input channels in one pass), then finished and
+    copied."""
     c0 = t * PACK
     rows = min(PACK, m - c0)
     scratch = np.empty(PACK * LANES, np.float32)
-    for k0 in range(0, k, _POINTWISE_DEPTH):
-        depth, chunk = _chunk(k0, k, flags & 1)
-        for s in range(0, n - full, 4):     # tiles of 4 positions: a 7x7 map's last one costs 1/4 of a 16
-            pointwise_tile4(wf, c0 * k + k0 * PACK, xt, k0 * LANES + s, LANES, depth, scratch, s, LANES, rows, bias,
-                            c0, scratch, lo, hi, chunk)
+    for s in range(0, n - full, COLUMNS):
+        pointwise_column(wf, c0 * k, xt, s, LANES, k, scratch, s, LANES, rows, bias if flags & 1 else bias[:0], c0)
     for i in range(rows):
         at = (c0 + i) * n + full
         for j in range(n - full):
@@ -799,6 +800,98 @@ def pointwise_par(packed, x, bias, res, lo, hi, flags, out):  # pragma: no cover
     views = _pointwise_setup(packed, x, res, out)
     for job in prange(views[-1]):
         _pointwise_job(packed, x, bias, res, lo, hi, flags, out, views, job)
+
+
+# -- convolution of one sample in register tiles, the input read in place -----------------------------
+
+@njit(inline="always")
+def _conv_tiles_setup(x, geometry, kh, kw, out):  # pragma: no cover - compiled
+    """``(xs, offs, span, tiles_w)``: sample 0's columns split by the column stride into ``sw`` planes
+    per channel (``xs``: plane ``(c, p)`` holds the padded input's columns ``p, p + sw, ...`` of the
+    rows the output reads, ``span`` of them, zeros for the padding), ``offs`` where the row of tap
+    ``(c, i, j)`` (a row of the im2col matrix, in its order) starts for output position (0, 0),
+    and the tiles of LANES positions a row of the output takes. Output position ``(oh, ow)`` of a
+    tap is then ``xs[oh * sh * span + ow + offs[tap]]``: LANES adjacent outputs read LANES adjacent
+    values whatever the strides and dilations."""
+    sh, sw, dh, dw, pt, pl = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    cin, height, width = x.shape[1], x.shape[2], x.shape[3]
+    oh_count, ow_count = out.shape[2], out.shape[3]
+    tiles_w = (ow_count + LANES - 1) // LANES
+    rows = (oh_count - 1) * sh + (kh - 1) * dh + 1
+    span = tiles_w * LANES + (kw - 1) * dw // sw
+    plane = rows * span
+    xf = x.reshape(x.size)
+    xs = np.zeros(cin * sw * plane, np.float32)
+    for c in range(cin):
+        for r in range(max(0, pt), min(rows, height + pt)):
+            src = (c * height + r - pt) * width
+            for p in range(sw):
+                dst = (c * sw + p) * plane + r * span
+                u0 = max(0, (pl - p + sw - 1) // sw)           # the first column inside the input
+                u1 = min(span, (width + pl - p + sw - 1) // sw)
+                for u in range(u0, u1):
+                    xs[_U(dst + u)] = xf[_U(src + u * sw + p - pl)]
+    offs = np.empty(cin * kh * kw, np.int64)
+    for c in range(cin):
+        for i in range(kh):
+            for j in range(kw):
+                offs[(c * kh + i) * kw + j] = (c * sw + j * dw % sw) * plane + i * dh * span + j * dw // sw
+    return xs, offs, span, tiles_w
+
+
+@njit(inline="always")
+def _conv_tiles_job(wf, xs, offs, span, tiles_w, sh, bias, rf, lo, hi, flags, of, m, oh_count, ow_count,
+                    job):  # pragma: no cover - compiled
+    """Output row ``job // tiles`` for the tile ``job % tiles`` of PACK output channels: whole tiles
+    of positions straight into ``of``, a row's last partial one through a scratch tile."""
+    tiles = (m + PACK - 1) // PACK
+    oh, t = job // tiles, job % tiles
+    c0 = t * PACK
+    rows = min(PACK, m - c0)
+    k = offs.size
+    plane_out = oh_count * ow_count
+    for tw in range(tiles_w):
+        ow0 = tw * LANES
+        x0 = oh * sh * span + ow0
+        o0 = c0 * plane_out + oh * ow_count + ow0
+        if ow0 + LANES <= ow_count:
+            conv_tile(wf, c0 * k, xs, x0, offs, k, of, o0, plane_out, rows, bias, c0, rf, lo, hi, flags)
+            continue
+        scratch = np.empty(PACK * LANES, np.float32)
+        conv_tile(wf, c0 * k, xs, x0, offs, k, scratch, 0, LANES, rows, bias, c0, scratch, lo, hi, flags & 1)
+        for i in range(rows):
+            at = o0 + i * plane_out
+            for j in range(ow_count - ow0):
+                v = scratch[i * LANES + j]
+                if flags & 2:
+                    v += rf[at + j]
+                of[at + j] = _clamped(v, lo, hi, flags & 4 != 0)
+
+
+@njit(cache=True, nogil=True)
+def conv_tiles(packed, x, bias, res, geometry, kh, kw, lo, hi, flags, out):  # pragma: no cover - compiled
+    """``out [1, M, OH, OW]``: the convolution of one sample ``x [1, C, H, W]`` by the weight packed as
+    ``pack_pointwise`` gives it from ``w [M, C * kh * kw]``, in register tiles (``_simd.conv_tile``)
+    that read the input in place, not an im2col matrix; ``geometry`` = (stride h, stride w, dilation
+    h, dilation w, pad top, pad left); ``flags`` as ``pointwise``'s (1 bias, 2 the residual ``res``:
+    flat, laid out as ``out``, 4 clamp to [lo, hi]). numpy twin: the im2col product."""
+    xs, offs, span, tiles_w = _conv_tiles_setup(x, geometry, kh, kw, out)
+    m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
+    wf, of = packed.reshape(packed.size), out.reshape(out.size)
+    for job in range(oh_count * packed.shape[0]):
+        _conv_tiles_job(wf, xs, offs, span, tiles_w, geometry[0], bias, res, lo, hi, flags, of, m, oh_count,
+                        ow_count, job)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def conv_tiles_par(packed, x, bias, res, geometry, kh, kw, lo, hi, flags, out):  # pragma: no cover - compiled
+    xs, offs, span, tiles_w = _conv_tiles_setup(x, geometry, kh, kw, out)
+    m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
+    wf, of = packed.reshape(packed.size), out.reshape(out.size)
+    jobs = oh_count * packed.shape[0]
+    for job in prange(jobs):
+        _conv_tiles_job(wf, xs, offs, span, tiles_w, geometry[0], bias, res, lo, hi, flags, of, m, oh_count,
+                        ow_count, job)
 
 
 # -- Winograd F(2x2, 3x3) transforms (see runtime/winograd.py) -------------------------------------

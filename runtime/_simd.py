@@ -13,9 +13,13 @@ summed over every input channel in twelve 16-lane accumulators (a 16-lane vector
 with AVX-512, a pair of ymm ones or four NEON ones elsewhere), one load of the input row and twelve
 broadcast weights a step, from weights packed so that those twelve are adjacent (``PACK``). LLVM
 keeps a loop's accumulators in memory when it vectorises the loop itself; here they stay in
-registers, and the bias, residual and clamp are applied before the one store; ``pointwise_tile4``
-is the same for 4 positions (a map's last few). Their test is
-``tests/test_kernels.py::test_pointwise_kernel``.
+registers, and the bias, residual and clamp are applied before the one store. A map's last few
+positions (a 7x7 map is 3 x 16 + 1) take ``pointwise_column``: the twelve output channels are the
+vector's lanes there, so that a step is one load of twelve packed weights, four broadcast inputs
+and four multiply-adds, not the row tile's twelve broadcasts and twelve multiply-adds for one useful
+position. ``conv_tile`` is ``pointwise_tile`` reading input row ``c`` at an offset from a table: a
+convolution's taps read from its input in place (``_numba_conv.conv_tiles``). Their tests are
+``tests/test_kernels.py::test_pointwise_kernel`` and ``test_conv_tiles_read_the_input_in_place``.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ from numba.extending import intrinsic
 _F32 = ir.FloatType()
 _F8 = ir.VectorType(_F32, 8)
 _MASK = ir.VectorType(ir.IntType(32), 8)
-#: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions
-#: (``pointwise_tile4``: 4 positions, for the last few of a map).
+#: Output channels of a ``pointwise_tile`` (weights are packed in groups of PACK rows) and its positions.
 PACK = 12
 LANES = 16
+#: Positions of a ``pointwise_column`` tile.
+COLUMNS = 4
 
 
 def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
@@ -99,22 +104,28 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
     return sig, codegen
 
 
-def _tile_typing(lanes: int, wp, x, out, bias, res):
-    """The typing and code of ``pointwise_tile`` for tiles of ``lanes`` positions (None: not these types)."""
-    vec = ir.VectorType(_F32, lanes)
-    if not all(_float32_vector(a) for a in (wp, x, out, bias, res)):
+def _tile_code(wp, x, rows_of, out, bias, res):
+    """The typing and code of a register tile (None: not these types): ``pointwise_tile`` when
+    ``rows_of`` is an integer (input row ``c`` at ``x0 + c * ldx``), ``conv_tile`` when it is an int64
+    array (row ``c`` at ``x0 + offs[c]``)."""
+    vec = ir.VectorType(_F32, LANES)
+    table = isinstance(rows_of, types.Array)
+    if not all(_float32_vector(a) for a in (wp, x, out, bias, res)) or (
+            table and not (rows_of.dtype == types.int64 and rows_of.ndim == 1 and rows_of.layout == "C")):
         return None
     i = types.intp
-    sig = types.void(wp, i, x, i, i, i, out, i, i, i, bias, i, res, types.float32, types.float32, i)
+    sig = types.void(wp, i, x, i, rows_of if table else i, i, out, i, i, i, bias, i, res, types.float32,
+                     types.float32, i)
 
     def codegen(context, builder, signature, args):
         wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v, r_v, lo_v, hi_v, flags_v = args
         wd, xd, od, bd, rd = [context.make_array(signature.args[n])(context, builder, args[n]).data
                               for n in (0, 2, 6, 10, 12)]
+        td = context.make_array(signature.args[4])(context, builder, ldx_v).data if table else None
         const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
         has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4, 8)]
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                             f"llvm.fmuladd.v{lanes}f32")
+                                             f"llvm.fmuladd.v{LANES}f32")
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(PACK)]
         with builder.if_then(has[3]):
             for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
@@ -123,7 +134,8 @@ def _tile_typing(lanes: int, wp, x, out, bias, res):
                     builder.store(_load(builder, _at(builder, od, at, vec), vec), accs[r])
         with cgutils.for_range(builder, k_v) as loop:
             c = loop.index
-            xv = _load(builder, _at(builder, xd, builder.add(x0_v, builder.mul(c, ldx_v)), vec), vec)
+            row = _load(builder, builder.gep(td, [c]), ir.IntType(64)) if table else builder.mul(c, ldx_v)
+            xv = _load(builder, _at(builder, xd, builder.add(x0_v, row), vec), vec)
             wrow = builder.add(w0_v, builder.mul(c, const(PACK)))
             for r in range(PACK):
                 w = _load(builder, builder.gep(wd, [builder.add(wrow, const(r))]), _F32)
@@ -157,10 +169,63 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
     as ``np.clip``), 8 sums onto ``out``'s values instead of zeros. All arrays 1-D C-contiguous float32;
     offsets are not bounds-checked. The products are fused multiply-adds where the target has them
     (``llvm.fmuladd``)."""
-    return _tile_typing(LANES, wp, x, out, bias, res)
+    return _tile_code(wp, x, ldx, out, bias, res)
 
 
 @intrinsic
-def pointwise_tile4(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
-    """``pointwise_tile`` for 4 positions (``j < 4``): the last few positions of a map (7x7: 3 x 16 + 1)."""
-    return _tile_typing(4, wp, x, out, bias, res)
+def conv_tile(typingctx, wp, w0, x, x0, offs, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
+    """``pointwise_tile`` with input row ``c`` at ``x[x0 + offs[c]]`` (``offs``: 1-D int64): the taps of
+    a convolution read in place, each row ``LANES`` adjacent input values (``_numba_conv.conv_tiles``)."""
+    return _tile_code(wp, x, offs, out, bias, res)
+
+
+@intrinsic
+def pointwise_column(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0):
+    """``out[o0 + i * ldo + j] = sum_c wp[w0 + c * PACK + i] * x[x0 + c * ldx + j] + bias[b0 + i]`` for
+    ``i < rows`` (<= PACK) and ``j < COLUMNS``, over ``c < k``; no bias when ``bias`` is empty. As
+    ``pointwise_tile``, but the lanes of a vector are the PACK output channels and each of the
+    COLUMNS positions has its own accumulators (two: even and odd input channels, so that the chains
+    of multiply-adds overlap)."""
+    if not all(_float32_vector(a) for a in (wp, x, out, bias)):
+        return None
+    i = types.intp
+    sig = types.void(wp, i, x, i, i, i, out, i, i, i, bias, i)
+    vec = ir.VectorType(_F32, PACK)
+
+    def codegen(context, builder, signature, args):
+        wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v = args
+        wd, xd, od, bd = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 2, 6, 10)]
+        const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                             f"llvm.fmuladd.v{PACK}f32")
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(COLUMNS)] for _ in range(2)]
+
+        def step(c, half):
+            wv = _load(builder, _at(builder, wd, builder.add(w0_v, builder.mul(c, const(PACK))), vec), vec)
+            xrow = builder.add(x0_v, builder.mul(c, ldx_v))
+            for j in range(COLUMNS):
+                xs = _load(builder, builder.gep(xd, [builder.add(xrow, const(j))]), _F32)
+                acc = accs[half][j]
+                builder.store(builder.call(fma, [_splat(builder, xs, vec), wv, builder.load(acc)]), acc)
+
+        with cgutils.for_range(builder, builder.sdiv(k_v, const(2))) as loop:
+            c = builder.mul(loop.index, const(2))
+            step(c, 0)
+            step(builder.add(c, const(1)), 1)
+        with builder.if_then(builder.icmp_signed("!=", builder.srem(k_v, const(2)), const(0))):
+            step(builder.sub(k_v, const(1)), 0)
+        has_bias = builder.icmp_signed(">", context.make_array(signature.args[10])(context, builder, b_v).nitems,
+                                       const(0))
+        sums = [builder.fadd(builder.load(accs[0][j]), builder.load(accs[1][j])) for j in range(COLUMNS)]
+        for r in range(PACK):
+            with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
+                b = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+                with builder.if_then(has_bias):
+                    builder.store(_load(builder, builder.gep(bd, [builder.add(b0_v, const(r))]), _F32), b)
+                row = builder.add(o0_v, builder.mul(const(r), ldo_v))
+                for j in range(COLUMNS):
+                    v = builder.fadd(builder.extract_element(sums[j], ir.Constant(ir.IntType(32), r)), builder.load(b))
+                    builder.store(v, builder.gep(od, [builder.add(row, const(j))]))
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -70,13 +70,26 @@ SAMPLE_POSITIONS = 128
 
 #: A convolution of one sample by a constant float32 weight whose product has at most this many input
 #: rows (a pointwise one's input channels; channels x taps for an im2col product: MobileNetV2's stem,
-#: 27) runs numba's ``pointwise`` kernel where the CPU has 32 512-bit vector registers
-#: (``numba_kernels.wide_vectors``), else BLAS. One core, hot, against OpenBLAS's product + the
-#: bias/clamp pass (Emerald Rapids): MobileNetV2's 16 -> 96 on 112x112 0.44-0.67x, 24 -> 144 on 56x56
-#: 0.65x, 160 -> 960 on 7x7 0.64-0.78x, 64 -> 384 on 14x14 0.70x, 320 -> 1280 on 7x7 0.87-0.92x, the
-#: stem's 27 rows on 112x112 0.53-0.79x; from 384 inputs 0.9-1.1x (576 -> 96 on 14x14 0.93-1.04x,
-#: 512 -> 128 on 28x28 0.97-1.04x, 1024 -> 256 on 14x14 0.90-1.10x): no gain to take there.
+#: 27), or whose input and output are both at most POINTWISE_MAX_VALUES values, runs numba's
+#: ``pointwise`` kernel where the CPU has 32 512-bit vector registers (``numba_kernels.wide_vectors``),
+#: else BLAS. One core, hot, against OpenBLAS's product + the bias/clamp pass (Emerald Rapids):
+#: MobileNetV2's 16 -> 96 on 112x112 0.44-0.67x, 24 -> 144 on 56x56 0.65x, 160 -> 960 on 7x7
+#: 0.64-0.78x, 64 -> 384 on 14x14 0.70x, 320 -> 1280 on 7x7 0.83-0.92x, the stem's 27 rows on
+#: 112x112 0.53-0.79x. From 384 inputs it pays only on small maps (each tile of output channels reads
+#: the whole input): 960 -> 320 on 7x7 0.81-0.96x, 576 -> 160 on 7x7 0.77-0.93x, 576 -> 96 on 14x14
+#: 0.87-1.03x, 512 -> 2048 on 7x7 0.85-0.95x; not 512 -> 1024 on 14x14 (1.08-1.27x, its output
+#: 200K values), 512 -> 128 on 28x28 (1.12-1.22x) or 1024 -> 256 on 14x14 (1.09-1.17x).
 POINTWISE_MAX_INPUTS = 320
+#: 512 KB: the kernel's block of positions (``_numba_conv._POINTWISE_BLOCK``), all in L2 at once.
+POINTWISE_MAX_VALUES = 128 << 10
+#: Such a convolution with a kernel larger than 1x1 and output rows of at least this many positions
+#: reads its input in place (``_numba_conv.conv_tiles``: a tile is 16 adjacent positions of one
+#: output row, so narrower rows waste lanes; they keep the im2col matrix). One core, against
+#: the im2col matrix and the same tiles in one process: ResNet's 7x7 stem (147 rows on 112x112)
+#: 5.48 -> 3.19 ms (against OpenBLAS's blocks 3.58 -> 2.43), MobileNetV2's 3x3 stride-2 stem 0.66
+#: -> 0.59 ms, 8 -> 16 channels 3x3 on 64x64 0.32 -> 0.19, LeNet-5's 6 -> 16 5x5 on 24x24 98 -> 78
+#: us, 16 -> 24 3x3 stride 2 on 28x28 and 3 -> 16 on 32x32 within 3 %.
+DIRECT_MIN_WIDTH = 16
 
 
 def dense(w: Weight) -> np.ndarray:
@@ -380,7 +393,9 @@ def conv(
                              IM2COL_BLOCK_BYTES, res)
         if y is not None:
             return y
-    if shape.cin == 1 and group > 1:
+    if _direct_tiles(k, w, x, shape, group):
+        y = _tiled_conv(k, x, w, bias, shape, clamp, res)
+    elif shape.cin == 1 and group > 1:
         y = _depthwise(k, x, w, bias, shape, group, clamp if res is None else None)
         if res is not None:
             add_clamp(y, res, clamp, out=y)     # the depthwise kernels take no residual
@@ -444,10 +459,14 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                 add_clamp(y, res, clamp, out=y)
             return y
         return depthwise
+    paying = winograd.usable(x, w, strides, dilations, group) and winograd.pays(w, shape.out)
+    if not paying and _direct_tiles(k, w, x, shape, group):
+        def direct(x: np.ndarray, w: Weight, bias: "np.ndarray | None", res: "np.ndarray | None" = None) -> np.ndarray:
+            return _tiled_conv(k, np.ascontiguousarray(x), w, bias, shape, clamp, res)
+        return direct
     pointwise = shape.direct and group == 1 and x.shape[0] == 1     # x itself is the im2col matrix
     if pointwise or (k is not None and array is not None and group == 1 and x.shape[0] == 1
-                     and len(shape.blocks) == 1
-                     and not (winograd.usable(x, w, strides, dilations, group) and winograd.pays(w, shape.out))):
+                     and len(shape.blocks) == 1 and not paying):
         rows, cout, positions = shape.cin * shape.kprod, shape.cout, math.prod(shape.out)
         kh, kw = shape.kernel
         whole = None if isinstance(w, np.ndarray) else array    # None: as it is (lmatmul tiles it)
@@ -461,7 +480,7 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
                        cols.reshape(rows, 1, positions))
             y = np.empty(out_shape, np.float32)
             y3 = y.reshape(1, cout, positions)
-            if _tiles(k, w, x, rows):
+            if _tiles(k, w, x, rows, positions):
                 _tiled_product(k, w, cols, bias, res, clamp, y3[0])
                 return y
             lmatmul((w if whole is None else whole(w)).reshape(cout, rows), cols, out=y3[0])
@@ -476,12 +495,14 @@ def conv_runner(x: np.ndarray, w: Weight, bias: "np.ndarray | None", strides: Se
     return general
 
 
-def _tiles(k, w: Weight, x: np.ndarray, rows: int) -> bool:
-    """Whether a product of one sample with ``rows`` input rows runs numba's register tiles (see
-    POINTWISE_MAX_INPUTS): float32, and a constant array weight (a writable one, fed as an input, may
-    change between runs; its packed form is kept)."""
-    return (k is not None and rows <= POINTWISE_MAX_INPUTS and isinstance(w, np.ndarray) and not w.flags.writeable
-            and w.dtype == np.float32 and x.dtype == np.float32 and wide_vectors())
+def _tiles(k, w: Weight, x: np.ndarray, rows: int, positions: int) -> bool:
+    """Whether a product of one sample with ``rows`` input rows of ``positions`` runs numba's register
+    tiles (see POINTWISE_MAX_INPUTS): float32, and a constant array weight (a writable one, fed as an
+    input, may change between runs; its packed form is kept)."""
+    if not (k is not None and isinstance(w, np.ndarray) and not w.flags.writeable and w.dtype == np.float32
+            and x.dtype == np.float32 and wide_vectors()):
+        return False
+    return rows <= POINTWISE_MAX_INPUTS or max(rows, w.shape[0]) * positions <= POINTWISE_MAX_VALUES
 
 
 def _tiled_product(k, w: np.ndarray, cols: np.ndarray, bias: "np.ndarray | None", res: "np.ndarray | None",
@@ -495,6 +516,35 @@ def _tiled_product(k, w: np.ndarray, cols: np.ndarray, bias: "np.ndarray | None"
     launch(k, "pointwise", out.size * rows, packed, np.ascontiguousarray(cols), b,
            _NO_RESIDUAL2 if res is None else np.ascontiguousarray(res, np.float32).reshape(out.shape), lo, hi, flags,
            out)
+
+
+def _direct_tiles(k, w: Weight, x: np.ndarray, shape: _ConvShape, group: int) -> bool:
+    """Whether ``conv`` runs on one sample by numba's register tiles reading the input in place
+    (``_tiled_conv``) instead of an im2col matrix: a 2-D convolution of a kernel larger than 1x1 (a
+    strided 1x1 one's im2col matrix is a subsample, smaller than the split input: ResNet-18's 64 ->
+    128 at stride 2 0.34-0.37 -> 0.58-0.85 ms in tiles), with output rows of DIRECT_MIN_WIDTH
+    positions or more, whose product has at most POINTWISE_MAX_INPUTS rows and a weight ``_tiles``
+    takes (the caller has ruled out Winograd)."""
+    rows = shape.cin * shape.kprod
+    return (group == 1 and x.shape[0] == 1 and shape.kprod > 1 and len(shape.kernel) == 2
+            and shape.out[-1] >= DIRECT_MIN_WIDTH and rows <= POINTWISE_MAX_INPUTS
+            and _tiles(k, w, x, rows, math.prod(shape.out)))
+
+
+def _tiled_conv(k, x: np.ndarray, w: np.ndarray, bias: "np.ndarray | None", shape: _ConvShape,
+                clamp: "Tuple[float, float] | None", res: "np.ndarray | None") -> np.ndarray:
+    """``conv`` of one sample (see ``_direct_tiles``) by numba's ``conv_tiles``: the constant weight
+    packed once as for ``_tiled_product``, the input's columns split by the stride, each tile's
+    taps read from them in place, the epilogue in the tiles."""
+    cout, rows = shape.cout, shape.cin * shape.kprod
+    packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
+    b, lo, hi = _epilogue(bias, clamp)
+    flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
+    y = np.empty((1, cout) + shape.out, np.float32)
+    launch(k, "conv_tiles", y.size * rows, packed, np.ascontiguousarray(x), b,
+           _NO_BIAS if res is None else np.ascontiguousarray(res, np.float32).reshape(-1), shape.geometry,
+           shape.kernel[0], shape.kernel[1], lo, hi, flags, y)
+    return y
 
 
 def _as_array(w: Weight) -> "Callable[[Weight], np.ndarray] | None":
@@ -527,7 +577,7 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype, res=None
         # pointwise: x itself is the im2col matrix of each sample (one sample as a 2-D product, so
         # that a map of a few positions can take an index weight's compiled dot products)
         xs, ys = (x.reshape(cin, -1), y3[0]) if batch == 1 else (x.reshape(batch, cin, -1), y3)
-        if batch == 1 and _tiles(k, w, x, cin):
+        if batch == 1 and _tiles(k, w, x, cin, y3.shape[2]):
             _tiled_product(k, w, xs, bias, res, clamp, ys)
             return y
         lmatmul(w.reshape(cout, -1), xs, out=ys)
@@ -557,7 +607,7 @@ def _conv_im2col(k, x, w, bias, shape: _ConvShape, group, clamp, dtype, res=None
         else:
             target[...] = multiply(weight, cols, None).reshape(b - a, n1 - n0, -1).transpose(1, 0, 2)
 
-    if batch == 1 and group == 1 and len(blocks) == 1 and _tiles(k, w, x, cin * kprod):
+    if batch == 1 and group == 1 and len(blocks) == 1 and _tiles(k, w, x, cin * kprod, y3.shape[2]):
         _tiled_product(k, w, cols_of(0, *blocks[0]), bias, res, clamp, y3[0])
         return y
     for g in range(group):

@@ -799,9 +799,9 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     """A pointwise convolution of one sample by a read-only weight (and an im2col product of few rows)
     runs the ``pointwise`` kernel where ``wide_vectors`` holds (its packed weight kept while the weight
     lives) and gives what BLAS and the numpy twins give, bias, residual and clamp included; a writable
-    weight, more input channels than POINTWISE_MAX_INPUTS, or a batch of two keep the BLAS product (a
-    writable one also through a runner prepared for a constant: a weight fed as an input may change
-    between runs)."""
+    weight, more input channels than POINTWISE_MAX_INPUTS with an input or output of more than
+    POINTWISE_MAX_VALUES values, or a batch of two keep the BLAS product (a writable one also through a runner prepared for
+    a constant: a weight fed as an input may change between runs)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take compiled kernels")
     x, d, b, res = rand(1, 20, 7, 9), rand(26, 20, 1, 1), rand(26), rand(1, 26, 7, 9)
@@ -823,6 +823,10 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
                                rtol=1e-5, atol=1e-5)
     assert derived.cached_bytes([w3]) == 12 * 27 * 4 * numba_kernels.wide_vectors()
     monkeypatch.setattr(kernels, "POINTWISE_MAX_INPUTS", 19)
+    u = constant(d)     # more input channels than that, but a small input and output (26 x 63 values)
+    kernels.conv_runner(x, u, b, *args)(x, u, b)
+    assert derived.cached_bytes([u]) == derived.cached_bytes([w])
+    monkeypatch.setattr(kernels, "POINTWISE_MAX_VALUES", 26 * 63 - 1)     # the output one value more
     v, x2 = constant(d), np.concatenate([x, x])
     kernels.conv_runner(x, v, b, *args)(x, v, b)
     kernels.conv_runner(x2, v, b, *args)(x2, v, b)
@@ -830,6 +834,65 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     count = len(derived._KEPT)
     del w
     assert len(derived._KEPT) == count - numba_kernels.wide_vectors()
+
+
+DIRECT = [  # x shape, weight shape, strides, dilations, pads (top, left, bottom, right)
+    ((1, 3, 40, 38), (64, 3, 7, 7), [2, 2], [1, 1], [3, 3, 3, 3]),     # ResNet's stem: 19 columns, 16 + 3
+    ((1, 3, 34, 66), (32, 3, 3, 3), [2, 2], [1, 1], [1, 1, 1, 1]),     # MobileNetV2's: 33 (2 tiles + 1)
+    ((1, 5, 17, 20), (13, 5, 3, 3), [2, 1], [1, 1], [1, 1, 1, 1]),     # one output channel past a tile of 12
+    ((1, 4, 20, 52), (7, 4, 5, 3), [3, 2], [2, 3], [0, 2, 1, 1]),      # strides, dilations, uneven pads
+    ((1, 6, 9, 70), (25, 6, 2, 4), [1, 3], [1, 1], [2, 0, 0, 3]),      # a stride of 3 (three column planes)
+    ((1, 1, 20, 20), (6, 1, 5, 5), [1, 1], [1, 1], [0, 0, 0, 0]),      # LeNet-5's first: exactly one tile
+]
+
+
+@pytest.mark.parametrize("case", DIRECT, ids=str)
+def test_conv_tiles_read_the_input_in_place(case, monkeypatch):
+    """A convolution of one sample by a constant weight, not pointwise, with output rows of 16 or more
+    runs ``conv_tiles`` (register tiles reading the input's stride-split columns in place, no im2col
+    matrix) in ``conv`` and in its prepared runner alike, and agrees with the numpy twins: bias,
+    residual and clamp, output channels past a tile, rows past a multiple of 16."""
+    xs, ws, strides, dilations, pads = case
+    x, w, b = rand(*xs), constant(rand(*ws)), rand(ws[0])
+    got, twin = both(lambda: kernels.conv(x, w, b, strides, dilations, pads, 1, (-0.5, 1.0)), monkeypatch)
+    np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
+    res = rand(*got.shape)
+    got, twin = both(lambda: kernels.conv(x, w, None, strides, dilations, pads, 1, None, res), monkeypatch)
+    np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-5)
+    if not numba_kernels.wide_vectors():
+        return
+    k = numba_kernels.kernels()
+    for name in ("im2col2d", "im2col2d_par"):       # the path builds no im2col matrix
+        monkeypatch.setattr(k, name, None)
+    run = kernels.conv_runner(x, w, b, strides, dilations, pads, 1, (-0.5, 1.0))
+    np.testing.assert_array_equal(run(x, w, b), kernels.conv(x, w, b, strides, dilations, pads, 1, (-0.5, 1.0)))
+    np.testing.assert_array_equal(run(x, w, b, res),
+                                  kernels.conv(x, w, b, strides, dilations, pads, 1, (-0.5, 1.0), res))
+    assert derived.cached_bytes([w]) == -(-ws[0] // 12) * 12 * int(np.prod(ws[1:])) * 4
+
+
+def test_conv_tiles_keep_the_im2col_matrix_elsewhere(monkeypatch):
+    """Output rows narrower than DIRECT_MIN_WIDTH, more than POINTWISE_MAX_INPUTS rows, a 1x1 kernel,
+    a writable weight or two samples keep the im2col product."""
+    if numba_kernels.kernels() is None or not numba_kernels.wide_vectors():
+        pytest.skip("no register tiles on this machine")
+    k = numba_kernels.kernels()
+    calls = []
+    for name in ("conv_tiles", "conv_tiles_par"):
+        monkeypatch.setattr(k, name, lambda *a: calls.append(a))
+    args = ([2, 1], [1, 1], [1, 1, 1, 1], 1)     # strided: not Winograd
+    for x, w in ((rand(1, 4, 12, 15), constant(rand(5, 4, 3, 3))),     # 15 columns
+                 (rand(1, 36, 6, 20), constant(rand(5, 36, 3, 3))),    # 324 rows
+                 (rand(1, 4, 6, 20), constant(rand(5, 4, 1, 1))),      # 1x1 (strided: im2col is a subsample)
+                 (rand(1, 4, 6, 20), rand(5, 4, 3, 3)),                # writable
+                 (rand(2, 4, 6, 20), constant(rand(5, 4, 3, 3)))):     # two samples
+        kernels.conv(x, w, None, *args)
+        kernels.conv_runner(x, w, None, *args)(x, w, None)
+    assert not calls
+    x, w = rand(1, 4, 6, 20), constant(rand(5, 4, 3, 3))       # none of those: taken
+    kernels.conv(x, w, None, *args)
+    kernels.conv_runner(x, w, None, *args)(x, w, None)
+    assert len(calls) == 2
 
 
 def test_add_clamp_kernel_agrees(monkeypatch):

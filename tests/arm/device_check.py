@@ -147,10 +147,11 @@ def check_codecs(c: Checks) -> None:
 
 
 def check_register_tiles(c: Checks) -> None:
-    """numba's pointwise register tile (an LLVM IR intrinsic, ``runtime/_simd.py``) compiles and agrees
-    with numpy on this machine: the model runs take it only where AVX-512 is (``wide_vectors``)."""
-    from dcrt.runtime.numba_kernels import kernels
-    k = kernels()
+    """numba's register tiles (LLVM IR intrinsics, ``runtime/_simd.py``) compile and agree with numpy
+    on this machine: the model runs take them only where AVX-512 is (``wide_vectors``)."""
+    from dcrt.runtime import kernels
+    from dcrt.runtime.numba_kernels import kernels as compiled
+    k = compiled()
     if k is None:
         return
 
@@ -161,7 +162,13 @@ def check_register_tiles(c: Checks) -> None:
         out = np.empty((14, 37), np.float32)
         k.pointwise(k.pack_pointwise(w), x, b, res, np.float32(-1.0), np.float32(2.0), 7, out)
         close(out, np.clip(w @ x + b[:, None] + res, -1.0, 2.0).astype(np.float32), 1e-5, "pointwise")
-    c.check("pointwise register tiles agree with numpy on this machine", agrees)
+        # a 3x3 convolution, stride (2, 1), pad 1, by tiles reading the input in place, against im2col + BLAS
+        x4, w4 = rng.standard_normal((1, 3, 9, 21), np.float32), rng.standard_normal((14, 3, 3, 3), np.float32)
+        y = np.empty((1, 14, 5, 21), np.float32)
+        k.conv_tiles(k.pack_pointwise(w4.reshape(14, 27)), x4, b, np.zeros(0, np.float32), (2, 1, 1, 1, 1, 1, 21),
+                     3, 3, np.float32(-1.0), np.float32(2.0), 5, y)
+        close(y, kernels.conv(x4, w4, b, [2, 1], [1, 1], [1, 1, 1, 1], 1, (-1.0, 2.0)), 1e-5, "conv_tiles")
+    c.check("pointwise and convolution register tiles agree with numpy on this machine", agrees)
 
 
 def main(argv=None) -> int:
