@@ -873,8 +873,9 @@ def conv_tiles(packed, x, bias, res, geometry, kh, kw, lo, hi, flags, out):  # p
     """``out [1, M, OH, OW]``: the convolution of one sample ``x [1, C, H, W]`` by the weight packed as
     ``pack_pointwise`` gives it from ``w [M, C * kh * kw]``, in register tiles (``_simd.conv_tile``)
     that read the input in place, not an im2col matrix; ``geometry`` = (stride h, stride w, dilation
-    h, dilation w, pad top, pad left); ``flags`` as ``pointwise``'s (1 bias, 2 the residual ``res``:
-    flat, laid out as ``out``, 4 clamp to [lo, hi]). numpy twin: the im2col product."""
+    h, dilation w, pad top, pad left, ...: any more are not read); ``flags`` as ``pointwise``'s (1
+    bias, 2 the residual ``res``: flat, laid out as ``out``, 4 clamp to [lo, hi]). numpy twin: the
+    im2col product."""
     xs, offs, span, tiles_w = _conv_tiles_setup(x, geometry, kh, kw, out)
     m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
     wf, of = packed.reshape(packed.size), out.reshape(out.size)
