@@ -800,8 +800,8 @@ def test_pointwise_conv_takes_the_kernel_for_constant_weights(monkeypatch):
     runs the ``pointwise`` kernel where ``wide_vectors`` holds (its packed weight kept while the weight
     lives) and gives what BLAS and the numpy twins give, bias, residual and clamp included; a writable
     weight, more input channels than POINTWISE_MAX_INPUTS with an input or output of more than
-    POINTWISE_MAX_VALUES values, or a batch of two keep the BLAS product (a writable one also through a runner prepared for
-    a constant: a weight fed as an input may change between runs)."""
+    POINTWISE_MAX_VALUES values, or a batch of two keep the BLAS product (a writable one also through
+    a runner prepared for a constant: a weight fed as an input may change between runs)."""
     if numba_kernels.kernels() is None:
         pytest.skip("DCRT_NO_NUMBA is set: kernels.conv does not take compiled kernels")
     x, d, b, res = rand(1, 20, 7, 9), rand(26, 20, 1, 1), rand(26), rand(1, 26, 7, 9)
@@ -848,10 +848,10 @@ DIRECT = [  # x shape, weight shape, strides, dilations, pads (top, left, bottom
 
 @pytest.mark.parametrize("case", DIRECT, ids=str)
 def test_conv_tiles_read_the_input_in_place(case, monkeypatch):
-    """A convolution of one sample by a constant weight, not pointwise, with output rows of 16 or more
-    runs ``conv_tiles`` (register tiles reading the input's stride-split columns in place, no im2col
-    matrix) in ``conv`` and in its prepared runner alike, and agrees with the numpy twins: bias,
-    residual and clamp, output channels past a tile, rows past a multiple of 16."""
+    """A convolution of one sample by a constant weight, its kernel larger than 1x1, with output rows of
+    16 or more runs ``conv_tiles`` (register tiles reading the input's stride-split columns in place,
+    no im2col matrix) in ``conv`` and in its prepared runner alike, and agrees with the numpy twins:
+    bias, residual and clamp, output channels past a tile, rows past a multiple of 16."""
     xs, ws, strides, dilations, pads = case
     x, w, b = rand(*xs), constant(rand(*ws)), rand(ws[0])
     got, twin = both(lambda: kernels.conv(x, w, b, strides, dilations, pads, 1, (-0.5, 1.0)), monkeypatch)
