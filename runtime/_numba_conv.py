@@ -742,9 +742,17 @@ def _pointwise_tail(wf, xt, k, n, full, m, bias, rf, lo, hi, flags, of, t):  # p
     scratch = np.empty(PACK * LANES, np.float32)
     for s in range(0, n - full, COLUMNS):
         pointwise_column(wf, c0 * k, xt, s, LANES, k, scratch, s, LANES, rows, bias if flags & 1 else bias[:0], c0)
+    _store_scratch(scratch, rows, n - full, rf, lo, hi, flags, of, c0 * n + full, n)
+
+
+@njit(inline="always")
+def _store_scratch(scratch, rows, count, rf, lo, hi, flags, of, o0, ldo):  # pragma: no cover - compiled
+    """The first ``count`` columns of a scratch tile's ``rows`` rows (LANES apart) into ``of`` from
+    ``o0`` (rows ``ldo`` apart), the residual ``rf`` (laid out as ``of``) added with flag 2 and the
+    clamp applied with flag 4: a partial tile's epilogue."""
     for i in range(rows):
-        at = (c0 + i) * n + full
-        for j in range(n - full):
+        at = o0 + i * ldo
+        for j in range(count):
             v = scratch[i * LANES + j]
             if flags & 2:
                 v += rf[at + j]
@@ -805,14 +813,15 @@ def pointwise_par(packed, x, bias, res, lo, hi, flags, out):  # pragma: no cover
 # -- convolution of one sample in register tiles, the input read in place -----------------------------
 
 @njit(inline="always")
-def _conv_tiles_setup(x, geometry, kh, kw, out):  # pragma: no cover - compiled
-    """``(xs, offs, span, tiles_w)``: sample 0's columns split by the column stride into ``sw`` planes
-    per channel (``xs``: plane ``(c, p)`` holds the padded input's columns ``p, p + sw, ...`` of the
-    rows the output reads, ``span`` of them, zeros for the padding), ``offs`` where the row of tap
-    ``(c, i, j)`` (a row of the im2col matrix, in its order) starts for output position (0, 0),
-    and the tiles of LANES positions a row of the output takes. Output position ``(oh, ow)`` of a
-    tap is then ``xs[oh * sh * span + ow + offs[tap]]``: LANES adjacent outputs read LANES adjacent
-    values whatever the strides and dilations."""
+def _conv_tiles_setup(packed, x, geometry, kh, kw, out):  # pragma: no cover - compiled
+    """``(wf, xs, offs, span, tiles_w, of, jobs)``: the packed weight flat; sample 0's columns split by
+    the column stride into ``sw`` planes per channel (``xs``: plane ``(c, p)`` holds the padded input's
+    columns ``p, p + sw, ...`` of the rows the output reads, ``span`` of them, zeros for the padding);
+    ``offs`` where the row of tap ``(c, i, j)`` (a row of the im2col matrix, in its order) starts for
+    output position (0, 0); the tiles of LANES positions a row of the output takes; the output flat;
+    the jobs (output rows x tiles of output channels). Output position ``(oh, ow)`` of a tap is then
+    ``xs[oh * sh * span + ow + offs[tap]]``: LANES adjacent outputs read LANES adjacent values
+    whatever the strides and dilations."""
     sh, sw, dh, dw, pt, pl = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     cin, height, width = x.shape[1], x.shape[2], x.shape[3]
     oh_count, ow_count = out.shape[2], out.shape[3]
@@ -836,14 +845,16 @@ def _conv_tiles_setup(x, geometry, kh, kw, out):  # pragma: no cover - compiled
         for i in range(kh):
             for j in range(kw):
                 offs[(c * kh + i) * kw + j] = (c * sw + j * dw % sw) * plane + i * dh * span + j * dw // sw
-    return xs, offs, span, tiles_w
+    return packed.reshape(packed.size), xs, offs, span, tiles_w, out.reshape(out.size), oh_count * packed.shape[0]
 
 
 @njit(inline="always")
-def _conv_tiles_job(wf, xs, offs, span, tiles_w, sh, bias, rf, lo, hi, flags, of, m, oh_count, ow_count,
-                    job):  # pragma: no cover - compiled
-    """Output row ``job // tiles`` for the tile ``job % tiles`` of PACK output channels: whole tiles
-    of positions straight into ``of``, a row's last partial one through a scratch tile."""
+def _conv_tiles_job(views, sh, bias, rf, lo, hi, flags, out, job):  # pragma: no cover - compiled
+    """Job ``job`` of ``conv_tiles``: output row ``job // tiles`` for the tile ``job % tiles`` of PACK
+    output channels, whole tiles of positions straight into the output, a row's last partial one
+    through a scratch tile."""
+    wf, xs, offs, span, tiles_w, of, _ = views
+    m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
     tiles = (m + PACK - 1) // PACK
     oh, t = job // tiles, job % tiles
     c0 = t * PACK
@@ -859,13 +870,7 @@ def _conv_tiles_job(wf, xs, offs, span, tiles_w, sh, bias, rf, lo, hi, flags, of
             continue
         scratch = np.empty(PACK * LANES, np.float32)
         conv_tile(wf, c0 * k, xs, x0, offs, k, scratch, 0, LANES, rows, bias, c0, scratch, lo, hi, flags & 1)
-        for i in range(rows):
-            at = o0 + i * plane_out
-            for j in range(ow_count - ow0):
-                v = scratch[i * LANES + j]
-                if flags & 2:
-                    v += rf[at + j]
-                of[at + j] = _clamped(v, lo, hi, flags & 4 != 0)
+        _store_scratch(scratch, rows, ow_count - ow0, rf, lo, hi, flags, of, o0, plane_out)
 
 
 @njit(cache=True, nogil=True)
@@ -876,23 +881,16 @@ def conv_tiles(packed, x, bias, res, geometry, kh, kw, lo, hi, flags, out):  # p
     h, dilation w, pad top, pad left, ...: any more are not read); ``flags`` as ``pointwise``'s (1
     bias, 2 the residual ``res``: flat, laid out as ``out``, 4 clamp to [lo, hi]). numpy twin: the
     im2col product."""
-    xs, offs, span, tiles_w = _conv_tiles_setup(x, geometry, kh, kw, out)
-    m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
-    wf, of = packed.reshape(packed.size), out.reshape(out.size)
-    for job in range(oh_count * packed.shape[0]):
-        _conv_tiles_job(wf, xs, offs, span, tiles_w, geometry[0], bias, res, lo, hi, flags, of, m, oh_count,
-                        ow_count, job)
+    views = _conv_tiles_setup(packed, x, geometry, kh, kw, out)
+    for job in range(views[-1]):
+        _conv_tiles_job(views, geometry[0], bias, res, lo, hi, flags, out, job)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def conv_tiles_par(packed, x, bias, res, geometry, kh, kw, lo, hi, flags, out):  # pragma: no cover - compiled
-    xs, offs, span, tiles_w = _conv_tiles_setup(x, geometry, kh, kw, out)
-    m, oh_count, ow_count = out.shape[1], out.shape[2], out.shape[3]
-    wf, of = packed.reshape(packed.size), out.reshape(out.size)
-    jobs = oh_count * packed.shape[0]
-    for job in prange(jobs):
-        _conv_tiles_job(wf, xs, offs, span, tiles_w, geometry[0], bias, res, lo, hi, flags, of, m, oh_count,
-                        ow_count, job)
+    views = _conv_tiles_setup(packed, x, geometry, kh, kw, out)
+    for job in prange(views[-1]):
+        _conv_tiles_job(views, geometry[0], bias, res, lo, hi, flags, out, job)
 
 
 # -- Winograd F(2x2, 3x3) transforms (see runtime/winograd.py) -------------------------------------

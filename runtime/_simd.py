@@ -58,6 +58,12 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.
     return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
+def _fmuladd(builder: ir.IRBuilder, vector: ir.VectorType) -> ir.Function:
+    """LLVM's ``fmuladd`` on ``vector``s of floats: a fused multiply-add where the target has one."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                          f"llvm.fmuladd.v{vector.count}f32")
+
+
 def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, mask: list) -> ir.Value:
     """Lanes of ``a`` (0-7) and ``b`` (8-15) picked by ``mask``."""
     return builder.shuffle_vector(a, b, ir.Constant(_MASK, mask))
@@ -124,8 +130,7 @@ def _tile_code(wp, x, rows_of, out, bias, res):
         td = context.make_array(signature.args[4])(context, builder, ldx_v).data if table else None
         const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
         has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4, 8)]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                             f"llvm.fmuladd.v{LANES}f32")
+        fma = _fmuladd(builder, vec)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(PACK)]
         with builder.if_then(has[3]):
             for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
@@ -196,8 +201,7 @@ def pointwise_column(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias,
         wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v = args
         wd, xd, od, bd = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 2, 6, 10)]
         const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                             f"llvm.fmuladd.v{PACK}f32")
+        fma = _fmuladd(builder, vec)
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(COLUMNS)] for _ in range(2)]
 
         def step(c, half):

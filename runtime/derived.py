@@ -3,7 +3,7 @@
 A constant is a read-only array: the session's decoded weights in dense mode and the file's raw ones
 (``Session._held`` marks them so; no operator may change them). The Winograd transform of a 3x3
 convolution's weight (``runtime/winograd.py``) and the packed rows of a convolution's for numba's
-register tiles (``kernels._tiled_product``) are computed at the first call, kept here under the
+register tiles (``kernels._packed``) are computed at the first call, kept here under the
 array's identity and the form's name, and dropped when the array is freed; ``cached_bytes`` counts
 them into ``Session.resident_bytes()["now"]``.
 """

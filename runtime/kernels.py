@@ -505,14 +505,22 @@ def _tiles(k, w: Weight, x: np.ndarray, rows: int, positions: int) -> bool:
     return rows <= POINTWISE_MAX_INPUTS or max(rows, w.shape[0]) * positions <= POINTWISE_MAX_VALUES
 
 
+def _packed(k, w: np.ndarray, cout: int, rows: int, bias: "np.ndarray | None", clamp: "Tuple[float, float] | None",
+            res: "np.ndarray | None") -> Tuple[np.ndarray, np.ndarray, Any, Any, int]:
+    """``(packed, bias, lo, hi, flags)`` for numba's register tiles: the constant weight ``w`` as
+    ``[cout, rows]`` packed once (``derived``: kept while it lives, one form for ``pointwise`` and
+    ``conv_tiles``) and the epilogue as the tiles take it (flags 1 bias, 2 residual, 4 clamp)."""
+    packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
+    b, lo, hi = _epilogue(bias, clamp)
+    return packed, b, lo, hi, (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
+
+
 def _tiled_product(k, w: np.ndarray, cols: np.ndarray, bias: "np.ndarray | None", res: "np.ndarray | None",
                    clamp: "Tuple[float, float] | None", out: np.ndarray) -> None:
     """``out [M, P] = clamp(w @ cols + bias + res)`` by numba's ``pointwise`` kernel, from the constant
     weight ``w`` packed once (``derived``: kept while it lives), the epilogue in its register tiles."""
     cout, rows = out.shape[0], cols.shape[0]
-    packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
-    b, lo, hi = _epilogue(bias, clamp)
-    flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
+    packed, b, lo, hi, flags = _packed(k, w, cout, rows, bias, clamp, res)
     launch(k, "pointwise", out.size * rows, packed, np.ascontiguousarray(cols), b,
            _NO_RESIDUAL2 if res is None else np.ascontiguousarray(res, np.float32).reshape(out.shape), lo, hi, flags,
            out)
@@ -537,9 +545,7 @@ def _tiled_conv(k, x: np.ndarray, w: np.ndarray, bias: "np.ndarray | None", shap
     packed once as for ``_tiled_product``, the input's columns split by the stride, each tile's
     taps read from them in place, the epilogue in the tiles."""
     cout, rows = shape.cout, shape.cin * shape.kprod
-    packed = derived(w, "pointwise", lambda w: k.pack_pointwise(w.reshape(cout, rows)))
-    b, lo, hi = _epilogue(bias, clamp)
-    flags = (bias is not None) | (res is not None) << 1 | (clamp is not None) << 2
+    packed, b, lo, hi, flags = _packed(k, w, cout, rows, bias, clamp, res)
     y = np.empty((1, cout) + shape.out, np.float32)
     launch(k, "conv_tiles", y.size * rows, packed, np.ascontiguousarray(x), b,
            _NO_BIAS if res is None else np.ascontiguousarray(res, np.float32).reshape(-1), shape.geometry,
