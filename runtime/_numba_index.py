@@ -31,6 +31,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import njit
+from ._simd import LANE_GROUPS, LANES, csr_lanes
 
 _U = np.uint64
 _COLUMN_BLOCK = 256     # output columns one task of the scatter kernels owns
@@ -364,63 +365,42 @@ def csr_row_dot(xv, cols, symbols, codebook, e, end):  # pragma: no cover - comp
     return (a0 + a1) + (a2 + a3)
 
 
-# Few rows of x (2 to GROUP_ROWS): the activations transposed and padded to a multiple of 4 columns,
-# so that each kept weight is read once per 4 rows into 4 register sums (no loads and stores of
-# accumulators in memory). 512x128 at 10 %: 2 rows 15.5 -> 8.7 us, 8 rows 28.5 -> 17.0; past 8 rows
-# the accumulator arrays below are faster (16 rows: 22 against 35). The LSTM kernel shares this.
-GROUP_ROWS = 8
-
-
+# Several rows of x: the activations transposed and padded to a multiple of LANES columns, so that
+# each kept weight is read once and multiplies up to 64 rows of x in 16-lane registers
+# (``_simd.csr_lanes``: a broadcast centroid and one vector multiply-add per register, the sums never
+# stored until the row's end). One core, against 4 register sums a pass (up to 8 rows) and summing
+# arrays (more): 512x64 at 10 % 2 rows 15.7 -> 7.9-11.3 us, 8 rows 27-28 -> 8.7-12, 16 rows 24-25
+# -> 9.5, 64 rows 71-73 -> 53-64; 512x128 at 40 % 16 rows 119-132 -> 31-34; 300x784 at 10 % 64
+# rows 215 -> 140-188 us. The LSTM kernel's batch path shares this.
 @njit(inline="always")
 def padded_t(x):  # pragma: no cover - compiled
-    """``x.T`` as ``[K, B]`` with its columns padded with zeros to a multiple of 4."""
+    """``x.T`` as ``[K, B]`` with its columns padded with zeros to a multiple of LANES."""
     batch, k = x.shape
-    xt = np.zeros((k, (batch + 3) // 4 * 4), np.float32)
-    for b in range(batch):
-        for j in range(k):
+    xt = np.zeros((k, (batch + LANES - 1) // LANES * LANES), np.float32)
+    for j in range(k):      # written row by row (by columns of x: 64x784 131 -> 32 us)
+        for b in range(batch):
             xt[j, b] = x[b, j]
     return xt
 
 
 @njit(inline="always")
-def csr_dot4(xt, cols, symbols, codebook, e, end, b0):  # pragma: no cover - compiled
-    """The sums of the entries ``[e, end)`` of one CSR row with columns ``b0 .. b0+3`` of ``xt``."""
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
-    for i in range(e, end):
-        c = codebook[symbols[_U(i)]]
-        xr = xt[_U(cols[_U(i)])]
-        a0 += c * xr[b0]
-        a1 += c * xr[b0 + 1]
-        a2 += c * xr[b0 + 2]
-        a3 += c * xr[b0 + 3]
-    return a0, a1, a2, a3
-
-
-@njit(inline="always")
-def store4(out, n, b0, a0, a1, a2, a3):  # pragma: no cover - compiled
-    """``out[b0 + j, n] = a_j`` for the rows of ``out`` that exist (the padding's sums are dropped)."""
-    rows = out.shape[0] - b0
-    out[b0, n] = a0
-    if rows > 1:
-        out[b0 + 1, n] = a1
-    if rows > 2:
-        out[b0 + 2, n] = a2
-    if rows > 3:
-        out[b0 + 3, n] = a3
+def lane_sums(xt, row_ptr, cols, symbols, codebook, n0, n1, sums):  # pragma: no cover - compiled
+    """``sums[(n - n0) * W + b] = sum over row n's kept weights of codebook[symbol] * xt[col, b]`` for
+    rows ``[n0, n1)`` and ``b < W`` (``xt`` from :func:`padded_t`, ``W`` its width), up to
+    ``LANE_GROUPS * LANES`` rows of x per pass over a row's kept weights."""
+    width = xt.shape[1]
+    flat = xt.reshape(-1)
+    for n in range(n0, n1):
+        for b0 in range(0, width, LANE_GROUPS * LANES):
+            csr_lanes(flat, b0, width, min(LANE_GROUPS, (width - b0) // LANES), cols, symbols, codebook, row_ptr[n],
+                      row_ptr[n + 1], sums, (n - n0) * width + b0)
 
 
 @njit(inline="always")
 def _csr_operand(x):  # pragma: no cover - compiled
-    """What :func:`_csr_dot` reads besides ``x``: ``x`` transposed (padded up to GROUP_ROWS rows),
-    made once for all the parts of a parallel product; for one row nothing (``x`` itself, unread)."""
-    if x.shape[0] == 1:
-        return x
-    if x.shape[0] <= GROUP_ROWS:
-        return padded_t(x)
-    return np.ascontiguousarray(x.T)
+    """What :func:`_csr_dot` reads besides ``x``: ``x`` transposed and padded (:func:`padded_t`), made
+    once for all the parts of a parallel product; for one row nothing (``x`` itself, unread)."""
+    return x if x.shape[0] == 1 else padded_t(x)
 
 
 @njit(inline="always")
@@ -430,28 +410,16 @@ def _csr_dot(x, xt, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, 
         xv = x[0]
         for n in range(n0, n1):
             out[0, n] = csr_row_dot(xv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
-    elif batch <= GROUP_ROWS:
-        for n in range(n0, n1):
-            for b0 in range(0, batch, 4):
-                a0, a1, a2, a3 = csr_dot4(xt, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1], b0)
-                store4(out, n, b0, a0, a1, a2, a3)
     else:
-        # each output's sums side by side for all rows of x (out transposed), then moved into out in
-        # one pass: stored down a column of out, each value went to another cache line (512x64 at
-        # 10 %, one core: 32 rows 48 -> 20 us, 64 rows 181 -> 36 us)
-        acc = np.empty((n1 - n0, batch), np.float32)
-        for n in range(n0, n1):
-            a = acc[n - n0]
-            for b in range(batch):
-                a[b] = 0.0
-            for e in range(row_ptr[n], row_ptr[n + 1]):
-                c = codebook[symbols[_U(e)]]
-                xr = xt[_U(cols[_U(e)])]
-                for b in range(batch):
-                    a[b] += c * xr[b]
+        # the sums side by side (out transposed), then moved into out in one pass: stored down a
+        # column of out, each value went to another cache line (512x64 at 10 %, one core: 32 rows
+        # 48 -> 20 us, 64 rows 181 -> 36 us)
+        width = xt.shape[1]
+        sums = np.empty((n1 - n0) * width, np.float32)
+        lane_sums(xt, row_ptr, cols, symbols, codebook, n0, n1, sums)
         for b in range(batch):
             for n in range(n0, n1):
-                out[b, n] = acc[n - n0, b]
+                out[b, n] = sums[(n - n0) * width + b]
     # the epilogue after all rows: inside the row loop it kept LLVM from vectorising the batch loop
     # (512x64 at 10 %, 16 rows of x: 52 -> 14 us), and at batch 1 it cost ~7 ns a row (a 300x784
     # weight at 10 %, one core: 9.5-9.7 -> 9.1 us). Expanding each row as _index_dot does is slower

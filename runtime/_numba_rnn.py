@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 from .._jit import njit
 
-from ._numba_index import (csr_dot4, csr_row_dot, index_dot4, padded_t, product_table, row_dots, slot_expand,
-                           slot_rows, slot_split, store4, table_stride)
+from ._numba_index import (csr_row_dot, index_dot4, lane_sums, padded_t, product_table, row_dots, slot_expand,
+                           slot_rows, slot_split, table_stride)
+from ._simd import LANES, sliced_dot
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -96,7 +97,7 @@ def _carry(h, y):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _store4(out, n, a0, a1, a2, a3):  # pragma: no cover - compiled
-    """``out[n:n + 4] = a0..a3`` (``_numba_index.store4`` stores down a column instead)."""
+    """``out[n:n + 4] = a0..a3``."""
     out[n] = a0
     out[n + 1] = a1
     out[n + 2] = a2
@@ -209,20 +210,21 @@ def lstm_index(proj, indices, codebook, p, clip, input_forget, h, c, ys):  # pra
 @njit(cache=True, nogil=True, error_model="numpy")
 def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c, ys):  # pragma: no cover
     """As :func:`lstm_dense` with R in CSR form (rows ``4H``): ``codebook[symbols]`` at ``cols``. At
-    batch > 1, four entries' sums at a time from ``h`` transposed (``_numba_index.csr_dot4``): the
-    90 %-pruned LSTM classifier at batch 8, 41 -> 21 us a step here."""
+    batch > 1, each kept weight read once for up to 64 entries from ``h`` transposed
+    (``_numba_index.lane_sums``): the 90 %-pruned LSTM classifier at batch 8, one core, 43-44 us a
+    step with four entries' sums a pass, 16-24 with 16-lane registers."""
     steps, batch, gates4 = proj.shape
     hidden = gates4 // 4
     if batch > 1:
         gates_b = np.empty((batch, gates4), np.float32)
+        sums = np.empty(gates4 * ((batch + LANES - 1) // LANES * LANES), np.float32)
         for t in range(steps):
             ht = padded_t(h)
-            for n in range(gates4):
-                for b0 in range(0, batch, 4):
-                    a0, a1, a2, a3 = csr_dot4(ht, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1], b0)
-                    store4(gates_b, n, b0, a0, a1, a2, a3)
-                for b in range(batch):
-                    gates_b[b, n] += proj[t, b, n]
+            width = ht.shape[1]
+            lane_sums(ht, row_ptr, cols, symbols, codebook, 0, gates4, sums)
+            for b in range(batch):
+                for n in range(gates4):
+                    gates_b[b, n] = sums[n * width + b] + proj[t, b, n]
             _update_batch(gates_b, p, clip, input_forget, h, c, ys[t], hidden)
         return
     gates = np.empty(gates4, np.float32)
@@ -230,6 +232,35 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
         hv = h[0]
         for n in range(gates4):
             gates[n] = proj[t, 0, n] + csr_row_dot(hv, cols, symbols, codebook, row_ptr[n], row_ptr[n + 1])
+        _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
+        _carry(h, ys[t])
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def lstm_sliced(proj, slice_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
+                ys):  # pragma: no cover - compiled
+    """As :func:`lstm_csr` at batch 1 with R as ``indexed.SlicedRows``: ``LANES`` rows of R at a time,
+    one vector multiply-add per slot (``_simd.sliced_dot``), the sums put back in R's row order with
+    the input projections. The centroids of the kept weights are looked up once for all the steps
+    (a temporary of the kept weights, 27 KB for the LSTM classifier's R at 90 %), so that a slot
+    gathers only its activations. That R's 16 steps at batch 1, one core, against :func:`lstm_csr` in
+    one process: 105-161 -> 52-82 us (gathering the centroids too each step: 95-105 against 136-150)."""
+    steps, batch, gates4 = proj.shape
+    hidden = gates4 // 4
+    slices = slice_ptr.size - 1
+    values = np.empty(symbols.size, np.float32)
+    for e in range(symbols.size):
+        values[e] = codebook[symbols[e]]
+    dots = np.empty(slices * LANES, np.float32)
+    gates = np.empty(gates4, np.float32)
+    hv = np.zeros(hidden + 1, np.float32)       # h and the zero the padding lanes read
+    for t in range(steps):
+        hv[:hidden] = h[0]
+        for s in range(slices):
+            sliced_dot(hv, cols, values, slice_ptr[s], slice_ptr[s + 1], dots, s * LANES)
+        for i in range(gates4):
+            n = order[i]
+            gates[n] = proj[t, 0, n] + dots[i]
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
 

@@ -51,7 +51,7 @@ def _load(builder: ir.IRBuilder, ptr: ir.Value, typ: ir.Type = _F8) -> ir.Value:
 
 
 def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
-    """``value`` (a float) in every lane of a ``vector``."""
+    """``value`` (of the vector's element type) in every lane of a ``vector``."""
     undef = ir.Constant(vector, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
     lanes = vector.count
@@ -230,6 +230,111 @@ def pointwise_column(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias,
                 for j in range(COLUMNS):
                     v = builder.fadd(builder.extract_element(sums[j], ir.Constant(ir.IntType(32), r)), builder.load(b))
                     builder.store(v, builder.gep(od, [builder.add(row, const(j))]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _gather(builder: ir.IRBuilder, data: ir.Value, index: ir.Value, mask: ir.Value) -> ir.Value:
+    """``data[index[l]]`` for the lanes ``l`` set in ``mask`` (0.0 in the others): LLVM's masked
+    gather (an instruction with AVX-512 or AVX2, scalar loads elsewhere). ``data``: a float pointer,
+    ``index``: a vector of i64. The lanes' pointers are the base address plus ``4 * index`` as
+    integers, which builds the same way with typed (llvmlite < 0.44) and opaque pointers."""
+    lanes = index.type.count
+    i64 = ir.IntType(64)
+    wide = ir.VectorType(i64, lanes)
+    base = _splat(builder, builder.ptrtoint(data, i64), wide)
+    ptr = _F32.as_pointer()
+    opaque = str(ptr) == "ptr"
+    ptrs = builder.inttoptr(builder.add(base, builder.shl(index, ir.Constant(wide, [2] * lanes))),
+                            ir.VectorType(ptr, lanes))
+    vec = ir.VectorType(_F32, lanes)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [ptrs.type, ir.IntType(32), mask.type, vec]),
+        f"llvm.masked.gather.v{lanes}f32.v{lanes}p0{'' if opaque else 'f32'}")
+    return builder.call(fn, [ptrs, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(vec, [0.0] * lanes)])
+
+
+def _index_vector(t: types.Type) -> bool:
+    """A 1-D C-contiguous array of unsigned integers or int32 (CSR columns: uint16 or int32)."""
+    return (isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and isinstance(t.dtype, types.Integer)
+            and (not t.dtype.signed or t.dtype == types.int32))
+
+
+@intrinsic
+def sliced_dot(typingctx, x, cols, values, e0, e1, out, o0):
+    """``out[o0 + l] = sum_e x[cols[e * LANES + l]] * values[e * LANES + l]`` over the slots
+    ``e0 <= e < e1``, for ``l < LANES``: one slice of ``indexed.SlicedRows``, LANES rows side by side,
+    each slot a gather of the activations, a load of the weights (their centroids, looked up once
+    for all the steps of a call) and a multiply-add. Padding lanes hold a zero weight and read a
+    zero activation past the others, so that an inf or NaN activation cannot reach a row that has
+    no weight for it. ``x``, ``values``, ``out``: 1-D C-contiguous float32; ``cols`` uint16/int32
+    (1-D C-contiguous); offsets are not bounds-checked."""
+    if not (all(_float32_vector(a) for a in (x, values, out)) and _index_vector(cols)):
+        return None
+    i = types.intp
+    sig = types.void(x, cols, values, i, i, out, i)
+
+    def codegen(context, builder, signature, args):
+        xd, cd, vd, od = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 1, 2, 5)]
+        e0_v, e1_v, o0_v = args[3], args[4], args[6]
+        vec = ir.VectorType(_F32, LANES)
+        lanes = ir.VectorType(ir.IntType(signature.args[1].dtype.bitwidth), LANES)
+        every = ir.Constant(ir.VectorType(ir.IntType(1), LANES), [1] * LANES)
+        fma = _fmuladd(builder, vec)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vec, None))
+        with cgutils.for_range_slice(builder, e0_v, e1_v, ir.Constant(e0_v.type, 1)) as (e, _):
+            at = builder.mul(e, ir.Constant(e.type, LANES))
+            index = _load(builder, builder.bitcast(builder.gep(cd, [at]), lanes.as_pointer()), lanes)
+            xs = _gather(builder, xd, builder.zext(index, ir.VectorType(ir.IntType(64), LANES)), every)
+            ws = _load(builder, _at(builder, vd, at, vec), vec)
+            builder.store(builder.call(fma, [xs, ws, builder.load(acc)]), acc)
+        builder.store(builder.load(acc), _at(builder, od, o0_v, vec), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: Most 16-lane register sums of a ``csr_lanes`` call: 64 rows of x, the CSR kernels' largest batch.
+LANE_GROUPS = 4
+
+
+@intrinsic
+def csr_lanes(typingctx, xt, x0, ldx, groups, cols, symbols, codebook, e0, e1, out, o0):
+    """``out[o0 + l] = sum_e codebook[symbols[e]] * xt[x0 + cols[e] * ldx + l]`` over the CSR entries
+    ``e0 <= e < e1`` (one row's kept weights), for ``l < groups * LANES`` (``groups`` <=
+    LANE_GROUPS): that many rows of ``x`` side by side (``xt``: x transposed, rows ``ldx`` apart),
+    summed in ``groups`` registers, each kept weight read once (a broadcast centroid and a
+    multiply-add per register). ``xt``, ``codebook``, ``out``: 1-D C-contiguous float32; ``cols``
+    uint16/int32, ``symbols`` uint8/uint16; offsets are not bounds-checked."""
+    if not (all(_float32_vector(a) for a in (xt, codebook, out)) and all(_index_vector(a) for a in (cols, symbols))):
+        return None
+    i = types.intp
+    sig = types.void(xt, i, i, i, cols, symbols, codebook, i, i, out, i)
+
+    def codegen(context, builder, signature, args):
+        xd, cd, sd, bd, od = [context.make_array(signature.args[n])(context, builder, args[n]).data
+                              for n in (0, 4, 5, 6, 9)]
+        x0_v, ldx_v, groups_v, e0_v, e1_v, o0_v = (args[n] for n in (1, 2, 3, 7, 8, 10))
+        vec, i64 = ir.VectorType(_F32, LANES), ir.IntType(64)
+        fma = _fmuladd(builder, vec)
+
+        def entry(data, e, width):
+            return builder.zext(_load(builder, builder.gep(data, [e]), ir.IntType(width)), i64)
+
+        for count in range(1, LANE_GROUPS + 1):     # a loop for each number of registers
+            with builder.if_then(builder.icmp_signed("==", groups_v, ir.Constant(groups_v.type, count))):
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(count)]
+                with cgutils.for_range_slice(builder, e0_v, e1_v, ir.Constant(e0_v.type, 1)) as (e, _):
+                    row = builder.add(x0_v, builder.mul(entry(cd, e, signature.args[4].dtype.bitwidth), ldx_v))
+                    symbol = entry(sd, e, signature.args[5].dtype.bitwidth)
+                    w = _splat(builder, _load(builder, builder.gep(bd, [symbol]), _F32), vec)
+                    for g, acc in enumerate(accs):
+                        xv = _load(builder, _at(builder, xd, builder.add(row, ir.Constant(i64, g * LANES)), vec), vec)
+                        builder.store(builder.call(fma, [w, xv, builder.load(acc)]), acc)
+                for g, acc in enumerate(accs):
+                    builder.store(builder.load(acc), _at(builder, od, builder.add(o0_v, ir.Constant(i64, g * LANES)),
+                                                         vec), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

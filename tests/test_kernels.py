@@ -307,7 +307,7 @@ def weights(shape, density, seed=0, centroids=31):
     return dense, IndexedWeight(book, symbols), SparseWeight.from_entries(codebook, *entries, shape)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4, 5, 12, 40])   # 40: accumulators moved into out after all rows
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 12, 40, 64])   # 16-lane registers: 1, 3 and 4 of them
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_fc_kernels_agree(batch, epilogue, monkeypatch):
     dense, iw, sw = weights((37, 70), 0.3, seed=batch)
@@ -1285,22 +1285,109 @@ def _count_runs(name, monkeypatch):
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
-    """The compiled recurrence (batch 1: one entry's dot products; batch 3: each row of R expanded once
-    for the whole batch; slots: a product table per step and entry) against the numpy step loop and
-    the reference of the dense weight."""
+    """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR as 16-row slices;
+    batch 3: each row of R expanded once for the whole batch; slots: a product table per step and
+    entry) against the numpy step loop and the reference of the dense weight."""
     hidden = 7
     dirs = 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 4 * hidden, hidden), seed=3)
     graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d, batch)
     source = {**graph.initializers, "r": forms[form]}
     ex = Executor(graph)
-    ran = _count_runs("lstm" + _RNN_KERNELS[form], monkeypatch)
+    sliced = form == "sparse" and batch == 1 and numba_kernels.wide_vectors()     # R as SlicedRows
+    ran = _count_runs("lstm_sliced" if sliced else "lstm" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
     for name in ("y", "yh", "yc"):
         np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+def test_lstm_csr_kernel_takes_batches_past_one_pass(monkeypatch):
+    """70 entries are two passes over each row of R (64 + 6 rows of h in 16-lane registers): the
+    compiled recurrence against the numpy step loop and the dense weight's reference."""
+    hidden = 6
+    d, forms = _r_forms((1, 4 * hidden, hidden), seed=5)
+    graph, feeds = _lstm_graph("forward", hidden, False, {}, d, batch=70)
+    ex = Executor(graph)
+    ran = _count_runs("lstm_csr", monkeypatch)
+    got, twin = both(lambda: ex.run(feeds, {**graph.initializers, "r": forms["sparse"]}.__getitem__), monkeypatch)
+    assert len(ran) == 1
+    reference = ex.run(feeds)
+    for name in ("y", "yh", "yc"):
+        np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,density", [((512, 128), 0.1), ((37, 50), 0.3), ((16, 9), 0.0), ((5, 300), 0.6)])
+def test_sliced_rows_hold_the_csr_weights(shape, density):
+    """``SlicedRows`` (16-row slices of a CSR weight, rows sorted by their kept weights) holds the same
+    weights in the same rows, pads only up to each slice's longest row, at a column past the
+    activations with the zero symbol, and is counted in the weight's bytes once built."""
+    dense, _, sw = weights(shape, density, seed=shape[0])
+    before = sw.nbytes
+    rows = sw.sliced()
+    assert rows is sw.sliced() and sw.nbytes == before + rows.nbytes
+    np.testing.assert_array_equal(rows.dense(), dense)
+    counts = np.diff(sw.row_ptr)[rows.order]
+    assert np.all(np.diff(counts) <= 0)                         # longest rows first
+    lanes, slices = rows.LANES, len(rows.slice_ptr) - 1
+    assert slices == -(-shape[0] // lanes)
+    widths = np.diff(rows.slice_ptr)
+    np.testing.assert_array_equal(widths, [counts[s * lanes:(s + 1) * lanes].max(initial=0) for s in range(slices)])
+    padding = rows.symbols == 0
+    assert padding.sum() == widths.sum() * lanes - sw.nnz
+    assert np.all(rows.cols[padding] == shape[1])
+
+
+def _sliced_product(x, rows):
+    """``x @ W.T`` for a 1-D ``x`` through ``_simd.sliced_dot`` (a compiled loop over the slices)."""
+    from dcrt.runtime._simd import sliced_dot
+    from numba import njit
+
+    @njit
+    def run(xv, slice_ptr, cols, symbols, order, codebook, out):
+        dots, values = np.empty((slice_ptr.size - 1) * 16, np.float32), codebook[symbols]
+        for s in range(slice_ptr.size - 1):
+            sliced_dot(xv, cols, values, slice_ptr[s], slice_ptr[s + 1], dots, s * 16)
+        for i in range(order.size):
+            out[order[i]] = dots[i]
+    out = np.empty(rows.shape[0], np.float32)
+    run(np.append(x, np.float32(0)), *rows.arrays, out)
+    return out
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+def test_sliced_dot_gathers_the_kept_weights_only():
+    """One vector multiply-add per slot of 16 rows equals the CSR product; an inf activation reaches
+    only the rows that keep a weight for it (padding lanes read the zero past the activations)."""
+    dense, _, sw = weights((45, 70), 0.2, seed=8)
+    rows = sw.sliced()
+    x = rand(70)
+    np.testing.assert_allclose(_sliced_product(x, rows), x.astype(np.float64) @ dense.T, rtol=1e-5, atol=1e-5)
+    x[3] = np.inf
+    got = _sliced_product(x, rows)
+    uses = dense[:, 3] != 0
+    assert 0 < uses.sum() < 45 and np.all(np.isinf(got[uses])) and np.all(np.isfinite(got[~uses]))
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("hidden,peepholes", [(7, False), (40, True)])
+def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes):
+    """``lstm_sliced`` (R as 16-row slices) against ``lstm_csr`` on the same steps, wherever numba
+    runs (the sessions take it only with AVX-512's gathers: ``numba_kernels.wide_vectors``)."""
+    k = numba_kernels.kernels()
+    _, _, sw = weights((4 * hidden, hidden), 0.15, seed=hidden)
+    proj, p = rand(9, 1, 4 * hidden), rand(3 * hidden) if peepholes else np.zeros(0, np.float32)
+    h0, c0, results = rand(1, hidden), rand(1, hidden), []
+    for run in (lambda *a: k.lstm_csr(proj, sw.row_ptr, sw.cols, sw.symbols, sw.codebook, *a),
+                lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, *a)):
+        h, c, ys = h0.copy(), c0.copy(), np.empty((9, 1, hidden), np.float32)
+        run(p, np.float32(0.9), False, h, c, ys)
+        results.append((ys, h, c))
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction,attrs", [

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import kernels
 from ..indexed import IndexedWeight, SparseWeight, TableRows
+from ..numba_kernels import wide_vectors
 from dcrt.errors import InputError, UnsupportedOperatorError
 
 from . import register
@@ -266,6 +267,9 @@ def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], 
         return lambda proj_, p, h, c, ys: k.lstm_dense(proj_, r, p, clip, forget, h, c, ys)
     if isinstance(rd, IndexedWeight) and rd.indices.flags.c_contiguous:
         return lambda proj_, p, h, c, ys: k.lstm_index(proj_, rd.indices, rd.codebook, p, clip, forget, h, c, ys)
+    if isinstance(rd, SparseWeight) and proj.shape[1] == 1 and wide_vectors():
+        sliced = rd.sliced().arrays     # hardware gathers: 16 rows a step (numba_kernels.wide_vectors)
+        return lambda proj_, p, h, c, ys: k.lstm_sliced(proj_, *sliced, p, clip, forget, h, c, ys)
     if isinstance(rd, SparseWeight):
         return lambda proj_, p, h, c, ys: k.lstm_csr(proj_, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, p, clip,
                                                      forget, h, c, ys)
