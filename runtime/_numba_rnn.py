@@ -255,7 +255,8 @@ def lstm_sliced(proj, slice_ptr, cols, symbols, order, codebook, p, clip, input_
     gates = np.empty(gates4, np.float32)
     hv = np.zeros(hidden + 1, np.float32)       # h and the zero the padding lanes read
     for t in range(steps):
-        hv[:hidden] = h[0]
+        for j in range(hidden):     # a loop: a slice assignment's code imports numba's slicing and
+            hv[j] = h[0, j]         # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
         for s in range(slices):
             sliced_dot(hv, cols, values, slice_ptr[s], slice_ptr[s + 1], dots, s * LANES)
         for i in range(gates4):

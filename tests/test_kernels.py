@@ -73,7 +73,8 @@ def fresh_python(tmp_path, source: str, *args, **env) -> str:
 def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
     """A fresh process loads the cached kernels without numba's compiler set-up (``dcrt._jit``): a model's
     first result imports none of numba's lowering modules (``numba.np.arraymath`` imports
-    ``scipy.linalg``), not even the one its kernels' array allocations come from (``numba.np.arrayobj``),
+    ``scipy.linalg``), not even the one its kernels' array allocations come from (``numba.np.arrayobj``)
+    or a slice assignment's (``numba.cpython.slicing``: unicode and hashing with it, 26 ms and 1.8 MB),
     and parses no kernel's bitcode, and equals the result of a process that did the set-up first. A
     function compiled afterwards that calls a kernel so loaded links it (its bitcode parsed then)."""
     if numba_kernels.kernels() is None:
@@ -91,10 +92,19 @@ def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
         x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
         ys = [dcrt.Session({str(dcm_path("resnet18_tiny"))!r}, mode=mode).run(x) for mode in ("index", "dense")]
         np.save(sys.argv[2], np.stack(ys))
+        # an LSTM at batch 1 from a pruned R in slices (the kernel is loaded wherever numba runs)
+        from dcrt.runtime.indexed import SparseWeight
+        kept = np.arange(80 * 20).reshape(80, 20) % 7 == 0
+        sw = SparseWeight(np.ones(3, np.float32), np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int32),
+                          np.nonzero(kept)[1].astype(np.uint16), np.ones(kept.sum(), np.uint8), (80, 20))
+        h = np.zeros((1, 20), np.float32)
+        kernels.lstm_sliced(np.zeros((3, 1, 80), np.float32), *sw.sliced().arrays, np.zeros(0, np.float32),
+                            np.float32(np.inf), False, h, h.copy(), np.empty((3, 1, 20), np.float32))
         loaded = [o.library for d in (kernels.expand, kernels.bias_clamp) for o in d.overloads.values()]
         parsed = sum(lib.__dict__.get("_shared_module") is not None for lib in loaded)
         print("arraymath" if "numba.np.arraymath" in sys.modules else
-              "arrayobj" if "numba.np.arrayobj" in sys.modules else f"light, {{len(loaded)}} loaded, {{parsed}} parsed")
+              "arrayobj" if "numba.np.arrayobj" in sys.modules else
+              "slicing" if "numba.cpython.slicing" in sys.modules else f"light, {{len(loaded)}} loaded, {{parsed}} parsed")
 
         expand = kernels.expand
 
