@@ -1314,6 +1314,42 @@ def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatc
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+def test_lstm_prepared_call_takes_each_calls_weights(monkeypatch):
+    """A node's second plain call (one forward direction, no states, lengths or peepholes) runs the
+    prepared projection and kernel: the same outputs as the full operator, with the weights of that
+    call (another R, a dense or an indexed one, or another B give their own results), and a new input
+    shape or initial state goes the full way."""
+    lstm = OPS["LSTM"]
+    hidden = 8
+    d, forms = _r_forms((1, 4 * hidden, hidden), seed=9)
+    w, b, x = rand(1, 4 * hidden, 5), rand(1, 8 * hidden), rand(6, 1, 5)
+
+    def full(*args, **kw):
+        return lstm({"hidden_size": hidden}, *args, **kw)
+    attrs = {"hidden_size": hidden}
+    first = lstm(attrs, x, w, forms["sparse"], b)
+    assert "_plain" in attrs
+    from dcrt.runtime.ops import rnn
+    with monkeypatch.context() as m:        # the prepared call builds no _Recurrence
+        m.setattr(rnn, "_Recurrence", None)
+        again = lstm(attrs, x, w, forms["sparse"], b)
+    for g, e in zip(again, first):
+        np.testing.assert_array_equal(g, e)
+    for r, bias in ((forms["sparse"], b), (forms["dense"], b), (forms["indexed"], b), (d * 0.5, b), (d, b * 2)):
+        got, want = lstm(attrs, x, w, r, bias), full(x, w, r, bias)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(g, e)
+    for g, e in zip(first, full(x, w, forms["sparse"], b)):
+        np.testing.assert_array_equal(g, e)
+    x2 = rand(4, 3, 5)
+    for g, e in zip(lstm(attrs, x2, w, d, b), full(x2, w, d, b)):
+        np.testing.assert_array_equal(g, e)
+    h0 = rand(1, 1, hidden)
+    for g, e in zip(lstm(attrs, x, w, d, b, None, h0), full(x, w, d, b, None, h0)):
+        np.testing.assert_array_equal(g, e)
+
+
 def test_lstm_csr_kernel_takes_batches_past_one_pass(monkeypatch):
     """70 entries are two passes over each row of R (64 + 6 rows of h in 16-lane registers): the
     compiled recurrence against the numpy step loop and the dense weight's reference."""
