@@ -368,10 +368,10 @@ def csr_row_dot(xv, cols, symbols, codebook, e, end):  # pragma: no cover - comp
 # Several rows of x: the activations transposed and padded to a multiple of LANES columns, so that
 # each kept weight is read once and multiplies up to 64 rows of x in 16-lane registers
 # (``_simd.csr_lanes``: a broadcast centroid and one vector multiply-add per register, the sums never
-# stored until the row's end). One core, against 4 register sums a pass (up to 8 rows) and summing
-# arrays (more): 512x64 at 10 % 2 rows 15.7 -> 7.9-11.3 us, 8 rows 27-28 -> 8.7-12, 16 rows 24-25
-# -> 9.5, 64 rows 71-73 -> 53-64; 512x128 at 40 % 16 rows 119-132 -> 31-34; 300x784 at 10 % 64
-# rows 215 -> 140-188 us. The LSTM kernel's batch path shares this.
+# stored until the row's end). One core, a slow spell, against 4 register sums a pass (up to 8 rows)
+# and arrays of sums (more): 512x64 at 10 %, 2 rows 17-20 -> 15-16 us, 16 rows 36-42 -> 21-22, 64
+# rows 94-101 -> 82-85; 512x128 at 40 %, 16 rows 194-218 -> 55-60 (benchmarks/RESULTS.md, session
+# 30). The LSTM kernel's batch path shares this.
 @njit(inline="always")
 def padded_t(x):  # pragma: no cover - compiled
     """``x.T`` as ``[K, B]`` with its columns padded with zeros to a multiple of LANES."""

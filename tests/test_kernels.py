@@ -104,7 +104,8 @@ def test_cached_kernels_load_without_numba_compiler_setup(dcm_path, tmp_path):
         parsed = sum(lib.__dict__.get("_shared_module") is not None for lib in loaded)
         print("arraymath" if "numba.np.arraymath" in sys.modules else
               "arrayobj" if "numba.np.arrayobj" in sys.modules else
-              "slicing" if "numba.cpython.slicing" in sys.modules else f"light, {{len(loaded)}} loaded, {{parsed}} parsed")
+              "slicing" if "numba.cpython.slicing" in sys.modules else
+              f"light, {{len(loaded)}} loaded, {{parsed}} parsed")
 
         expand = kernels.expand
 
