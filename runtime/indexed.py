@@ -385,6 +385,15 @@ class SparseWeight:
             rows = self._sliced = SlicedRows(self)
         return rows
 
+    def sliced_when_reused(self) -> Optional["SlicedRows"]:
+        """:meth:`sliced` from the second call on (None at the first): a weight held across runs (index
+        mode) gets its slices, one built for a single node (stream mode) does not pay for building
+        them (~0.2 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run)."""
+        if "_sliced" in self.__dict__ or self.__dict__.pop("_asked", False):
+            return self.sliced()
+        self._asked = True
+        return None
+
     @classmethod
     def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
         """Build from the file's CSC entries (symbols, relative indices, column counts: see

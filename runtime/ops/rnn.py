@@ -306,9 +306,9 @@ def _lstm_kernel(k: Any, rd: Any, batch: int, clip: np.float32, forget: bool) ->
         return lambda proj_, p, h, c, ys: k.lstm_dense(proj_, r, p, clip, forget, h, c, ys)
     if isinstance(rd, IndexedWeight) and rd.indices.flags.c_contiguous:
         return lambda proj_, p, h, c, ys: k.lstm_index(proj_, rd.indices, rd.codebook, p, clip, forget, h, c, ys)
-    if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors():
-        sliced = rd.sliced().arrays     # hardware gathers: 16 rows a step (numba_kernels.wide_vectors)
-        return lambda proj_, p, h, c, ys: k.lstm_sliced(proj_, *sliced, p, clip, forget, h, c, ys)
+    sliced = rd.sliced_when_reused() if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors() else None
+    if sliced is not None:      # hardware gathers: 16 rows a step (numba_kernels.wide_vectors)
+        return lambda proj_, p, h, c, ys: k.lstm_sliced(proj_, *sliced.arrays, p, clip, forget, h, c, ys)
     if isinstance(rd, SparseWeight):
         return lambda proj_, p, h, c, ys: k.lstm_csr(proj_, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, p, clip,
                                                      forget, h, c, ys)
