@@ -616,9 +616,9 @@ class SlicedRows:
     """The kept weights of a 2-D :class:`SparseWeight` in slices of ``LANES`` rows (sliced ELLPACK,
     rows sorted by their kept weights first): slot ``e`` of a slice holds the ``e``-th kept weight of
     each of its rows side by side (``cols``, ``symbols`` ``[slots * LANES]``), so that one vector step
-    (``_simd.sliced_dot``: a gather of the activations, one of the centroids, a multiply-add) serves
-    ``LANES`` rows, where a CSR row is a chain of scalar multiply-adds (at 90 % pruning, 512 rows of
-    ~13 in the LSTM classifier's R). ``slice_ptr`` [slices + 1]: each slice's slots; ``order``
+    (``_simd.sliced_dot``: a gather of the activations and a multiply-add; the kernel looks the
+    centroids up once a call) serves ``LANES`` rows, where a CSR row is a chain of scalar
+    multiply-adds (at 90 % pruning, 512 rows of ~13 in the LSTM classifier's R). ``slice_ptr`` [slices + 1]: each slice's slots; ``order``
     [rows]: the weight row of each lane. A row shorter than its slice is padded with symbol 0 (the
     zero centroid) at column ``shape[1]``, one past the activations, where the kernel keeps a zero.
     Sorting keeps the padding small (2 % in that R; in the rows' own order ~50 %)."""
