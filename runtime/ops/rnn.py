@@ -204,17 +204,18 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
     hsz = rec.hidden
     funcs = _activations(attrs, ("Sigmoid", "Tanh", "Tanh"), rec.directions)
     hs, cs = rec.initial(h0), rec.initial(c0)
+    forget = bool(attrs.get("input_forget", 0))
     ys, h_last, c_last = [], [], []
     for d in range(rec.directions):
         f, g, act_h = funcs[d]
         # [T, B, 4H], the two biases added in the product's pass
         proj = kernels.matmul_t(rec.inputs(d), w[d], None if b is None else b[d, :4 * hsz] + b[d, 4 * hsz:])
         rd = r[d]
-        fast = _compiled_lstm(attrs, rec, funcs[d], proj, rd)
+        ready = _compiled(rec, funcs[d], _DEFAULT_LSTM)     # the step loop below is the kernels' twin
+        fast = None if ready is None else _lstm_kernel(*ready, rd, proj.shape[1], forget)
         if fast is not None:
             if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
-                k, clip = _compiled(rec, funcs[d], _DEFAULT_LSTM)
-                attrs["_plain"] = ((x.shape, x.dtype, w.shape, k), _plain_run(k, clip, _forget(attrs), hsz))
+                attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), _plain_run(*ready, forget, hsz))
             h, c = np.array(hs[d], np.float32), np.array(cs[d], np.float32)
             ys_d = np.empty(proj.shape[:2] + (hsz,), np.float32)
             peep = np.ascontiguousarray(p[d], np.float32) if p is not None else _NO_PEEPHOLES
@@ -223,7 +224,6 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
             h_last.append(h)
             c_last.append(c)
             continue
-        forget = _forget(attrs)
         h, c = hs[d], cs[d]
         out = []
         for t in range(rec.steps):
@@ -261,7 +261,7 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
     """``run(x, w, r, b)``: the outputs, or None when no kernel takes this ``R`` (the full operator then)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
         steps, batch = x.shape[:2]
-        fast = _lstm_kernel(k, r[0], batch, clip, forget)
+        fast = _lstm_kernel(k, clip, r[0], batch, forget)
         if fast is None:
             return None
         bias = None if b is None else b[0, :4 * hsz] + b[0, 4 * hsz:]
@@ -283,24 +283,10 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
     return None if k is None else (k, np.float32(np.inf if rec.clip is None else rec.clip))
 
 
-def _compiled_lstm(attrs: Attrs, rec: _Recurrence, funcs: Sequence[Activation], proj: np.ndarray,
-                   rd: Any) -> Optional[Callable[..., None]]:
-    """The numba kernel running all steps of one direction (``runtime/_numba_rnn.py``), bound to the
-    recurrent weight ``rd`` as it is held, or None (see :func:`_compiled`; the step loop below is its
-    numpy twin)."""
-    ready = _compiled(rec, funcs, _DEFAULT_LSTM)
-    if ready is None:
-        return None
-    k, clip = ready
-    return _lstm_kernel(k, rd, proj.shape[1], clip, _forget(attrs))
-
-
-def _forget(attrs: Attrs) -> bool:
-    return bool(attrs.get("input_forget", 0))
-
-
-def _lstm_kernel(k: Any, rd: Any, batch: int, clip: np.float32, forget: bool) -> Optional[Callable[..., None]]:
-    """``run(proj, p, h, c, ys)``: kernel ``k`` for one direction's ``R`` as it is held, or None."""
+def _lstm_kernel(k: Any, clip: np.float32, rd: Any, batch: int, forget: bool) -> Optional[Callable[..., None]]:
+    """``run(proj, p, h, c, ys)``: the numba kernel (``runtime/_numba_rnn.py``) running all steps of one
+    direction, bound to its recurrent weight ``rd`` as it is held, or None; ``k`` and ``clip`` as
+    :func:`_compiled` gives them."""
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
         return lambda proj_, p, h, c, ys: k.lstm_dense(proj_, r, p, clip, forget, h, c, ys)
@@ -365,7 +351,7 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
 
 def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any,
                   before_reset: bool) -> Optional[Callable[..., None]]:
-    """As :func:`_compiled_lstm` for the GRU: ``run(proj, rb, h, ys)``, or None (the step loop above
+    """As :func:`_lstm_kernel` for the GRU: ``run(proj, rb, h, ys)``, or None (the step loop above
     is its numpy twin). The GRU classifier (96 units, 16 steps), one core, batch 1: index mode 0.52 ->
     0.17 ms, dense 0.41 -> 0.075 ms (onnxruntime 0.042)."""
     ready = _compiled(rec, funcs, _DEFAULT_GRU)
