@@ -26,7 +26,7 @@ from .._jit import njit
 
 from ._numba_index import (csr_row_dot, index_dot4, lane_sums, padded_t, product_table, row_dots, slot_expand,
                            slot_rows, slot_split, table_stride)
-from ._simd import LANES, sliced_dot
+from ._simd import BLOCK, LANES, SLICE, TABLE, sliced_dot
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -237,31 +237,63 @@ def lstm_csr(proj, row_ptr, cols, symbols, codebook, p, clip, input_forget, h, c
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
-def lstm_sliced(proj, slice_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
+def lstm_sliced(proj, slot_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
                 ys):  # pragma: no cover - compiled
     """As :func:`lstm_csr` at batch 1 with R as ``indexed.SlicedRows``: ``LANES`` rows of R at a time,
-    one vector multiply-add per slot (``_simd.sliced_dot``), the sums put back in R's row order with
-    the input projections. The centroids of the kept weights are looked up once for all the steps
-    (a temporary of the kept weights, 27 KB for the LSTM classifier's R at 90 %), so that a slot
-    gathers only its activations. That R's 16 steps at batch 1, one core, against :func:`lstm_csr` in
-    one process: 105-161 -> 52-82 us (gathering the centroids too each step: 95-105 against 136-150)."""
-    steps, batch, gates4 = proj.shape
+    one permute of a block's activations and one vector multiply-add per slot (``_simd.sliced_dot``),
+    the sums put back in R's row order with the input projections. That R's product, one step on
+    one core: gathering the activations from memory 1.6-2.7 us, permuting them 0.8-1.4 (against
+    :func:`lstm_csr`'s 16 steps 105-161 us, slices with gathers 52-82)."""
+    gates4 = proj.shape[2]
+    _sliced_steps(proj.reshape(-1), gates4, 1, np.zeros(gates4, np.float32), slot_ptr, cols, symbols, order,
+                  codebook, p, clip, input_forget, h, c, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def lstm_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, cols, symbols, order, codebook, clip,
+                    input_forget, h, c, ys):  # pragma: no cover - compiled
+    """:func:`lstm_sliced` (no peepholes) with the input projections taken here, from ``x`` ``[T, 1, I]``
+    and a CSR ``W`` (``_numba_index.lane_sums``: each kept weight of W read once for 16 steps), and
+    ``b`` ``[8H]`` both biases: the step loop reads the sums where ``lane_sums`` leaves them, so that
+    no pass moves them into ``[T, 4H]`` or adds the biases, and one call does what ``matmul_t`` and
+    the kernel did (the 90 %-pruned LSTM classifier's LSTM node, one core: 48-58 -> xx us)."""
+    steps, gates4 = x.shape[0], w_row_ptr.size - 1
+    xt = padded_t(x.reshape(steps, x.shape[2]))
+    width = xt.shape[1]
+    sums = np.empty(gates4 * width, np.float32)
+    lane_sums(xt, w_row_ptr, w_cols, w_symbols, w_codebook, 0, gates4, sums)
+    bias = np.empty(gates4, np.float32)
+    for n in range(gates4):
+        bias[n] = b[n] + b[gates4 + n]
+    _sliced_steps(sums, 1, width, bias, slot_ptr, cols, symbols, order, codebook, np.zeros(0, np.float32), clip,
+                  input_forget, h, c, ys)
+
+
+@njit(inline="always")
+def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
+                  ys):  # pragma: no cover - compiled
+    """The steps of :func:`lstm_sliced`, its input projection of gate row ``n`` at step ``t`` being
+    ``proj[t * at_step + n * at_row] + bias[n]``. The centroids of the kept weights are looked up
+    once for all the steps (a temporary within a tile: ``SparseWeight.sliced_when_reused``; 44 KB
+    for the LSTM classifier's R at 90 %), so that a slot reads only its columns and weights."""
+    steps, gates4 = ys.shape[0], bias.size
     hidden = gates4 // 4
-    slices = slice_ptr.size - 1
+    blocks = -(-hidden // BLOCK)
+    slices = (slot_ptr.size - 1) // blocks
     values = np.empty(symbols.size, np.float32)
     for e in range(symbols.size):
         values[e] = codebook[symbols[e]]
-    dots = np.empty(slices * LANES, np.float32)
+    dots = np.empty(slices * SLICE, np.float32)
     gates = np.empty(gates4, np.float32)
-    hv = np.zeros(hidden + 1, np.float32)       # h and the zero the padding lanes read
+    hv = np.zeros(blocks * TABLE, np.float32)       # h in blocks, each followed by the zero padding reads
     for t in range(steps):
         for j in range(hidden):     # a loop: a slice assignment's code imports numba's slicing and
-            hv[j] = h[0, j]         # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
+            hv[j + j // BLOCK] = h[0, j]        # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
         for s in range(slices):
-            sliced_dot(hv, cols, values, slice_ptr[s], slice_ptr[s + 1], dots, s * LANES)
+            sliced_dot(hv, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
         for i in range(gates4):
             n = order[i]
-            gates[n] = proj[t, 0, n] + dots[i]
+            gates[n] = proj[t * at_step + n * at_row] + bias[n] + dots[i]
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
 

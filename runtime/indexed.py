@@ -83,8 +83,13 @@ def _tile_rows(rows: int, row_elems: int) -> int:
     than that memory was worth (without numba, one core, index mode: the LSTM classifier 2.45 ->
     1.85 ms, ResNet-18 107-110 -> 85-90 ms).
     """
-    budget = min(TILE_BYTES, max(4 * rows * row_elems // TILE_FRACTION, TILE_FLOOR))
-    return max(1, budget // max(1, (4 if kernels() is not None else 5) * row_elems))
+    return max(1, _tile_budget(rows, row_elems) // max(1, (4 if kernels() is not None else 5) * row_elems))
+
+
+def _tile_budget(rows: int, row_elems: int) -> int:
+    """The float32 bytes a product may expand of a weight ``[rows, row_elems]`` at once: at most
+    TILE_BYTES and a 1/TILE_FRACTION share of it, or TILE_FLOOR when that is more."""
+    return min(TILE_BYTES, max(4 * rows * row_elems // TILE_FRACTION, TILE_FLOOR))
 
 
 def _take_step(elements: int) -> int:
@@ -388,11 +393,20 @@ class SparseWeight:
     def sliced_when_reused(self) -> Optional["SlicedRows"]:
         """:meth:`sliced` from the second call on (None at the first): a weight held across runs (index
         mode) gets its slices, one built for a single node (stream mode) does not pay for building
-        them (~0.2 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run)."""
-        if "_sliced" in self.__dict__ or self.__dict__.pop("_asked", False):
-            return self.sliced()
-        self._asked = True
-        return None
+        them (~0.2 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run). None
+        also for a weight whose slots' centroids, which the kernel holds as float32 for a call, would
+        be more than a tile (:func:`_tile_budget`: 133 KB for the 60 %-pruned 512x128 R)."""
+        rows = self.__dict__.get("_sliced")
+        if rows is not None:
+            return rows
+        asked = self._asked = self.__dict__.get("_asked", 0) + 1
+        if asked != 2:
+            return None
+        rows = SlicedRows(self)
+        if 4 * rows.symbols.size > _tile_budget(*self.shape):
+            return None     # and at every later call (asked > 2)
+        self._sliced = rows
+        return rows
 
     @classmethod
     def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
@@ -613,49 +627,65 @@ class SparseWeight:
 
 
 class SlicedRows:
-    """The kept weights of a 2-D :class:`SparseWeight` in slices of ``LANES`` rows (sliced ELLPACK,
-    rows sorted by their kept weights first): slot ``e`` of a slice holds the ``e``-th kept weight of
-    each of its rows side by side (``cols``, ``symbols`` ``[slots * LANES]``), so that one vector step
-    (``_simd.sliced_dot``: a gather of the activations and a multiply-add; the kernel looks the
-    centroids up once a call) serves ``LANES`` rows, where a CSR row is a chain of scalar
-    multiply-adds (at 90 % pruning, 512 rows of ~13 in the LSTM classifier's R). ``slice_ptr`` [slices + 1]: each slice's slots; ``order``
-    [rows]: the weight row of each lane. A row shorter than its slice is padded with symbol 0 (the
-    zero centroid) at column ``shape[1]``, one past the activations, where the kernel keeps a zero.
-    Sorting keeps the padding small (2 % in that R; in the rows' own order ~50 %)."""
+    """The kept weights of a 2-D :class:`SparseWeight` in slices of ``LANES`` rows and blocks of
+    ``BLOCK`` columns (a blocked sliced ELLPACK): slot ``e`` of a slice's block holds one kept weight
+    of that block for each of the slice's rows side by side (``cols``: the column within the block,
+    ``symbols``; ``[slots * LANES]``), so that one vector step serves ``LANES`` rows, where a CSR row
+    is a chain of scalar multiply-adds (at 90 % pruning, 512 rows of ~13 in the LSTM classifier's R).
+    A block's activations and a zero fill two 16-lane registers, from which a slot's 16 activations
+    are one permute (``_simd.sliced_dot``; a gather from memory costs ~3x as much on the machine
+    measured). ``slot_ptr`` [slices * blocks + 1]: the slots of slice ``s``'s block ``b`` at
+    ``s * blocks + b``; ``order`` [rows]: the weight row of each lane. A row with fewer kept weights
+    in a block than its slice's longest is padded with symbol 0 (the zero centroid) at column
+    ``BLOCK``, the zero after the block's activations. Rows are sorted by their counts in the
+    blocks, so that alike rows share slices: 692 slots for the 90 %-pruned 512x128 R (410 slots'
+    worth of kept weights; 853 in the rows' own order)."""
 
-    LANES = 16
+    #: Rows of a slice: two 16-lane registers, whose two chains of multiply-adds overlap (one chain
+    #: waited for each multiply-add: 16-row slices, 692 slots for that R, 0.8-1.0 us a product,
+    #: against 782 slots of 32 rows in 0.xx us)
+    ROWS = 32
+    #: Columns of a block; with the zero the padding reads, a block's table is 32 floats.
+    BLOCK = 31
 
     def __init__(self, w: SparseWeight):
-        lanes, (rows, width) = self.LANES, w.shape
-        counts = np.diff(w.row_ptr).astype(np.intp)
-        self.order = np.argsort(-counts, kind="stable").astype(POINTER)
-        counts = counts[self.order]
-        slices = -(-rows // lanes)
-        padded = np.zeros(slices * lanes, np.intp)
-        padded[:rows] = counts
-        self.slice_ptr = np.zeros(slices + 1, POINTER)
-        np.cumsum(padded.reshape(slices, lanes).max(axis=1), out=self.slice_ptr[1:])
-        size = int(self.slice_ptr[-1]) * lanes
-        row = np.repeat(np.arange(rows), counts)                    # sorted row of each kept weight
-        nth = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        at = (self.slice_ptr[row // lanes] + nth) * lanes + row % lanes
-        source = np.repeat(w.row_ptr[self.order].astype(np.intp), counts) + nth
-        self.cols = np.full(size, width, position_dtype(width + 1))
+        lanes, block, (rows, width) = self.ROWS, self.BLOCK, w.shape
+        blocks, slices = -(-width // block), -(-rows // lanes)
+        row = np.repeat(np.arange(rows), np.diff(w.row_ptr).astype(np.intp))
+        group = row * blocks + w.cols // block                  # (row, block) of each kept weight
+        counts = np.bincount(group, minlength=rows * blocks).reshape(rows, blocks)
+        self.order = np.lexsort(counts.T[::-1]).astype(POINTER)
+        lane = np.empty(rows, np.intp)
+        lane[self.order] = np.arange(rows)
+        padded = np.zeros((slices * lanes, blocks), np.intp)
+        padded[:rows] = counts[self.order]
+        self.slot_ptr = np.zeros(slices * blocks + 1, POINTER)
+        np.cumsum(padded.reshape(slices, lanes, blocks).max(axis=1), out=self.slot_ptr[1:])
+        by_group = np.argsort(group, kind="stable")
+        starts = np.cumsum(counts.ravel()) - counts.ravel()
+        nth = np.arange(group.size) - starts[group[by_group]]     # its place among its row's in the block
+        r, b = row[by_group], group[by_group] % blocks
+        at = (self.slot_ptr[lane[r] // lanes * blocks + b] + nth) * lanes + lane[r] % lanes
+        size = int(self.slot_ptr[-1]) * lanes
+        self.cols = np.full(size, block, np.uint8)
         self.symbols = np.zeros(size, w.symbols.dtype)
-        self.cols[at], self.symbols[at] = w.cols[source], w.symbols[source]
+        self.cols[at] = w.cols[by_group] - b * block
+        self.symbols[at] = w.symbols[by_group]
         self.codebook, self.shape = w.codebook, w.shape
-        self.arrays = (self.slice_ptr, self.cols, self.symbols, self.order, self.codebook)
+        self.arrays = (self.slot_ptr, self.cols, self.symbols, self.order, self.codebook)
 
     nbytes = property(lambda self: sum(a.nbytes for a in self.arrays[:-1]))
 
     def dense(self) -> np.ndarray:
         """The weight as float32 (for checks)."""
-        lanes, at = self.LANES, np.flatnonzero(self.symbols)
-        slice_of = np.searchsorted(self.slice_ptr, at // lanes, side="right") - 1
-        lane_rows = np.zeros((len(self.slice_ptr) - 1) * lanes, np.intp)
+        lanes, at = self.ROWS, np.flatnonzero(self.symbols)
+        group = np.searchsorted(self.slot_ptr, at // lanes, side="right") - 1       # slice * blocks + block
+        blocks = -(-self.shape[1] // self.BLOCK)
+        lane_rows = np.zeros((len(self.slot_ptr) - 1) // blocks * lanes, np.intp)
         lane_rows[:self.shape[0]] = self.order
         dense = np.zeros(self.shape, np.float32)
-        dense[lane_rows[slice_of * lanes + at % lanes], self.cols[at]] = self.codebook[self.symbols[at]]
+        dense[lane_rows[group // blocks * lanes + at % lanes], group % blocks * self.BLOCK + self.cols[at]] = \
+            self.codebook[self.symbols[at]]
         return dense
 
 

@@ -1371,23 +1371,29 @@ def test_lstm_csr_kernel_takes_batches_past_one_pass(monkeypatch):
 
 @pytest.mark.parametrize("shape,density", [((512, 128), 0.1), ((37, 50), 0.3), ((16, 9), 0.0), ((5, 300), 0.6)])
 def test_sliced_rows_hold_the_csr_weights(shape, density):
-    """``SlicedRows`` (16-row slices of a CSR weight, rows sorted by their kept weights) holds the same
-    weights in the same rows, pads only up to each slice's longest row, at a column past the
-    activations with the zero symbol, and is counted in the weight's bytes once built."""
+    """``SlicedRows`` (16-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
+    the same rows, pads each block only up to its slice's longest row there, with the zero symbol at
+    the column after the block's, sorts alike rows together (fewer slots than the rows' own order)
+    and is counted in the weight's bytes once built."""
     dense, _, sw = weights(shape, density, seed=shape[0])
     before = sw.nbytes
     rows = sw.sliced()
     assert rows is sw.sliced() and sw.nbytes == before + rows.nbytes
     np.testing.assert_array_equal(rows.dense(), dense)
-    counts = np.diff(sw.row_ptr)[rows.order]
-    assert np.all(np.diff(counts) <= 0)                         # longest rows first
-    lanes, slices = rows.LANES, len(rows.slice_ptr) - 1
-    assert slices == -(-shape[0] // lanes)
-    widths = np.diff(rows.slice_ptr)
-    np.testing.assert_array_equal(widths, [counts[s * lanes:(s + 1) * lanes].max(initial=0) for s in range(slices)])
+    lanes, block = rows.ROWS, rows.BLOCK
+    slices, blocks = -(-shape[0] // lanes), -(-shape[1] // block)
+    assert len(rows.slot_ptr) == slices * blocks + 1
+
+    def slots(order):
+        counts = np.zeros((slices * lanes, blocks), np.intp)
+        for lane, r in enumerate(order):
+            np.add.at(counts[lane], sw.cols[sw.row_ptr[r]:sw.row_ptr[r + 1]] // block, 1)
+        return counts.reshape(slices, lanes, blocks).max(axis=1).ravel()
+    np.testing.assert_array_equal(np.diff(rows.slot_ptr), slots(rows.order))
     padding = rows.symbols == 0
-    assert padding.sum() == widths.sum() * lanes - sw.nnz
-    assert np.all(rows.cols[padding] == shape[1])
+    assert padding.sum() == rows.slot_ptr[-1] * lanes - sw.nnz and np.all(rows.cols[padding] == block)
+    if shape[0] == 512:
+        assert rows.slot_ptr[-1] < 0.9 * slots(range(shape[0])).sum()
 
 
 def test_sliced_rows_are_built_for_a_weight_used_twice():
@@ -1400,53 +1406,102 @@ def test_sliced_rows_are_built_for_a_weight_used_twice():
     assert isinstance(rows, indexed.SlicedRows) and sw.sliced_when_reused() is rows is sw.sliced()
 
 
+def test_sliced_rows_stay_within_a_tile():
+    """Slices whose slots' centroids (the kernel's float32 temporary for a call) would take more than
+    an expanded tile may are not built for the kernels: a 512x128 weight 60 % pruned (~128 KB of
+    slots against 64 KB), while one 90 % pruned (~44 KB) gets them."""
+    for density, fits in ((0.4, False), (0.1, True)):
+        _, _, sw = weights((512, 128), density, seed=5)
+        before = sw.nbytes
+        assert [sw.sliced_when_reused() is not None for _ in range(4)] == [False, fits, fits, fits]
+        assert (sw.nbytes > before) == fits
+        assert (4 * indexed.SlicedRows(sw).symbols.size <= indexed.TILE_FLOOR) == fits
+
+
 def _sliced_product(x, rows):
     """``x @ W.T`` for a 1-D ``x`` through ``_simd.sliced_dot`` (a compiled loop over the slices)."""
-    from dcrt.runtime._simd import sliced_dot
+    from dcrt.runtime._simd import BLOCK, SLICE, TABLE, sliced_dot
     from numba import njit
 
     @njit
-    def run(xv, slice_ptr, cols, symbols, order, codebook, out):
-        dots, values = np.empty((slice_ptr.size - 1) * 16, np.float32), codebook[symbols]
-        for s in range(slice_ptr.size - 1):
-            sliced_dot(xv, cols, values, slice_ptr[s], slice_ptr[s + 1], dots, s * 16)
+    def run(x, slot_ptr, cols, symbols, order, codebook, out):
+        blocks = -(-x.size // BLOCK)
+        slices = (slot_ptr.size - 1) // blocks
+        table, dots, values = np.zeros(blocks * TABLE, np.float32), np.empty(slices * SLICE, np.float32), codebook[symbols]
+        for j in range(x.size):
+            table[j + j // BLOCK] = x[j]
+        for s in range(slices):
+            sliced_dot(table, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
         for i in range(order.size):
             out[order[i]] = dots[i]
     out = np.empty(rows.shape[0], np.float32)
-    run(np.append(x, np.float32(0)), *rows.arrays, out)
+    run(x, *rows.arrays, out)
     return out
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
-def test_sliced_dot_gathers_the_kept_weights_only():
-    """One vector multiply-add per slot of 16 rows equals the CSR product; an inf activation reaches
-    only the rows that keep a weight for it (padding lanes read the zero past the activations)."""
+def test_sliced_dot_reads_the_kept_weights_only():
+    """One vector multiply-add per slot of 16 rows equals the CSR product (three blocks of columns);
+    an inf activation reaches only the rows that keep a weight for it (padding lanes read the zero
+    after their block's activations)."""
     dense, _, sw = weights((45, 70), 0.2, seed=8)
     rows = sw.sliced()
     x = rand(70)
     np.testing.assert_allclose(_sliced_product(x, rows), x.astype(np.float64) @ dense.T, rtol=1e-5, atol=1e-5)
-    x[3] = np.inf
-    got = _sliced_product(x, rows)
-    uses = dense[:, 3] != 0
-    assert 0 < uses.sum() < 45 and np.all(np.isinf(got[uses])) and np.all(np.isfinite(got[~uses]))
+    for column in (3, 40, 69):
+        x = rand(70)
+        x[column] = np.inf
+        got = _sliced_product(x, rows)
+        uses = dense[:, column] != 0
+        assert 0 < uses.sum() < 45 and np.all(np.isinf(got[uses])) and np.all(np.isfinite(got[~uses]))
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
-@pytest.mark.parametrize("hidden,peepholes", [(7, False), (40, True)])
-def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes):
-    """``lstm_sliced`` (R as 16-row slices) against ``lstm_csr`` on the same steps, wherever numba
-    runs (the sessions take it only with AVX-512's gathers: ``numba_kernels.wide_vectors``)."""
+@pytest.mark.parametrize("hidden,peepholes,steps", [(7, False, 9), (40, True, 9), (70, False, 70)])
+def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
+    """``lstm_sliced`` (R as 32-row slices in blocks of 31 columns: 1-3 blocks here) and, without
+    peepholes, ``lstm_sliced_csr`` (the input projection of a CSR W taken in the kernel too: 70 steps
+    are two passes of ``lane_sums``) against ``lstm_csr`` on the same steps, wherever numba runs (the
+    sessions take them only with AVX-512's permutes: ``numba_kernels.wide_vectors``)."""
     k = numba_kernels.kernels()
     _, _, sw = weights((4 * hidden, hidden), 0.15, seed=hidden)
-    proj, p = rand(9, 1, 4 * hidden), rand(3 * hidden) if peepholes else np.zeros(0, np.float32)
+    _, _, w = weights((4 * hidden, 5), 0.5, seed=hidden + 1)
+    x, b = rand(steps, 1, 5), rand(8 * hidden)
+    proj = kernels.matmul_t(x, w, b[:4 * hidden] + b[4 * hidden:])
+    p = rand(3 * hidden) if peepholes else np.zeros(0, np.float32)
     h0, c0, results = rand(1, hidden), rand(1, hidden), []
-    for run in (lambda *a: k.lstm_csr(proj, sw.row_ptr, sw.cols, sw.symbols, sw.codebook, *a),
-                lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, *a)):
-        h, c, ys = h0.copy(), c0.copy(), np.empty((9, 1, hidden), np.float32)
-        run(p, np.float32(0.9), False, h, c, ys)
+    runs = [lambda *a: k.lstm_csr(proj, sw.row_ptr, sw.cols, sw.symbols, sw.codebook, p, *a),
+            lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, p, *a)]
+    if not peepholes:
+        runs.append(lambda *a: k.lstm_sliced_csr(x, *w.arrays, b, *sw.sliced().arrays, *a))
+    for run in runs:
+        h, c, ys = h0.copy(), c0.copy(), np.empty((steps, 1, hidden), np.float32)
+        run(np.float32(0.9), False, h, c, ys)
         results.append((ys, h, c))
-    for got, want in zip(*results):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for result in results[1:]:
+        for got, want in zip(result, results[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+def test_lstm_prepared_call_projects_in_the_sliced_kernel(monkeypatch):
+    """With R held per direction (in slices from its second batch-1 call on, where AVX-512 is) and a
+    CSR W, the prepared call is one kernel, ``lstm_sliced_csr``, which takes the input projection
+    too: the full operator's results on the dense weights at each call, with and without B, for an
+    input that is a view (time-major out of batch-major)."""
+    lstm, hidden = OPS["LSTM"], 40
+    dr, _, r = weights((4 * hidden, hidden), 0.15, seed=2)
+    dw, _, w = weights((4 * hidden, 6), 0.5, seed=3)
+    weights_held = indexed.PerDirection([w]), indexed.PerDirection([r])
+    b, x = rand(1, 8 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
+    attrs = {"hidden_size": hidden}
+    ran = _count_runs("lstm_sliced_csr", monkeypatch)
+    for bias in (b, b, b, None):
+        got = lstm(attrs, x, *weights_held, bias)
+        want = lstm({"hidden_size": hidden}, np.ascontiguousarray(x), dw[None], dr[None], bias)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    assert len(ran) == (3 if numba_kernels.wide_vectors() else 0)     # the first call builds no slices
 
 
 @pytest.mark.parametrize("direction,attrs", [

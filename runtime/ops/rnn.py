@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
-from ..indexed import IndexedWeight, SparseWeight, TableRows
+from ..indexed import IndexedWeight, SlicedRows, SparseWeight, TableRows
 from ..numba_kernels import wide_vectors
 from dcrt.errors import InputError, UnsupportedOperatorError
 
@@ -212,7 +212,7 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         proj = kernels.matmul_t(rec.inputs(d), w[d], None if b is None else b[d, :4 * hsz] + b[d, 4 * hsz:])
         rd = r[d]
         ready = _compiled(rec, funcs[d], _DEFAULT_LSTM)     # the step loop below is the kernels' twin
-        fast = None if ready is None else _lstm_kernel(*ready, rd, proj.shape[1], forget)
+        fast = None if ready is None else _lstm_kernel(*ready, rd, _sliced(rd, proj.shape[1]), forget)
         if fast is not None:
             if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
                 attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), _plain_run(*ready, forget, hsz))
@@ -256,19 +256,25 @@ _DEFAULT_LSTM = (sigmoid, np.tanh, np.tanh)
 # peepholes, compiled) is prepared once per node and input shape: a later call computes the
 # projection and runs the kernel, none of the rest of the operator's Python (~15 us a call: ~10 % of
 # the 90 %-pruned LSTM classifier's run). The weights are arguments, not kept: stream mode drops
-# them after the node.
+# them after the node. With R in slices and a CSR W, one kernel takes the projection too.
 def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[..., Optional[Tuple[np.ndarray, ...]]]:
     """``run(x, w, r, b)``: the outputs, or None when no kernel takes this ``R`` (the full operator then)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
         steps, batch = x.shape[:2]
-        fast = _lstm_kernel(k, clip, r[0], batch, forget)
-        if fast is None:
-            return None
-        bias = None if b is None else b[0, :4 * hsz] + b[0, 4 * hsz:]
-        proj = np.ascontiguousarray(kernels.matmul_t(x, w[0], bias), np.float32)
+        sliced = _sliced(r[0], batch)
         h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
         ys = np.empty((steps, batch, hsz), np.float32)
-        fast(proj, _NO_PEEPHOLES, h, c, ys)
+        if sliced is not None and isinstance(w[0], SparseWeight):
+            wd = w[0]
+            k.lstm_sliced_csr(np.ascontiguousarray(x), wd.row_ptr, wd.cols, wd.symbols, wd.codebook,
+                              np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32),
+                              *sliced.arrays, clip, forget, h, c, ys)
+        else:
+            fast = _lstm_kernel(k, clip, r[0], sliced, forget)
+            if fast is None:
+                return None
+            bias = None if b is None else b[0, :4 * hsz] + b[0, 4 * hsz:]
+            fast(np.ascontiguousarray(kernels.matmul_t(x, w[0], bias), np.float32), _NO_PEEPHOLES, h, c, ys)
         return ys.reshape(steps, 1, batch, hsz), h.reshape(1, batch, hsz), c.reshape(1, batch, hsz)
     return run
 
@@ -283,17 +289,23 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
     return None if k is None else (k, np.float32(np.inf if rec.clip is None else rec.clip))
 
 
-def _lstm_kernel(k: Any, clip: np.float32, rd: Any, batch: int, forget: bool) -> Optional[Callable[..., None]]:
+def _sliced(rd: Any, batch: int) -> Optional[SlicedRows]:
+    """A recurrent weight's 16-row slices for the batch-1 kernel (``SparseWeight.sliced_when_reused``),
+    where AVX-512 permutes their activations (``numba_kernels.wide_vectors``), else None."""
+    return rd.sliced_when_reused() if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors() else None
+
+
+def _lstm_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
+                 forget: bool) -> Optional[Callable[..., None]]:
     """``run(proj, p, h, c, ys)``: the numba kernel (``runtime/_numba_rnn.py``) running all steps of one
-    direction, bound to its recurrent weight ``rd`` as it is held, or None; ``k`` and ``clip`` as
-    :func:`_compiled` gives them."""
+    direction, bound to its recurrent weight ``rd`` as it is held (its slices when ``sliced``: see
+    :func:`_sliced`), or None; ``k`` and ``clip`` as :func:`_compiled` gives them."""
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
         return lambda proj_, p, h, c, ys: k.lstm_dense(proj_, r, p, clip, forget, h, c, ys)
     if isinstance(rd, IndexedWeight) and rd.indices.flags.c_contiguous:
         return lambda proj_, p, h, c, ys: k.lstm_index(proj_, rd.indices, rd.codebook, p, clip, forget, h, c, ys)
-    sliced = rd.sliced_when_reused() if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors() else None
-    if sliced is not None:      # hardware gathers: 16 rows a step (numba_kernels.wide_vectors)
+    if sliced is not None:
         return lambda proj_, p, h, c, ys: k.lstm_sliced(proj_, *sliced.arrays, p, clip, forget, h, c, ys)
     if isinstance(rd, SparseWeight):
         return lambda proj_, p, h, c, ys: k.lstm_csr(proj_, rd.row_ptr, rd.cols, rd.symbols, rd.codebook, p, clip,

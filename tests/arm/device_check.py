@@ -169,19 +169,26 @@ def check_register_tiles(c: Checks) -> None:
         k.conv_tiles(k.pack_pointwise(w4.reshape(14, 27)), x4, b, np.zeros(0, np.float32), (2, 1, 1, 1, 1, 1, 21),
                      3, 3, np.float32(-1.0), np.float32(2.0), 5, y)
         close(y, kernels.conv(x4, w4, b, [2, 1], [1, 1], [1, 1, 1, 1], 1, (-1.0, 2.0)), 1e-5, "conv_tiles")
-        # an LSTM's pruned R as 16-row slices (gathers: scalar loads without AVX) against its CSR kernel
-        kept = rng.random((80, 20)) < 0.2
+        # an LSTM's pruned R as 32-row slices in two blocks of columns (AVX-512 permutes them; a
+        # gather from the block's table elsewhere: scalar loads without AVX) against its CSR kernel,
+        # and with a CSR W's projection in the kernel
+        kept = rng.random((160, 40)) < 0.2
         ptr = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int32)
         symbols = rng.integers(1, 31, kept.sum()).astype(np.uint8)
         sw = SparseWeight(rng.standard_normal(30, np.float32), ptr, np.nonzero(kept)[1].astype(np.uint16), symbols,
-                          (80, 20))
-        proj, runs = rng.standard_normal((5, 1, 80), np.float32), []
-        for run in (lambda *a: k.lstm_csr(proj, *sw.arrays, *a),
-                    lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, *a)):
-            h, cell = np.full((1, 20), 0.3, np.float32), np.zeros((1, 20), np.float32)
-            ys = np.empty((5, 1, 20), np.float32)
-            run(np.zeros(0, np.float32), np.float32(np.inf), False, h, cell, ys)
+                          (160, 40))
+        x, wd = rng.standard_normal((5, 1, 3), np.float32), rng.standard_normal((160, 3), np.float32)
+        w = SparseWeight(wd.ravel(), np.arange(0, 481, 3, dtype=np.int32), np.tile(np.arange(3, dtype=np.uint16), 160),
+                         np.arange(1, 481, dtype=np.uint16), (160, 3))
+        proj, runs = (x @ wd.T).astype(np.float32), []
+        for run in (lambda *a: k.lstm_csr(proj, *sw.arrays, np.zeros(0, np.float32), *a),
+                    lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, np.zeros(0, np.float32), *a),
+                    lambda *a: k.lstm_sliced_csr(x, *w.arrays, np.zeros(320, np.float32), *sw.sliced().arrays, *a)):
+            h, cell = np.full((1, 40), 0.3, np.float32), np.zeros((1, 40), np.float32)
+            ys = np.empty((5, 1, 40), np.float32)
+            run(np.float32(np.inf), False, h, cell, ys)
             runs.append(ys)
+        close(runs[2], runs[0], 1e-5, "lstm_sliced_csr")
         close(runs[1], runs[0], 1e-5, "lstm_sliced")
     c.check("pointwise and convolution register tiles and the sliced LSTM agree with numpy on this machine", agrees)
 
