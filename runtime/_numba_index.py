@@ -390,10 +390,9 @@ def lane_sums(xt, row_ptr, cols, symbols, codebook, n0, n1, sums):  # pragma: no
     ``LANE_GROUPS * LANES`` rows of x per pass over a row's kept weights."""
     width = xt.shape[1]
     flat = xt.reshape(-1)
-    for n in range(n0, n1):
-        for b0 in range(0, width, LANE_GROUPS * LANES):
-            csr_lanes(flat, b0, width, min(LANE_GROUPS, (width - b0) // LANES), cols, symbols, codebook, row_ptr[n],
-                      row_ptr[n + 1], sums, (n - n0) * width + b0)
+    for b0 in range(0, width, LANE_GROUPS * LANES):
+        csr_lanes(flat, b0, width, min(LANE_GROUPS, (width - b0) // LANES), row_ptr, cols, symbols, codebook, n0, n1,
+                  sums, b0, width)
 
 
 @njit(inline="always")

@@ -627,23 +627,23 @@ class SparseWeight:
 
 
 class SlicedRows:
-    """The kept weights of a 2-D :class:`SparseWeight` in slices of ``LANES`` rows and blocks of
+    """The kept weights of a 2-D :class:`SparseWeight` in slices of ``ROWS`` rows and blocks of
     ``BLOCK`` columns (a blocked sliced ELLPACK): slot ``e`` of a slice's block holds one kept weight
     of that block for each of the slice's rows side by side (``cols``: the column within the block,
-    ``symbols``; ``[slots * LANES]``), so that one vector step serves ``LANES`` rows, where a CSR row
-    is a chain of scalar multiply-adds (at 90 % pruning, 512 rows of ~13 in the LSTM classifier's R).
-    A block's activations and a zero fill two 16-lane registers, from which a slot's 16 activations
-    are one permute (``_simd.sliced_dot``; a gather from memory costs ~3x as much on the machine
-    measured). ``slot_ptr`` [slices * blocks + 1]: the slots of slice ``s``'s block ``b`` at
-    ``s * blocks + b``; ``order`` [rows]: the weight row of each lane. A row with fewer kept weights
-    in a block than its slice's longest is padded with symbol 0 (the zero centroid) at column
-    ``BLOCK``, the zero after the block's activations. Rows are sorted by their counts in the
-    blocks, so that alike rows share slices: 692 slots for the 90 %-pruned 512x128 R (410 slots'
-    worth of kept weights; 853 in the rows' own order)."""
+    ``symbols``; ``[slots * ROWS]``), so that one vector step serves 16 rows, where a CSR row is a
+    chain of scalar multiply-adds (at 90 % pruning, 512 rows of ~13 in the LSTM classifier's R). A
+    block's activations and a zero fill two 16-lane registers, from which 16 activations are one
+    permute (``_simd.sliced_dot``; a gather from memory cost twice the whole product on the machine
+    measured). ``slot_ptr`` [slices * blocks + 1]: the slots of slice ``s``'s block ``b`` at ``s *
+    blocks + b``; ``order`` [rows]: the weight row of each lane. A row with fewer kept weights in a
+    block than its slice's longest is padded with symbol 0 (the zero centroid) at column ``BLOCK``,
+    the zero after the block's activations. Rows are sorted by their counts in the blocks, so that
+    alike rows share slices: that R's 6,554 kept weights take 391 slots of 32 (853 half-slots of 16
+    in the rows' own order, 782 sorted)."""
 
-    #: Rows of a slice: two 16-lane registers, whose two chains of multiply-adds overlap (one chain
-    #: waited for each multiply-add: 16-row slices, 692 slots for that R, 0.8-1.0 us a product,
-    #: against 782 slots of 32 rows in 0.xx us)
+    #: Rows of a slice: two 16-lane registers, whose two chains of multiply-adds overlap (with one,
+    #: each multiply-add waited for the one before: 16-row slices, 692 slots of that R, 0.71-0.72 us
+    #: a product against 0.66-0.68 for its 391 slots of 32 rows, one process)
     ROWS = 32
     #: Columns of a block; with the zero the padding reads, a block's table is 32 floats.
     BLOCK = 31

@@ -1296,7 +1296,7 @@ def _count_runs(name, monkeypatch):
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
-    """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR as 16-row slices;
+    """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR as 32-row slices;
     batch 3: each row of R expanded once for the whole batch; slots: a product table per step and
     entry) against the numpy step loop and the reference of the dense weight."""
     hidden = 7
@@ -1371,7 +1371,7 @@ def test_lstm_csr_kernel_takes_batches_past_one_pass(monkeypatch):
 
 @pytest.mark.parametrize("shape,density", [((512, 128), 0.1), ((37, 50), 0.3), ((16, 9), 0.0), ((5, 300), 0.6)])
 def test_sliced_rows_hold_the_csr_weights(shape, density):
-    """``SlicedRows`` (16-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
+    """``SlicedRows`` (32-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
     the same rows, pads each block only up to its slice's longest row there, with the zero symbol at
     the column after the block's, sorts alike rows together (fewer slots than the rows' own order)
     and is counted in the weight's bytes once built."""

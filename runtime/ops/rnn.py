@@ -290,7 +290,7 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
 
 
 def _sliced(rd: Any, batch: int) -> Optional[SlicedRows]:
-    """A recurrent weight's 16-row slices for the batch-1 kernel (``SparseWeight.sliced_when_reused``),
+    """A recurrent weight's 32-row slices for the batch-1 kernel (``SparseWeight.sliced_when_reused``),
     where AVX-512 permutes their activations (``numba_kernels.wide_vectors``), else None."""
     return rd.sliced_when_reused() if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors() else None
 
