@@ -638,8 +638,8 @@ class SlicedRows:
     blocks + b``; ``order`` [rows]: the weight row of each lane. A row with fewer kept weights in a
     block than its slice's longest is padded with symbol 0 (the zero centroid) at column ``BLOCK``,
     the zero after the block's activations. Rows are sorted by their counts in the blocks, so that
-    alike rows share slices: that R's 6,554 kept weights take 391 slots of 32 (853 half-slots of 16
-    in the rows' own order, 782 sorted)."""
+    alike rows share slices: that R's 6,554 kept weights take 339 slots of 32 (465 in the rows' own
+    order, 391 sorted block by block only)."""
 
     #: Rows of a slice: two 16-lane registers, whose two chains of multiply-adds overlap (with one,
     #: each multiply-add waited for the one before: 16-row slices, 692 slots of that R, 0.71-0.72 us
@@ -654,7 +654,8 @@ class SlicedRows:
         row = np.repeat(np.arange(rows), np.diff(w.row_ptr).astype(np.intp))
         group = row * blocks + w.cols // block                  # (row, block) of each kept weight
         counts = np.bincount(group, minlength=rows * blocks).reshape(rows, blocks)
-        self.order = np.lexsort(counts.T[::-1]).astype(POINTER)
+        # by the row's most kept in a block (what a slot count is), then by its counts block by block
+        self.order = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1),)).astype(POINTER)
         lane = np.empty(rows, np.intp)
         lane[self.order] = np.arange(rows)
         padded = np.zeros((slices * lanes, blocks), np.intp)
