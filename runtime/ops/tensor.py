@@ -36,7 +36,7 @@ def onnx_dtype(code: int) -> np.dtype:
 
 
 def _ints(v: Any) -> List[int]:
-    return [int(i) for i in np.asarray(v).reshape(-1)]
+    return [int(i) for i in np.asarray(v).reshape(-1).tolist()]     # Python numbers: ~5x faster to int()
 
 
 def _text(value: Any) -> str:
@@ -140,7 +140,7 @@ def squeeze(attrs: Attrs, x: np.ndarray, axes: Optional[np.ndarray] = None) -> n
     picked = _from(attrs, axes, "axes")
     if picked is None:
         return np.squeeze(x)
-    return np.squeeze(x, axis=tuple(a % x.ndim for a in picked)) if picked else x
+    return x.squeeze(axis=tuple(a % x.ndim for a in picked)) if picked else x
 
 
 @register("Unsqueeze")
