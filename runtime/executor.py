@@ -82,6 +82,11 @@ class _Plan:
     outputs: Tuple[str, ...]
     plain: Tuple[Tuple[int, ...], ...]  # plain[i]: positions where steps[i] reads a value no step makes
     # (an initializer, input or outer value) as a plain input: an indexed weight there is expanded
+    runs: Tuple[tuple, ...] = field(init=False)    # per step what run reads of it, unpacked in one go
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", tuple((s.fetch, p, s.fn, s.attrs, s.single, dead, s)
+                                               for s, dead, p in zip(self.steps, self.frees, self.plain)))
 
 
 class Subgraph:
@@ -345,18 +350,18 @@ class Executor:
                                  f"{', '.join(self.input_names)}")
         env[""] = None      # what an omitted input reads
         ndarray = np.ndarray
-        for step, dead, plain in zip(plan.steps, plan.frees, plan.plain):
+        for fetch, plain, fn, attrs, single, dead, step in plan.runs:
             # the inputs in one call when they are all in env (the activations and, in index mode, the
             # weights decoded so far) and arrays where they must be: ~0.2 us less a step of three inputs
             try:
-                args = step.fetch(env)
+                args = fetch(env)
                 for i in plain:
                     if type(args[i]) is not ndarray:
                         raise KeyError
             except KeyError:
                 args = _inputs(step, env, weights)
             try:
-                result = step.fn(step.attrs, *args)
+                result = fn(attrs, *args)
             except (LimitError, InputError) as exc:     # the user's input or limit: named, and the node
                 raise type(exc)(f"node '{step.node.name or step.outputs[0]}' ({op_types(step)}): {exc}") from None
             except DcrtError:
@@ -367,8 +372,8 @@ class Executor:
                                 f"failed on inputs of shape [{shapes}]: {type(exc).__name__}: {exc}"
                                 ) from exc
             del args
-            if step.single and type(result) is ndarray:
-                env[step.single] = result
+            if single and type(result) is ndarray:
+                env[single] = result
             else:
                 for name, value in zip(step.outputs, result if isinstance(result, tuple) else (result,)):
                     if name and value is not None:
