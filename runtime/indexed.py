@@ -261,16 +261,17 @@ class IndexedWeight:
     def take_rows(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` as float32, as ``kernels.take_rows``. With numba one pass wraps, checks and
         expands them (an LSTM classifier's 16-token lookup: 6.2 -> 2.8 us)."""
-        k, idx = kernels(), np.asarray(idx)
-        rows = self.shape[0]
-        if k is None or not self.indices.flags.c_contiguous:
-            return self.codebook[np.take(self.indices, wrap_indices(idx, rows), axis=0)]
-        flat, width = idx.astype(np.int64, copy=False).reshape(-1), math.prod(self.shape[1:])
-        out = np.empty((flat.size,) + self.shape[1:], np.float32)
-        bad = k.take_index_rows(self.indices.reshape(rows, width), self.codebook, flat, out.reshape(flat.size, width))
+        k, idx, indices = kernels(), np.asarray(idx), self.indices
+        rows, tail = indices.shape[0], indices.shape[1:]
+        if k is None or not indices.flags.c_contiguous:
+            return self.codebook[np.take(indices, wrap_indices(idx, rows), axis=0)]
+        flat = idx.astype(np.int64, copy=False).reshape(-1)
+        out = np.empty((flat.size, math.prod(tail)), np.float32)
+        bad = k.take_index_rows(indices if len(tail) == 1 else indices.reshape(rows, out.shape[1]), self.codebook, flat,
+                                out)
         if bad >= 0:
             wrap_indices(flat[bad:bad + 1], rows)     # raises the IndexError every path raises
-        return out.reshape(idx.shape + self.shape[1:])
+        return out.reshape(idx.shape + tail)
 
     # -- tiles ---------------------------------------------------------------------------------
     def tile_rows(self) -> int:
