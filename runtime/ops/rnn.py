@@ -261,20 +261,20 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
     """``run(x, w, r, b)``: the outputs, or None when no kernel takes this ``R`` (the full operator then)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
         steps, batch = x.shape[:2]
-        sliced = _sliced(r[0], batch)
+        wd, rd = w[0], r[0]
+        sliced = _sliced(rd, batch)
         h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
         ys = np.empty((steps, batch, hsz), np.float32)
-        if sliced is not None and isinstance(w[0], SparseWeight):
-            wd = w[0]
-            k.lstm_sliced_csr(np.ascontiguousarray(x), wd.row_ptr, wd.cols, wd.symbols, wd.codebook,
+        if sliced is not None and isinstance(wd, SparseWeight):
+            k.lstm_sliced_csr(np.ascontiguousarray(x), *wd.arrays,
                               np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32),
                               *sliced.arrays, clip, forget, h, c, ys)
         else:
-            fast = _lstm_kernel(k, clip, r[0], sliced, forget)
+            fast = _lstm_kernel(k, clip, rd, sliced, forget)
             if fast is None:
                 return None
             bias = None if b is None else b[0, :4 * hsz] + b[0, 4 * hsz:]
-            fast(np.ascontiguousarray(kernels.matmul_t(x, w[0], bias), np.float32), _NO_PEEPHOLES, h, c, ys)
+            fast(np.ascontiguousarray(kernels.matmul_t(x, wd, bias), np.float32), _NO_PEEPHOLES, h, c, ys)
         return ys.reshape(steps, 1, batch, hsz), h.reshape(1, batch, hsz), c.reshape(1, batch, hsz)
     return run
 
