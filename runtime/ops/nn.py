@@ -761,9 +761,11 @@ def softmax(attrs: Attrs, x: np.ndarray) -> np.ndarray:
     k = kernels.kernels()
     if (k is not None and v.ndim and 0 < v.size <= SOFTMAX_COMPILED and axis % v.ndim == v.ndim - 1
             and v.dtype == np.float32 and v.flags.c_contiguous):    # along the last axis: one call
+        if v.ndim != 2:
+            v = v.reshape(-1, v.shape[-1])
         out = np.empty(v.shape, np.float32)
-        k.softmax_rows(v.reshape(-1, v.shape[-1]), out.reshape(-1, v.shape[-1]))
-        return out.reshape(x.shape)
+        k.softmax_rows(v, out)
+        return out if out.shape == x.shape else out.reshape(x.shape)
     e = np.exp(v - v.max(axis=axis, keepdims=True))
     return (e / e.sum(axis=axis, keepdims=True)).reshape(x.shape).astype(x.dtype, copy=False)
 
