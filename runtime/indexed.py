@@ -396,7 +396,7 @@ class SparseWeight:
         mode) gets its slices, one built for a single node (stream mode) does not pay for building
         them (~0.2 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run). None
         also for a weight whose slots' centroids, which the kernel holds as float32 for a call, would
-        be more than a tile (:func:`_tile_budget`: 133 KB for the 60 %-pruned 512x128 R)."""
+        be more than a tile (:func:`_tile_budget`: ~128 KB for a 60 %-pruned 512x128 R)."""
         rows = self.__dict__.get("_sliced")
         if rows is not None:
             return rows
