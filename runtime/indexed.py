@@ -381,33 +381,16 @@ class SparseWeight:
     ndim = property(lambda self: len(self.shape))
     dtype = property(lambda self: np.dtype(np.float32))
     nbytes = property(lambda self: self.row_ptr.nbytes + self.cols.nbytes + self.symbols.nbytes
-                      + self.codebook.nbytes + getattr(self.__dict__.get("_sliced"), "nbytes", 0))
+                      + self.codebook.nbytes + _sliced_bytes(self))
 
     def sliced(self) -> "SlicedRows":
         """The same kept weights as :class:`SlicedRows`, built at the first call and kept beside the
         CSR (counted in :attr:`nbytes` from then on): the LSTM kernel's batch-1 form."""
-        rows = self.__dict__.get("_sliced")
-        if rows is None:
-            rows = self._sliced = SlicedRows(self)
-        return rows
+        return _slices(self, lambda: self)
 
     def sliced_when_reused(self) -> Optional["SlicedRows"]:
-        """:meth:`sliced` from the second call on (None at the first): a weight held across runs (index
-        mode) gets its slices, one built for a single node (stream mode) does not pay for building
-        them (~0.2 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run). None
-        also for a weight whose slots' centroids, which the kernel holds as float32 for a call, would
-        be more than a tile (:func:`_tile_budget`: ~128 KB for a 60 %-pruned 512x128 R)."""
-        rows = self.__dict__.get("_sliced")
-        if rows is not None:
-            return rows
-        asked = self._asked = self.__dict__.get("_asked", 0) + 1
-        if asked != 2:
-            return None
-        rows = SlicedRows(self)
-        if 4 * rows.symbols.size > _tile_budget(*self.shape):
-            return None     # and at every later call (asked > 2)
-        self._sliced = rows
-        return rows
+        """:meth:`sliced` from the second call on: see :func:`_sliced_when_reused`."""
+        return _sliced_when_reused(self, lambda: self)
 
     @classmethod
     def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
@@ -627,6 +610,40 @@ class SparseWeight:
         return _tiled_lmatmul(self, x, out)
 
 
+# A recurrent weight's slices (SlicedRows) are kept in its __dict__ beside its own form (CSR or
+# table slots) once built; "_asked" counts the batch-1 runs that asked for them.
+def _slices(weight: Any, csr: Callable[[], SparseWeight]) -> "SlicedRows":
+    rows = weight.__dict__.get("_sliced")
+    if rows is None:
+        rows = weight._sliced = SlicedRows(csr())
+    return rows
+
+
+def _sliced_when_reused(weight: Any, csr: Callable[[], SparseWeight]) -> Optional["SlicedRows"]:
+    """``weight``'s slices from its second request on (None at the first): a weight held across runs
+    (index mode) gets them, one built for a single node (stream mode) does not pay for building them
+    (~0.35 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run). None also
+    for a weight whose slots' centroids, which the kernel holds as float32 for a call, would be more
+    than a batch-1 product may build for one: an expanded tile (:func:`_tile_budget`) or a product
+    table (``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels build every step:
+    the default plan's 60 %-pruned 512x128 R needs 128 KB)."""
+    rows = weight.__dict__.get("_sliced")
+    if rows is not None:
+        return rows
+    asked = weight._asked = weight.__dict__.get("_asked", 0) + 1
+    if asked != 2:
+        return None
+    rows = SlicedRows(csr())
+    if 4 * rows.symbols.size > max(_tile_budget(*rows.shape), 4 * PRODUCT_TABLE_ENTRIES):
+        return None     # and at every later call (asked > 2)
+    weight._sliced = rows
+    return rows
+
+
+def _sliced_bytes(weight: Any) -> int:
+    return getattr(weight.__dict__.get("_sliced"), "nbytes", 0)
+
+
 class SlicedRows:
     """The kept weights of a 2-D :class:`SparseWeight` in slices of ``ROWS`` rows and blocks of
     ``BLOCK`` columns (a blocked sliced ELLPACK): slot ``e`` of a slice's block holds one kept weight
@@ -716,8 +733,14 @@ class TableRows:
 
     ndim = 2
     dtype = property(lambda self: np.dtype(np.float32))
-    nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes + self.codebook.nbytes)
+    nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes + self.codebook.nbytes + _sliced_bytes(self))
     nnz = property(lambda self: int(self.row_ptr[-1] - self.row_ptr[0]))
+
+    def sliced_when_reused(self) -> Optional["SlicedRows"]:
+        """The weight's kept weights as :class:`SlicedRows` from its second request on (see
+        :func:`_sliced_when_reused`), kept beside the slots: the LSTM kernel's batch-1 form with
+        AVX-512 (the default plan's LSTM classifier, 16 steps: ``lstm_slots`` 261 us, the slices 68)."""
+        return _sliced_when_reused(self, self.sparse)
 
     def __getitem__(self, key) -> "TableRows":
         start, stop, step = key.indices(self.shape[0]) if isinstance(key, slice) else (0, 0, 0)

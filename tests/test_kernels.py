@@ -1296,18 +1296,19 @@ def _count_runs(name, monkeypatch):
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
-    """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR as 32-row slices;
-    batch 3: each row of R expanded once for the whole batch; slots: a product table per step and
-    entry) against the numpy step loop and the reference of the dense weight."""
+    """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR and table slots
+    as 32-row slices; batch 3: each row of R expanded once for the whole batch; slots: a product
+    table per step and entry) against the numpy step loop and the reference of the dense weight."""
     hidden = 7
     dirs = 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 4 * hidden, hidden), seed=3)
     graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d, batch)
     ex = Executor(graph)
-    sliced = form == "sparse" and batch == 1 and numba_kernels.wide_vectors()     # R as SlicedRows
-    # from a matrix's second batch-1 run on (SparseWeight.sliced_when_reused): one kept per direction,
-    # as a session holds it (a 3-D CSR cuts a new one out at every call)
-    source = {**graph.initializers, "r": indexed.PerDirection.split(forms[form]) if sliced else forms[form]}
+    sliced = form in ("sparse", "slots") and batch == 1 and numba_kernels.wide_vectors()     # R as SlicedRows
+    # from a matrix's second batch-1 run on (sliced_when_reused): one kept per direction, as a session
+    # holds it (a 3-D CSR cuts a new one out at every call)
+    source = {**graph.initializers, "r": indexed.PerDirection.split(forms[form]) if sliced and form == "sparse"
+              else forms[form]}
     if sliced:
         ex.run(feeds, source.__getitem__)
     ran = _count_runs("lstm_sliced" if sliced else "lstm" + _RNN_KERNELS[form], monkeypatch)
@@ -1396,26 +1397,32 @@ def test_sliced_rows_hold_the_csr_weights(shape, density):
         assert rows.slot_ptr[-1] < 0.9 * slots(range(shape[0])).sum()
 
 
-def test_sliced_rows_are_built_for_a_weight_used_twice():
-    """A CSR weight's slices come at its second request (``sliced_when_reused``): one held across runs
-    gets them, one built for a single node (stream mode) does not pay for building them."""
-    _, _, sw = weights((40, 30), 0.2, seed=3)
-    before = sw.nbytes
-    assert sw.sliced_when_reused() is None and sw.nbytes == before
-    rows = sw.sliced_when_reused()
-    assert isinstance(rows, indexed.SlicedRows) and sw.sliced_when_reused() is rows is sw.sliced()
+@pytest.mark.parametrize("form", ["csr", "slots"])
+def test_sliced_rows_are_built_for_a_weight_used_twice(form):
+    """A CSR or table-slot weight's slices come at its second request (``sliced_when_reused``): one
+    held across runs gets them (the same weights, counted in its bytes), one built for a single node
+    (stream mode) does not pay for building them."""
+    dense, _, sw = weights((40, 30), 0.2, seed=3)
+    weight = sw if form == "csr" else indexed.TableRows(sw)
+    before = weight.nbytes
+    assert weight.sliced_when_reused() is None and weight.nbytes == before
+    rows = weight.sliced_when_reused()
+    assert isinstance(rows, indexed.SlicedRows) and weight.sliced_when_reused() is rows
+    assert weight.nbytes == before + rows.nbytes
+    np.testing.assert_array_equal(rows.dense(), dense)
 
 
-def test_sliced_rows_stay_within_a_tile():
+def test_sliced_rows_stay_within_a_product_table():
     """Slices whose slots' centroids (the kernel's float32 temporary for a call) would take more than
-    an expanded tile may are not built for the kernels: a 512x128 weight 60 % pruned (~128 KB of
-    slots against 64 KB), while one 90 % pruned (~44 KB) gets them."""
-    for density, fits in ((0.4, False), (0.1, True)):
-        _, _, sw = weights((512, 128), density, seed=5)
+    a batch-1 product may build for a call (a tile, or a product table: 256 KB) are not built for the
+    kernels: a 1024x512 weight 60 % pruned (~1 MB), while 512x128 ones 60 and 90 % pruned (~128 and
+    ~44 KB) get them."""
+    for shape, density, fits in (((1024, 512), 0.4, False), ((512, 128), 0.4, True), ((512, 128), 0.1, True)):
+        _, _, sw = weights(shape, density, seed=5)
         before = sw.nbytes
         assert [sw.sliced_when_reused() is not None for _ in range(4)] == [False, fits, fits, fits]
         assert (sw.nbytes > before) == fits
-        assert (4 * indexed.SlicedRows(sw).symbols.size <= indexed.TILE_FLOOR) == fits
+        assert (4 * indexed.SlicedRows(sw).symbols.size <= 4 * indexed.PRODUCT_TABLE_ENTRIES) == fits
 
 
 def _sliced_product(x, rows):

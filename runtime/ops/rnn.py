@@ -290,9 +290,11 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
 
 
 def _sliced(rd: Any, batch: int) -> Optional[SlicedRows]:
-    """A recurrent weight's 32-row slices for the batch-1 kernel (``SparseWeight.sliced_when_reused``),
-    where AVX-512 permutes their activations (``numba_kernels.wide_vectors``), else None."""
-    return rd.sliced_when_reused() if isinstance(rd, SparseWeight) and batch == 1 and wide_vectors() else None
+    """A recurrent weight's 32-row slices for the batch-1 kernel (``sliced_when_reused`` of a CSR or
+    table-slot weight), where AVX-512 permutes their activations (``numba_kernels.wide_vectors``),
+    else None."""
+    return rd.sliced_when_reused() if isinstance(rd, (SparseWeight, TableRows)) and batch == 1 and wide_vectors() \
+        else None
 
 
 def _lstm_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
