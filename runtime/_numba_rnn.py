@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from .._jit import njit
 
-from ._numba_index import (csr_row_dot, index_dot4, lane_sums, padded_t, product_table, row_dots, slot_expand,
-                           slot_rows, slot_split, table_stride)
+from ._numba_index import (csr_row_dot, index_dot4, index_lane_sums, lane_sums, padded_t, product_table, row_dots,
+                           slot_expand, slot_rows, slot_split, table_stride)
 from ._simd import BLOCK, LANES, SLICE, TABLE, sliced_dot
 
 _U = np.uint64
@@ -257,11 +257,31 @@ def lstm_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, co
     ``b`` ``[8H]`` both biases: the step loop reads the sums where ``lane_sums`` leaves them, so that
     no pass moves them into ``[T, 4H]`` or adds the biases, and one call does what ``matmul_t`` and
     the kernel did (the 90 %-pruned LSTM classifier's LSTM node, one core: 49-58 -> 43-49 us)."""
-    steps, gates4 = x.shape[0], w_row_ptr.size - 1
-    xt = padded_t(x.reshape(steps, x.shape[2]))
-    width = xt.shape[1]
-    sums = np.empty(gates4 * width, np.float32)
-    lane_sums(xt, w_row_ptr, w_cols, w_symbols, w_codebook, 0, gates4, sums)
+    xt = padded_t(x.reshape(x.shape[0], x.shape[2]))
+    sums = np.empty((w_row_ptr.size - 1) * xt.shape[1], np.float32)
+    lane_sums(xt, w_row_ptr, w_cols, w_symbols, w_codebook, 0, w_row_ptr.size - 1, sums)
+    _projected_steps(sums, xt.shape[1], b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def lstm_sliced_index(x, w_indices, w_codebook, b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c,
+                      ys):  # pragma: no cover - compiled
+    """:func:`lstm_sliced_csr` with ``W`` as dense indices ``[4H, I]`` (``index_lane_sums``: each row of
+    W expanded once for 16 steps). The default plan's LSTM classifier, its LSTM kernel and input
+    projection, one core: ``lstm_slots`` after ``matmul_t`` ~300 us, ``lstm_sliced`` after it 114,
+    this 89."""
+    xt = padded_t(x.reshape(x.shape[0], x.shape[2]))
+    sums = np.empty(w_indices.shape[0] * xt.shape[1], np.float32)
+    index_lane_sums(xt, w_indices, w_codebook, 0, w_indices.shape[0], sums)
+    _projected_steps(sums, xt.shape[1], b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
+
+
+@njit(inline="always")
+def _projected_steps(sums, width, b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c,
+                     ys):  # pragma: no cover - compiled
+    """The steps from the input projections' sums ``[4H, width]`` (gate row by row, a step a column)
+    and both biases ``b`` ``[8H]``."""
+    gates4 = sums.size // width
     bias = np.empty(gates4, np.float32)
     for n in range(gates4):
         bias[n] = b[n] + b[gates4 + n]

@@ -355,9 +355,9 @@ def csr_lanes(typingctx, xt, x0, ldx, groups, row_ptr, cols, symbols, codebook, 
     x transposed, rows ``ldx`` apart), summed in ``groups`` registers, each kept weight read once (a
     broadcast centroid and a multiply-add per register). The loop over the rows is in here, below
     the choice of the register count: a row keeps ~6 weights at 90 % pruning, so that what a row
-    costs besides them counts (512x64 at 10 %, 16 rows of x: 5.0-5.4 -> 4.4-4.8 us). ``xt``, ``codebook``, ``out``:
-    1-D C-contiguous float32; ``row_ptr`` int32, ``cols`` uint16/int32, ``symbols`` uint8/uint16;
-    offsets are not bounds-checked."""
+    costs besides them counts (512x64 at 10 %, 16 rows of x: 5.0-5.4 -> 4.4-4.8 us). ``xt``,
+    ``codebook``, ``out``: 1-D C-contiguous float32; ``row_ptr`` int32, ``cols`` uint16/int32,
+    ``symbols`` uint8/uint16; offsets are not bounds-checked."""
     if not (all(_float32_vector(a) for a in (xt, codebook, out)) and all(_index_vector(a) for a in (cols, symbols))
             and _vector_of(row_ptr, types.int32)):
         return None
@@ -367,47 +367,86 @@ def csr_lanes(typingctx, xt, x0, ldx, groups, row_ptr, cols, symbols, codebook, 
     def codegen(context, builder, signature, args):
         xd, pd, cd, sd, bd, od = [context.make_array(signature.args[n])(context, builder, args[n]).data
                                   for n in (0, 4, 5, 6, 7, 10)]
-        x0_v, ldx_v, groups_v, n0_v, n1_v, o0_v, ldo_v = (args[n] for n in (1, 2, 3, 8, 9, 11, 12))
-        vec, i64 = ir.VectorType(_F32, LANES), ir.IntType(64)
-        fma = _fmuladd(builder, vec)
 
-        def entry(data, e, width):
-            return builder.zext(_load(builder, builder.gep(data, [e]), ir.IntType(width)), i64)
+        def bounds(n):
+            return [builder.sext(_load(builder, builder.gep(pd, [m]), ir.IntType(32)), n.type)
+                    for m in (n, builder.add(n, ir.Constant(n.type, 1)))]
 
-        def add(e, accs):
-            row = builder.add(x0_v, builder.mul(entry(cd, e, signature.args[5].dtype.bitwidth), ldx_v))
-            symbol = entry(sd, e, signature.args[6].dtype.bitwidth)
-            w = _splat(builder, _load(builder, builder.gep(bd, [symbol]), _F32), vec)
-            for g, acc in enumerate(accs):
-                xv = _load(builder, _at(builder, xd, builder.add(row, ir.Constant(i64, g * LANES)), vec), vec)
-                builder.store(builder.call(fma, [w, xv, builder.load(acc)]), acc)
-
-        for count in range(1, LANE_GROUPS + 1):     # a loop for each number of registers
-            with builder.if_then(builder.icmp_signed("==", groups_v, ir.Constant(groups_v.type, count))):
-                # one or two registers take the kept weights in turns into two sets of sums, so
-                # that each multiply-add does not wait for the one before (the FMA's latency)
-                sets = [[cgutils.alloca_once(builder, vec) for _ in range(count)] for _ in range(2 if count <= 2 else 1)]
-                step = ir.Constant(i64, len(sets))
-                with cgutils.for_range_slice(builder, n0_v, n1_v, ir.Constant(n0_v.type, 1)) as (n, _):
-                    e0_v = builder.sext(_load(builder, builder.gep(pd, [n]), ir.IntType(32)), i64)
-                    e1_v = builder.sext(_load(builder, builder.gep(pd, [builder.add(n, ir.Constant(i64, 1))]),
-                                              ir.IntType(32)), i64)
-                    for accs in sets:
-                        for acc in accs:
-                            builder.store(ir.Constant(vec, None), acc)
-                    mid = builder.sub(e1_v, builder.srem(builder.sub(e1_v, e0_v), step))
-                    with cgutils.for_range_slice(builder, e0_v, mid, step) as (e, _):
-                        for s, accs in enumerate(sets):
-                            add(builder.add(e, ir.Constant(i64, s)), accs)
-                    with cgutils.for_range_slice(builder, mid, e1_v, ir.Constant(i64, 1)) as (e, _):
-                        add(e, sets[0])
-                    o = builder.add(o0_v, builder.mul(builder.sub(n, n0_v), ldo_v))
-                    for g in range(count):
-                        total = builder.load(sets[0][g])
-                        for accs in sets[1:]:
-                            total = builder.fadd(total, builder.load(accs[g]))
-                        builder.store(total, _at(builder, od, builder.add(o, ir.Constant(i64, g * LANES)), vec),
-                                      align=4)
+        def entry(e, e0):
+            return (_entry(builder, cd, e, signature.args[5].dtype.bitwidth),
+                    _entry(builder, sd, e, signature.args[6].dtype.bitwidth))
+        _lane_rows(builder, xd, bd, od, *(args[n] for n in (1, 2, 3, 8, 9, 11, 12)), bounds, entry)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def index_lanes(typingctx, xt, x0, ldx, groups, indices, k, codebook, n0, n1, out, o0, ldo):
+    """:func:`csr_lanes` for a weight of dense indices ``[N, k]`` (``indices`` flat, uint8/uint16):
+    every column of a row, ``codebook[indices[n * k + c]]`` times row ``c`` of ``xt``, each row of
+    the weight expanded once for up to 64 rows of ``x`` (the default plan's LSTM input projection, 16
+    steps of its 60 %-pruned 512x64 ``W``: expanded tiles and BLAS 46 us, this ~21 in the kernel)."""
+    if not (all(_float32_vector(a) for a in (xt, codebook, out)) and _index_vector(indices)):
+        return None
+    i = types.intp
+    sig = types.void(xt, i, i, i, indices, i, codebook, i, i, out, i, i)
+
+    def codegen(context, builder, signature, args):
+        xd, sd, bd, od = [context.make_array(signature.args[n])(context, builder, args[n]).data for n in (0, 4, 6, 9)]
+        k = args[5]
+
+        def bounds(n):
+            e0 = builder.mul(n, k)
+            return e0, builder.add(e0, k)
+
+        def entry(e, e0):
+            return builder.sub(e, e0), _entry(builder, sd, e, signature.args[4].dtype.bitwidth)
+        _lane_rows(builder, xd, bd, od, *(args[n] for n in (1, 2, 3, 7, 8, 10, 11)), bounds, entry)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _entry(builder: ir.IRBuilder, data: ir.Value, e: ir.Value, width: int) -> ir.Value:
+    """``data[e]`` (an unsigned integer of ``width`` bits) as i64."""
+    return builder.zext(_load(builder, builder.gep(data, [e]), ir.IntType(width)), ir.IntType(64))
+
+
+def _lane_rows(builder, xd, bd, od, x0_v, ldx_v, groups_v, n0_v, n1_v, o0_v, ldo_v, bounds, entry) -> None:
+    """The loops of :func:`csr_lanes` and :func:`index_lanes`: for each row ``n``, its entries
+    ``bounds(n)`` = ``[e0, e1)``, each ``entry(e, e0)`` = (column, symbol), summed as described there."""
+    vec, i64 = ir.VectorType(_F32, LANES), ir.IntType(64)
+    fma = _fmuladd(builder, vec)
+
+    def add(e, e0, accs):
+        column, symbol = entry(e, e0)
+        row = builder.add(x0_v, builder.mul(column, ldx_v))
+        w = _splat(builder, _load(builder, builder.gep(bd, [symbol]), _F32), vec)
+        for g, acc in enumerate(accs):
+            xv = _load(builder, _at(builder, xd, builder.add(row, ir.Constant(i64, g * LANES)), vec), vec)
+            builder.store(builder.call(fma, [w, xv, builder.load(acc)]), acc)
+
+    for count in range(1, LANE_GROUPS + 1):     # a loop for each number of registers
+        with builder.if_then(builder.icmp_signed("==", groups_v, ir.Constant(groups_v.type, count))):
+            # one or two registers take the kept weights in turns into two sets of sums, so
+            # that each multiply-add does not wait for the one before (the FMA's latency)
+            sets = [[cgutils.alloca_once(builder, vec) for _ in range(count)] for _ in range(2 if count <= 2 else 1)]
+            step = ir.Constant(i64, len(sets))
+            with cgutils.for_range_slice(builder, n0_v, n1_v, ir.Constant(n0_v.type, 1)) as (n, _):
+                e0_v, e1_v = bounds(n)
+                for accs in sets:
+                    for acc in accs:
+                        builder.store(ir.Constant(vec, None), acc)
+                mid = builder.sub(e1_v, builder.srem(builder.sub(e1_v, e0_v), step))
+                with cgutils.for_range_slice(builder, e0_v, mid, step) as (e, _):
+                    for s, accs in enumerate(sets):
+                        add(builder.add(e, ir.Constant(i64, s)), e0_v, accs)
+                with cgutils.for_range_slice(builder, mid, e1_v, ir.Constant(i64, 1)) as (e, _):
+                    add(e, e0_v, sets[0])
+                o = builder.add(o0_v, builder.mul(builder.sub(n, n0_v), ldo_v))
+                for g in range(count):
+                    total = builder.load(sets[0][g])
+                    for accs in sets[1:]:
+                        total = builder.fadd(total, builder.load(accs[g]))
+                    builder.store(total, _at(builder, od, builder.add(o, ir.Constant(i64, g * LANES)), vec), align=4)

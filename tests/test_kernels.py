@@ -1467,12 +1467,13 @@ def test_sliced_dot_reads_the_kept_weights_only():
 @pytest.mark.parametrize("hidden,peepholes,steps", [(7, False, 9), (40, True, 9), (70, False, 70)])
 def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
     """``lstm_sliced`` (R as 32-row slices in blocks of 31 columns: 1-3 blocks here) and, without
-    peepholes, ``lstm_sliced_csr`` (the input projection of a CSR W taken in the kernel too: 70 steps
-    are two passes of ``lane_sums``) against ``lstm_csr`` on the same steps, wherever numba runs (the
-    sessions take them only with AVX-512's permutes: ``numba_kernels.wide_vectors``)."""
+    peepholes, ``lstm_sliced_csr`` and ``lstm_sliced_index`` (the input projection of a CSR or
+    dense-index W taken in the kernel too: 70 steps are two passes of the lane sums) against
+    ``lstm_csr`` on the same steps, wherever numba runs (the sessions take them only with AVX-512's
+    permutes: ``numba_kernels.wide_vectors``)."""
     k = numba_kernels.kernels()
     _, _, sw = weights((4 * hidden, hidden), 0.15, seed=hidden)
-    _, _, w = weights((4 * hidden, 5), 0.5, seed=hidden + 1)
+    _, iw, w = weights((4 * hidden, 5), 0.5, seed=hidden + 1)      # W as dense indices and as CSR
     x, b = rand(steps, 1, 5), rand(8 * hidden)
     proj = kernels.matmul_t(x, w, b[:4 * hidden] + b[4 * hidden:])
     p = rand(3 * hidden) if peepholes else np.zeros(0, np.float32)
@@ -1481,6 +1482,7 @@ def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
             lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, p, *a)]
     if not peepholes:
         runs.append(lambda *a: k.lstm_sliced_csr(x, *w.arrays, b, *sw.sliced().arrays, *a))
+        runs.append(lambda *a: k.lstm_sliced_index(x, *iw.arrays, b, *sw.sliced().arrays, *a))
     for run in runs:
         h, c, ys = h0.copy(), c0.copy(), np.empty((steps, 1, hidden), np.float32)
         run(np.float32(0.9), False, h, c, ys)
@@ -1491,18 +1493,20 @@ def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
-def test_lstm_prepared_call_projects_in_the_sliced_kernel(monkeypatch):
-    """With R held per direction (in slices from its second batch-1 call on, where AVX-512 is) and a
-    CSR W, the prepared call is one kernel, ``lstm_sliced_csr``, which takes the input projection
-    too: the full operator's results on the dense weights at each call, with and without B, for an
-    input that is a view (time-major out of batch-major)."""
+@pytest.mark.parametrize("w_form,kernel", [("csr", "lstm_sliced_csr"), ("indexed", "lstm_sliced_index"),
+                                           ("dense", "lstm_sliced")])
+def test_lstm_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeypatch):
+    """With R held per direction (in slices from its second batch-1 call on, where AVX-512 is) and W
+    as CSR or dense indices, the prepared call is one kernel that takes the input projection too (a
+    dense W: ``matmul_t``, then the sliced steps): the full operator's results on the dense weights
+    at each call, with and without B, for an input that is a view (time-major out of batch-major)."""
     lstm, hidden = OPS["LSTM"], 40
     dr, _, r = weights((4 * hidden, hidden), 0.15, seed=2)
-    dw, _, w = weights((4 * hidden, 6), 0.5, seed=3)
-    weights_held = indexed.PerDirection([w]), indexed.PerDirection([r])
+    dw, iw, w = weights((4 * hidden, 6), 0.5, seed=3)
+    weights_held = indexed.PerDirection([{"csr": w, "indexed": iw, "dense": dw}[w_form]]), indexed.PerDirection([r])
     b, x = rand(1, 8 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
     attrs = {"hidden_size": hidden}
-    ran = _count_runs("lstm_sliced_csr", monkeypatch)
+    ran = _count_runs(kernel, monkeypatch)
     for bias in (b, b, b, None):
         got = lstm(attrs, x, *weights_held, bias)
         want = lstm({"hidden_size": hidden}, np.ascontiguousarray(x), dw[None], dr[None], bias)

@@ -256,7 +256,8 @@ _DEFAULT_LSTM = (sigmoid, np.tanh, np.tanh)
 # peepholes, compiled) is prepared once per node and input shape: a later call computes the
 # projection and runs the kernel, none of the rest of the operator's Python (~15 us a call: ~10 % of
 # the 90 %-pruned LSTM classifier's run). The weights are arguments, not kept: stream mode drops
-# them after the node. With R in slices and a CSR W, one kernel takes the projection too.
+# them after the node. With R in slices and W as CSR or dense indices, one kernel takes the
+# projection too.
 def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[..., Optional[Tuple[np.ndarray, ...]]]:
     """``run(x, w, r, b)``: the outputs, or None when no kernel takes this ``R`` (the full operator then)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
@@ -265,10 +266,12 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
         sliced = _sliced(rd, batch)
         h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
         ys = np.empty((steps, batch, hsz), np.float32)
+        both = None if sliced is None else (
+            np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32))
         if sliced is not None and isinstance(wd, SparseWeight):
-            k.lstm_sliced_csr(np.ascontiguousarray(x), *wd.arrays,
-                              np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32),
-                              *sliced.arrays, clip, forget, h, c, ys)
+            k.lstm_sliced_csr(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
+        elif sliced is not None and isinstance(wd, IndexedWeight) and wd.indices.flags.c_contiguous:
+            k.lstm_sliced_index(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
         else:
             fast = _lstm_kernel(k, clip, rd, sliced, forget)
             if fast is None:

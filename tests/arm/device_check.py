@@ -171,7 +171,7 @@ def check_register_tiles(c: Checks) -> None:
         close(y, kernels.conv(x4, w4, b, [2, 1], [1, 1], [1, 1, 1, 1], 1, (-1.0, 2.0)), 1e-5, "conv_tiles")
         # an LSTM's pruned R as 32-row slices in two blocks of columns (AVX-512 permutes them; a
         # gather from the block's table elsewhere: scalar loads without AVX) against its CSR kernel,
-        # and with a CSR W's projection in the kernel
+        # and with the projection of a CSR or dense-index W in the kernel
         kept = rng.random((160, 40)) < 0.2
         ptr = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int32)
         symbols = rng.integers(1, 31, kept.sum()).astype(np.uint8)
@@ -183,12 +183,15 @@ def check_register_tiles(c: Checks) -> None:
         proj, runs = (x @ wd.T).astype(np.float32), []
         for run in (lambda *a: k.lstm_csr(proj, *sw.arrays, np.zeros(0, np.float32), *a),
                     lambda *a: k.lstm_sliced(proj, *sw.sliced().arrays, np.zeros(0, np.float32), *a),
-                    lambda *a: k.lstm_sliced_csr(x, *w.arrays, np.zeros(320, np.float32), *sw.sliced().arrays, *a)):
+                    lambda *a: k.lstm_sliced_csr(x, *w.arrays, np.zeros(320, np.float32), *sw.sliced().arrays, *a),
+                    lambda *a: k.lstm_sliced_index(x, np.arange(480, dtype=np.uint16).reshape(160, 3), wd.ravel(),
+                                                   np.zeros(320, np.float32), *sw.sliced().arrays, *a)):
             h, cell = np.full((1, 40), 0.3, np.float32), np.zeros((1, 40), np.float32)
             ys = np.empty((5, 1, 40), np.float32)
             run(np.float32(np.inf), False, h, cell, ys)
             runs.append(ys)
         close(runs[2], runs[0], 1e-5, "lstm_sliced_csr")
+        close(runs[3], runs[0], 1e-5, "lstm_sliced_index")
         close(runs[1], runs[0], 1e-5, "lstm_sliced")
     c.check("pointwise and convolution register tiles and the sliced LSTM agree with numpy on this machine", agrees)
 
