@@ -294,8 +294,8 @@ def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, c
                   ys):  # pragma: no cover - compiled
     """The steps of :func:`lstm_sliced`, its input projection of gate row ``n`` at step ``t`` being
     ``proj[t * at_step + n * at_row] + bias[n]``. The centroids of the kept weights are looked up
-    once for all the steps (a temporary within a tile: ``SparseWeight.sliced_when_reused``; 44 KB
-    for the LSTM classifier's R at 90 %), so that a slot reads only its columns and weights."""
+    once for all the steps (a temporary bounded as a product table is: ``indexed._held_slices``;
+    43 KB for the LSTM classifier's R at 90 %), so that a slot reads only its columns and weights."""
     steps, gates4 = ys.shape[0], bias.size
     hidden = gates4 // 4
     blocks = -(-hidden // BLOCK)

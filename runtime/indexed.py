@@ -384,13 +384,14 @@ class SparseWeight:
                       + self.codebook.nbytes + _sliced_bytes(self))
 
     def sliced(self) -> "SlicedRows":
-        """The same kept weights as :class:`SlicedRows`, built at the first call and kept beside the
-        CSR (counted in :attr:`nbytes` from then on): the LSTM kernel's batch-1 form."""
-        return _slices(self, lambda: self)
+        """The same kept weights as :class:`SlicedRows` (for checks; the kernels take
+        :meth:`held_slices`)."""
+        return SlicedRows(self.row_ptr, lambda a, b: (self.cols[a:b], self.symbols[a:b]), self.shape, self.codebook,
+                          self.symbols.dtype)
 
-    def sliced_when_reused(self) -> Optional["SlicedRows"]:
-        """:meth:`sliced` from the second call on: see :func:`_sliced_when_reused`."""
-        return _sliced_when_reused(self, lambda: self)
+    def held_slices(self) -> Optional["SlicedRows"]:
+        """The LSTM kernel's batch-1 form of a held weight: see :func:`_held_slices`."""
+        return _held_slices(self, self.sliced)
 
     @classmethod
     def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
@@ -610,34 +611,32 @@ class SparseWeight:
         return _tiled_lmatmul(self, x, out)
 
 
-# A recurrent weight's slices (SlicedRows) are kept in its __dict__ beside its own form (CSR or
-# table slots) once built; "_asked" counts the batch-1 runs that asked for them.
-def _slices(weight: Any, csr: Callable[[], SparseWeight]) -> "SlicedRows":
-    rows = weight.__dict__.get("_sliced")
-    if rows is None:
-        rows = weight._sliced = SlicedRows(csr())
-    return rows
+def hold(value: Any) -> Any:
+    """Mark ``value`` as held across runs (a session's index-mode weights): the recurrent matrices in
+    it (:class:`PerDirection`) then build their batch-1 slices at the first run that asks for them
+    (:func:`_held_slices`). Stream mode's weights, built for one node, are not held: building the
+    slices (0.3-1 ms) would cost more than one run saves. Returns ``value``."""
+    for m in getattr(value, "matrices", ()):
+        if isinstance(m, (SparseWeight, TableRows)):
+            m._held = True
+    return value
 
 
-def _sliced_when_reused(weight: Any, csr: Callable[[], SparseWeight]) -> Optional["SlicedRows"]:
-    """``weight``'s slices from its second request on (None at the first): a weight held across runs
-    (index mode) gets them, one built for a single node (stream mode) does not pay for building them
-    (~0.35 ms for the LSTM classifier's 90 %-pruned R, which they save ~0.05 ms a run). None also
-    for a weight whose slots' centroids, which the kernel holds as float32 for a call, would be more
-    than a batch-1 product may build for one: an expanded tile (:func:`_tile_budget`) or a product
-    table (``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels build every step:
-    the default plan's 60 %-pruned 512x128 R needs 128 KB)."""
+def _held_slices(weight: Any, build: Callable[[], "SlicedRows"]) -> Optional["SlicedRows"]:
+    """A held ``weight``'s :class:`SlicedRows`, built at the first request and kept beside its own
+    form (counted in its ``nbytes``); None for a weight not held, and for one whose slots'
+    centroids, which the kernel holds as float32 for a call, would be more than a batch-1 product
+    may build for one: an expanded tile (:func:`_tile_budget`) or a product table
+    (``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels build every step: the
+    default plan's 60 %-pruned 512x128 R needs 128 KB). Every run of a held weight so takes the
+    same kernel, and gives the same results to the bit."""
     rows = weight.__dict__.get("_sliced")
-    if rows is not None:
-        return rows
-    asked = weight._asked = weight.__dict__.get("_asked", 0) + 1
-    if asked != 2:
-        return None
-    rows = SlicedRows(csr())
-    if 4 * rows.symbols.size > max(_tile_budget(*rows.shape), 4 * PRODUCT_TABLE_ENTRIES):
-        return None     # and at every later call (asked > 2)
-    weight._sliced = rows
-    return rows
+    if rows is None and weight.__dict__.get("_held"):
+        rows = build()
+        if 4 * rows.symbols.size > max(_tile_budget(*rows.shape), 4 * PRODUCT_TABLE_ENTRIES):
+            rows = False        # never built again
+        weight._sliced = rows
+    return rows or None
 
 
 def _sliced_bytes(weight: Any) -> int:
@@ -666,31 +665,47 @@ class SlicedRows:
     #: Columns of a block; with the zero the padding reads, a block's table is 32 floats.
     BLOCK = 31
 
-    def __init__(self, w: SparseWeight):
-        lanes, block, (rows, width) = self.ROWS, self.BLOCK, w.shape
+    #: Kept weights laid out at a time while building (bounds the temporaries to ~100 KB)
+    BUILD_ENTRIES = 2048
+
+    def __init__(self, row_ptr: np.ndarray, entries: Callable[[int, int], Tuple[np.ndarray, np.ndarray]],
+                 shape: Tuple[int, int], codebook: np.ndarray, symbols: Any):
+        """From a CSR's ``row_ptr`` and ``entries(a, b)``: the columns and symbols of its kept weights
+        ``[a, b)`` (views, or temporaries as small as the range)."""
+        lanes, block, (rows, width) = self.ROWS, self.BLOCK, shape
         blocks, slices = -(-width // block), -(-rows // lanes)
-        row = np.repeat(np.arange(rows), np.diff(w.row_ptr).astype(np.intp))
-        group = row * blocks + w.cols // block                  # (row, block) of each kept weight
-        counts = np.bincount(group, minlength=rows * blocks).reshape(rows, blocks)
+        nnz = int(row_ptr[-1] - row_ptr[0])
+        step = max(1, self.BUILD_ENTRIES * rows // max(1, nnz))
+        counts = np.zeros((rows, blocks), np.intp)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            cols = entries(int(row_ptr[r0]), int(row_ptr[r1]))[0]
+            local = np.repeat(np.arange(r1 - r0), np.diff(row_ptr[r0:r1 + 1]).astype(np.intp))
+            counts[r0:r1] = np.bincount(local * blocks + cols // block, minlength=(r1 - r0) * blocks).reshape(-1, blocks)
         # by the row's most kept in a block (what a slot count is), then by its counts block by block
-        self.order = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1),)).astype(POINTER)
+        self.order = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1, initial=0),)).astype(POINTER)
         lane = np.empty(rows, np.intp)
         lane[self.order] = np.arange(rows)
         padded = np.zeros((slices * lanes, blocks), np.intp)
         padded[:rows] = counts[self.order]
         self.slot_ptr = np.zeros(slices * blocks + 1, POINTER)
         np.cumsum(padded.reshape(slices, lanes, blocks).max(axis=1), out=self.slot_ptr[1:])
-        by_group = np.argsort(group, kind="stable")
-        starts = np.cumsum(counts.ravel()) - counts.ravel()
-        nth = np.arange(group.size) - starts[group[by_group]]     # its place among its row's in the block
-        r, b = row[by_group], group[by_group] % blocks
-        at = (self.slot_ptr[lane[r] // lanes * blocks + b] + nth) * lanes + lane[r] % lanes
         size = int(self.slot_ptr[-1]) * lanes
         self.cols = np.full(size, block, np.uint8)
-        self.symbols = np.zeros(size, w.symbols.dtype)
-        self.cols[at] = w.cols[by_group] - b * block
-        self.symbols[at] = w.symbols[by_group]
-        self.codebook, self.shape = w.codebook, w.shape
+        self.symbols = np.zeros(size, symbols)
+        for r0 in range(0, rows, step):         # each kept weight to its slot, a block of rows at a time
+            r1 = min(rows, r0 + step)
+            cols, syms = entries(int(row_ptr[r0]), int(row_ptr[r1]))
+            group = np.repeat(np.arange(r0, r1), np.diff(row_ptr[r0:r1 + 1]).astype(np.intp)) * blocks + cols // block
+            by_group = np.argsort(group, kind="stable")
+            group = group[by_group]
+            starts = np.cumsum(counts[r0:r1].ravel()) - counts[r0:r1].ravel()
+            nth = np.arange(group.size) - starts[group - r0 * blocks]   # its place among its row's in the block
+            r, b = group // blocks, group % blocks
+            at = (self.slot_ptr[lane[r] // lanes * blocks + b] + nth) * lanes + lane[r] % lanes
+            self.cols[at] = cols[by_group] - b * block
+            self.symbols[at] = syms[by_group]
+        self.codebook, self.shape = codebook, shape
         self.arrays = (self.slot_ptr, self.cols, self.symbols, self.order, self.codebook)
 
     nbytes = property(lambda self: sum(a.nbytes for a in self.arrays[:-1]))
@@ -736,11 +751,17 @@ class TableRows:
     nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes + self.codebook.nbytes + _sliced_bytes(self))
     nnz = property(lambda self: int(self.row_ptr[-1] - self.row_ptr[0]))
 
-    def sliced_when_reused(self) -> Optional["SlicedRows"]:
-        """The weight's kept weights as :class:`SlicedRows` from its second request on (see
-        :func:`_sliced_when_reused`), kept beside the slots: the LSTM kernel's batch-1 form with
-        AVX-512 (the default plan's LSTM classifier, 16 steps: ``lstm_slots`` 261 us, the slices 68)."""
-        return _sliced_when_reused(self, self.sparse)
+    def sliced(self) -> "SlicedRows":
+        """The same kept weights as :class:`SlicedRows`, their columns and symbols read off the slots a
+        block of rows at a time (for checks; the kernels take :meth:`held_slices`)."""
+        symbols = np.uint8 if self.codebook.size <= 256 else np.uint16
+        return SlicedRows(self.row_ptr, lambda a, b: np.divmod(self.slots[a:b], self.stride), self.shape,
+                          self.codebook, symbols)
+
+    def held_slices(self) -> Optional["SlicedRows"]:
+        """The LSTM kernel's batch-1 form of a held weight with AVX-512 (:func:`_held_slices`): the
+        default plan's LSTM classifier, 16 steps, ``lstm_slots`` 261 us, the slices 68."""
+        return _held_slices(self, self.sliced)
 
     def __getitem__(self, key) -> "TableRows":
         start, stop, step = key.indices(self.shape[0]) if isinstance(key, slice) else (0, 0, 0)

@@ -33,7 +33,7 @@ from dcrt.graph import ValueInfo, subgraphs
 
 from . import derived
 from .executor import HOLD, Executor, op_types
-from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows
+from .indexed import ByInput, IndexedWeight, PerDirection, SparseWeight, TableRows, hold
 
 MODES = memory.MODES
 _ONNX_TYPE = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float64): "tensor(double)",
@@ -260,7 +260,7 @@ class Session:
             value = cache.get(key)
             if value is None:
                 if compressed and self.mode == "index":
-                    value = indexed_weight(t, self._grouping.get(t.name, memory.ROWS))
+                    value = hold(indexed_weight(t, self._grouping.get(t.name, memory.ROWS)))
                 else:
                     value = t.decode()
                     if not compressed and self._file.mapped:

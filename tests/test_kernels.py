@@ -1305,12 +1305,9 @@ def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatc
     graph, feeds = _lstm_graph(direction, hidden, peepholes, attrs, d, batch)
     ex = Executor(graph)
     sliced = form in ("sparse", "slots") and batch == 1 and numba_kernels.wide_vectors()     # R as SlicedRows
-    # from a matrix's second batch-1 run on (sliced_when_reused): one kept per direction, as a session
-    # holds it (a 3-D CSR cuts a new one out at every call)
-    source = {**graph.initializers, "r": indexed.PerDirection.split(forms[form]) if sliced and form == "sparse"
-              else forms[form]}
-    if sliced:
-        ex.run(feeds, source.__getitem__)
+    # held per direction, as a session holds it (a 3-D CSR cuts a new one out at every call)
+    r = indexed.PerDirection.split(forms[form]) if form == "sparse" and batch == 1 else forms[form]
+    source = {**graph.initializers, "r": indexed.hold(r)}
     ran = _count_runs("lstm_sliced" if sliced else "lstm" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
@@ -1374,12 +1371,10 @@ def test_lstm_csr_kernel_takes_batches_past_one_pass(monkeypatch):
 def test_sliced_rows_hold_the_csr_weights(shape, density):
     """``SlicedRows`` (32-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
     the same rows, pads each block only up to its slice's longest row there, with the zero symbol at
-    the column after the block's, sorts alike rows together (fewer slots than the rows' own order)
-    and is counted in the weight's bytes once built."""
+    the column after the block's and sorts alike rows together (fewer slots than the rows' own
+    order); built a few rows at a time, and from table slots the same."""
     dense, _, sw = weights(shape, density, seed=shape[0])
-    before = sw.nbytes
     rows = sw.sliced()
-    assert rows is sw.sliced() and sw.nbytes == before + rows.nbytes
     np.testing.assert_array_equal(rows.dense(), dense)
     lanes, block = rows.ROWS, rows.BLOCK
     slices, blocks = -(-shape[0] // lanes), -(-shape[1] // block)
@@ -1395,34 +1390,41 @@ def test_sliced_rows_hold_the_csr_weights(shape, density):
     assert padding.sum() == rows.slot_ptr[-1] * lanes - sw.nnz and np.all(rows.cols[padding] == block)
     if shape[0] == 512:
         assert rows.slot_ptr[-1] < 0.9 * slots(range(shape[0])).sum()
+        assert rows.BUILD_ENTRIES < sw.nnz / 2                  # several blocks of rows
+    if density:
+        table = indexed.TableRows(sw).sliced()
+        for got, want in zip(table.arrays, rows.arrays):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("form", ["csr", "slots"])
-def test_sliced_rows_are_built_for_a_weight_used_twice(form):
-    """A CSR or table-slot weight's slices come at its second request (``sliced_when_reused``): one
-    held across runs gets them (the same weights, counted in its bytes), one built for a single node
-    (stream mode) does not pay for building them."""
+def test_sliced_rows_are_built_for_a_held_weight(form):
+    """A CSR or table-slot weight's slices are built at the first request of a weight held across
+    runs (``indexed.hold``: a session's index-mode weights) and kept, counted in its bytes; one built
+    for a single node (stream mode) does not pay for building them."""
     dense, _, sw = weights((40, 30), 0.2, seed=3)
     weight = sw if form == "csr" else indexed.TableRows(sw)
     before = weight.nbytes
-    assert weight.sliced_when_reused() is None and weight.nbytes == before
-    rows = weight.sliced_when_reused()
-    assert isinstance(rows, indexed.SlicedRows) and weight.sliced_when_reused() is rows
+    assert weight.held_slices() is None and weight.nbytes == before
+    indexed.hold(indexed.PerDirection([weight]))
+    rows = weight.held_slices()
+    assert isinstance(rows, indexed.SlicedRows) and weight.held_slices() is rows
     assert weight.nbytes == before + rows.nbytes
     np.testing.assert_array_equal(rows.dense(), dense)
 
 
 def test_sliced_rows_stay_within_a_product_table():
     """Slices whose slots' centroids (the kernel's float32 temporary for a call) would take more than
-    a batch-1 product may build for a call (a tile, or a product table: 256 KB) are not built for the
+    a batch-1 product may build for a call (a tile, or a product table: 256 KB) are not kept for the
     kernels: a 1024x512 weight 60 % pruned (~1 MB), while 512x128 ones 60 and 90 % pruned (~128 and
     ~44 KB) get them."""
     for shape, density, fits in (((1024, 512), 0.4, False), ((512, 128), 0.4, True), ((512, 128), 0.1, True)):
         _, _, sw = weights(shape, density, seed=5)
         before = sw.nbytes
-        assert [sw.sliced_when_reused() is not None for _ in range(4)] == [False, fits, fits, fits]
+        indexed.hold(indexed.PerDirection([sw]))
+        assert [sw.held_slices() is not None for _ in range(3)] == [fits] * 3
         assert (sw.nbytes > before) == fits
-        assert (4 * indexed.SlicedRows(sw).symbols.size <= 4 * indexed.PRODUCT_TABLE_ENTRIES) == fits
+        assert (4 * sw.sliced().symbols.size <= 4 * indexed.PRODUCT_TABLE_ENTRIES) == fits
 
 
 def _sliced_product(x, rows):
@@ -1496,23 +1498,29 @@ def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
 @pytest.mark.parametrize("w_form,kernel", [("csr", "lstm_sliced_csr"), ("indexed", "lstm_sliced_index"),
                                            ("dense", "lstm_sliced")])
 def test_lstm_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeypatch):
-    """With R held per direction (in slices from its second batch-1 call on, where AVX-512 is) and W
-    as CSR or dense indices, the prepared call is one kernel that takes the input projection too (a
-    dense W: ``matmul_t``, then the sliced steps): the full operator's results on the dense weights
-    at each call, with and without B, for an input that is a view (time-major out of batch-major)."""
+    """With R held per direction (in slices, where AVX-512 is) and W as CSR or dense indices, every
+    call from the first is the prepared call, one kernel that takes the input projection too (a dense
+    W: ``matmul_t``, then the sliced steps): the same results at each call to the bit, those of the
+    full operator on the dense weights, with and without B, for an input that is a view (time-major
+    out of batch-major)."""
     lstm, hidden = OPS["LSTM"], 40
     dr, _, r = weights((4 * hidden, hidden), 0.15, seed=2)
     dw, iw, w = weights((4 * hidden, 6), 0.5, seed=3)
-    weights_held = indexed.PerDirection([{"csr": w, "indexed": iw, "dense": dw}[w_form]]), indexed.PerDirection([r])
+    weights_held = (indexed.PerDirection([{"csr": w, "indexed": iw, "dense": dw}[w_form]]),
+                    indexed.hold(indexed.PerDirection([r])))
     b, x = rand(1, 8 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
     attrs = {"hidden_size": hidden}
     ran = _count_runs(kernel, monkeypatch)
+    results = []
     for bias in (b, b, b, None):
         got = lstm(attrs, x, *weights_held, bias)
         want = lstm({"hidden_size": hidden}, np.ascontiguousarray(x), dw[None], dr[None], bias)
         for g, e in zip(got, want):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-    assert len(ran) == (3 if numba_kernels.wide_vectors() else 0)     # the first call builds no slices
+        results.append(got)
+    for g, e in zip(results[0], results[1]):
+        np.testing.assert_array_equal(g, e)
+    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
 
 
 @pytest.mark.parametrize("direction,attrs", [

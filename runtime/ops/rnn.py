@@ -203,8 +203,15 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         return rec.empty(2)
     hsz = rec.hidden
     funcs = _activations(attrs, ("Sigmoid", "Tanh", "Tanh"), rec.directions)
-    hs, cs = rec.initial(h0), rec.initial(c0)
     forget = bool(attrs.get("input_forget", 0))
+    if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
+        ready = _compiled(rec, funcs[0], _DEFAULT_LSTM)
+        run = None if ready is None else _plain_run(*ready, forget, hsz)
+        outputs = None if run is None else run(x, w, r, b)
+        if outputs is not None:     # prepared from this call on: every call takes the same kernels and results
+            attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), run)
+            return outputs
+    hs, cs = rec.initial(h0), rec.initial(c0)
     ys, h_last, c_last = [], [], []
     for d in range(rec.directions):
         f, g, act_h = funcs[d]
@@ -214,8 +221,6 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
         ready = _compiled(rec, funcs[d], _DEFAULT_LSTM)     # the step loop below is the kernels' twin
         fast = None if ready is None else _lstm_kernel(*ready, rd, _sliced(rd, proj.shape[1]), forget)
         if fast is not None:
-            if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
-                attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), _plain_run(*ready, forget, hsz))
             h, c = np.array(hs[d], np.float32), np.array(cs[d], np.float32)
             ys_d = np.empty(proj.shape[:2] + (hsz,), np.float32)
             peep = np.ascontiguousarray(p[d], np.float32) if p is not None else _NO_PEEPHOLES
@@ -293,11 +298,10 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
 
 
 def _sliced(rd: Any, batch: int) -> Optional[SlicedRows]:
-    """A recurrent weight's 32-row slices for the batch-1 kernel (``sliced_when_reused`` of a CSR or
-    table-slot weight), where AVX-512 permutes their activations (``numba_kernels.wide_vectors``),
-    else None."""
-    return rd.sliced_when_reused() if isinstance(rd, (SparseWeight, TableRows)) and batch == 1 and wide_vectors() \
-        else None
+    """A recurrent weight's 32-row slices for the batch-1 kernel (``held_slices`` of a CSR or
+    table-slot weight that a session holds), where AVX-512 permutes their activations
+    (``numba_kernels.wide_vectors``), else None."""
+    return rd.held_slices() if isinstance(rd, (SparseWeight, TableRows)) and batch == 1 and wide_vectors() else None
 
 
 def _lstm_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
