@@ -258,11 +258,11 @@ _DEFAULT_LSTM = (sigmoid, np.tanh, np.tanh)
 
 
 # The common inference call (one forward direction, no initial states, sequence lengths or
-# peepholes, compiled) is prepared once per node and input shape: a later call computes the
-# projection and runs the kernel, none of the rest of the operator's Python (~15 us a call: ~10 % of
-# the 90 %-pruned LSTM classifier's run). The weights are arguments, not kept: stream mode drops
-# them after the node. With R in slices and W as CSR or dense indices, one kernel takes the
-# projection too.
+# peepholes, compiled) is prepared once per node and input shape, and runs from the first call on
+# (so that every call takes the same kernels): a later call computes the projection and runs the
+# kernel, none of the rest of the operator's Python (~15 us a call: ~10 % of the 90 %-pruned LSTM
+# classifier's run). The weights are arguments, not kept: stream mode drops them after the node.
+# With R in slices and W as CSR or dense indices, one kernel takes the projection too.
 def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[..., Optional[Tuple[np.ndarray, ...]]]:
     """``run(x, w, r, b)``: the outputs, or None when no kernel takes this ``R`` (the full operator then)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
