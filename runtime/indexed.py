@@ -644,7 +644,7 @@ def _sliced_bytes(weight: Any) -> int:
 
 
 class SlicedRows:
-    """The kept weights of a 2-D :class:`SparseWeight` in slices of ``ROWS`` rows and blocks of
+    """The kept weights of a 2-D CSR or table-slot weight in slices of ``ROWS`` rows and blocks of
     ``BLOCK`` columns (a blocked sliced ELLPACK): slot ``e`` of a slice's block holds one kept weight
     of that block for each of the slice's rows side by side (``cols``: the column within the block,
     ``symbols``; ``[slots * ROWS]``), so that one vector step serves 16 rows, where a CSR row is a
@@ -682,7 +682,8 @@ class SlicedRows:
             r1 = min(rows, r0 + step)
             cols = entries(int(row_ptr[r0]), int(row_ptr[r1]))[0]
             local = np.repeat(np.arange(r1 - r0), np.diff(row_ptr[r0:r1 + 1]).astype(np.intp))
-            counts[r0:r1] = np.bincount(local * blocks + cols // block, minlength=(r1 - r0) * blocks).reshape(-1, blocks)
+            group = local * blocks + cols // block
+            counts[r0:r1] = np.bincount(group, minlength=(r1 - r0) * blocks).reshape(-1, blocks)
         # by the row's most kept in a block (what a slot count is), then by its counts block by block
         self.order = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1, initial=0),)).astype(POINTER)
         lane = np.empty(rows, np.intp)

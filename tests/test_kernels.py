@@ -1436,7 +1436,8 @@ def _sliced_product(x, rows):
     def run(x, slot_ptr, cols, symbols, order, codebook, out):
         blocks = -(-x.size // BLOCK)
         slices = (slot_ptr.size - 1) // blocks
-        table, dots, values = np.zeros(blocks * TABLE, np.float32), np.empty(slices * SLICE, np.float32), codebook[symbols]
+        table, dots = np.zeros(blocks * TABLE, np.float32), np.empty(slices * SLICE, np.float32)
+        values = codebook[symbols]
         for j in range(x.size):
             table[j + j // BLOCK] = x[j]
         for s in range(slices):
