@@ -316,19 +316,16 @@ def sliced_dot(typingctx, x, slot_ptr, cols, values, p0, blocks, out, o0):
         fma = _fmuladd(builder, vec)
         permute = _permutes(context) and cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vec, [vec, index, vec]), "llvm.x86.avx512.vpermi2var.ps.512")
-        halves = [ir.Constant(intp, g * LANES) for g in range(SLICE // LANES)]
+        halves, one = [ir.Constant(intp, g * LANES) for g in range(SLICE // LANES)], ir.Constant(intp, 1)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in halves]
-
-        def slot_at(k):
-            return builder.sext(_load(builder, builder.gep(pd, [k]), ir.IntType(32)), intp)
 
         with cgutils.for_range(builder, blocks) as loop:
             b = loop.index
             table = builder.gep(xd, [builder.mul(b, ir.Constant(intp, TABLE))])
             low, high = (_load(builder, _at(builder, table, ir.Constant(intp, n), vec), vec) for n in (0, LANES))
             k = builder.add(p0, b)
-            with cgutils.for_range_slice(builder, slot_at(k), slot_at(builder.add(k, ir.Constant(intp, 1))),
-                                         ir.Constant(intp, 1)) as (e, _):
+            with cgutils.for_range_slice(builder, _pointer(builder, pd, k), _pointer(builder, pd, builder.add(k, one)),
+                                         one) as (e, _):
                 for half, acc in zip(halves, accs):
                     at = builder.add(builder.mul(e, ir.Constant(intp, SLICE)), half)
                     column = builder.zext(_load(builder, builder.bitcast(builder.gep(cd, [at]), lanes.as_pointer()),
@@ -369,8 +366,7 @@ def csr_lanes(typingctx, xt, x0, ldx, groups, row_ptr, cols, symbols, codebook, 
                                   for n in (0, 4, 5, 6, 7, 10)]
 
         def bounds(n):
-            return [builder.sext(_load(builder, builder.gep(pd, [m]), ir.IntType(32)), n.type)
-                    for m in (n, builder.add(n, ir.Constant(n.type, 1)))]
+            return _pointer(builder, pd, n), _pointer(builder, pd, builder.add(n, ir.Constant(n.type, 1)))
 
         def entry(e, e0):
             return (_entry(builder, cd, e, signature.args[5].dtype.bitwidth),
@@ -406,6 +402,11 @@ def index_lanes(typingctx, xt, x0, ldx, groups, indices, k, codebook, n0, n1, ou
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _pointer(builder: ir.IRBuilder, data: ir.Value, k: ir.Value) -> ir.Value:
+    """``data[k]`` of an int32 array of pointers (CSR rows, slices' blocks) as ``k``'s integer type."""
+    return builder.sext(_load(builder, builder.gep(data, [k]), ir.IntType(32)), k.type)
 
 
 def _entry(builder: ir.IRBuilder, data: ir.Value, e: ir.Value, width: int) -> ir.Value:

@@ -271,12 +271,10 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
         sliced = _sliced(rd, batch)
         h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
         ys = np.empty((steps, batch, hsz), np.float32)
-        both = None if sliced is None else (
-            np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32))
-        if sliced is not None and isinstance(wd, SparseWeight):
-            k.lstm_sliced_csr(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
-        elif sliced is not None and isinstance(wd, IndexedWeight) and wd.indices.flags.c_contiguous:
-            k.lstm_sliced_index(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
+        projecting = None if sliced is None else _projecting(k, wd)
+        if projecting is not None:
+            both = np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32)
+            projecting(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
         else:
             fast = _lstm_kernel(k, clip, rd, sliced, forget)
             if fast is None:
@@ -285,6 +283,16 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
             fast(np.ascontiguousarray(kernels.matmul_t(x, wd, bias), np.float32), _NO_PEEPHOLES, h, c, ys)
         return ys.reshape(steps, 1, batch, hsz), h.reshape(1, batch, hsz), c.reshape(1, batch, hsz)
     return run
+
+
+def _projecting(k: Any, wd: Any) -> Optional[Callable[..., None]]:
+    """The sliced kernel that also takes the input projection by ``wd`` (CSR or dense indices), or
+    None: ``matmul_t`` then projects."""
+    if isinstance(wd, SparseWeight):
+        return k.lstm_sliced_csr
+    if isinstance(wd, IndexedWeight) and wd.indices.flags.c_contiguous:
+        return k.lstm_sliced_index
+    return None
 
 
 def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Activation, ...]) -> Optional[tuple]:
