@@ -145,13 +145,15 @@ def test_lzw_dictionary_freezes():
 
 
 def test_huffman_many_chunks_and_groups(monkeypatch):
-    # Small groups and both ways of finding code lengths in decode_numpy, on a stream of many chunks.
+    # Small groups, small blocks of temporaries (bytes; visited positions, across the short last
+    # chunk's end) and both ways of finding code lengths in decode_numpy, on a stream of many chunks.
     symbols = np.minimum(np.random.default_rng(7).geometric(0.2, 300_000) - 1, 199)
     payload, stage = huffman.encode(symbols, 200)
-    assert len(stage.chunk_bit_offsets) > 32
-    for group_bits, row_min in ((1 << 15, 0), (1 << 23, 1 << 40)):
+    assert len(stage.chunk_bit_offsets) > 32 and symbols.size % stage.chunk_size
+    for group_bits, row_min, block in ((1 << 15, 0, 1 << 18), (1 << 25, 0, 1000), (1 << 23, 1 << 40, 333)):
         monkeypatch.setattr(huffman, "_GROUP_BITS", group_bits)
         monkeypatch.setattr(huffman, "_ROW_TABLE_MIN_BITS", row_min)
+        monkeypatch.setattr(huffman, "_BLOCK", block)
         np.testing.assert_array_equal(huffman.decode_numpy(payload, stage), symbols)
 
 

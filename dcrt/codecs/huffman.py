@@ -41,7 +41,8 @@ _PEEK = MAX_CODE_LENGTH  # bits looked at per table lookup (decode_numpy)
 #: Bits decode_numba looks up in its table: longer codes (rare: that is why they are long) take a
 #: canonical search. A 16-bit table (256 KB) spills L1 and L2 and was most of a small stream's decoding.
 PRIMARY_BITS = 11
-_GROUP_BITS = 1 << 23    # decode_numpy's per-bit arrays (~6 bytes a bit) cover this many payload bits at a time
+_GROUP_BITS = 1 << 25    # decode_numpy's per-bit array (a byte a bit) covers this many payload bits at a time
+_BLOCK = 1 << 18    # decode_numpy makes its temporaries for this many payload bytes, or visited positions, at a time
 _ROW_TABLE_MIN_BITS = 1 << 18  # below this, building the per-byte row table costs more than it saves
 
 
@@ -273,7 +274,7 @@ def _canonical_ranges(ln: np.ndarray) -> np.ndarray:
 
 def _padded(data: np.ndarray) -> np.ndarray:
     """A copy of the payload with zero bytes after it, so that a peek at any bit stays in bounds."""
-    buf = np.zeros(data.size + 4, dtype=np.uint8)
+    buf = np.zeros(data.size + 5, dtype=np.uint8)
     buf[: data.size] = data
     return buf
 
@@ -326,9 +327,10 @@ def decode_numpy(payload: Payload, stage: Stage) -> np.ndarray:
     """Decode with numpy only: all chunks advance together, one symbol per Python-level step.
 
     Rather than peeking at each chunk's position in every step, it first computes, for *every* bit
-    position ``p`` of the payload, where the next code would start if one started at ``p``
-    (vectorised, through a per-byte table). A step is then a single gather ``pos = next[pos]`` over
-    the chunks; symbols are looked up once, at the end, for all the positions visited.
+    position ``p`` of the payload, the length of the code that would start at ``p`` (vectorised,
+    through a per-byte table; a byte a bit, so that a group of chunks spans up to 4 MB of payload and
+    there are few groups, each costing a step per symbol of a chunk). A step is then a gather and an
+    add over the chunks, ``pos += at[pos]``; symbols are looked up at the end, for all the positions visited.
     """
     c = _check(payload, stage)
     out = np.empty(c.count, dtype=symbol_dtype(c.alphabet))
@@ -340,7 +342,7 @@ def decode_numpy(payload: Payload, stage: Stage) -> np.ndarray:
     buf = _padded(c.data)
     # Big-endian 32-bit window starting at every byte (bits [8b, 8b + 32)): a strided, unaligned
     # view of the bytes, made native and contiguous by one copy.
-    w32 = np.ndarray((c.data.size + 1,), dtype=">u4", buffer=buf, strides=(1,)).astype(np.uint32)
+    w32 = np.ndarray((c.data.size + 2,), dtype=">u4", buffer=buf, strides=(1,)).astype(np.uint32)
     first = 0
     for last in _groups(c.offsets, c.ends):
         _decode_group(c, first, last, w32, table, lens, rows, out)
@@ -380,54 +382,59 @@ def _decode_group(c: _Checked, first: int, last: int, w32: np.ndarray, table: np
     base = 8 * base_byte  # positions below are counted from this bit
     limit = int(c.ends[last - 1]) - base
     nbytes = -(-limit // 8)
-    win = w32[base_byte: base_byte + nbytes + 1]  # one spare window: sink positions peek there
-    # Length of the code starting at every bit position of the group (0: no code starts there).
-    if rows is not None:
-        at = np.take(rows, (win[:nbytes] >> 16).astype(np.intp, copy=False)).view(np.uint8)
-        hard = np.flatnonzero(at == 0)  # a long code at a high bit offset, or no code at all
-        at[hard] = lens[(win[hard >> 3] >> (16 - (hard & 7)).astype(np.uint32)) & 0xFFFF]
-        nocode = hard[at[hard] == 0]
-    else:
-        shifts = np.arange(16, 8, -1, dtype=np.uint32)
-        at = lens[((win[:nbytes, None] >> shifts) & 0xFFFF).ravel()]
-        nocode = np.flatnonzero(at == 0)
-    # next[p]: where the following code starts; `sink` marks no code, or a code running past the group.
-    sink = limit + 1
-    nxt = np.arange(8 * nbytes + 2, dtype=np.int32)
-    nxt[: 8 * nbytes] += at
-    nxt[nocode] = sink
-    tail = nxt[max(limit - _PEEK, 0): limit]
-    tail[tail > limit] = sink
-    nxt[limit:] = sink
+    win = w32[base_byte: base_byte + nbytes + 2]  # spare windows: a chunk that stepped past its end peeks there
+    # at[p]: the length of the code starting at bit p of the group, the step to the next one; 0 where
+    # no code starts (and past the group's bytes): a chunk reaching such a position stays there. Its
+    # last step is then 0, or that of the chunk after, which starts there (chunks are not empty).
+    at = np.zeros(8 * nbytes + _PEEK, dtype=np.uint8)
+    for lo in range(0, nbytes, _BLOCK):     # the temporaries a block of bytes at a time
+        hi = min(lo + _BLOCK, nbytes)
+        part = at[8 * lo: 8 * hi]
+        if rows is not None:
+            np.take(rows, (win[lo:hi] >> 16).astype(np.intp, copy=False), out=part.view(np.uint64))
+            hard = np.flatnonzero(part == 0)  # a long code at a high bit offset, or no code at all
+            bit = hard + 8 * lo
+            part[hard] = lens[(win[bit >> 3] >> (16 - (bit & 7)).astype(np.uint32)) & 0xFFFF]
+        else:
+            part[:] = lens[((win[lo:hi, None] >> np.arange(16, 8, -1, dtype=np.uint32)) & 0xFFFF).ravel()]
 
     lanes = last - first
     steps = min(c.chunk_size, c.count - first * c.chunk_size)
     pos = np.empty((steps, lanes), dtype=np.int32)
     pos[0] = c.offsets[first:last] - base
     step_rows = list(pos)
-    take = nxt.take
+    take, add, moved = at.take, np.add, np.empty(lanes, np.uint8)
     for i in range(1, steps):  # one symbol of every chunk per step
-        take(step_rows[i - 1], out=step_rows[i], mode="wrap")
+        before = step_rows[i - 1]
+        add(before, take(before, out=moved, mode="clip"), out=step_rows[i])     # (never clipped)
 
     sizes = np.minimum(c.chunk_size, c.count - np.arange(first, last, dtype=np.int64) * c.chunk_size)
-    end = nxt[pos[sizes - 1, np.arange(lanes)]].astype(np.int64) + base
+    final = pos[sizes - 1, np.arange(lanes)]
+    step = at[final]
+    end = final.astype(np.int64) + step + base
     bad = np.flatnonzero(end[:-1] != c.ends[first: last - 1])
     is_last = last == c.offsets.size
-    if bad.size or (not is_last and end[-1] != c.ends[last - 1]) or end[-1] == sink + base:
+    if bad.size or step[-1] == 0 or (not is_last and end[-1] != c.ends[last - 1]):
         chunk = first + (int(bad[0]) if bad.size else lanes - 1)
         raise FormatError(f"Huffman stage: chunk {chunk} does not decode to its bit range "
                           "(damaged payload, code lengths or chunk offsets)")
     if is_last:
         _check_end(int(end[-1]), c.data)
-    del nxt, tail, take, at  # the per-bit arrays are most of the memory: free them first
+    del at, step_rows, take  # the per-bit array is most of the memory: free it first
 
-    # The 16-bit peek at every visited position, in place: shifting a uint32 left drops the bits before it.
-    peek = win.take((pos >> 3).astype(np.intp, copy=False))
-    peek <<= (pos & 7).view(np.uint32)
-    peek >>= 16
-    symbols = (table & 0xFFFF).astype(out.dtype).take(peek.astype(np.intp, copy=False))  # steps x lanes; column j is chunk first + j
-    lo = first * c.chunk_size
+    start = first * c.chunk_size
     full = lanes if sizes[-1] == steps else lanes - 1
-    out[lo: lo + full * steps].reshape(full, steps)[...] = symbols[:, :full].T
-    if full < lanes:  # the stream's short last chunk
-        out[lo + full * steps:] = symbols[: sizes[-1], -1]
+    chunks = out[start: start + full * steps].reshape(full, steps)     # column j of a step is chunk first + j
+    short = out[start + full * steps:]      # the stream's short last chunk, if any
+    codes = (table & 0xFFFF).astype(out.dtype)
+    block = max(1, _BLOCK // lanes)
+    for s in range(0, steps, block):        # the temporaries a block of steps at a time
+        p = pos[s: s + block]
+        # the 16-bit peek at every visited position, in place: shifting a uint32 left drops the bits before it
+        peek = win.take((p >> 3).astype(np.intp, copy=False))
+        peek <<= (p & 7).view(np.uint32)
+        peek >>= 16
+        symbols = codes.take(peek.astype(np.intp, copy=False))
+        chunks[:, s: s + block] = symbols[:, :full].T
+        if full < lanes:
+            short[s: s + block] = symbols[: max(0, min(short.size - s, block)), -1]
