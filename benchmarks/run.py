@@ -63,8 +63,11 @@ DIGITS = "lenet_300_100_digits"
 #: fully-connected targets: the converter stores them QUANTIZED (smaller to download than SPARSE),
 #: and index mode keeps them as CSR (``dcrt.memory.pruned``).
 LSTM90 = "lstm_classifier_90"
-SMALL = ["lenet_300_100", DIGITS, "lstm_classifier", LSTM90, "vgg_fc_small", "resnet18_tiny", "mobilenet_v2_tiny",
-         "lenet5"]
+#: The GRU classifier (96 units, the reset after R as PyTorch exports it) with W and R pruned 90 % likewise.
+GRU90 = "gru_classifier_90"
+PRUNED90 = {LSTM90: "lstm", GRU90: "gru"}
+SMALL = ["lenet_300_100", DIGITS, "lstm_classifier", LSTM90, "gru_classifier", GRU90, "vgg_fc_small", "resnet18_tiny",
+         "mobilenet_v2_tiny", "lenet5"]
 FULL = ["resnet18", "mobilenet_v2", "vgg_fc6_fc7", "resnet50"]
 MODES = ("index", "dense", "stream")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -75,7 +78,7 @@ def build(name: str):
     import zoo
     if name == "vgg_fc6_fc7":   # VGG-16's FC6 (25088x4096) and FC7 (4096x4096), the paper's big layers
         return zoo.vgg_fc(scale=1.0)
-    return zoo.ZOO["lstm_classifier" if name == LSTM90 else name]()
+    return zoo.ZOO[name[:-len("_90")] if name in PRUNED90 else name]()
 
 
 def train_digits_mlp(path: Path) -> None:
@@ -119,8 +122,9 @@ def prepare(name: str) -> dict:
     if name == "vgg_fc6_fc7":   # the paper prunes FC6 and FC7 to 96 %, FC8 to 77 %
         options["config"] = {"layers": {"fc6*": {"sparsity": 0.96}, "fc7*": {"sparsity": 0.96},
                                         "fc8*": {"sparsity": 0.77}}}
-    if name == LSTM90:
-        options["config"] = {"layers": {"lstm.W": {"sparsity": 0.9}, "lstm.R": {"sparsity": 0.9}}}
+    if name in PRUNED90:
+        layer = PRUNED90[name]
+        options["config"] = {"layers": {f"{layer}.W": {"sparsity": 0.9}, f"{layer}.R": {"sparsity": 0.9}}}
     start = time.perf_counter()
     result = dcrt.convert(str(src), str(dst), force=True, **options)
     return {"name": name, "onnx": str(src), "dcm": str(dst), "convert_s": time.perf_counter() - start,

@@ -257,10 +257,8 @@ def lstm_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, co
     ``b`` ``[8H]`` both biases: the step loop reads the sums where ``lane_sums`` leaves them, so that
     no pass moves them into ``[T, 4H]`` or adds the biases, and one call does what ``matmul_t`` and
     the kernel did (the 90 %-pruned LSTM classifier's LSTM node, one core: 49-58 -> 43-49 us)."""
-    xt = padded_t(x.reshape(x.shape[0], x.shape[2]))
-    sums = np.empty((w_row_ptr.size - 1) * xt.shape[1], np.float32)
-    lane_sums(xt, w_row_ptr, w_cols, w_symbols, w_codebook, 0, w_row_ptr.size - 1, sums)
-    _projected_steps(sums, xt.shape[1], b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
+    sums, width = _csr_projection(x, w_row_ptr, w_cols, w_symbols, w_codebook)
+    _projected_steps(sums, width, b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
@@ -270,10 +268,27 @@ def lstm_sliced_index(x, w_indices, w_codebook, b, slot_ptr, cols, symbols, orde
     W expanded once for 16 steps). The default plan's LSTM classifier, its LSTM kernel and input
     projection, one core: ``lstm_slots`` after ``matmul_t`` ~300 us, ``lstm_sliced`` after it 114,
     this 89."""
+    sums, width = _index_projection(x, w_indices, w_codebook)
+    _projected_steps(sums, width, b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
+
+
+@njit(inline="always")
+def _csr_projection(x, w_row_ptr, w_cols, w_symbols, w_codebook):  # pragma: no cover - compiled
+    """The input projections of all steps of ``x`` ``[T, 1, I]`` by a CSR ``W``, gate row by row, a
+    step a column (``lane_sums``: each kept weight read once for 16 steps), and the row's width."""
+    xt = padded_t(x.reshape(x.shape[0], x.shape[2]))
+    sums = np.empty((w_row_ptr.size - 1) * xt.shape[1], np.float32)
+    lane_sums(xt, w_row_ptr, w_cols, w_symbols, w_codebook, 0, w_row_ptr.size - 1, sums)
+    return sums, xt.shape[1]
+
+
+@njit(inline="always")
+def _index_projection(x, w_indices, w_codebook):  # pragma: no cover - compiled
+    """:func:`_csr_projection` by dense indices (``index_lane_sums``: each row expanded once for 16 steps)."""
     xt = padded_t(x.reshape(x.shape[0], x.shape[2]))
     sums = np.empty(w_indices.shape[0] * xt.shape[1], np.float32)
     index_lane_sums(xt, w_indices, w_codebook, 0, w_indices.shape[0], sums)
-    _projected_steps(sums, xt.shape[1], b, slot_ptr, cols, symbols, order, codebook, clip, input_forget, h, c, ys)
+    return sums, xt.shape[1]
 
 
 @njit(inline="always")
@@ -293,29 +308,42 @@ def _projected_steps(sums, width, b, slot_ptr, cols, symbols, order, codebook, c
 def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
                   ys):  # pragma: no cover - compiled
     """The steps of :func:`lstm_sliced`, its input projection of gate row ``n`` at step ``t`` being
-    ``proj[t * at_step + n * at_row] + bias[n]``. The centroids of the kept weights are looked up
-    once for all the steps (a temporary bounded as a product table is: ``indexed._held_slices``;
-    43 KB for the LSTM classifier's R at 90 %), so that a slot reads only its columns and weights."""
+    ``proj[t * at_step + n * at_row] + bias[n]`` (see :func:`_sliced_buffers`)."""
     steps, gates4 = ys.shape[0], bias.size
     hidden = gates4 // 4
-    blocks = -(-hidden // BLOCK)
-    slices = (slot_ptr.size - 1) // blocks
-    values = np.empty(symbols.size, np.float32)
-    for e in range(symbols.size):
-        values[e] = codebook[symbols[e]]
-    dots = np.empty(slices * SLICE, np.float32)
+    values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
     gates = np.empty(gates4, np.float32)
-    hv = np.zeros(blocks * TABLE, np.float32)       # h in blocks, each followed by the zero padding reads
     for t in range(steps):
-        for j in range(hidden):     # a loop: a slice assignment's code imports numba's slicing and
-            hv[j + j // BLOCK] = h[0, j]        # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
-        for s in range(slices):
-            sliced_dot(hv, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
+        _sliced_product(h, hv, slot_ptr, cols, values, dots)
         for i in range(gates4):
             n = order[i]
             gates[n] = proj[t * at_step + n * at_row] + bias[n] + dots[i]
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
+
+
+@njit(inline="always")
+def _sliced_buffers(symbols, codebook, slot_ptr, hidden):  # pragma: no cover - compiled
+    """What the sliced steps keep for a call: the centroids of the slots (looked up once for all the
+    steps: a temporary bounded as a product table is, ``indexed._held_slices``; 43 KB for the LSTM
+    classifier's R at 90 %), ``h`` in blocks, each followed by the zero the padding reads, and the
+    product's sums in slice order."""
+    blocks = -(-hidden // BLOCK)
+    values = np.empty(symbols.size, np.float32)
+    for e in range(symbols.size):
+        values[e] = codebook[symbols[e]]
+    return values, np.zeros(blocks * TABLE, np.float32), np.empty((slot_ptr.size - 1) // blocks * SLICE, np.float32)
+
+
+@njit(inline="always")
+def _sliced_product(h, hv, slot_ptr, cols, values, dots):  # pragma: no cover - compiled
+    """``dots``: ``h @ R.T`` by R's slices, in their rows' order (``_simd.sliced_dot``)."""
+    hidden = h.shape[1]
+    blocks = -(-hidden // BLOCK)
+    for j in range(hidden):     # a loop: a slice assignment's code imports numba's slicing and
+        hv[j + j // BLOCK] = h[0, j]        # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
+    for s in range(dots.size // SLICE):
+        sliced_dot(hv, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
 
 
 # Table slots at batch 3 and more: a table per entry costs its building and a pass over the slots
@@ -480,3 +508,65 @@ def gru_slots(proj, row_ptr, slots, codebook, rb, clip, before_reset, h, ys):  #
     table = np.empty(table_stride(codebook.size) * hidden if h.shape[0] <= TABLE_BATCH else 0, np.float32)
     _gru_steps(_slot_rows, (row_ptr, slots, codebook, table, np.zeros(hidden, np.float32)), proj, rb, clip,
                before_reset, h, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_sliced(proj, slot_ptr, cols, symbols, order, codebook, rb, clip, h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_csr` at batch 1 with ``linear_before_reset`` and R as ``indexed.SlicedRows`` (see
+    :func:`lstm_sliced`): one product of all ``3H`` rows a step."""
+    gates3 = rb.size
+    _gru_sliced_steps(proj.reshape(-1), gates3, 1, np.zeros(gates3, np.float32), rb, slot_ptr, cols, symbols, order,
+                      codebook, clip, h, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, cols, symbols, order, codebook, clip, h,
+                   ys):  # pragma: no cover - compiled
+    """:func:`gru_sliced` with the input projections taken here from ``x`` ``[T, 1, I]`` and a CSR
+    ``W`` (as :func:`lstm_sliced_csr`), ``b`` ``[6H]`` both biases."""
+    sums, width = _csr_projection(x, w_row_ptr, w_cols, w_symbols, w_codebook)
+    wb, rb = _gru_biases(b)
+    _gru_sliced_steps(sums, 1, width, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_sliced_index(x, w_indices, w_codebook, b, slot_ptr, cols, symbols, order, codebook, clip, h,
+                     ys):  # pragma: no cover - compiled
+    """:func:`gru_sliced_csr` with ``W`` as dense indices ``[3H, I]``."""
+    sums, width = _index_projection(x, w_indices, w_codebook)
+    wb, rb = _gru_biases(b)
+    _gru_sliced_steps(sums, 1, width, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h, ys)
+
+
+@njit(inline="always")
+def _gru_biases(b):  # pragma: no cover - compiled
+    """``Wb`` and ``Rb`` of ``b`` ``[6H]`` as arrays of their own (a loop: see :func:`_sliced_product`)."""
+    gates3 = b.size // 2
+    wb, rb = np.empty(gates3, np.float32), np.empty(gates3, np.float32)
+    for n in range(gates3):
+        wb[n], rb[n] = b[n], b[gates3 + n]
+    return wb, rb
+
+
+@njit(inline="always")
+def _gru_sliced_steps(proj, at_step, at_row, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h,
+                      ys):  # pragma: no cover - compiled
+    """The steps of :func:`gru_sliced`, the input projection of gate row ``n`` at step ``t`` being
+    ``proj[t * at_step + n * at_row] + wb[n]``; the sums as :func:`_gru_steps` makes them."""
+    hidden = rb.size // 3
+    values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
+    xp, rec = np.empty(rb.size, np.float32), np.empty(rb.size, np.float32)
+    for t in range(ys.shape[0]):
+        _sliced_product(h, hv, slot_ptr, cols, values, dots)
+        for i in range(rb.size):    # back in row order, as the projections: the update below vectorises
+            rec[order[i]] = dots[i]
+        for n in range(rb.size):
+            xp[n] = proj[t * at_step + n * at_row] + wb[n]
+        y = ys[t, 0]
+        for j in range(hidden):
+            n = 2 * hidden + j
+            z = _sigmoid(_clip(xp[j] + rec[j] + rb[j], clip))
+            r = _sigmoid(_clip(xp[hidden + j] + rec[hidden + j] + rb[hidden + j], clip))
+            y[j] = (np.float32(1.0) - z) * _tanh(_clip(xp[n] + r * (rec[n] + rb[n]), clip)) + z * h[0, j]
+        _carry(h, ys[t])
+

@@ -1533,7 +1533,8 @@ def test_lstm_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkey
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     """The compiled GRU recurrence (both orders of the reset, 7 units: rows in blocks of 4 and a
-    remainder) against the numpy step loop and the reference of the dense weight."""
+    remainder; at batch 1 with the reset after R, a held CSR or table-slot R as 32-row slices where
+    AVX-512 is) against the numpy step loop and the reference of the dense weight."""
     hidden, dirs = 7, 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 3 * hidden, hidden), seed=4)
     node = Node("GRU", ["x", "w", "r", "b", "", "h0"], ["y", "yh"], dict(hidden_size=hidden, direction=direction,
@@ -1542,15 +1543,79 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     feeds = {"x": rand(6, batch, 5), "h0": rand(dirs, batch, hidden)}
     graph = Graph([node], [ValueInfo(n, np.float32) for n in feeds], [ValueInfo(o, np.float32) for o in ("y", "yh")],
                   inits)
-    source = {**graph.initializers, "r": forms[form]}
+    sliced = (form in ("sparse", "slots") and batch == 1 and attrs.get("linear_before_reset")
+              and numba_kernels.wide_vectors())
+    r = indexed.PerDirection.split(forms[form]) if form == "sparse" and batch == 1 else forms[form]
+    source = {**graph.initializers, "r": indexed.hold(r)}
     ex = Executor(graph)
-    ran = _count_runs("gru" + _RNN_KERNELS[form], monkeypatch)
+    ran = _count_runs("gru_sliced" if sliced else "gru" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
     for name in ("y", "yh"):
         np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("hidden,steps", [(7, 9), (40, 9), (70, 70)])
+def test_gru_sliced_agrees_with_the_csr_kernel(hidden, steps):
+    """``gru_sliced`` (R's ``3H`` rows as 32-row slices, 1-3 blocks of columns), ``gru_sliced_csr`` and
+    ``gru_sliced_index`` (the input projection by a CSR or dense-index W in the kernel) against
+    ``gru_csr`` with the reset after R, on the same steps, wherever numba runs."""
+    k = numba_kernels.kernels()
+    _, _, sw = weights((3 * hidden, hidden), 0.15, seed=hidden)
+    _, iw, w = weights((3 * hidden, 5), 0.5, seed=hidden + 1)
+    x, b = rand(steps, 1, 5), rand(6 * hidden)
+    proj, rb = kernels.matmul_t(x, w, b[:3 * hidden]), b[3 * hidden:]
+    h0, results = rand(1, hidden), []
+    for run in (lambda *a: k.gru_csr(proj, sw.row_ptr, sw.cols, sw.symbols, sw.codebook, rb, a[0], True, *a[1:]),
+                lambda *a: k.gru_sliced(proj, *sw.sliced().arrays, rb, *a),
+                lambda *a: k.gru_sliced_csr(x, *w.arrays, b, *sw.sliced().arrays, *a),
+                lambda *a: k.gru_sliced_index(x, *iw.arrays, b, *sw.sliced().arrays, *a)):
+        h, ys = h0.copy(), np.empty((steps, 1, hidden), np.float32)
+        run(np.float32(0.9), h, ys)
+        results.append((ys, h))
+    for result in results[1:]:
+        for got, want in zip(result, results[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("w_form,kernel", [("csr", "gru_sliced_csr"), ("indexed", "gru_sliced_index"),
+                                           ("dense", "gru_sliced")])
+def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeypatch):
+    """The GRU's plain call (one forward direction, no initial state or lengths) is prepared as the
+    LSTM's: with the reset after R and R held in slices (AVX-512), every call from the first runs the
+    one kernel that also takes the projection by a CSR or dense-index W; the same results at each
+    call to the bit, those of the full operator on the dense weights, with and without B. With the
+    reset before R (a product of ``r * h`` of its own), or another input shape, the CSR kernel runs."""
+    gru, hidden = OPS["GRU"], 40
+    dr, _, r = weights((3 * hidden, hidden), 0.15, seed=4)
+    dw, iw, w = weights((3 * hidden, 6), 0.5, seed=5)
+    held = (indexed.PerDirection([{"csr": w, "indexed": iw, "dense": dw}[w_form]]),
+            indexed.hold(indexed.PerDirection([r])))
+    b, x = rand(1, 6 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
+    attrs = {"hidden_size": hidden, "linear_before_reset": 1}
+    ran = _count_runs(kernel, monkeypatch)
+    results = []
+    for bias in (b, b, b, None):
+        got = gru(attrs, x, *held, bias)
+        want = gru({"hidden_size": hidden, "linear_before_reset": 1}, np.ascontiguousarray(x), dw[None], dr[None], bias)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        results.append(got)
+    for g, e in zip(results[0], results[1]):
+        np.testing.assert_array_equal(g, e)
+    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
+    csr = _count_runs("gru_csr", monkeypatch)
+    for call_attrs, xs in (({"hidden_size": hidden}, x), (attrs, rand(3, 2, 6))):
+        got = gru(call_attrs, xs, *held, b)
+        want = gru(dict(call_attrs), np.ascontiguousarray(xs), dw[None], dr[None], b)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0) and len(csr) == 2
 
 
 def _chain(producer, inputs, act, act_inputs=(), act_attrs=None, extra_reader=False):

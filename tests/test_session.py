@@ -56,7 +56,8 @@ def test_recurrent_r_is_kept_as_product_table_slots(name, op, onnx_path, dcm_pat
     classifiers is held as product-table slots per direction (``memory.SLOTS``: 2 bytes a kept
     weight, fewer than the dense indices' byte a weight), ``W`` keeps its dense indices; at batch 1
     and 3 the outputs equal onnxruntime running the decoded weights, and ``dcrt size`` predicts the
-    bytes held, but for the LSTM's batch-1 slices of ``R`` (with AVX-512), which it does not count."""
+    bytes held, but for the batch-1 slices of ``R`` (with AVX-512; the GRU's reset after R), which it does
+    not count."""
     from dcrt import memory, report
     from dcrt.runtime import numba_kernels
     from dcrt.runtime.indexed import PerDirection, TableRows
@@ -78,7 +79,7 @@ def test_recurrent_r_is_kept_as_product_table_slots(name, op, onnx_path, dcm_pat
     assert held_as(r).startswith("table slots 40%") and held_as(sess._weight(w_name)) == "indices uint8"
     np.testing.assert_array_equal(r.dense(), decoded[r_name])
     slices = sum(m.__dict__["_sliced"].nbytes for m in r.matrices if m.__dict__.get("_sliced"))
-    assert (slices > 0) == (op == "LSTM" and numba_kernels.kernels() is not None and numba_kernels.wide_vectors())
+    assert (slices > 0) == (numba_kernels.kernels() is not None and numba_kernels.wide_vectors())  # both at batch 1
     assert r.nbytes - slices < decoded[r_name].size      # the slots: under a byte a weight
     held = sess.resident_bytes()
     assert held["now"] - slices == held["index"] == report.size(str(path))["memory_bytes"]["index"]
@@ -262,8 +263,10 @@ def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, m
     """Stream mode never decodes a compressed weight to float32: each node gets an index form, the
     size ``dcrt.memory.stream_bytes`` says (and ``dcrt size``'s stream row is the most that one node
     holds at once, an LSTM or GRU its W and R, plus the raw tensors), and a run's peak allocation
-    exceeds index mode's (activations, tiles, product tables) by under a quarter of the largest
-    weight's float32 (with numba: numpy's Huffman decoder has per-bit temporaries of its own)."""
+    exceeds index mode's (activations, tiles, product tables) by under a third of the largest
+    weight's float32: its decoded symbols, a byte a weight, beside its index form while it is built
+    (with numba: numpy's Huffman decoder has temporaries of its own). The GRU classifier: 160 KB
+    against 95 KB in index mode, whose GRU takes its R's slices and W's projection in one kernel."""
     from dcrt import memory
     from dcrt.format.reader import StoredTensor
     from dcrt.runtime import numba_kernels
@@ -307,7 +310,7 @@ def test_stream_mode_computes_from_index_forms(name, onnx_path, dcm_path, zoo, m
     largest = max(t.size * 4 for t in tensors.values() if t.encoding != "raw")
     assert max(built.values()) < largest / 3
     stream_peak = peak(sess)
-    assert stream_peak < index_peak + largest / 4 or numba_kernels.kernels() is None, (stream_peak, index_peak, largest)
+    assert stream_peak < index_peak + largest / 3 or numba_kernels.kernels() is None, (stream_peak, index_peak, largest)
 
 
 def test_index_mode_never_expands_a_compressed_weight(dcm_path, monkeypatch):

@@ -269,29 +269,32 @@ def _plain_run(k: Any, clip: np.float32, forget: bool, hsz: int) -> Callable[...
         steps, batch = x.shape[:2]
         wd, rd = w[0], r[0]
         sliced = _sliced(rd, batch)
-        h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
-        ys = np.empty((steps, batch, hsz), np.float32)
         projecting = None if sliced is None else _projecting(k, wd)
-        if projecting is not None:
-            both = np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32)
-            projecting(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
-        else:
+        if projecting is None:
             fast = _lstm_kernel(k, clip, rd, sliced, forget)
             if fast is None:
                 return None
             bias = None if b is None else b[0, :4 * hsz] + b[0, 4 * hsz:]
-            fast(np.ascontiguousarray(kernels.matmul_t(x, wd, bias), np.float32), _NO_PEEPHOLES, h, c, ys)
+            proj = np.ascontiguousarray(kernels.matmul_t(x, wd, bias), np.float32)
+        # the outputs made after the projection (a weight expanded there: it peaks without them)
+        h, c = np.zeros((batch, hsz), np.float32), np.zeros((batch, hsz), np.float32)
+        ys = np.empty((steps, batch, hsz), np.float32)
+        if projecting is not None:
+            both = np.zeros(8 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32)
+            projecting(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, forget, h, c, ys)
+        else:
+            fast(proj, _NO_PEEPHOLES, h, c, ys)
         return ys.reshape(steps, 1, batch, hsz), h.reshape(1, batch, hsz), c.reshape(1, batch, hsz)
     return run
 
 
-def _projecting(k: Any, wd: Any) -> Optional[Callable[..., None]]:
-    """The sliced kernel that also takes the input projection by ``wd`` (CSR or dense indices), or
-    None: ``matmul_t`` then projects."""
+def _projecting(k: Any, wd: Any, kind: str = "lstm") -> Optional[Callable[..., None]]:
+    """The sliced kernel of ``kind`` (lstm, gru) that also takes the input projection by ``wd`` (CSR
+    or dense indices), or None: ``matmul_t`` then projects."""
     if isinstance(wd, SparseWeight):
-        return k.lstm_sliced_csr
+        return getattr(k, kind + "_sliced_csr")
     if isinstance(wd, IndexedWeight) and wd.indices.flags.c_contiguous:
-        return k.lstm_sliced_index
+        return getattr(k, kind + "_sliced_index")
     return None
 
 
@@ -336,12 +339,26 @@ def _lstm_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows]
 def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
         seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """GRU with gates ``z, r, h``; ``linear_before_reset`` applies the reset after ``R_h``."""
+    plain = seq_lens is None and h0 is None
+    if plain:
+        last = attrs.get("_plain")
+        if last is not None and last[0] == (x.shape, x.dtype, w.shape, kernels.kernels()):
+            outputs = last[1](x, w, r, b)
+            if outputs is not None:
+                return outputs
     rec = _Recurrence(attrs, x, w, seq_lens, 3)
     if rec.batch == 0:
         return rec.empty(1)
     hsz = rec.hidden
     funcs = _activations(attrs, ("Sigmoid", "Tanh"), rec.directions)
     before_reset = bool(attrs.get("linear_before_reset", 0))
+    if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
+        ready = _compiled(rec, funcs[0], _DEFAULT_GRU)
+        run = None if ready is None else _plain_gru_run(*ready, before_reset, hsz)
+        outputs = None if run is None else run(x, w, r, b)
+        if outputs is not None:     # prepared from this call on, as the LSTM's
+            attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), run)
+            return outputs
     hs = rec.initial(h0)
     ys, h_last = [], []
     for d in range(rec.directions):
@@ -351,7 +368,7 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         rb = b[d, 3 * hsz:] if b is not None else np.zeros(3 * hsz, dtype=rec.dtype)
         proj = proj + wb
         rd = r[d]
-        fast = _compiled_gru(rec, funcs[d], rd, before_reset)
+        fast = _compiled_gru(rec, funcs[d], rd, before_reset, proj.shape[1])
         if fast is not None:
             h = np.array(hs[d], np.float32)
             ys_d = np.empty(proj.shape[:2] + (hsz,), np.float32)
@@ -378,15 +395,48 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
     return rec.outputs(ys, [_stack(h_last)])
 
 
-def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any,
-                  before_reset: bool) -> Optional[Callable[..., None]]:
+def _plain_gru_run(k: Any, clip: np.float32, before_reset: bool,
+                   hsz: int) -> Callable[..., Optional[Tuple[np.ndarray, ...]]]:
+    """:func:`_plain_run` for the GRU: ``run(x, w, r, b)``, the outputs or None. With R in slices
+    (``linear_before_reset`` only: otherwise R's last third multiplies ``r * h``, a product of its
+    own) and W as CSR or dense indices, one kernel takes the projection too."""
+    def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
+        steps, batch = x.shape[:2]
+        wd, rd = w[0], r[0]
+        sliced = _sliced(rd, batch) if before_reset else None
+        projecting = None if sliced is None else _projecting(k, wd, "gru")
+        if projecting is None:
+            fast = _gru_kernel(k, clip, rd, sliced, before_reset)
+            if fast is None:
+                return None
+            proj = np.ascontiguousarray(kernels.matmul_t(x, wd, None if b is None else b[0, :3 * hsz]), np.float32)
+        h, ys = np.zeros((batch, hsz), np.float32), np.empty((steps, batch, hsz), np.float32)
+        if projecting is not None:
+            both = np.zeros(6 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0], np.float32)
+            projecting(np.ascontiguousarray(x), *wd.arrays, both, *sliced.arrays, clip, h, ys)
+        else:
+            rb = np.zeros(3 * hsz, np.float32) if b is None else np.ascontiguousarray(b[0, 3 * hsz:], np.float32)
+            fast(proj, rb, h, ys)
+        return ys.reshape(steps, 1, batch, hsz), h.reshape(1, batch, hsz)
+    return run
+
+
+def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any, before_reset: bool,
+                  batch: int) -> Optional[Callable[..., None]]:
     """As :func:`_lstm_kernel` for the GRU: ``run(proj, rb, h, ys)``, or None (the step loop above
     is its numpy twin). The GRU classifier (96 units, 16 steps), one core, batch 1: index mode 0.52 ->
     0.17 ms, dense 0.41 -> 0.075 ms (onnxruntime 0.042)."""
     ready = _compiled(rec, funcs, _DEFAULT_GRU)
     if ready is None:
         return None
-    k, clip = ready
+    return _gru_kernel(*ready, rd, _sliced(rd, batch) if before_reset else None, before_reset)
+
+
+def _gru_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
+                before_reset: bool) -> Optional[Callable[..., None]]:
+    """:func:`_lstm_kernel` for the GRU: ``run(proj, rb, h, ys)`` bound to ``rd`` as it is held, or None."""
+    if sliced is not None:
+        return lambda proj, rb, h, ys: k.gru_sliced(proj, *sliced.arrays, rb, clip, h, ys)
     if isinstance(rd, np.ndarray):
         r = np.ascontiguousarray(rd, np.float32)
         return lambda proj, rb, h, ys: k.gru_dense(proj, r, rb, clip, before_reset, h, ys)

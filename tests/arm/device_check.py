@@ -193,7 +193,22 @@ def check_register_tiles(c: Checks) -> None:
         close(runs[2], runs[0], 1e-5, "lstm_sliced_csr")
         close(runs[3], runs[0], 1e-5, "lstm_sliced_index")
         close(runs[1], runs[0], 1e-5, "lstm_sliced")
-    c.check("pointwise and convolution register tiles and the sliced LSTM agree with numpy on this machine", agrees)
+        # a GRU's (the reset after R): its 3H = 120 rows, the first of that R
+        gr = SparseWeight(sw.codebook[1:], ptr[:121], sw.cols[:ptr[120]], symbols[:ptr[120]], (120, 40))
+        gw = SparseWeight(wd[:120].ravel(), w.row_ptr[:121], w.cols[:360], w.symbols[:360], (120, 3))
+        gp, gb, runs = (x @ wd[:120].T).astype(np.float32), np.zeros(240, np.float32), []
+        for run in (lambda *a: k.gru_csr(gp, *gr.arrays, gb[120:], a[0], True, *a[1:]),
+                    lambda *a: k.gru_sliced(gp, *gr.sliced().arrays, gb[120:], *a),
+                    lambda *a: k.gru_sliced_csr(x, *gw.arrays, gb, *gr.sliced().arrays, *a),
+                    lambda *a: k.gru_sliced_index(x, np.arange(360, dtype=np.uint16).reshape(120, 3),
+                                                  wd[:120].ravel(), gb, *gr.sliced().arrays, *a)):
+            h, ys = np.full((1, 40), 0.3, np.float32), np.empty((5, 1, 40), np.float32)
+            run(np.float32(np.inf), h, ys)
+            runs.append(ys)
+        for got, name in zip(runs[1:], ("gru_sliced", "gru_sliced_csr", "gru_sliced_index")):
+            close(got, runs[0], 1e-5, name)
+    c.check("pointwise and convolution register tiles and the sliced LSTM and GRU agree with numpy on this machine",
+            agrees)
 
 
 def main(argv=None) -> int:
