@@ -1449,6 +1449,25 @@ def _sliced_product(x, rows):
     return out
 
 
+
+@pytest.mark.parametrize("form", ["sparse", "slots", "indexed", "sparse rows", "slots rows"])
+def test_step_product_is_the_weights_product(form):
+    """The numpy step loops' batch-1 product (``indexed.step_product``: a call's kept weights looked
+    up once, or dense indices expanded once) equals ``h @ R.T`` of the dense weight, empty rows and
+    a row slice (the GRU's ``R_zr``) included; a weight whose call temporary would exceed a product
+    table's bound is left to ``kernels.matmul_t`` (None)."""
+    codebook, symbols = random_weight((60, 20), 0.5, seed=11)
+    symbols[7], symbols[40:43] = 0, 0
+    book = np.concatenate([[0], codebook]).astype(np.float32)
+    sw = SparseWeight.from_entries(codebook, *sparse.encode_csc(symbols, 4), (60, 20))
+    weight = {"sparse": sw, "slots": indexed.TableRows(sw), "indexed": IndexedWeight(book, symbols),
+              "sparse rows": sw[10:50], "slots rows": indexed.TableRows(sw)[10:50]}[form]
+    rows = slice(10, 50) if form.endswith("rows") else slice(None)
+    h = rand(1, 20)
+    np.testing.assert_allclose(indexed.step_product(weight)(h), h @ book[symbols][rows].T, rtol=1e-5, atol=1e-5)
+    _, big_i, big = weights((1024, 512), 0.6, seed=1)
+    assert indexed.step_product(big) is None and indexed.step_product(big_i) is None
+
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
 def test_sliced_dot_reads_the_kept_weights_only():
     """One vector multiply-add per slot of 16 rows equals the CSR product (three blocks of columns);

@@ -55,7 +55,7 @@ def test_rss_does_not_grow_over_runs(dcm_path, zoo, name, mode, runs):
     del out
 
 
-@pytest.mark.parametrize("name, mode", [("lenet5", "index"), ("lstm_classifier", "index"),
+@pytest.mark.parametrize("name, mode", [("lenet5", "index"), ("lstm_classifier", "index"), ("gru_classifier", "index"),
                                         ("resnet_small", "dense"), ("with_constant_weights", "stream"),
                                         ("pruned_clustered_mlp", "index")])
 def test_eight_threads_share_one_session(dcm_path, zoo, name, mode):

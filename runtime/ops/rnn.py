@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels
-from ..indexed import IndexedWeight, SlicedRows, SparseWeight, TableRows
+from ..indexed import IndexedWeight, SlicedRows, SparseWeight, TableRows, step_product
 from ..numba_kernels import wide_vectors
 from dcrt.errors import InputError, UnsupportedOperatorError
 
@@ -186,6 +186,13 @@ def _step(mask: Optional[np.ndarray], new: np.ndarray, old: np.ndarray) -> np.nd
     return new if mask is None else np.where(mask, new, old)
 
 
+
+def _step_product(r: Any, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``h -> h @ r.T`` for the steps of one call of the numpy step loops: at batch 1 a pruned or
+    indexed ``r`` prepared once for the call (``indexed.step_product``), else ``kernels.matmul_t``."""
+    prepared = step_product(r) if batch == 1 else None
+    return prepared if prepared is not None else (lambda h: kernels.matmul_t(h, r))
+
 @register("LSTM", weights=(1, 2))
 def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
          seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None,
@@ -231,8 +238,9 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
             continue
         h, c = hs[d], cs[d]
         out = []
+        recurrent = _step_product(rd, rec.batch)
         for t in range(rec.steps):
-            gates = proj[t] + kernels.matmul_t(h, rd)
+            gates = proj[t] + recurrent(h)
             gc = gates[:, 3 * hsz:]
             if p is None:   # gates i, o (and f) side by side in one call: numpy costs ~1 us a call
                 s = f(rec.clipped(gates[:, :(2 if forget else 3) * hsz]))
@@ -379,14 +387,15 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         r_zr, r_h = (rd, None) if before_reset else (rd[:2 * hsz], rd[2 * hsz:])
         h = hs[d]
         out = []
+        recurrent, recurrent_h = _step_product(r_zr, rec.batch), None if before_reset else _step_product(r_h, rec.batch)
         for t in range(rec.steps):
-            rec_zr = kernels.matmul_t(h, r_zr)  # [B, 3H] or [B, 2H]
+            rec_zr = recurrent(h)  # [B, 3H] or [B, 2H]
             zr = f(rec.clipped(proj[t, :, :2 * hsz] + rec_zr[:, :2 * hsz] + rb[:2 * hsz]))    # one call for both
             z, reset = zr[:, :hsz], zr[:, hsz:]
             if before_reset:
                 cand = proj[t, :, 2 * hsz:] + reset * (rec_zr[:, 2 * hsz:] + rb[2 * hsz:])
             else:
-                cand = proj[t, :, 2 * hsz:] + kernels.matmul_t(reset * h, r_h) + rb[2 * hsz:]
+                cand = proj[t, :, 2 * hsz:] + recurrent_h(reset * h) + rb[2 * hsz:]
             h_new = (1 - z) * g(rec.clipped(cand)) + z * h
             h = _step(rec.active(t), h_new, h)
             out.append(h)
@@ -467,11 +476,11 @@ def rnn(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
     for d in range(rec.directions):
         (f,) = funcs[d]
         proj = kernels.matmul_t(rec.inputs(d), w[d], None if b is None else b[d, :hsz] + b[d, hsz:])
-        rd = r[d]
+        recurrent = _step_product(r[d], rec.batch)
         h = hs[d]
         out = []
         for t in range(rec.steps):
-            h = _step(rec.active(t), f(rec.clipped(proj[t] + kernels.matmul_t(h, rd))), h)
+            h = _step(rec.active(t), f(rec.clipped(proj[t] + recurrent(h))), h)
             out.append(h)
         ys.append(rec.finish(d, out))
         h_last.append(h)
