@@ -520,6 +520,33 @@ def gru_sliced(proj, slot_ptr, cols, symbols, order, codebook, rb, clip, h, ys):
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_sliced_before(proj, slot_ptr, cols, symbols, order, codebook, h_slot_ptr, h_cols, h_symbols, h_order, rb, clip,
+                      h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_csr` at batch 1 with the reset before R (``linear_before_reset`` 0): R's rows of
+    ``z`` and ``r`` as slices (the first five arrays), a product by ``h`` a step; then its rows of
+    the candidate as slices of their own (``h_*``, the same codebook), a product by ``r * h``."""
+    hidden = rb.size // 3
+    values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
+    h_values, h_hv, h_dots = _sliced_buffers(h_symbols, codebook, h_slot_ptr, hidden)
+    rec, z, rh = np.empty(rb.size, np.float32), np.empty(hidden, np.float32), np.empty((1, hidden), np.float32)
+    for t in range(ys.shape[0]):
+        _sliced_product(h, hv, slot_ptr, cols, values, dots)
+        for i in range(2 * hidden):
+            rec[order[i]] = dots[i]
+        pt, y = proj[t, 0], ys[t, 0]
+        for j in range(hidden):
+            z[j] = _sigmoid(_clip(pt[j] + rec[j] + rb[j], clip))
+            rh[0, j] = _sigmoid(_clip(pt[hidden + j] + rec[hidden + j] + rb[hidden + j], clip)) * h[0, j]
+        _sliced_product(rh, h_hv, h_slot_ptr, h_cols, h_values, h_dots)
+        for i in range(hidden):
+            rec[2 * hidden + h_order[i]] = h_dots[i]
+        for j in range(hidden):
+            n = 2 * hidden + j
+            y[j] = (np.float32(1.0) - z[j]) * _tanh(_clip(pt[n] + rec[n] + rb[n], clip)) + z[j] * h[0, j]
+        _carry(h, ys[t])
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 def gru_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, cols, symbols, order, codebook, clip, h,
                    ys):  # pragma: no cover - compiled
     """:func:`gru_sliced` with the input projections taken here from ``x`` ``[T, 1, I]`` and a CSR

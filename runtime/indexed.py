@@ -389,9 +389,9 @@ class SparseWeight:
         return SlicedRows(self.row_ptr, lambda a, b: (self.cols[a:b], self.symbols[a:b]), self.shape, self.codebook,
                           self.symbols.dtype)
 
-    def held_slices(self) -> Optional["SlicedRows"]:
-        """The LSTM kernel's batch-1 form of a held weight: see :func:`_held_slices`."""
-        return _held_slices(self, self.sliced)
+    def held_slices(self, split: int = 0) -> Any:
+        """The LSTM and GRU kernels' batch-1 form of a held weight: see :func:`_held_slices`."""
+        return _held_slices(self, split)
 
     @classmethod
     def from_entries(cls, codebook, symbols, relative, counts, shape) -> "SparseWeight":
@@ -622,22 +622,28 @@ def hold(value: Any) -> Any:
     return value
 
 
-def _held_slices(weight: Any, build: Callable[[], "SlicedRows"]) -> Optional["SlicedRows"]:
+def _held_slices(weight: Any, split: int = 0) -> Any:
     """A held ``weight``'s :class:`SlicedRows`, built at the first request and kept beside its own
-    form (counted in its ``nbytes``); None for a weight not held, and for one whose slots'
-    centroids, which the kernel holds as float32 for a call, would be more than a batch-1 product
-    may build for one: an expanded tile (:func:`_tile_budget`) or a product table
-    (``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels build every step: the
-    default plan's 60 %-pruned 512x128 R needs 128 KB). Every run of a held weight so takes the
-    same kernel, and gives the same results to the bit."""
-    rows = weight.__dict__.get("_sliced")
+    form (counted in its ``nbytes``); with ``split``, those of its rows ``[0, split)`` and ``[split,
+    rows)``, a pair (the GRU's R with the reset before it, whose last rows multiply ``r * h``). None
+    for a weight not held, and for one whose slots' centroids, which the kernel holds as float32 for
+    a call, would be more than a batch-1 product may build for one (:func:`_call_bound`: an expanded
+    tile, or a product table, ``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels
+    build every step: the default plan's 60 %-pruned 512x128 R needs 128 KB). Every run of a held
+    weight so takes the same kernel, and gives the same results to the bit."""
+    key = f"_sliced{split or ''}"
+    rows = weight.__dict__.get(key)
     if rows is None and weight.__dict__.get("_held"):
-        rows = build()
-        if 4 * rows.symbols.size > _call_bound(*rows.shape):
+        rows = (weight[:split].sliced(), weight[split:].sliced()) if split else weight.sliced()
+        if 4 * sum(part.symbols.size for part in (rows if split else (rows,))) > _call_bound(*weight.shape):
             rows = False        # never built again
-        weight._sliced = rows
+        weight.__dict__[key] = rows
     return rows or None
 
+
+def _sliced_bytes(weight: Any) -> int:
+    return sum(sum(part.nbytes for part in (rows if isinstance(rows, tuple) else (rows,)))
+               for key, rows in weight.__dict__.items() if key.startswith("_sliced") and rows)
 
 
 def step_product(weight: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
@@ -677,9 +683,6 @@ def _call_bound(rows: int, width: int) -> int:
     """The float32 bytes a batch-1 recurrent call may hold of its weight: an expanded tile's, or a
     product table's (``PRODUCT_TABLE_ENTRIES`` floats) when that is more."""
     return max(_tile_budget(rows, width), 4 * PRODUCT_TABLE_ENTRIES)
-
-def _sliced_bytes(weight: Any) -> int:
-    return getattr(weight.__dict__.get("_sliced"), "nbytes", 0)
 
 
 class SlicedRows:
@@ -799,10 +802,10 @@ class TableRows:
         return SlicedRows(self.row_ptr, lambda a, b: np.divmod(self.slots[a:b], self.stride), self.shape,
                           self.codebook, symbols)
 
-    def held_slices(self) -> Optional["SlicedRows"]:
-        """The LSTM kernel's batch-1 form of a held weight with AVX-512 (:func:`_held_slices`): the
-        default plan's LSTM classifier, 16 steps, ``lstm_slots`` 261 us, the slices 68."""
-        return _held_slices(self, self.sliced)
+    def held_slices(self, split: int = 0) -> Any:
+        """The LSTM and GRU kernels' batch-1 form of a held weight with AVX-512 (:func:`_held_slices`):
+        the default plan's LSTM classifier, 16 steps, ``lstm_slots`` 261 us, the slices 68."""
+        return _held_slices(self, split)
 
     def __getitem__(self, key) -> "TableRows":
         start, stop, step = key.indices(self.shape[0]) if isinstance(key, slice) else (0, 0, 0)

@@ -1411,6 +1411,9 @@ def test_sliced_rows_are_built_for_a_held_weight(form):
     assert isinstance(rows, indexed.SlicedRows) and weight.held_slices() is rows
     assert weight.nbytes == before + rows.nbytes
     np.testing.assert_array_equal(rows.dense(), dense)
+    pair = weight.held_slices(24)       # rows [0, 24) and [24, 40) apart (a GRU's, the reset before R)
+    assert weight.held_slices(24) is pair and weight.nbytes == before + rows.nbytes + sum(p.nbytes for p in pair)
+    np.testing.assert_array_equal(np.concatenate([p.dense() for p in pair]), dense)
 
 
 def test_sliced_rows_stay_within_a_product_table():
@@ -1552,8 +1555,9 @@ def test_lstm_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkey
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     """The compiled GRU recurrence (both orders of the reset, 7 units: rows in blocks of 4 and a
-    remainder; at batch 1 with the reset after R, a held CSR or table-slot R as 32-row slices where
-    AVX-512 is) against the numpy step loop and the reference of the dense weight."""
+    remainder; at batch 1 a held CSR or table-slot R as 32-row slices where AVX-512 is, split at the
+    candidate's rows with the reset before R) against the numpy step loop and the reference of the
+    dense weight."""
     hidden, dirs = 7, 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 3 * hidden, hidden), seed=4)
     node = Node("GRU", ["x", "w", "r", "b", "", "h0"], ["y", "yh"], dict(hidden_size=hidden, direction=direction,
@@ -1562,12 +1566,12 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     feeds = {"x": rand(6, batch, 5), "h0": rand(dirs, batch, hidden)}
     graph = Graph([node], [ValueInfo(n, np.float32) for n in feeds], [ValueInfo(o, np.float32) for o in ("y", "yh")],
                   inits)
-    sliced = (form in ("sparse", "slots") and batch == 1 and attrs.get("linear_before_reset")
-              and numba_kernels.wide_vectors())
+    sliced = form in ("sparse", "slots") and batch == 1 and numba_kernels.wide_vectors()
     r = indexed.PerDirection.split(forms[form]) if form == "sparse" and batch == 1 else forms[form]
     source = {**graph.initializers, "r": indexed.hold(r)}
     ex = Executor(graph)
-    ran = _count_runs("gru_sliced" if sliced else "gru" + _RNN_KERNELS[form], monkeypatch)
+    sliced_kernel = "gru_sliced" if attrs.get("linear_before_reset") else "gru_sliced_before"
+    ran = _count_runs(sliced_kernel if sliced else "gru" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
@@ -1582,23 +1586,29 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
 def test_gru_sliced_agrees_with_the_csr_kernel(hidden, steps):
     """``gru_sliced`` (R's ``3H`` rows as 32-row slices, 1-3 blocks of columns), ``gru_sliced_csr`` and
     ``gru_sliced_index`` (the input projection by a CSR or dense-index W in the kernel) against
-    ``gru_csr`` with the reset after R, on the same steps, wherever numba runs."""
+    ``gru_csr`` with the reset after R, and ``gru_sliced_before`` (the candidate's rows as slices of
+    their own, multiplying ``r * h``) against it with the reset before, on the same steps, wherever
+    numba runs."""
     k = numba_kernels.kernels()
     _, _, sw = weights((3 * hidden, hidden), 0.15, seed=hidden)
     _, iw, w = weights((3 * hidden, 5), 0.5, seed=hidden + 1)
     x, b = rand(steps, 1, 5), rand(6 * hidden)
     proj, rb = kernels.matmul_t(x, w, b[:3 * hidden]), b[3 * hidden:]
-    h0, results = rand(1, hidden), []
-    for run in (lambda *a: k.gru_csr(proj, sw.row_ptr, sw.cols, sw.symbols, sw.codebook, rb, a[0], True, *a[1:]),
-                lambda *a: k.gru_sliced(proj, *sw.sliced().arrays, rb, *a),
-                lambda *a: k.gru_sliced_csr(x, *w.arrays, b, *sw.sliced().arrays, *a),
-                lambda *a: k.gru_sliced_index(x, *iw.arrays, b, *sw.sliced().arrays, *a)):
-        h, ys = h0.copy(), np.empty((steps, 1, hidden), np.float32)
-        run(np.float32(0.9), h, ys)
-        results.append((ys, h))
-    for result in results[1:]:
-        for got, want in zip(result, results[0]):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    h0 = rand(1, hidden)
+    zr, cand = sw[:2 * hidden].sliced(), sw[2 * hidden:].sliced()
+    for before_reset, runs in (
+            (True, (lambda *a: k.gru_sliced(proj, *sw.sliced().arrays, rb, *a),
+                    lambda *a: k.gru_sliced_csr(x, *w.arrays, b, *sw.sliced().arrays, *a),
+                    lambda *a: k.gru_sliced_index(x, *iw.arrays, b, *sw.sliced().arrays, *a))),
+            (False, (lambda *a: k.gru_sliced_before(proj, *zr.arrays, *cand.arrays[:4], rb, *a),))):
+        results = []
+        for run in (lambda *a: k.gru_csr(proj, *sw.arrays, rb, a[0], before_reset, *a[1:]),) + runs:
+            h, ys = h0.copy(), np.empty((steps, 1, hidden), np.float32)
+            run(np.float32(0.9), h, ys)
+            results.append((ys, h))
+        for result in results[1:]:
+            for got, want in zip(result, results[0]):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
@@ -1609,7 +1619,8 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
     LSTM's: with the reset after R and R held in slices (AVX-512), every call from the first runs the
     one kernel that also takes the projection by a CSR or dense-index W; the same results at each
     call to the bit, those of the full operator on the dense weights, with and without B. With the
-    reset before R (a product of ``r * h`` of its own), or another input shape, the CSR kernel runs."""
+    reset before R its candidate's rows are slices of their own (``gru_sliced_before``, W projected
+    by ``matmul_t``); at batch 2 the CSR kernel runs."""
     gru, hidden = OPS["GRU"], 40
     dr, _, r = weights((3 * hidden, hidden), 0.15, seed=4)
     dw, iw, w = weights((3 * hidden, 6), 0.5, seed=5)
@@ -1628,13 +1639,14 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
     for g, e in zip(results[0], results[1]):
         np.testing.assert_array_equal(g, e)
     assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
-    csr = _count_runs("gru_csr", monkeypatch)
+    before, csr = _count_runs("gru_sliced_before", monkeypatch), _count_runs("gru_csr", monkeypatch)
     for call_attrs, xs in (({"hidden_size": hidden}, x), (attrs, rand(3, 2, 6))):
         got = gru(call_attrs, xs, *held, b)
         want = gru(dict(call_attrs), np.ascontiguousarray(xs), dw[None], dr[None], b)
         for g, e in zip(got, want):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0) and len(csr) == 2
+    wide = numba_kernels.wide_vectors()
+    assert len(ran) == (4 if wide else 0) and len(before) == (1 if wide else 0) and len(csr) == (1 if wide else 2)
 
 
 def _chain(producer, inputs, act, act_inputs=(), act_attrs=None, extra_reader=False):

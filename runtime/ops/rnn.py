@@ -316,11 +316,13 @@ def _compiled(rec: _Recurrence, funcs: Sequence[Activation], defaults: Tuple[Act
     return None if k is None else (k, np.float32(np.inf if rec.clip is None else rec.clip))
 
 
-def _sliced(rd: Any, batch: int) -> Optional[SlicedRows]:
+def _sliced(rd: Any, batch: int, split: int = 0) -> Any:
     """A recurrent weight's 32-row slices for the batch-1 kernel (``held_slices`` of a CSR or
-    table-slot weight that a session holds), where AVX-512 permutes their activations
-    (``numba_kernels.wide_vectors``), else None."""
-    return rd.held_slices() if isinstance(rd, (SparseWeight, TableRows)) and batch == 1 and wide_vectors() else None
+    table-slot weight that a session holds; a pair split at row ``split``), where AVX-512 permutes
+    their activations (``numba_kernels.wide_vectors``), else None."""
+    if isinstance(rd, (SparseWeight, TableRows)) and batch == 1 and wide_vectors():
+        return rd.held_slices(split)
+    return None
 
 
 def _lstm_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
@@ -406,14 +408,14 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
 
 def _plain_gru_run(k: Any, clip: np.float32, before_reset: bool,
                    hsz: int) -> Callable[..., Optional[Tuple[np.ndarray, ...]]]:
-    """:func:`_plain_run` for the GRU: ``run(x, w, r, b)``, the outputs or None. With R in slices
-    (``linear_before_reset`` only: otherwise R's last third multiplies ``r * h``, a product of its
-    own) and W as CSR or dense indices, one kernel takes the projection too."""
+    """:func:`_plain_run` for the GRU: ``run(x, w, r, b)``, the outputs or None. With R in slices and
+    W as CSR or dense indices, one kernel takes the projection too (with the reset after R: before
+    it, R's candidate rows are slices of their own, multiplying ``r * h``, and ``matmul_t`` projects)."""
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
         steps, batch = x.shape[:2]
         wd, rd = w[0], r[0]
-        sliced = _sliced(rd, batch) if before_reset else None
-        projecting = None if sliced is None else _projecting(k, wd, "gru")
+        sliced = _sliced(rd, batch, 0 if before_reset else 2 * hsz)
+        projecting = None if sliced is None or not before_reset else _projecting(k, wd, "gru")
         if projecting is None:
             fast = _gru_kernel(k, clip, rd, sliced, before_reset)
             if fast is None:
@@ -438,12 +440,16 @@ def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any, before
     ready = _compiled(rec, funcs, _DEFAULT_GRU)
     if ready is None:
         return None
-    return _gru_kernel(*ready, rd, _sliced(rd, batch) if before_reset else None, before_reset)
+    return _gru_kernel(*ready, rd, _sliced(rd, batch, 0 if before_reset else 2 * rec.hidden), before_reset)
 
 
-def _gru_kernel(k: Any, clip: np.float32, rd: Any, sliced: Optional[SlicedRows],
+def _gru_kernel(k: Any, clip: np.float32, rd: Any, sliced: Any,
                 before_reset: bool) -> Optional[Callable[..., None]]:
-    """:func:`_lstm_kernel` for the GRU: ``run(proj, rb, h, ys)`` bound to ``rd`` as it is held, or None."""
+    """:func:`_lstm_kernel` for the GRU: ``run(proj, rb, h, ys)`` bound to ``rd`` as it is held, or None.
+    ``sliced``: R's slices, or (the reset before R) those of its ``z, r`` rows and its candidate's."""
+    if isinstance(sliced, tuple):
+        zr, cand = sliced
+        return lambda proj, rb, h, ys: k.gru_sliced_before(proj, *zr.arrays, *cand.arrays[:4], rb, clip, h, ys)
     if sliced is not None:
         return lambda proj, rb, h, ys: k.gru_sliced(proj, *sliced.arrays, rb, clip, h, ys)
     if isinstance(rd, np.ndarray):

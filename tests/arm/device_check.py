@@ -207,6 +207,15 @@ def check_register_tiles(c: Checks) -> None:
             runs.append(ys)
         for got, name in zip(runs[1:], ("gru_sliced", "gru_sliced_csr", "gru_sliced_index")):
             close(got, runs[0], 1e-5, name)
+        # the reset before R: its candidate's rows as slices of their own
+        runs = []
+        for run in (lambda *a: k.gru_csr(gp, *gr.arrays, gb[120:], a[0], False, *a[1:]),
+                    lambda *a: k.gru_sliced_before(gp, *gr[:80].sliced().arrays, *gr[80:].sliced().arrays[:4],
+                                                   gb[120:], *a)):
+            h, ys = np.full((1, 40), 0.3, np.float32), np.empty((5, 1, 40), np.float32)
+            run(np.float32(np.inf), h, ys)
+            runs.append(ys)
+        close(runs[1], runs[0], 1e-5, "gru_sliced_before")
     c.check("pointwise and convolution register tiles and the sliced LSTM and GRU agree with numpy on this machine",
             agrees)
 
