@@ -1512,6 +1512,11 @@ def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
         h, c, ys = h0.copy(), c0.copy(), np.empty((steps, 1, hidden), np.float32)
         run(np.float32(0.9), False, h, c, ys)
         results.append((ys, h, c))
+    _agree_with_the_first(results)
+
+
+def _agree_with_the_first(results):
+    """Each kernel's outputs (a tuple per kernel) within float32 rounding of the first kernel's."""
     for result in results[1:]:
         for got, want in zip(result, results[0]):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -1526,24 +1531,30 @@ def test_lstm_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkey
     W: ``matmul_t``, then the sliced steps): the same results at each call to the bit, those of the
     full operator on the dense weights, with and without B, for an input that is a view (time-major
     out of batch-major)."""
-    lstm, hidden = OPS["LSTM"], 40
+    hidden = 40
     dr, _, r = weights((4 * hidden, hidden), 0.15, seed=2)
     dw, iw, w = weights((4 * hidden, 6), 0.5, seed=3)
     weights_held = (indexed.PerDirection([{"csr": w, "indexed": iw, "dense": dw}[w_form]]),
                     indexed.hold(indexed.PerDirection([r])))
     b, x = rand(1, 8 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
-    attrs = {"hidden_size": hidden}
     ran = _count_runs(kernel, monkeypatch)
+    _calls_agree_with_the_operator("LSTM", {"hidden_size": hidden}, x, weights_held, dw, dr, b)
+    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
+
+
+def _calls_agree_with_the_operator(op, attrs, x, held, dw, dr, b):
+    """Four calls of one ``op`` node on the ``held`` weights (with ``b`` thrice, then without): each
+    gives the full operator's outputs on the dense weights, and the first two are equal to the bit."""
     results = []
     for bias in (b, b, b, None):
-        got = lstm(attrs, x, *weights_held, bias)
-        want = lstm({"hidden_size": hidden}, np.ascontiguousarray(x), dw[None], dr[None], bias)
+        got = OPS[op](attrs, x, *held, bias)
+        want = OPS[op]({k: v for k, v in attrs.items() if k[0] != "_"}, np.ascontiguousarray(x), dw[None], dr[None],
+                       bias)
         for g, e in zip(got, want):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
         results.append(got)
     for g, e in zip(results[0], results[1]):
         np.testing.assert_array_equal(g, e)
-    assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
 
 
 @pytest.mark.parametrize("direction,attrs", [
@@ -1606,9 +1617,7 @@ def test_gru_sliced_agrees_with_the_csr_kernel(hidden, steps):
             h, ys = h0.copy(), np.empty((steps, 1, hidden), np.float32)
             run(np.float32(0.9), h, ys)
             results.append((ys, h))
-        for result in results[1:]:
-            for got, want in zip(result, results[0]):
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        _agree_with_the_first(results)
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
@@ -1629,20 +1638,13 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
     b, x = rand(1, 6 * hidden), rand(1, 20, 6).transpose(1, 0, 2)
     attrs = {"hidden_size": hidden, "linear_before_reset": 1}
     ran = _count_runs(kernel, monkeypatch)
-    results = []
-    for bias in (b, b, b, None):
-        got = gru(attrs, x, *held, bias)
-        want = gru({"hidden_size": hidden, "linear_before_reset": 1}, np.ascontiguousarray(x), dw[None], dr[None], bias)
-        for g, e in zip(got, want):
-            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-        results.append(got)
-    for g, e in zip(results[0], results[1]):
-        np.testing.assert_array_equal(g, e)
+    _calls_agree_with_the_operator("GRU", attrs, x, held, dw, dr, b)
     assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
     before, csr = _count_runs("gru_sliced_before", monkeypatch), _count_runs("gru_csr", monkeypatch)
     for call_attrs, xs in (({"hidden_size": hidden}, x), (attrs, rand(3, 2, 6))):
         got = gru(call_attrs, xs, *held, b)
-        want = gru(dict(call_attrs), np.ascontiguousarray(xs), dw[None], dr[None], b)
+        want = gru({k: v for k, v in call_attrs.items() if k[0] != "_"}, np.ascontiguousarray(xs), dw[None], dr[None],
+                   b)
         for g, e in zip(got, want):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
     wide = numba_kernels.wide_vectors()

@@ -186,12 +186,33 @@ def _step(mask: Optional[np.ndarray], new: np.ndarray, old: np.ndarray) -> np.nd
     return new if mask is None else np.where(mask, new, old)
 
 
-
 def _step_product(r: Any, batch: int) -> Callable[[np.ndarray], np.ndarray]:
     """``h -> h @ r.T`` for the steps of one call of the numpy step loops: at batch 1 a pruned or
     indexed ``r`` prepared once for the call (``indexed.step_product``), else ``kernels.matmul_t``."""
     prepared = step_product(r) if batch == 1 else None
     return prepared if prepared is not None else (lambda h: kernels.matmul_t(h, r))
+
+
+def _prepared_call(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[tuple]:
+    """The outputs of a recurrent node's prepared plain call (:func:`_plain_run`) for this input
+    shape, or None (not prepared for it, or no kernel takes these weights)."""
+    last = attrs.get("_plain")
+    if last is not None and last[0] == (x.shape, x.dtype, w.shape, kernels.kernels()):
+        return last[1](x, w, r, b)
+    return None
+
+
+def _first_plain_call(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray], ready: Optional[tuple],
+                      make: Callable[..., Callable[..., Optional[tuple]]]) -> Optional[tuple]:
+    """A plain call's outputs by ``make(*ready)`` (its prepared run; ``ready`` as :func:`_compiled`
+    gives it), kept for the node's later calls of this input shape, so that every call takes the same
+    kernels and gives the same results; None when no kernel takes it."""
+    run = None if ready is None else make(*ready)
+    outputs = None if run is None else run(x, w, r, b)
+    if outputs is not None:
+        attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), run)
+    return outputs
+
 
 @register("LSTM", weights=(1, 2))
 def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = None,
@@ -199,12 +220,9 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
          c0: Optional[np.ndarray] = None, p: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """LSTM with gates ``i, o, f, c``, optional peepholes ``P``, ``input_forget`` and ``clip``."""
     plain = seq_lens is None and h0 is None and c0 is None and p is None
-    if plain:
-        last = attrs.get("_plain")
-        if last is not None and last[0] == (x.shape, x.dtype, w.shape, kernels.kernels()):
-            outputs = last[1](x, w, r, b)
-            if outputs is not None:
-                return outputs
+    outputs = _prepared_call(attrs, x, w, r, b) if plain else None
+    if outputs is not None:
+        return outputs
     rec = _Recurrence(attrs, x, w, seq_lens, 4)
     if rec.batch == 0:
         return rec.empty(2)
@@ -212,11 +230,9 @@ def lstm(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = 
     funcs = _activations(attrs, ("Sigmoid", "Tanh", "Tanh"), rec.directions)
     forget = bool(attrs.get("input_forget", 0))
     if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
-        ready = _compiled(rec, funcs[0], _DEFAULT_LSTM)
-        run = None if ready is None else _plain_run(*ready, forget, hsz)
-        outputs = None if run is None else run(x, w, r, b)
-        if outputs is not None:     # prepared from this call on: every call takes the same kernels and results
-            attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), run)
+        outputs = _first_plain_call(attrs, x, w, r, b, _compiled(rec, funcs[0], _DEFAULT_LSTM),
+                                    lambda k, clip: _plain_run(k, clip, forget, hsz))
+        if outputs is not None:
             return outputs
     hs, cs = rec.initial(h0), rec.initial(c0)
     ys, h_last, c_last = [], [], []
@@ -350,12 +366,9 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
         seq_lens: Optional[np.ndarray] = None, h0: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """GRU with gates ``z, r, h``; ``linear_before_reset`` applies the reset after ``R_h``."""
     plain = seq_lens is None and h0 is None
-    if plain:
-        last = attrs.get("_plain")
-        if last is not None and last[0] == (x.shape, x.dtype, w.shape, kernels.kernels()):
-            outputs = last[1](x, w, r, b)
-            if outputs is not None:
-                return outputs
+    outputs = _prepared_call(attrs, x, w, r, b) if plain else None
+    if outputs is not None:
+        return outputs
     rec = _Recurrence(attrs, x, w, seq_lens, 3)
     if rec.batch == 0:
         return rec.empty(1)
@@ -363,11 +376,9 @@ def gru(attrs: Attrs, x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray] = N
     funcs = _activations(attrs, ("Sigmoid", "Tanh"), rec.directions)
     before_reset = bool(attrs.get("linear_before_reset", 0))
     if plain and rec.directions == 1 and not rec.batch_major and not rec.direction_is_reverse(0):
-        ready = _compiled(rec, funcs[0], _DEFAULT_GRU)
-        run = None if ready is None else _plain_gru_run(*ready, before_reset, hsz)
-        outputs = None if run is None else run(x, w, r, b)
-        if outputs is not None:     # prepared from this call on, as the LSTM's
-            attrs["_plain"] = ((x.shape, x.dtype, w.shape, ready[0]), run)
+        outputs = _first_plain_call(attrs, x, w, r, b, _compiled(rec, funcs[0], _DEFAULT_GRU),
+                                    lambda k, clip: _plain_gru_run(k, clip, before_reset, hsz))
+        if outputs is not None:
             return outputs
     hs = rec.initial(h0)
     ys, h_last = [], []
