@@ -3,7 +3,9 @@
 One call runs every time step of one direction: the recurrent product ``h @ R.T`` straight from the
 weight as it is held (float32, codebook indices, or CSR of codebook symbols) and the gate update, so
 a step costs no Python and no temporary arrays. The input projection ``x @ W.T`` of all steps is
-one product computed before (``kernels.matmul_t``), passed in as ``proj`` with both biases added.
+one product computed before (``kernels.matmul_t``), passed in as ``proj`` with both biases added;
+at batch 1 with a sliced R and a CSR or dense-index W the kernel takes it too (``*_sliced_csr``,
+``*_sliced_index``).
 
 The numpy twin is the step loop of ``runtime/ops/rnn.py`` (``DCRT_NO_NUMBA=1``, or any case these
 kernels do not cover: other activations, ``sequence_lens``); ``tests/test_kernels.py`` checks that
