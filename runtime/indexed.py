@@ -383,11 +383,14 @@ class SparseWeight:
     nbytes = property(lambda self: self.row_ptr.nbytes + self.cols.nbytes + self.symbols.nbytes
                       + self.codebook.nbytes + _sliced_bytes(self))
 
+    def entries(self, a: int, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The columns and symbols of the kept weights ``[a, b)`` (views)."""
+        return self.cols[a:b], self.symbols[a:b]
+
     def sliced(self) -> "SlicedRows":
         """The same kept weights as :class:`SlicedRows` (for checks; the kernels take
         :meth:`held_slices`)."""
-        return SlicedRows(self.row_ptr, lambda a, b: (self.cols[a:b], self.symbols[a:b]), self.shape, self.codebook,
-                          self.symbols.dtype)
+        return SlicedRows(self.row_ptr, self.entries, self.shape, self.codebook, self.symbols.dtype)
 
     def held_slices(self, split: int = 0) -> Any:
         """The LSTM and GRU kernels' batch-1 form of a held weight: see :func:`_held_slices`."""
@@ -657,19 +660,15 @@ def step_product(weight: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     if isinstance(weight, IndexedWeight) and rows and 4 * weight.indices.size <= _call_bound(rows, width):
         dense_t = np.ascontiguousarray(weight.codebook[weight.indices].T, np.float32)
         return lambda h: h @ dense_t
-    if isinstance(weight, SparseWeight) and rows:
-        a, b = int(weight.row_ptr[0]), int(weight.row_ptr[-1])
-        cols, values = weight.cols[a:b], lambda: weight.codebook[weight.symbols[a:b]]
-    elif isinstance(weight, TableRows):
-        a, b = int(weight.row_ptr[0]), int(weight.row_ptr[-1])
-        slots = weight.slots[a:b]
-        cols, values = slots >> (weight.stride.bit_length() - 1), lambda: weight.codebook[slots & (weight.stride - 1)]
-    else:
+    if not (isinstance(weight, (SparseWeight, TableRows)) and rows):
         return None
+    a, b = int(weight.row_ptr[0]), int(weight.row_ptr[-1])
     if 4 * (b - a) > _call_bound(rows, width):
         return None
-    kept, some = values(), np.flatnonzero(np.diff(weight.row_ptr))    # reduceat would give an empty row a value
-    starts, cols = weight.row_ptr[some] - a, cols.astype(np.intp)       # (numpy's gather would convert them each step)
+    cols, symbols = weight.entries(a, b)
+    some = np.flatnonzero(np.diff(weight.row_ptr))      # reduceat would give an empty row a value
+    kept, starts = weight.codebook[symbols], weight.row_ptr[some] - a
+    cols = cols.astype(np.intp)        # (numpy's gather would convert them each step)
 
     def product(h: np.ndarray) -> np.ndarray:
         out = np.zeros((1, rows), np.result_type(h.dtype, np.float32))
@@ -795,12 +794,18 @@ class TableRows:
     nbytes = property(lambda self: self.row_ptr.nbytes + self.slots.nbytes + self.codebook.nbytes + _sliced_bytes(self))
     nnz = property(lambda self: int(self.row_ptr[-1] - self.row_ptr[0]))
 
+    symbol_dtype = property(lambda self: np.dtype(np.uint8 if self.codebook.size <= 256 else np.uint16))
+
+    def entries(self, a: int, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The columns and symbols of the kept weights ``[a, b)``, read off their slots (a shift and a
+        mask: the stride is a power of two; temporaries as small as the range)."""
+        slots = self.slots[a:b]
+        return slots >> (self.stride.bit_length() - 1), slots & (self.stride - 1)
+
     def sliced(self) -> "SlicedRows":
         """The same kept weights as :class:`SlicedRows`, their columns and symbols read off the slots a
         block of rows at a time (for checks; the kernels take :meth:`held_slices`)."""
-        symbols = np.uint8 if self.codebook.size <= 256 else np.uint16
-        return SlicedRows(self.row_ptr, lambda a, b: np.divmod(self.slots[a:b], self.stride), self.shape,
-                          self.codebook, symbols)
+        return SlicedRows(self.row_ptr, self.entries, self.shape, self.codebook, self.symbol_dtype)
 
     def held_slices(self, split: int = 0) -> Any:
         """The LSTM and GRU kernels' batch-1 form of a held weight with AVX-512 (:func:`_held_slices`):
@@ -820,10 +825,9 @@ class TableRows:
     def sparse(self) -> SparseWeight:
         """The same weight as CSR (columns and symbols taken from the slots: temporaries)."""
         lo, hi = int(self.row_ptr[0]), int(self.row_ptr[-1])
-        slots = self.slots[lo:hi]
-        cols = (slots // self.stride).astype(position_dtype(self.shape[1]))
-        symbols = (slots % self.stride).astype(np.uint8 if self.codebook.size <= 256 else np.uint16)
-        return SparseWeight(self.codebook[1:], self.row_ptr - lo, cols, symbols, self.shape)
+        cols, symbols = self.entries(lo, hi)
+        return SparseWeight(self.codebook[1:], self.row_ptr - lo, cols.astype(position_dtype(self.shape[1])),
+                            symbols.astype(self.symbol_dtype), self.shape)
 
     def dense(self) -> np.ndarray:
         return self.sparse().dense()
@@ -853,11 +857,11 @@ class TableRows:
         tile = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
         tile[...] = 0
         ptr = self.row_ptr[a:b + 1]
-        slots = self.slots[ptr[0]:ptr[-1]]
+        cols, symbols = self.entries(ptr[0], ptr[-1])
         # each kept weight's flat position: its row's start plus its column (a shift: 512x128, 133 -> 72 us)
         flat = np.repeat(np.arange(0, (b - a) * width, width, dtype=POINTER), np.diff(ptr))
-        flat += slots >> (self.stride.bit_length() - 1)
-        tile.reshape(-1)[flat] = self.codebook[slots & (self.stride - 1)]
+        flat += cols
+        tile.reshape(-1)[flat] = self.codebook[symbols]
         if tile is not out:
             out[...] = tile
         return out
