@@ -31,7 +31,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import njit
-from ._simd import LANE_GROUPS, LANES, csr_lanes, index_lanes
+from ._simd import LANE_GROUPS, LANES, csr_lanes, index_lanes, index_tile
 
 _U = np.uint64
 _COLUMN_BLOCK = 256     # output columns one task of the scatter kernels owns
@@ -397,12 +397,16 @@ def lane_sums(xt, row_ptr, cols, symbols, codebook, n0, n1, sums):  # pragma: no
 
 @njit(inline="always")
 def index_lane_sums(xt, indices, codebook, n0, n1, sums):  # pragma: no cover - compiled
-    """:func:`lane_sums` for a weight of dense indices ``[N, K]`` (``_simd.index_lanes``)."""
+    """:func:`lane_sums` for a weight of dense indices ``[N, K]`` (``_simd.index_lanes``; a pass of one
+    register, ``_simd.index_tile``)."""
     width, k = xt.shape[1], indices.shape[1]
     flat, rows = xt.reshape(-1), indices.reshape(-1)
     for b0 in range(0, width, LANE_GROUPS * LANES):
-        index_lanes(flat, b0, width, min(LANE_GROUPS, (width - b0) // LANES), rows, k, codebook, n0, n1, sums, b0,
-                    width)
+        groups = min(LANE_GROUPS, (width - b0) // LANES)
+        if groups == 1:
+            index_tile(flat, b0, width, rows, k, codebook, n0, n1, sums, b0, width)
+        else:
+            index_lanes(flat, b0, width, groups, rows, k, codebook, n0, n1, sums, b0, width)
 
 
 @njit(inline="always")

@@ -28,7 +28,7 @@ from .._jit import njit
 
 from ._numba_index import (csr_row_dot, index_dot4, index_lane_sums, lane_sums, padded_t, product_table, row_dots,
                            slot_expand, slot_rows, slot_split, table_stride)
-from ._simd import BLOCK, LANES, SLICE, TABLE, sliced_dot
+from ._simd import BLOCK, LANES, SLICE, TABLE, centroids, sliced_dot
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -332,8 +332,7 @@ def _sliced_buffers(symbols, codebook, slot_ptr, hidden):  # pragma: no cover - 
     product's sums in slice order."""
     blocks = -(-hidden // BLOCK)
     values = np.empty(symbols.size, np.float32)
-    for e in range(symbols.size):
-        values[e] = codebook[symbols[e]]
+    centroids(codebook, symbols, values)
     return values, np.zeros(blocks * TABLE, np.float32), np.empty((slot_ptr.size - 1) // blocks * SLICE, np.float32)
 
 

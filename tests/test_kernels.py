@@ -1489,6 +1489,50 @@ def test_sliced_dot_reads_the_kept_weights_only():
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_centroids_intrinsic_looks_up_every_value(dtype):
+    """``_simd.centroids`` (the sliced kernels' centroids of a call: 16 lanes a gather, the rest one
+    by one) gives ``codebook[symbols]`` for every length, and writes nothing past ``values``."""
+    from numba import njit
+    from dcrt.runtime._simd import centroids
+
+    @njit
+    def lookup(codebook, symbols, values):
+        centroids(codebook, symbols, values)
+
+    rng = np.random.default_rng(7)
+    codebook = rng.standard_normal(300 if dtype == np.uint16 else 256).astype(np.float32)
+    for size in (0, 5, 16, 37, 64):
+        symbols = rng.integers(0, codebook.size, size + 3).astype(dtype)
+        values = np.full(size + 3, np.nan, np.float32)
+        lookup(codebook, symbols, values[:size])
+        np.testing.assert_array_equal(values[:size], codebook[symbols[:size]])
+        assert np.isnan(values[size:]).all()
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("columns,dtype", [(5, np.uint8), (16, np.uint8), (37, np.uint8), (37, np.uint16)])
+@pytest.mark.parametrize("steps", [1, 16, 17, 80])
+def test_index_lane_sums_agree_with_the_expanded_weight(columns, dtype, steps):
+    """``index_lane_sums`` (the recurrent kernels' input projection by dense indices, rows of ``x`` in
+    16-lane registers: up to four a pass by ``_simd.index_lanes``, a pass of one by ``index_tile``,
+    which holds 16 columns of ``x`` in registers and sums the rest one at a time) against the expanded
+    weight's product, for rows ``[3, 40)``: 1 and 16 steps are one ``index_tile`` pass, 17 one of two
+    registers, 80 one of four and one ``index_tile``."""
+    k = numba_kernels.kernels()
+    rng = np.random.default_rng(columns * 100 + steps)
+    codebook = rng.standard_normal(300 if dtype == np.uint16 else 256).astype(np.float32)
+    indices = rng.integers(0, codebook.size, (40, columns)).astype(dtype)
+    x = rng.standard_normal((steps, columns)).astype(np.float32)
+    xt = k.padded_t(x)
+    width = xt.shape[1]
+    sums = np.full(37 * width, np.nan, np.float32)
+    k.index_lane_sums(xt, indices, codebook, 3, 40, sums)
+    want = codebook[indices[3:]].astype(np.float64) @ x.T.astype(np.float64)
+    np.testing.assert_allclose(sums.reshape(37, width)[:, :steps], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
 @pytest.mark.parametrize("hidden,peepholes,steps", [(7, False, 9), (40, True, 9), (70, False, 70)])
 def test_lstm_sliced_agrees_with_the_csr_kernel(hidden, peepholes, steps):
     """``lstm_sliced`` (R as 32-row slices in blocks of 31 columns: 1-3 blocks here) and, without
