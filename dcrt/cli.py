@@ -92,6 +92,8 @@ def _print_size(r) -> None:
     rows = [("download (gzip -9)", r["download_bytes"], o.get("gzip_bytes")),
             ("extracted (installed file)", r["extracted_bytes"], o.get("file_bytes")),
             ("memory, index mode (default)", m["index"], o.get("weight_bytes")),
+            *([("  on x86 with AVX-512 (+ slices)", m["index"] + m["slices"], o.get("weight_bytes"))]
+              if m.get("slices") else []),
             ("memory, dense mode (float32)", m["dense"], o.get("weight_bytes")),
             ("memory, stream mode (peak)", m["stream"], o.get("weight_bytes"))]
     for label, ours, theirs in rows:
@@ -99,6 +101,9 @@ def _print_size(r) -> None:
         print(f"{label:<34} {human(ours):>10} {human(theirs) if theirs else '-':>10} {ratio:>7}")
     if o.get("file_name"):
         print(f"(original: {o['file_name']}; memory rows compare with its weights as stored)")
+    if m.get("slices"):
+        print(f"(+ slices: {human(m['slices'])} of recurrent weights in 32-row slices, built at a batch-1 run "
+              "where AVX-512 runs them)")
 
 
 def _cmd_inspect(a) -> int:

@@ -53,13 +53,37 @@ def totals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             "ratio": orig / coded if coded else 1.0}
 
 
+def slice_bytes(dcm: DcmFile, grouping: Optional[Dict[str, str]] = None) -> int:
+    """Bytes of the 32-row slices that a session adds, at its first batch-1 run on x86 with AVX-512
+    and numba, to the pruned recurrent weights it holds (an LSTM's or GRU's ``R``:
+    ``runtime/indexed.py``'s ``SlicedRows``), beside their index form: not in the index-mode
+    figure, which holds on every machine. Built from the decoded weights as the session builds
+    them (the LSTM classifier's ``R``: 66 KB against its 55 KB of table slots)."""
+    from .runtime.indexed import hold, sliced_bytes
+    from .runtime.session import indexed_weight
+    grouping = groupings(dcm.model.graph) if grouping is None else grouping
+    held: Dict[str, Any] = {}
+    for node in all_nodes(dcm.model.graph):
+        name = node.inputs[2] if node.op_type in ("LSTM", "GRU") and len(node.inputs) > 2 else ""
+        t = dcm.tensors.get(name)
+        if t is None or t.record.encoding not in (QUANTIZED, SPARSE):
+            continue
+        weight = held.get(name) or held.setdefault(name, hold(indexed_weight(t, grouping.get(name, ROWS))))
+        # the GRU with the reset before R multiplies R's last third by r * h: slices split there
+        split = 2 * t.shape[-1] if node.op_type == "GRU" and not node.attrs.get("linear_before_reset", 0) else 0
+        for m in getattr(weight, "matrices", ()):
+            m.held_slices(split)
+    return sum(sliced_bytes(m) for w in held.values() for m in getattr(w, "matrices", ()))
+
+
 def inspect(path: str) -> Dict[str, Any]:
     """Everything ``dcrt inspect`` shows, as a dictionary."""
     with open_dcm(path) as dcm:
         g = dcm.model.graph
         grouping = groupings(g)
         rows = layer_rows(dcm, grouping)
-        memory = resident_bytes((t.record for t in dcm.tensors.values()), grouping, g)
+        memory = {**resident_bytes((t.record for t in dcm.tensors.values()), grouping, g),
+                  "slices": slice_bytes(dcm, grouping)}
         return {"file": path, "producer": dcm.producer, "format_version": "%d.%d" % dcm.format_version,
                 "opsets": dcm.model.opsets, "source": dcm.source,
                 "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
@@ -81,8 +105,9 @@ def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     try:
         with open_dcm(data) as dcm:
-            memory = resident_bytes((t.record for t in dcm.tensors.values()), groupings(dcm.model.graph),
-                                    dcm.model.graph)
+            grouping = groupings(dcm.model.graph)
+            memory = {**resident_bytes((t.record for t in dcm.tensors.values()), grouping, dcm.model.graph),
+                      "slices": slice_bytes(dcm, grouping)}
             source = dict(dcm.source)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None

@@ -85,8 +85,24 @@ def test_size_against_original(converted, onnx_path, capsys):
     assert r["download_bytes"] <= r["extracted_bytes"] < r["original"]["gzip_bytes"]
     assert r["memory_bytes"]["index"] < r["memory_bytes"]["dense"] / 3
     assert r["memory_bytes"]["stream"] < r["memory_bytes"]["dense"]
+    assert r["memory_bytes"]["slices"] == 0                     # no recurrent weight
     assert main(["size", str(converted)]) == 0                 # original sizes stored in the file
-    assert "lenet5.onnx" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lenet5.onnx" in out and "AVX-512" not in out
+
+
+def test_size_adds_the_recurrent_slices_on_avx512(dcm_path, capsys):
+    """``dcrt size`` of an LSTM model: a row for x86 with AVX-512, the index-mode bytes and the
+    32-row slices a session builds there for ``R`` (``test_recurrent_r_is_kept_as_product_table_slots``
+    checks them against a session's)."""
+    from dcrt.report import human
+    path = dcm_path("lstm_classifier")
+    assert main(["size", str(path), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["memory_bytes"]
+    assert m["slices"] > 0.2 * m["index"]
+    assert main(["size", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "AVX-512 (+ slices)" in line)
+    assert human(m["index"] + m["slices"]) in row
 
 
 def test_verify(converted, tmp_path, capsys):

@@ -36,6 +36,8 @@ def onnx_dtype(code: int) -> np.dtype:
 
 
 def _ints(v: Any) -> List[int]:
+    if type(v) is np.ndarray and v.ndim == 1 and v.dtype.kind in "iu":
+        return v.tolist()       # Python ints already (a Squeeze's axes: 1.1 -> 0.2 us)
     return [int(i) for i in np.asarray(v).reshape(-1).tolist()]     # Python numbers: ~5x faster to int()
 
 
