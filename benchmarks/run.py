@@ -25,7 +25,8 @@ environment is dropped unless ``--keep-blas-pin`` is given (the header says whic
    imported (the device install; numba's compiler set-up imports scipy's BLAS bindings when it finds
    scipy, which cached loads skipped from session 23 on: ``dcrt/_jit.py``), then a second session of
    each in the same process. Memory, each mode in its own fresh process: the weight
-   bytes a session holds (``resident_bytes``: index vs dense float32), and RSS measured from
+   bytes a session holds after its batch-1 runs (``resident_bytes()["now"]``: with AVX-512 a recurrent
+   ``R``'s slices too) against dense float32, and RSS measured from
    ``/proc``: growth after the first result ("resident"), peak growth while opening and running
    it, and the peak of a later, steady-state run.
 3. Conversion time (``dcrt.convert`` with the default plan; VGG FC6/FC7 pruned as the paper).
@@ -509,7 +510,8 @@ def main() -> int:
           "initialisation included), the same without scipy (a device install: numba's compiler set-up "
           "imports scipy's BLAS bindings when it finds them), then a second session in the same process.\n")
     print("| model | convert s | ONNX MB | .dcm MB | open+first, 1 thread | open+first, no scipy | "
-          f"second session, 1 thread | open+first, {cores} threads | weights index / dense float32 | "
+          f"second session, 1 thread | open+first, {cores} threads | weights held after batch-1 runs (index) / dense "
+          "float32 | "
           "RSS index / dense | peak RSS opening / resident (index) | peak RSS growth of a later run, stream / "
           "index |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -524,7 +526,7 @@ def main() -> int:
               f"{one['dcrt_first_s']:.3f} / {one['ort_first_s']:.3f} | "
               f"{device['dcrt_first_s']:.3f} / {device['ort_first_s']:.3f} | "
               f"{one['dcrt_first_warm_s']:.3f} / {one['ort_first_warm_s']:.3f} | "
-              f"{many['dcrt_first_s']:.3f} / {many['ort_first_s']:.3f} | {w['index'] / w['dense']:.0%} | "
+              f"{many['dcrt_first_s']:.3f} / {many['ort_first_s']:.3f} | {w['now'] / w['dense']:.1%} | "
               f"{idx['resident'] / 1e6:.1f} / {dense['resident'] / 1e6:.1f} MB | "
               f"{idx['peak_first'] / max(idx['resident'], 1):.2f}x | "
               f"{stream['peak_later'] / 1e6:.1f} / {idx['peak_later'] / 1e6:.1f} MB |", flush=True)
