@@ -14,8 +14,9 @@ they agree. Gate order is ONNX's ``i, o, f, c`` (GRU: ``z, r, h``; its kernels a
 The float32 kernel's dot products are reassociated (``fastmath={"reassoc", "nsz"}``: vectorised,
 with NaN and inf kept), four rows of ``R`` at a time; the index kernel's are four scalar sums at batch 1 (a
 vectorised gather is slower, see ``_numba_index.index_dot4``); at larger batches both sparse forms
-expand one row of ``R`` at a time and share it across the batch (``row_dots``). Results agree with the twin to
-float32 rounding, not bit for bit. One LSTM classifier step here (512x128 recurrent weight, one
+expand one row of ``R`` at a time and share it across the batch (``row_dots``), and with AVX-512
+every form but an LSTM's CSR takes ``R`` expanded and transposed for the call and register tiles
+(``lstm_tiled``, ``gru_tiled``). Results agree with the twin to float32 rounding, not bit for bit. One LSTM classifier step here (512x128 recurrent weight, one
 core, the gate update included): 6.0 -> 3.7 us from float32, 25.6 -> 15.8 us from 8-bit indices.
 The float32 kernel also fuses its multiply-adds (``"contract"``: FMA): its 16 steps 58.5 -> 53.0 us,
 at batch 8 462 -> 421 us. The index kernels do not: their scalar sums wait on each addition, and an
@@ -28,7 +29,7 @@ from .._jit import njit
 
 from ._numba_index import (csr_row_dot, index_dot4, index_lane_sums, lane_sums, padded_t, product_table, row_dots,
                            slot_expand, slot_rows, slot_split, table_stride)
-from ._simd import BLOCK, LANES, SLICE, TABLE, centroids, sliced_dot
+from ._simd import BLOCK, LANES, PACK, SLICE, TABLE, centroids, pointwise_tile, sliced_dot
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -372,6 +373,108 @@ def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):
         _update_batch(gates, p, clip, input_forget, h, c, ys[t], hidden)
 
 
+# Batches past TABLE_BATCH with AVX-512: R expanded to float32 and transposed for the call
+# (``slots_t``, ``csr_t``, ``index_t``; a dense R transposed: a temporary within ``indexed.call_bound``),
+# so that a step is register tiles of 16 rows of R by up to PACK entries (``_simd.pointwise_tile``:
+# a load of 16 weights and PACK multiply-adds by broadcast activations an input). Row by row, each
+# row expanded and dotted with every entry (``_slot_rows``), was a chain of scalar additions per
+# entry and row (these kernels are not reassociated). Batch 8, one core, best ratio to onnxruntime
+# (old and new code in alternating processes): the default plan's LSTM classifier 3.9-4.2x -> 1.7x,
+# the GRU classifier 2.6-2.9x -> 1.3x; dense mode's LSTM (``lstm_dense``, a product per entry)
+# 2.2x -> 1.6-1.7x.
+@njit(inline="always")
+def _tiled_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
+    """``out[b, n] = R[n] . x[b]`` for rows ``[n0, n1)`` from ``weight`` = (``rt``: R expanded and
+    transposed, ``[H, >= G]``, ``G`` = ``out``'s width; a buffer of ``H * PACK`` floats for ``x``
+    packed as the tiles read it; an empty array): whole tiles of 16 rows, the rows past them one by
+    one."""
+    rt, packed, none = weight
+    hidden, ldx, width = rt.shape[0], rt.shape[1], out.shape[1]
+    flat, o = rt.reshape(-1), out.reshape(-1)
+    for b0 in range(0, x.shape[0], PACK):
+        rows = min(PACK, x.shape[0] - b0)
+        for k in range(hidden):
+            for i in range(rows):
+                packed[k * PACK + i] = x[b0 + i, k]
+        n = n0
+        while n + LANES <= n1:
+            pointwise_tile(packed, 0, flat, n, ldx, hidden, o, b0 * width + n, width, rows, none, 0, none,
+                           np.float32(0.0), np.float32(0.0), 0)
+            n += LANES
+        for b in range(b0, b0 + rows):
+            for m in range(n, n1):
+                a = np.float32(0.0)
+                for k in range(hidden):
+                    a += rt[k, m] * x[b, k]
+                out[b, m] = a
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def lstm_tiled(proj, rt, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
+    """As :func:`lstm_dense` with R expanded and transposed for the call, ``rt`` ``[H, 4H]``, its
+    product in register tiles (:func:`_tiled_rows`): batches past TABLE_BATCH with AVX-512."""
+    steps, batch, gates4 = proj.shape
+    gates = np.empty((batch, gates4), np.float32)
+    weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
+    for t in range(steps):
+        _tiled_rows(weight, h, gates, 0, gates4)
+        _add_step(gates, proj, t)
+        _update_batch(gates, p, clip, input_forget, h, c, ys[t], gates4 // 4)
+
+
+@njit(inline="always")
+def _transposed(width, rows):  # pragma: no cover - compiled
+    """Zeros ``[width, rows + LANES]``: R transposed, its rows not a multiple of 4 KB apart (a 512-row
+    R's are 2 KB: a load that follows a store to an address 4 KB away waits for it, and the
+    expansion of the LSTM classifier's R took 96 us instead of 45)."""
+    return np.zeros((width, rows + LANES), np.float32)
+
+
+@njit(cache=True, nogil=True)
+def slots_t(row_ptr, slots, codebook, width):  # pragma: no cover - compiled
+    """A weight ``[N, width]`` held as table slots (``indexed.TableRows``) as float32, transposed:
+    ``[width, N + LANES]`` (:func:`_transposed`)."""
+    shift, mask = slot_split(codebook)
+    rt = _transposed(width, row_ptr.size - 1)
+    for n in range(row_ptr.size - 1):
+        for e in range(row_ptr[n], row_ptr[n + 1]):
+            s = _U(slots[_U(e)])
+            rt[s >> shift, n] = codebook[s & mask]
+    return rt
+
+
+@njit(cache=True, nogil=True)
+def csr_t(row_ptr, cols, symbols, codebook, width):  # pragma: no cover - compiled
+    """:func:`slots_t` of a CSR weight (``indexed.SparseWeight``)."""
+    rt = _transposed(width, row_ptr.size - 1)
+    for n in range(row_ptr.size - 1):
+        for e in range(row_ptr[n], row_ptr[n + 1]):
+            rt[cols[e], n] = codebook[symbols[e]]
+    return rt
+
+
+@njit(cache=True, nogil=True)
+def index_t(indices, codebook):  # pragma: no cover - compiled
+    """:func:`slots_t` of dense indices ``[N, K]`` (``indexed.IndexedWeight``)."""
+    rows, width = indices.shape
+    rt = _transposed(width, rows)
+    for n in range(rows):
+        for k in range(width):
+            rt[k, n] = codebook[indices[n, k]]
+    return rt
+
+
+@njit(cache=True, nogil=True)
+def dense_t(r):  # pragma: no cover - compiled
+    """:func:`slots_t` of a float32 weight."""
+    rows, width = r.shape
+    rt = _transposed(width, rows)
+    for n in range(rows):
+        for k in range(width):
+            rt[k, n] = r[n, k]
+    return rt
+
+
 # -- GRU -----------------------------------------------------------------------------------------
 # One call runs every step of one direction, as for the LSTM; ``proj`` holds the input projections
 # with ``Wb`` added, ``rb`` is ``Rb`` (added after the recurrent product, as ONNX and the numpy twin
@@ -488,6 +591,14 @@ def gru_dense(proj, r, rb, clip, before_reset, h, ys):  # pragma: no cover - com
     ``ys [T, B, H]`` receives every step's ``h``.
     """
     _gru_steps(_dense_rows, (r,), proj, rb, clip, before_reset, h, ys)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
+def gru_tiled(proj, rt, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_dense` with R expanded and transposed for the call, ``rt`` ``[H, 3H]`` (see
+    :func:`lstm_tiled`)."""
+    weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
+    _gru_steps(_tiled_rows, weight, proj, rb, clip, before_reset, h, ys)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

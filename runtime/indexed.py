@@ -637,7 +637,7 @@ def _held_slices(weight: Any, split: int = 0) -> Any:
     form (counted in its ``nbytes``); with ``split``, those of its rows ``[0, split)`` and ``[split,
     rows)``, a pair (the GRU's R with the reset before it, whose last rows multiply ``r * h``). None
     for a weight not held, and for one whose slots' centroids, which the kernel holds as float32 for
-    a call, would be more than a batch-1 product may build for one (:func:`_call_bound`: an expanded
+    a call, would be more than a batch-1 product may build for one (:func:`call_bound`: an expanded
     tile, or a product table, ``PRODUCT_TABLE_ENTRIES`` floats, 256 KB, which the table-slot kernels
     build every step: the default plan's 60 %-pruned 512x128 R needs 128 KB). Every run of a held
     weight so takes the same kernel, and gives the same results to the bit."""
@@ -645,7 +645,7 @@ def _held_slices(weight: Any, split: int = 0) -> Any:
     rows = weight.__dict__.get(key)
     if rows is None and weight.__dict__.get("_held"):
         rows = (weight[:split].sliced(), weight[split:].sliced()) if split else weight.sliced()
-        if 4 * sum(part.symbols.size for part in (rows if split else (rows,))) > _call_bound(*weight.shape):
+        if 4 * sum(part.symbols.size for part in (rows if split else (rows,))) > call_bound(*weight.shape):
             rows = False        # never built again
         weight.__dict__[key] = rows
     return rows or None
@@ -665,13 +665,13 @@ def step_product(weight: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     expanded once and a step is one BLAS product. Only within the bound of :func:`_held_slices`'
     temporary (the LSTM classifier's R, 90 % pruned, without numba: 67 -> ~20 us a step)."""
     rows, width = weight.shape if getattr(weight, "ndim", 0) == 2 else (0, 0)
-    if isinstance(weight, IndexedWeight) and rows and 4 * weight.indices.size <= _call_bound(rows, width):
+    if isinstance(weight, IndexedWeight) and rows and 4 * weight.indices.size <= call_bound(rows, width):
         dense_t = np.ascontiguousarray(weight.codebook[weight.indices].T, np.float32)
         return lambda h: h @ dense_t
     if not (isinstance(weight, (SparseWeight, TableRows)) and rows):
         return None
     a, b = int(weight.row_ptr[0]), int(weight.row_ptr[-1])
-    if 4 * (b - a) > _call_bound(rows, width):
+    if 4 * (b - a) > call_bound(rows, width):
         return None
     cols, symbols = weight.entries(a, b)
     some = np.flatnonzero(np.diff(weight.row_ptr))      # reduceat would give an empty row a value
@@ -686,7 +686,7 @@ def step_product(weight: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     return product
 
 
-def _call_bound(rows: int, width: int) -> int:
+def call_bound(rows: int, width: int) -> int:
     """The float32 bytes a batch-1 recurrent call may hold of its weight: an expanded tile's, or a
     product table's (``PRODUCT_TABLE_ENTRIES`` floats) when that is more."""
     return max(_tile_budget(rows, width), 4 * PRODUCT_TABLE_ENTRIES)

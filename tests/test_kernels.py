@@ -1278,6 +1278,13 @@ def _r_forms(shape, seed):
 _RNN_KERNELS = {"dense": "_dense", "indexed": "_index", "sparse": "_csr", "slots": "_slots"}
 
 
+def _tiled(kind, form, batch):
+    """Whether a batch of ``batch`` entries takes ``lstm_tiled`` / ``gru_tiled`` (``ops/rnn._tiled``):
+    with AVX-512, from two entries (a float32 R from three), but for an LSTM's CSR R."""
+    return (numba_kernels.wide_vectors() and batch >= 2 and (form != "dense" or batch > 2)
+            and not (kind == "lstm" and form == "sparse"))
+
+
 def _count_runs(name, monkeypatch):
     """The calls of compiled kernel ``name`` (appended to the list returned) while the test runs."""
     ran = []
@@ -1294,11 +1301,12 @@ def _count_runs(name, monkeypatch):
     ("reverse", False, {"clip": 0.7, "input_forget": 1}),
 ])
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3])
 def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatch):
     """The compiled recurrence (batch 1: one entry's dot products, with AVX-512 CSR and table slots
-    as 32-row slices; batch 3: each row of R expanded once for the whole batch; slots: a product
-    table per step and entry) against the numpy step loop and the reference of the dense weight."""
+    as 32-row slices; batches: with AVX-512 R expanded for the call and register tiles (``_tiled``),
+    else each row of R expanded once for the whole batch, slots a product table per step and entry at
+    two; a CSR R the lane sums) against the numpy step loop and the reference of the dense weight."""
     hidden = 7
     dirs = 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 4 * hidden, hidden), seed=3)
@@ -1308,7 +1316,8 @@ def test_lstm_kernels_agree(direction, peepholes, attrs, form, batch, monkeypatc
     # held per direction, as a session holds it (a 3-D CSR cuts a new one out at every call)
     r = indexed.PerDirection.split(forms[form]) if form == "sparse" and batch == 1 else forms[form]
     source = {**graph.initializers, "r": indexed.hold(r)}
-    ran = _count_runs("lstm_sliced" if sliced else "lstm" + _RNN_KERNELS[form], monkeypatch)
+    ran = _count_runs("lstm_sliced" if sliced else "lstm_tiled" if _tiled("lstm", form, batch)
+                      else "lstm" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
@@ -1607,12 +1616,12 @@ def _calls_agree_with_the_operator(op, attrs, x, held, dw, dr, b):
     ("reverse", {"clip": 0.7}),
 ])
 @pytest.mark.parametrize("form", ["dense", "indexed", "sparse", "slots"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3])
 def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     """The compiled GRU recurrence (both orders of the reset, 7 units: rows in blocks of 4 and a
     remainder; at batch 1 a held CSR or table-slot R as 32-row slices where AVX-512 is, split at the
-    candidate's rows with the reset before R) against the numpy step loop and the reference of the
-    dense weight."""
+    candidate's rows with the reset before R; batches in register tiles where AVX-512 is) against
+    the numpy step loop and the reference of the dense weight."""
     hidden, dirs = 7, 2 if direction == "bidirectional" else 1
     d, forms = _r_forms((dirs, 3 * hidden, hidden), seed=4)
     node = Node("GRU", ["x", "w", "r", "b", "", "h0"], ["y", "yh"], dict(hidden_size=hidden, direction=direction,
@@ -1626,7 +1635,8 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
     source = {**graph.initializers, "r": indexed.hold(r)}
     ex = Executor(graph)
     sliced_kernel = "gru_sliced" if attrs.get("linear_before_reset") else "gru_sliced_before"
-    ran = _count_runs(sliced_kernel if sliced else "gru" + _RNN_KERNELS[form], monkeypatch)
+    ran = _count_runs(sliced_kernel if sliced else "gru_tiled" if _tiled("gru", form, batch)
+                      else "gru" + _RNN_KERNELS[form], monkeypatch)
     got, twin = both(lambda: ex.run(feeds, source.__getitem__), monkeypatch)
     assert len(ran) == dirs         # the kernel ran, once per direction (and not for the twin)
     reference = ex.run(feeds)
@@ -1634,6 +1644,48 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
         np.testing.assert_allclose(got[name], twin[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
+@pytest.mark.parametrize("hidden,batch", [(7, 2), (40, 13)])
+def test_tiled_kernels_agree_with_the_dense_kernels(hidden, batch):
+    """``lstm_tiled`` and ``gru_tiled`` (R expanded and transposed for the call by ``slots_t``,
+    ``csr_t``, ``index_t`` or ``dense_t``, zeros past its rows; its product in register tiles of 16
+    rows by up to 12 entries, the rows past them one by one: 7 units are an LSTM's one tile and 12
+    rows, 40 units ten tiles, and with the GRU's reset before R its candidate's rows a pass of their
+    own from row 80; 13 entries two passes of the tiles) against ``lstm_dense`` and ``gru_dense``,
+    with peepholes and a clip, wherever numba runs."""
+    k = numba_kernels.kernels()
+    for gates in (4, 3):
+        dense, iw, sw = weights((gates * hidden, hidden), 0.4, seed=hidden + gates)
+        slots = indexed.TableRows(sw)
+        rts = [k.slots_t(*slots.arrays, hidden), k.csr_t(sw.row_ptr, sw.cols, sw.symbols, sw.codebook, hidden),
+               k.index_t(iw.indices, iw.codebook), k.dense_t(dense)]
+        for rt in rts:
+            np.testing.assert_array_equal(rt[:, :gates * hidden], dense.T)
+            assert rt.shape[1] > gates * hidden and not rt[:, gates * hidden:].any()
+        proj, h0 = rand(5, batch, gates * hidden), rand(batch, hidden)
+        if gates == 4:
+            p, c0 = rand(3 * hidden), rand(batch, hidden)
+            runs = [lambda *a: k.lstm_dense(proj, dense, p, np.float32(0.9), False, *a)]
+            runs += [lambda *a, rt=rt: k.lstm_tiled(proj, rt, p, np.float32(0.9), False, *a) for rt in rts]
+            results = []
+            for run in runs:
+                h, c, ys = h0.copy(), c0.copy(), np.empty((5, batch, hidden), np.float32)
+                run(h, c, ys)
+                results.append((ys, h, c))
+            _agree_with_the_first(results)
+            continue
+        rb = rand(3 * hidden)
+        for before_reset in (True, False):
+            runs = [lambda *a: k.gru_dense(proj, dense, rb, np.float32(0.9), before_reset, *a)]
+            runs += [lambda *a, rt=rt: k.gru_tiled(proj, rt, rb, np.float32(0.9), before_reset, *a) for rt in rts]
+            results = []
+            for run in runs:
+                h, ys = h0.copy(), np.empty((5, batch, hidden), np.float32)
+                run(h, ys)
+                results.append((ys, h))
+            _agree_with_the_first(results)
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
@@ -1673,7 +1725,7 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
     one kernel that also takes the projection by a CSR or dense-index W; the same results at each
     call to the bit, those of the full operator on the dense weights, with and without B. With the
     reset before R its candidate's rows are slices of their own (``gru_sliced_before``, W projected
-    by ``matmul_t``); at batch 2 the CSR kernel runs."""
+    by ``matmul_t``); at batch 2 the register tiles (AVX-512), else the CSR kernel."""
     gru, hidden = OPS["GRU"], 40
     dr, _, r = weights((3 * hidden, hidden), 0.15, seed=4)
     dw, iw, w = weights((3 * hidden, 6), 0.5, seed=5)
@@ -1685,6 +1737,7 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
     _calls_agree_with_the_operator("GRU", attrs, x, held, dw, dr, b)
     assert len(ran) == (4 if numba_kernels.wide_vectors() else 0)
     before, csr = _count_runs("gru_sliced_before", monkeypatch), _count_runs("gru_csr", monkeypatch)
+    tiled = _count_runs("gru_tiled", monkeypatch)
     for call_attrs, xs in (({"hidden_size": hidden}, x), (attrs, rand(3, 2, 6))):
         got = gru(call_attrs, xs, *held, b)
         want = gru({k: v for k, v in call_attrs.items() if k[0] != "_"}, np.ascontiguousarray(xs), dw[None], dr[None],
@@ -1692,7 +1745,8 @@ def test_gru_prepared_call_projects_in_the_sliced_kernel(w_form, kernel, monkeyp
         for g, e in zip(got, want):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
     wide = numba_kernels.wide_vectors()
-    assert len(ran) == (4 if wide else 0) and len(before) == (1 if wide else 0) and len(csr) == (1 if wide else 2)
+    assert len(ran) == (4 if wide else 0) and len(before) == len(tiled) == (1 if wide else 0)
+    assert len(csr) == (0 if wide else 2)
 
 
 def _chain(producer, inputs, act, act_inputs=(), act_attrs=None, extra_reader=False):

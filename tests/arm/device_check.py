@@ -216,8 +216,25 @@ def check_register_tiles(c: Checks) -> None:
             run(np.float32(np.inf), h, ys)
             runs.append(ys)
         close(runs[1], runs[0], 1e-5, "gru_sliced_before")
-    c.check("pointwise and convolution register tiles and the sliced LSTM and GRU agree with numpy on this machine",
-            agrees)
+        # a batch of 3 in register tiles from R expanded for the call, against the CSR kernels
+        p3, g3, runs = rng.standard_normal((5, 3, 160), np.float32), rng.standard_normal((5, 3, 120), np.float32), []
+        for run in (lambda *a: k.lstm_csr(p3, *sw.arrays, np.zeros(0, np.float32), *a),
+                    lambda *a: k.lstm_tiled(p3, k.csr_t(*sw.arrays, 40), np.zeros(0, np.float32), *a)):
+            h, cell = np.full((3, 40), 0.3, np.float32), np.zeros((3, 40), np.float32)
+            ys = np.empty((5, 3, 40), np.float32)
+            run(np.float32(np.inf), False, h, cell, ys)
+            runs.append(ys)
+        close(runs[1], runs[0], 1e-5, "lstm_tiled")
+        for before_reset in (True, False):
+            runs = []
+            for run in (lambda *a: k.gru_csr(g3, *gr.arrays, *a),
+                        lambda *a: k.gru_tiled(g3, k.csr_t(*gr.arrays, 40), *a)):
+                h, ys = np.full((3, 40), 0.3, np.float32), np.empty((5, 3, 40), np.float32)
+                run(gb[120:], np.float32(np.inf), before_reset, h, ys)
+                runs.append(ys)
+            close(runs[1], runs[0], 1e-5, "gru_tiled")
+    c.check("pointwise and convolution register tiles, the sliced LSTM and GRU and their batches in tiles agree with "
+            "numpy on this machine", agrees)
 
 
 def main(argv=None) -> int:
