@@ -16,11 +16,12 @@ with NaN and inf kept), four rows of ``R`` at a time; the index kernel's are fou
 vectorised gather is slower, see ``_numba_index.index_dot4``); at larger batches both sparse forms
 expand one row of ``R`` at a time and share it across the batch (``row_dots``), and with AVX-512
 every form but an LSTM's CSR takes ``R`` expanded and transposed for the call and register tiles
-(``lstm_tiled``, ``gru_tiled``). Results agree with the twin to float32 rounding, not bit for bit. One LSTM classifier step here (512x128 recurrent weight, one
-core, the gate update included): 6.0 -> 3.7 us from float32, 25.6 -> 15.8 us from 8-bit indices.
-The float32 kernel also fuses its multiply-adds (``"contract"``: FMA): its 16 steps 58.5 -> 53.0 us,
-at batch 8 462 -> 421 us. The index kernels do not: their scalar sums wait on each addition, and an
-FMA's latency is longer (16 steps 260 -> 274 us).
+(``lstm_tiled``, ``gru_tiled``). Results agree with the twin to float32 rounding, not bit for bit.
+One LSTM classifier step here (512x128 recurrent weight, one core, the gate update included): 6.0
+-> 3.7 us from float32, 25.6 -> 15.8 us from 8-bit indices. The float32 kernel also fuses its
+multiply-adds (``"contract"``: FMA): its 16 steps 58.5 -> 53.0 us, at batch 8 462 -> 421 us. The
+index kernels do not: their scalar sums wait on each addition, and an FMA's latency is longer (16
+steps 260 -> 274 us).
 """
 from __future__ import annotations
 
@@ -373,15 +374,15 @@ def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):
         _update_batch(gates, p, clip, input_forget, h, c, ys[t], hidden)
 
 
-# Batches past TABLE_BATCH with AVX-512: R expanded to float32 and transposed for the call
-# (``slots_t``, ``csr_t``, ``index_t``; a dense R transposed: a temporary within ``indexed.call_bound``),
-# so that a step is register tiles of 16 rows of R by up to PACK entries (``_simd.pointwise_tile``:
-# a load of 16 weights and PACK multiply-adds by broadcast activations an input). Row by row, each
-# row expanded and dotted with every entry (``_slot_rows``), was a chain of scalar additions per
-# entry and row (these kernels are not reassociated). Batch 8, one core, best ratio to onnxruntime
-# (old and new code in alternating processes): the default plan's LSTM classifier 3.9-4.2x -> 1.7x,
-# the GRU classifier 2.6-2.9x -> 1.3x; dense mode's LSTM (``lstm_dense``, a product per entry)
-# 2.2x -> 1.6-1.7x.
+# Batches of two or more with AVX-512 (``ops/rnn.py``'s ``_tiled``; a float32 R from three): R
+# expanded to float32 and transposed for the call (``slots_t``, ``csr_t``, ``index_t``, ``dense_t``:
+# a temporary within ``indexed.call_bound``), so that a step is register tiles of 16 rows of R by up
+# to PACK entries (``_simd.pointwise_tile``: a load of 16 weights and PACK multiply-adds by
+# broadcast activations an input). Row by row, each row expanded and dotted with every entry
+# (``_slot_rows``), was a chain of scalar additions per entry and row (these kernels are not
+# reassociated). Batch 8, one core, best ratio to onnxruntime (old and new code in alternating
+# processes): the default plan's LSTM classifier 3.9-4.2x -> 1.7x, the GRU classifier 2.6-2.9x ->
+# 1.3x; dense mode's LSTM (``lstm_dense``, a product per entry) 2.2x -> 1.6-1.7x.
 @njit(inline="always")
 def _tiled_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
     """``out[b, n] = R[n] . x[b]`` for rows ``[n0, n1)`` from ``weight`` = (``rt``: R expanded and
@@ -411,8 +412,8 @@ def _tiled_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 def lstm_tiled(proj, rt, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
-    """As :func:`lstm_dense` with R expanded and transposed for the call, ``rt`` ``[H, 4H]``, its
-    product in register tiles (:func:`_tiled_rows`): batches past TABLE_BATCH with AVX-512."""
+    """As :func:`lstm_dense` with R expanded and transposed for the call, ``rt`` ``[H, >= 4H]``, its
+    product in register tiles (:func:`_tiled_rows`): batches with AVX-512."""
     steps, batch, gates4 = proj.shape
     gates = np.empty((batch, gates4), np.float32)
     weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
@@ -595,7 +596,7 @@ def gru_dense(proj, r, rb, clip, before_reset, h, ys):  # pragma: no cover - com
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 def gru_tiled(proj, rt, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
-    """As :func:`gru_dense` with R expanded and transposed for the call, ``rt`` ``[H, 3H]`` (see
+    """As :func:`gru_dense` with R expanded and transposed for the call, ``rt`` ``[H, >= 3H]`` (see
     :func:`lstm_tiled`)."""
     weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
     _gru_steps(_tiled_rows, weight, proj, rb, clip, before_reset, h, ys)

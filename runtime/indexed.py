@@ -687,8 +687,9 @@ def step_product(weight: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
 
 
 def call_bound(rows: int, width: int) -> int:
-    """The float32 bytes a batch-1 recurrent call may hold of its weight: an expanded tile's, or a
-    product table's (``PRODUCT_TABLE_ENTRIES`` floats) when that is more."""
+    """The float32 bytes a recurrent call may hold of its weight (at batch 1 its slices' centroids, for
+    a batch the weight expanded for the register tiles): an expanded tile's, or a product table's
+    (``PRODUCT_TABLE_ENTRIES`` floats) when that is more."""
     return max(_tile_budget(rows, width), 4 * PRODUCT_TABLE_ENTRIES)
 
 
