@@ -60,6 +60,7 @@ def slice_bytes(dcm: DcmFile, grouping: Optional[Dict[str, str]] = None) -> int:
     figure, which holds on every machine. Built from the decoded weights as the session builds
     them (the LSTM classifier's ``R``: 68 KB against its 55 KB of table slots)."""
     from .runtime.indexed import hold, sliced_bytes
+    from .runtime.ops.rnn import candidate_split
     from .runtime.session import indexed_weight
     grouping = groupings(dcm.model.graph) if grouping is None else grouping
     held: Dict[str, Any] = {}
@@ -70,11 +71,17 @@ def slice_bytes(dcm: DcmFile, grouping: Optional[Dict[str, str]] = None) -> int:
             continue
         if name not in held:
             held[name] = hold(indexed_weight(t, grouping.get(name, ROWS)))
-        # the GRU with the reset before R multiplies R's last third by r * h: slices split there
-        split = 2 * t.shape[-1] if node.op_type == "GRU" and not node.attrs.get("linear_before_reset", 0) else 0
+        split = candidate_split(bool(node.attrs.get("linear_before_reset", 0)), t.shape[-1]) \
+            if node.op_type == "GRU" else 0
         for m in getattr(held[name], "matrices", ()):
             m.held_slices(split)
     return sum(sliced_bytes(m) for w in held.values() for m in getattr(w, "matrices", ()))
+
+
+def _memory(dcm: DcmFile, grouping: Dict[str, str]) -> Dict[str, int]:
+    """The weight bytes of each mode (``memory.resident_bytes``) and the slices (:func:`slice_bytes`)."""
+    records = (t.record for t in dcm.tensors.values())
+    return {**resident_bytes(records, grouping, dcm.model.graph), "slices": slice_bytes(dcm, grouping)}
 
 
 def inspect(path: str) -> Dict[str, Any]:
@@ -83,8 +90,7 @@ def inspect(path: str) -> Dict[str, Any]:
         g = dcm.model.graph
         grouping = groupings(g)
         rows = layer_rows(dcm, grouping)
-        memory = {**resident_bytes((t.record for t in dcm.tensors.values()), grouping, g),
-                  "slices": slice_bytes(dcm, grouping)}
+        memory = _memory(dcm, grouping)
         return {"file": path, "producer": dcm.producer, "format_version": "%d.%d" % dcm.format_version,
                 "opsets": dcm.model.opsets, "source": dcm.source,
                 "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape} for v in g.inputs],
@@ -106,9 +112,7 @@ def size(path: str, original: Optional[str] = None) -> Dict[str, Any]:
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     try:
         with open_dcm(data) as dcm:
-            grouping = groupings(dcm.model.graph)
-            memory = {**resident_bytes((t.record for t in dcm.tensors.values()), grouping, dcm.model.graph),
-                      "slices": slice_bytes(dcm, grouping)}
+            memory = _memory(dcm, groupings(dcm.model.graph))
             source = dict(dcm.source)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None

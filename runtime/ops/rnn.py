@@ -342,6 +342,13 @@ def _sliced(rd: Any, batch: int, split: int = 0) -> Any:
     return None
 
 
+def candidate_split(linear_before_reset: bool, hidden: int) -> int:
+    """The row at which a GRU's held ``R`` is sliced in two (:func:`_sliced`): 0, one set of slices,
+    with ``linear_before_reset`` (the reset applied after ``R``); without it ``2H``, where the
+    candidate's rows begin, which multiply ``r * h`` in a product of their own."""
+    return 0 if linear_before_reset else 2 * hidden
+
+
 #: Entries of a batch from which the recurrent product runs in register tiles from R expanded for the
 #: call (:func:`_tiled`; a float32 R from one more); one entry takes R's slices or product tables.
 TILED_BATCH = 2
@@ -458,7 +465,7 @@ def _plain_gru_run(k: Any, clip: np.float32, before_reset: bool,
     def run(x: np.ndarray, w: Any, r: Any, b: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, ...]]:
         steps, batch = x.shape[:2]
         wd, rd = w[0], r[0]
-        sliced = _sliced(rd, batch, 0 if before_reset else 2 * hsz)
+        sliced = _sliced(rd, batch, candidate_split(before_reset, hsz))
         projecting = None if sliced is None or not before_reset else _projecting(k, wd, "gru")
         if projecting is None:
             fast = _gru_kernel(k, clip, rd, sliced, before_reset, batch)
@@ -484,7 +491,7 @@ def _compiled_gru(rec: _Recurrence, funcs: Sequence[Activation], rd: Any, before
     ready = _compiled(rec, funcs, _DEFAULT_GRU)
     if ready is None:
         return None
-    return _gru_kernel(*ready, rd, _sliced(rd, batch, 0 if before_reset else 2 * rec.hidden), before_reset, batch)
+    return _gru_kernel(*ready, rd, _sliced(rd, batch, candidate_split(before_reset, rec.hidden)), before_reset, batch)
 
 
 def _gru_kernel(k: Any, clip: np.float32, rd: Any, sliced: Any, before_reset: bool,
