@@ -245,7 +245,7 @@ def lstm_sliced(proj, slot_ptr, cols, symbols, order, codebook, p, clip, input_f
                 ys):  # pragma: no cover - compiled
     """As :func:`lstm_csr` at batch 1 with R as ``indexed.SlicedRows``: 32 rows of R at a time, a
     permute of a block's activations and a vector multiply-add per 16 of them (``_simd.sliced_dot``),
-    the sums put back in R's row order with the input projections. That R's product, one step on
+    the sums scattered to R's rows, beside the input projections. That R's product, one step on
     one core: gathering the activations from memory 1.6-2.7 us, permuting them 0.8-1.4 (against
     :func:`lstm_csr`'s 16 steps 105-161 us, slices with gathers 52-82)."""
     gates4 = proj.shape[2]
@@ -318,10 +318,9 @@ def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, c
     values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
     gates = np.empty(gates4, np.float32)
     for t in range(steps):
-        _sliced_product(h, hv, slot_ptr, cols, values, dots)
-        for i in range(gates4):
-            n = order[i]
-            gates[n] = proj[t * at_step + n * at_row] + bias[n] + dots[i]
+        _sliced_product(h, hv, slot_ptr, cols, values, order, dots)
+        for n in range(gates4):
+            gates[n] = proj[t * at_step + n * at_row] + bias[n] + dots[n]
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
 
@@ -331,7 +330,7 @@ def _sliced_buffers(symbols, codebook, slot_ptr, hidden):  # pragma: no cover - 
     """What the sliced steps keep for a call: the centroids of the slots (looked up once for all the
     steps: a temporary bounded as a product table is, ``indexed._held_slices``; 43 KB for the LSTM
     classifier's R at 90 %), ``h`` in blocks, each followed by the zero the padding reads, and the
-    product's sums in slice order."""
+    product's sums in row order (and room for the padding lanes past the rows)."""
     blocks = -(-hidden // BLOCK)
     values = np.empty(symbols.size, np.float32)
     centroids(codebook, symbols, values)
@@ -339,14 +338,15 @@ def _sliced_buffers(symbols, codebook, slot_ptr, hidden):  # pragma: no cover - 
 
 
 @njit(inline="always")
-def _sliced_product(h, hv, slot_ptr, cols, values, dots):  # pragma: no cover - compiled
-    """``dots``: ``h @ R.T`` by R's slices, in their rows' order (``_simd.sliced_dot``)."""
+def _sliced_product(h, hv, slot_ptr, cols, values, order, dots):  # pragma: no cover - compiled
+    """``dots[:rows]``: ``h @ R.T`` by R's slices (``_simd.sliced_dot``; past the rows, the padding lanes'
+    zeros)."""
     hidden = h.shape[1]
     blocks = -(-hidden // BLOCK)
     for j in range(hidden):     # a loop: a slice assignment's code imports numba's slicing and
         hv[j + j // BLOCK] = h[0, j]        # unicode modules when the cached kernel loads (26 ms, 1.8 MB)
     for s in range(dots.size // SLICE):
-        sliced_dot(hv, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
+        sliced_dot(hv, slot_ptr, cols, values, s * blocks, blocks, order, s * SLICE, dots)
 
 
 # Table slots at batch 3 and more: a table per entry costs its building and a pass over the slots
@@ -641,21 +641,17 @@ def gru_sliced_before(proj, slot_ptr, cols, symbols, order, codebook, h_slot_ptr
     hidden = rb.size // 3
     values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
     h_values, h_hv, h_dots = _sliced_buffers(h_symbols, codebook, h_slot_ptr, hidden)
-    rec, z, rh = np.empty(rb.size, np.float32), np.empty(hidden, np.float32), np.empty((1, hidden), np.float32)
+    z, rh = np.empty(hidden, np.float32), np.empty((1, hidden), np.float32)
     for t in range(ys.shape[0]):
-        _sliced_product(h, hv, slot_ptr, cols, values, dots)
-        for i in range(2 * hidden):
-            rec[order[i]] = dots[i]
+        _sliced_product(h, hv, slot_ptr, cols, values, order, dots)
         pt, y = proj[t, 0], ys[t, 0]
         for j in range(hidden):
-            z[j] = _sigmoid(_clip(pt[j] + rec[j] + rb[j], clip))
-            rh[0, j] = _sigmoid(_clip(pt[hidden + j] + rec[hidden + j] + rb[hidden + j], clip)) * h[0, j]
-        _sliced_product(rh, h_hv, h_slot_ptr, h_cols, h_values, h_dots)
-        for i in range(hidden):
-            rec[2 * hidden + h_order[i]] = h_dots[i]
+            z[j] = _sigmoid(_clip(pt[j] + dots[j] + rb[j], clip))
+            rh[0, j] = _sigmoid(_clip(pt[hidden + j] + dots[hidden + j] + rb[hidden + j], clip)) * h[0, j]
+        _sliced_product(rh, h_hv, h_slot_ptr, h_cols, h_values, h_order, h_dots)
         for j in range(hidden):
             n = 2 * hidden + j
-            y[j] = (np.float32(1.0) - z[j]) * _tanh(_clip(pt[n] + rec[n] + rb[n], clip)) + z[j] * h[0, j]
+            y[j] = (np.float32(1.0) - z[j]) * _tanh(_clip(pt[n] + h_dots[j] + rb[n], clip)) + z[j] * h[0, j]
         _carry(h, ys[t])
 
 
@@ -694,12 +690,10 @@ def _gru_sliced_steps(proj, at_step, at_row, wb, rb, slot_ptr, cols, symbols, or
     """The steps of :func:`gru_sliced`, the input projection of gate row ``n`` at step ``t`` being
     ``proj[t * at_step + n * at_row] + wb[n]``; the sums as :func:`_gru_steps` makes them."""
     hidden = rb.size // 3
-    values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
-    xp, rec = np.empty(rb.size, np.float32), np.empty(rb.size, np.float32)
+    values, hv, rec = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
+    xp = np.empty(rb.size, np.float32)
     for t in range(ys.shape[0]):
-        _sliced_product(h, hv, slot_ptr, cols, values, dots)
-        for i in range(rb.size):    # back in row order, as the projections: the update below vectorises
-            rec[order[i]] = dots[i]
+        _sliced_product(h, hv, slot_ptr, cols, values, order, rec)
         for n in range(rb.size):
             xp[n] = proj[t * at_step + n * at_row] + wb[n]
         y = ys[t, 0]

@@ -702,9 +702,10 @@ class SlicedRows:
     block's activations and a zero fill two 16-lane registers, from which 16 activations are one
     permute (``_simd.sliced_dot``; a gather from memory cost twice the whole product on the machine
     measured). ``slot_ptr`` [slices * blocks + 1]: the slots of slice ``s``'s block ``b`` at ``s *
-    blocks + b``; ``order`` [rows]: the weight row of each lane. A row with fewer kept weights in a
-    block than its slice's longest is padded with symbol 0 (the zero centroid) at column ``BLOCK``,
-    the zero after the block's activations. Rows are sorted by their counts in the blocks, so that
+    blocks + b``; ``order`` [slices * ROWS]: the weight row of each lane, then ``rows, rows + 1, ...``
+    for the lanes past the rows (where a kernel's sums have room for them). A row with fewer kept
+    weights in a block than its slice's longest is padded with symbol 0 (the zero centroid) at column
+    ``BLOCK``, the zero after the block's activations. Rows are sorted by their counts in the blocks, so that
     alike rows share slices: that R's 6,554 kept weights take 339 slots of 32 (465 in the rows' own
     order, 391 sorted block by block only)."""
 
@@ -735,11 +736,12 @@ class SlicedRows:
             group = local * blocks + cols // block
             counts[r0:r1] = np.bincount(group, minlength=(r1 - r0) * blocks).reshape(-1, blocks)
         # by the row's most kept in a block (what a slot count is), then by its counts block by block
-        self.order = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1, initial=0),)).astype(POINTER)
+        by_counts = np.lexsort(tuple(counts.T[::-1]) + (counts.max(axis=1, initial=0),))
+        self.order = np.concatenate([by_counts, np.arange(rows, slices * lanes)]).astype(POINTER)
         lane = np.empty(rows, np.intp)
-        lane[self.order] = np.arange(rows)
+        lane[by_counts] = np.arange(rows)
         padded = np.zeros((slices * lanes, blocks), np.intp)
-        padded[:rows] = counts[self.order]
+        padded[:rows] = counts[by_counts]
         self.slot_ptr = np.zeros(slices * blocks + 1, POINTER)
         np.cumsum(padded.reshape(slices, lanes, blocks).max(axis=1), out=self.slot_ptr[1:])
         size = int(self.slot_ptr[-1]) * lanes
@@ -767,10 +769,8 @@ class SlicedRows:
         lanes, at = self.ROWS, np.flatnonzero(self.symbols)
         group = np.searchsorted(self.slot_ptr, at // lanes, side="right") - 1       # slice * blocks + block
         blocks = -(-self.shape[1] // self.BLOCK)
-        lane_rows = np.zeros((len(self.slot_ptr) - 1) // blocks * lanes, np.intp)
-        lane_rows[:self.shape[0]] = self.order
         dense = np.zeros(self.shape, np.float32)
-        dense[lane_rows[group // blocks * lanes + at % lanes], group % blocks * self.BLOCK + self.cols[at]] = \
+        dense[self.order[group // blocks * lanes + at % lanes], group % blocks * self.BLOCK + self.cols[at]] = \
             self.codebook[self.symbols[at]]
         return dense
 

@@ -1381,7 +1381,7 @@ def test_sliced_rows_hold_the_csr_weights(shape, density):
     """``SlicedRows`` (32-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
     the same rows, pads each block only up to its slice's longest row there, with the zero symbol at
     the column after the block's and sorts alike rows together (fewer slots than the rows' own
-    order); built a few rows at a time, and from table slots the same."""
+    order), the lanes past the rows writing past them; built a few rows at a time, and from table slots the same."""
     dense, _, sw = weights(shape, density, seed=shape[0])
     rows = sw.sliced()
     np.testing.assert_array_equal(rows.dense(), dense)
@@ -1394,7 +1394,8 @@ def test_sliced_rows_hold_the_csr_weights(shape, density):
         for lane, r in enumerate(order):
             np.add.at(counts[lane], sw.cols[sw.row_ptr[r]:sw.row_ptr[r + 1]] // block, 1)
         return counts.reshape(slices, lanes, blocks).max(axis=1).ravel()
-    np.testing.assert_array_equal(np.diff(rows.slot_ptr), slots(rows.order))
+    np.testing.assert_array_equal(rows.order[shape[0]:], np.arange(shape[0], slices * lanes))   # padding lanes
+    np.testing.assert_array_equal(np.diff(rows.slot_ptr), slots(rows.order[:shape[0]]))
     padding = rows.symbols == 0
     assert padding.sum() == rows.slot_ptr[-1] * lanes - sw.nnz and np.all(rows.cols[padding] == block)
     if shape[0] == 512:
@@ -1448,17 +1449,16 @@ def _sliced_product(x, rows):
     def run(x, slot_ptr, cols, symbols, order, codebook, out):
         blocks = -(-x.size // BLOCK)
         slices = (slot_ptr.size - 1) // blocks
-        table, dots = np.zeros(blocks * TABLE, np.float32), np.empty(slices * SLICE, np.float32)
+        table = np.zeros(blocks * TABLE, np.float32)
         values = codebook[symbols]
         for j in range(x.size):
             table[j + j // BLOCK] = x[j]
         for s in range(slices):
-            sliced_dot(table, slot_ptr, cols, values, s * blocks, blocks, dots, s * SLICE)
-        for i in range(order.size):
-            out[order[i]] = dots[i]
-    out = np.empty(rows.shape[0], np.float32)
+            sliced_dot(table, slot_ptr, cols, values, s * blocks, blocks, order, s * SLICE, out)
+    out = np.full(rows.order.size, np.nan, np.float32)
     run(x, *rows.arrays, out)
-    return out
+    assert not out[rows.shape[0]:].any()      # the padding lanes' zeros, past the rows
+    return out[:rows.shape[0]]
 
 
 
