@@ -30,7 +30,7 @@ from .._jit import njit
 
 from ._numba_index import (csr_row_dot, index_dot4, index_lane_sums, lane_sums, padded_t, product_table, row_dots,
                            slot_expand, slot_rows, slot_split, table_stride)
-from ._simd import BLOCK, LANES, PACK, SLICE, TABLE, centroids, pointwise_tile, sliced_dot
+from ._simd import BLOCK, LANES, PACK, SLICE, TABLE, centroids, packed_tile, sliced_dot
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -375,48 +375,71 @@ def lstm_slots(proj, row_ptr, slots, codebook, p, clip, input_forget, h, c, ys):
 
 
 # Batches of two or more with AVX-512 (``ops/rnn.py``'s ``_tiled``; a float32 R from three): R
-# expanded to float32 and transposed for the call (``slots_t``, ``csr_t``, ``index_t``, ``dense_t``:
-# a temporary within ``indexed.call_bound``), so that a step is register tiles of 16 rows of R by up
-# to PACK entries (``_simd.pointwise_tile``: a load of 16 weights and PACK multiply-adds by
-# broadcast activations an input). Row by row, each row expanded and dotted with every entry
-# (``_slot_rows``), was a chain of scalar additions per entry and row (these kernels are not
-# reassociated). Batch 8, one core, best ratio to onnxruntime (old and new code in alternating
-# processes): the default plan's LSTM classifier 3.9-4.2x -> 1.7x, the GRU classifier 2.6-2.9x ->
-# 1.3x; dense mode's LSTM (``lstm_dense``, a product per entry) 2.2x -> 1.6-1.7x.
+# expanded to float32 for the call in blocks of 16 rows, each transposed (``slots_t``, ``csr_t``,
+# ``index_t``, ``dense_t``: a temporary within ``indexed.call_bound``), so that a step is register
+# tiles of a block by up to PACK entries (``_simd.packed_tile``: a load of 16 weights and a
+# multiply-add per entry by its broadcast activation, an input). Row by row, each row expanded and
+# dotted with every entry (``_slot_rows``), was a chain of scalar additions per entry and row (these
+# kernels are not reassociated). Batch 8, one core, best ratio to onnxruntime (old and new code in
+# alternating processes): the default plan's LSTM classifier 3.9-4.2x -> 1.7x, the GRU classifier
+# 2.6-2.9x -> 1.3x; dense mode's LSTM (``lstm_dense``, a product per entry) 2.2x -> 1.6-1.7x. A
+# block's 16 weights of an input are adjacent, so that a tile reads its block in one stream (from
+# R transposed whole, rows 2 KB apart, a tile of two entries with four chains of sums took 7.5-9 us
+# a step of the LSTM classifier's R, from blocks 3.1).
 @njit(inline="always")
 def _tiled_rows(weight, x, out, n0, n1):  # pragma: no cover - compiled
-    """``out[b, n] = R[n] . x[b]`` for rows ``[n0, n1)`` from ``weight`` = (``rt``: R expanded and
-    transposed, ``[H, >= G]``, ``G`` = ``out``'s width; a buffer of ``H * PACK`` floats for ``x``
-    packed as the tiles read it; an empty array): whole tiles of 16 rows, the rows past them one by
-    one."""
-    rt, packed, none = weight
-    hidden, ldx, width = rt.shape[0], rt.shape[1], out.shape[1]
-    flat, o = rt.reshape(-1), out.reshape(-1)
+    """``out[b, n] = R[n] . x[b]`` for rows ``[n0, n1)`` from ``weight`` = (``rb``: R in blocks,
+    :func:`_blocks`; a buffer of ``H * PACK`` floats for ``x`` packed as the tiles read it; an empty
+    array; a buffer of ``PACK * LANES`` floats): the blocks inside the rows straight into ``out``, one
+    that the rows cut through into the buffer, its rows in them copied."""
+    rb, packed, none, scratch = weight
+    hidden, width = rb.shape[1], out.shape[1]
+    flat, o = rb.reshape(-1), out.reshape(-1)
     for b0 in range(0, x.shape[0], PACK):
         rows = min(PACK, x.shape[0] - b0)
+        pack = 2 if rows <= 2 else 4 if rows <= 4 else 8 if rows <= 8 else PACK
         for k in range(hidden):
             for i in range(rows):
-                packed[k * PACK + i] = x[b0 + i, k]
-        n = n0
-        while n + LANES <= n1:
-            pointwise_tile(packed, 0, flat, n, ldx, hidden, o, b0 * width + n, width, rows, none, 0, none,
-                           np.float32(0.0), np.float32(0.0), 0)
-            n += LANES
-        for b in range(b0, b0 + rows):
-            for m in range(n, n1):
-                a = np.float32(0.0)
-                for k in range(hidden):
-                    a += rt[k, m] * x[b, k]
-                out[b, m] = a
+                packed[k * pack + i] = x[b0 + i, k]
+        for g in range(n0 // LANES, -(-n1 // LANES)):
+            m0, at = g * LANES, g * hidden * LANES
+            if n0 <= m0 and m0 + LANES <= n1:
+                _tile(pack, packed, flat, at, hidden, o, b0 * width + m0, width, rows, none)
+                continue
+            _tile(pack, packed, flat, at, hidden, scratch, 0, LANES, rows, none)
+            for i in range(rows):
+                for m in range(max(n0, m0), min(n1, m0 + LANES)):
+                    out[b0 + i, m] = scratch[i * LANES + m - m0]
+
+
+@njit(inline="always")
+def _tile(pack, packed, rb, at, hidden, out, o0, ldo, rows, none):  # pragma: no cover - compiled
+    """The register tile of :func:`_tiled_rows` for the block at ``rb[at:]``, ``pack`` (2, 4, 8 or
+    PACK) accumulators for its ``rows`` entries: each a constant to ``packed_tile``."""
+    zero = np.float32(0.0)
+    if pack == 2:
+        packed_tile(2, packed, 0, rb, at, LANES, hidden, out, o0, ldo, rows, none, 0, none, zero, zero, 0)
+    elif pack == 4:
+        packed_tile(4, packed, 0, rb, at, LANES, hidden, out, o0, ldo, rows, none, 0, none, zero, zero, 0)
+    elif pack == 8:
+        packed_tile(8, packed, 0, rb, at, LANES, hidden, out, o0, ldo, rows, none, 0, none, zero, zero, 0)
+    else:
+        packed_tile(PACK, packed, 0, rb, at, LANES, hidden, out, o0, ldo, rows, none, 0, none, zero, zero, 0)
+
+
+@njit(inline="always")
+def _tile_buffers(rb):  # pragma: no cover - compiled
+    """``weight`` of :func:`_tiled_rows` for ``rb``."""
+    return rb, np.zeros(rb.shape[1] * PACK, np.float32), np.zeros(0, np.float32), np.empty(PACK * LANES, np.float32)
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
-def lstm_tiled(proj, rt, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
-    """As :func:`lstm_dense` with R expanded and transposed for the call, ``rt`` ``[H, >= 4H]``, its
+def lstm_tiled(proj, rb, p, clip, input_forget, h, c, ys):  # pragma: no cover - compiled
+    """As :func:`lstm_dense` with R expanded for the call in blocks of 16 rows (:func:`_blocks`), its
     product in register tiles (:func:`_tiled_rows`): batches with AVX-512."""
     steps, batch, gates4 = proj.shape
     gates = np.empty((batch, gates4), np.float32)
-    weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
+    weight = _tile_buffers(rb)
     for t in range(steps):
         _tiled_rows(weight, h, gates, 0, gates4)
         _add_step(gates, proj, t)
@@ -424,56 +447,55 @@ def lstm_tiled(proj, rt, p, clip, input_forget, h, c, ys):  # pragma: no cover -
 
 
 @njit(inline="always")
-def _transposed(width, rows):  # pragma: no cover - compiled
-    """Zeros ``[width, rows + LANES]``: R transposed, its rows not a multiple of 4 KB apart (a 512-row
-    R's are 2 KB: a load that follows a store to an address 4 KB away waits for it, and the
-    expansion of the LSTM classifier's R took 96 us instead of 45)."""
-    return np.zeros((width, rows + LANES), np.float32)
+def _blocks(rows, width):  # pragma: no cover - compiled
+    """Zeros ``[ceil(rows / LANES), width, LANES]``: R's rows in blocks of LANES, block ``g``'s
+    ``[k, l]`` being ``R[g * LANES + l, k]`` (zeros past the rows)."""
+    return np.zeros((-(-rows // LANES), width, LANES), np.float32)
 
 
 @njit(cache=True, nogil=True)
 def slots_t(row_ptr, slots, codebook, width):  # pragma: no cover - compiled
-    """A weight ``[N, width]`` held as table slots (``indexed.TableRows``) as float32, transposed:
-    ``[width, N + LANES]`` (:func:`_transposed`)."""
+    """A weight ``[N, width]`` held as table slots (``indexed.TableRows``) as float32 in blocks of rows
+    (:func:`_blocks`)."""
     shift, mask = slot_split(codebook)
-    rt = _transposed(width, row_ptr.size - 1)
+    rb = _blocks(row_ptr.size - 1, width)
     for n in range(row_ptr.size - 1):
         for e in range(row_ptr[n], row_ptr[n + 1]):
             s = _U(slots[_U(e)])
-            rt[s >> shift, n] = codebook[s & mask]
-    return rt
+            rb[n // LANES, s >> shift, n % LANES] = codebook[s & mask]
+    return rb
 
 
 @njit(cache=True, nogil=True)
 def csr_t(row_ptr, cols, symbols, codebook, width):  # pragma: no cover - compiled
     """:func:`slots_t` of a CSR weight (``indexed.SparseWeight``)."""
-    rt = _transposed(width, row_ptr.size - 1)
+    rb = _blocks(row_ptr.size - 1, width)
     for n in range(row_ptr.size - 1):
         for e in range(row_ptr[n], row_ptr[n + 1]):
-            rt[cols[e], n] = codebook[symbols[e]]
-    return rt
+            rb[n // LANES, cols[e], n % LANES] = codebook[symbols[e]]
+    return rb
 
 
 @njit(cache=True, nogil=True)
 def index_t(indices, codebook):  # pragma: no cover - compiled
     """:func:`slots_t` of dense indices ``[N, K]`` (``indexed.IndexedWeight``)."""
     rows, width = indices.shape
-    rt = _transposed(width, rows)
+    rb = _blocks(rows, width)
     for n in range(rows):
         for k in range(width):
-            rt[k, n] = codebook[indices[n, k]]
-    return rt
+            rb[n // LANES, k, n % LANES] = codebook[indices[n, k]]
+    return rb
 
 
 @njit(cache=True, nogil=True)
 def dense_t(r):  # pragma: no cover - compiled
     """:func:`slots_t` of a float32 weight."""
     rows, width = r.shape
-    rt = _transposed(width, rows)
+    rb = _blocks(rows, width)
     for n in range(rows):
         for k in range(width):
-            rt[k, n] = r[n, k]
-    return rt
+            rb[n // LANES, k, n % LANES] = r[n, k]
+    return rb
 
 
 # -- GRU -----------------------------------------------------------------------------------------
@@ -595,11 +617,9 @@ def gru_dense(proj, r, rb, clip, before_reset, h, ys):  # pragma: no cover - com
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
-def gru_tiled(proj, rt, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
-    """As :func:`gru_dense` with R expanded and transposed for the call, ``rt`` ``[H, >= 3H]`` (see
-    :func:`lstm_tiled`)."""
-    weight = (rt, np.zeros(rt.shape[0] * PACK, np.float32), np.zeros(0, np.float32))
-    _gru_steps(_tiled_rows, weight, proj, rb, clip, before_reset, h, ys)
+def gru_tiled(proj, blocks, rb, clip, before_reset, h, ys):  # pragma: no cover - compiled
+    """As :func:`gru_dense` with R expanded for the call in blocks of 16 rows (see :func:`lstm_tiled`)."""
+    _gru_steps(_tiled_rows, _tile_buffers(blocks), proj, rb, clip, before_reset, h, ys)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

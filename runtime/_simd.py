@@ -45,6 +45,9 @@ PACK = 12
 LANES = 16
 #: Positions of a ``pointwise_column`` tile.
 COLUMNS = 4
+#: Independent accumulators a tile keeps at least (``packed_tile`` of fewer rows sums in turns): two
+#: multiply-adds a cycle, each waiting four cycles for the one before on the same register.
+CHAINS = 8
 
 
 def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
@@ -124,43 +127,61 @@ def transpose8x8(typingctx, src, s0, s_step, dst, d0, d_step):
     return sig, codegen
 
 
-def _tile_code(wp, x, rows_of, out, bias, res):
-    """The typing and code of a register tile (None: not these types): ``pointwise_tile`` when
-    ``rows_of`` is an integer (input row ``c`` at ``x0 + c * ldx``), ``conv_tile`` when it is an int64
-    array (row ``c`` at ``x0 + offs[c]``)."""
+def _tile_code(wp, x, rows_of, out, bias, res, pack=PACK, lead=()):
+    """The typing and code of a register tile of ``pack`` accumulators (None: not these types):
+    ``pointwise_tile`` when ``rows_of`` is an integer (input row ``c`` at ``x0 + c * ldx``),
+    ``conv_tile`` when it is an int64 array (row ``c`` at ``x0 + offs[c]``); ``lead``: the types of
+    arguments before those (not read by the code)."""
     vec = ir.VectorType(_F32, LANES)
     table = isinstance(rows_of, types.Array)
     if not all(_float32_vector(a) for a in (wp, x, out, bias, res)) or (
             table and not (rows_of.dtype == types.int64 and rows_of.ndim == 1 and rows_of.layout == "C")):
         return None
     i = types.intp
-    sig = types.void(wp, i, x, i, rows_of if table else i, i, out, i, i, i, bias, i, res, types.float32,
+    sig = types.void(*lead, wp, i, x, i, rows_of if table else i, i, out, i, i, i, bias, i, res, types.float32,
                      types.float32, i)
 
     def codegen(context, builder, signature, args):
+        types_of, args = signature.args[len(lead):], args[len(lead):]
         wp_v, w0_v, x_v, x0_v, ldx_v, k_v, out_v, o0_v, ldo_v, rows_v, b_v, b0_v, r_v, lo_v, hi_v, flags_v = args
-        wd, xd, od, bd, rd = [context.make_array(signature.args[n])(context, builder, args[n]).data
+        wd, xd, od, bd, rd = [context.make_array(types_of[n])(context, builder, args[n]).data
                               for n in (0, 2, 6, 10, 12)]
-        td = context.make_array(signature.args[4])(context, builder, ldx_v).data if table else None
+        td = context.make_array(types_of[4])(context, builder, ldx_v).data if table else None
         const = lambda n: ir.Constant(k_v.type, n)      # noqa: E731
         has = [builder.icmp_signed("!=", builder.and_(flags_v, const(bit)), const(0)) for bit in (1, 2, 4, 8)]
         fma = _fmuladd(builder, vec)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(PACK)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(pack)]
         with builder.if_then(has[3]):
-            for r in range(PACK):       # summing onto ``out``'s values (a later chunk of the inputs)
+            for r in range(pack):       # summing onto ``out``'s values (a later chunk of the inputs)
                 with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
                     at = builder.add(o0_v, builder.mul(const(r), ldo_v))
                     builder.store(_load(builder, _at(builder, od, at, vec), vec), accs[r])
-        with cgutils.for_range(builder, k_v) as loop:
-            c = loop.index
+
+        def step(c, sums):
+            """Input row ``c`` times its ``pack`` weights onto ``sums``."""
             row = _load(builder, builder.gep(td, [c]), ir.IntType(64)) if table else builder.mul(c, ldx_v)
             xv = _load(builder, _at(builder, xd, builder.add(x0_v, row), vec), vec)
-            wrow = builder.add(w0_v, builder.mul(c, const(PACK)))
-            for r in range(PACK):
+            wrow = builder.add(w0_v, builder.mul(c, const(pack)))
+            for r in range(pack):
                 w = _load(builder, builder.gep(wd, [builder.add(wrow, const(r))]), _F32)
-                builder.store(builder.call(fma, [_splat(builder, w, vec), xv, builder.load(accs[r])]), accs[r])
+                builder.store(builder.call(fma, [_splat(builder, w, vec), xv, builder.load(sums[r])]), sums[r])
+
+        # under CHAINS accumulators, each waited on its last multiply-add (the FMA's latency): the
+        # inputs go in turns to ``chains`` sets of them, summed at the end
+        chains = max(1, CHAINS // pack)
+        sets = [accs] + [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(pack)]
+                         for _ in range(chains - 1)]
+        whole = builder.sub(k_v, builder.srem(k_v, const(chains)))
+        with cgutils.for_range_slice(builder, const(0), whole, const(chains)) as (c, _):
+            for j, sums in enumerate(sets):
+                step(builder.add(c, const(j)), sums)
+        with cgutils.for_range_slice(builder, whole, k_v, const(1)) as (c, _):
+            step(c, accs)
+        for sums in sets[1:]:
+            for r in range(pack):
+                builder.store(builder.fadd(builder.load(accs[r]), builder.load(sums[r])), accs[r])
         lo_s, hi_s = _splat(builder, lo_v, vec), _splat(builder, hi_v, vec)
-        for r in range(PACK):
+        for r in range(pack):
             with builder.if_then(builder.icmp_signed("<", const(r), rows_v)):
                 at = builder.add(o0_v, builder.mul(const(r), ldo_v))
                 acc = cgutils.alloca_once_value(builder, builder.load(accs[r]))
@@ -189,6 +210,16 @@ def pointwise_tile(typingctx, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b
     offsets are not bounds-checked. The products are fused multiply-adds where the target has them
     (``llvm.fmuladd``)."""
     return _tile_code(wp, x, ldx, out, bias, res)
+
+
+@intrinsic
+def packed_tile(typingctx, pack, wp, w0, x, x0, ldx, k, out, o0, ldo, rows, bias, b0, res, lo, hi, flags):
+    """``pointwise_tile`` of ``pack`` accumulators (a constant up to PACK; the weights packed ``pack`` a
+    row): fewer rows cost fewer multiply-adds (the recurrent kernels' batches, ``_numba_rnn._tiled_rows``:
+    two entries took twelve accumulators' work)."""
+    if not (isinstance(pack, types.IntegerLiteral) and 1 <= pack.literal_value <= PACK):
+        return None
+    return _tile_code(wp, x, ldx, out, bias, res, pack.literal_value, (pack,))
 
 
 @intrinsic

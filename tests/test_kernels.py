@@ -1647,23 +1647,25 @@ def test_gru_kernels_agree(direction, attrs, form, batch, monkeypatch):
 
 
 @pytest.mark.skipif(numba_kernels.kernels() is None, reason="needs numba")
-@pytest.mark.parametrize("hidden,batch", [(7, 2), (40, 13)])
+@pytest.mark.parametrize("hidden,batch", [(7, 2), (40, 3), (40, 7), (40, 13)])
 def test_tiled_kernels_agree_with_the_dense_kernels(hidden, batch):
-    """``lstm_tiled`` and ``gru_tiled`` (R expanded and transposed for the call by ``slots_t``,
-    ``csr_t``, ``index_t`` or ``dense_t``, zeros past its rows; its product in register tiles of 16
-    rows by up to 12 entries, the rows past them one by one: 7 units are an LSTM's one tile and 12
-    rows, 40 units ten tiles, and with the GRU's reset before R its candidate's rows a pass of their
-    own from row 80; 13 entries two passes of the tiles) against ``lstm_dense`` and ``gru_dense``,
-    with peepholes and a clip, wherever numba runs."""
+    """``lstm_tiled`` and ``gru_tiled`` (R expanded for the call in blocks of 16 rows, each transposed,
+    by ``slots_t``, ``csr_t``, ``index_t`` or ``dense_t``, zeros past its rows; its product in register
+    tiles of a block by up to 12 entries, a block that the rows end in through a buffer: 7 units are
+    an LSTM's 28 rows, a block and 12 rows, 40 units ten blocks, and with the GRU's reset before R its
+    candidate's rows a pass of their own from row 14 (inside a block) or 80; 2, 3 and 7 entries tiles
+    of 2, 4 and 8 accumulators, 13 entries two passes, of 12 and 2) against ``lstm_dense`` and
+    ``gru_dense``, with peepholes and a clip, wherever numba runs."""
     k = numba_kernels.kernels()
     for gates in (4, 3):
         dense, iw, sw = weights((gates * hidden, hidden), 0.4, seed=hidden + gates)
         slots = indexed.TableRows(sw)
         rts = [k.slots_t(*slots.arrays, hidden), k.csr_t(sw.row_ptr, sw.cols, sw.symbols, sw.codebook, hidden),
                k.index_t(iw.indices, iw.codebook), k.dense_t(dense)]
+        blocks = np.zeros((-(-gates * hidden // 16) * 16, hidden), np.float32)
+        blocks[:gates * hidden] = dense         # 16 rows a block, each transposed, zeros past the rows
         for rt in rts:
-            np.testing.assert_array_equal(rt[:, :gates * hidden], dense.T)
-            assert rt.shape[1] > gates * hidden and not rt[:, gates * hidden:].any()
+            np.testing.assert_array_equal(rt, blocks.reshape(-1, 16, hidden).transpose(0, 2, 1))
         proj, h0 = rand(5, batch, gates * hidden), rand(batch, hidden)
         if gates == 4:
             p, c0 = rand(3 * hidden), rand(batch, hidden)

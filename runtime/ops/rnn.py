@@ -355,16 +355,17 @@ TILED_BATCH = 2
 
 
 def _tiled(k: Any, rd: Any, batch: int, kind: str) -> Optional[Callable[[], np.ndarray]]:
-    """A function expanding ``rd`` to float32, transposed, for one call of the batch kernels' register
-    tiles (``lstm_tiled``, ``gru_tiled``), or None: a batch under TILED_BATCH, no AVX-512 (the tiles'
-    16-lane sums need its 32 registers, ``numba_kernels.wide_vectors``), a weight whose float32
-    form is more than a call may hold (``indexed.call_bound``), or an LSTM's CSR ``R``, whose lane
-    sums read each kept weight once for 16 entries (at 90 % pruning as fast as the tiles' dense
-    product or faster: the LSTM classifier's kernel at batch 3, 0.20-0.24 against 0.36 ms)."""
+    """A function expanding ``rd`` to float32 in blocks of 16 rows, each transposed, for one call of
+    the batch kernels' register tiles (``lstm_tiled``, ``gru_tiled``), or None: a batch under
+    TILED_BATCH, no AVX-512 (the tiles' 16-lane sums need its 32 registers,
+    ``numba_kernels.wide_vectors``), a weight whose float32 form is more than a call may hold
+    (``indexed.call_bound``), or an LSTM's CSR ``R``, whose lane sums read each kept weight once for
+    16 entries (at 90 % pruning as fast as the tiles' dense product or faster: the LSTM classifier's
+    kernel, one process, batch 3 115 against 110 us, batch 8 183 against 212)."""
     if batch < TILED_BATCH or not wide_vectors():
         return None
     rows, width = rd.shape
-    if 4 * rows * width > call_bound(rows, width):
+    if 4 * -(-rows // 16) * 16 * width > call_bound(rows, width):
         return None
     if isinstance(rd, np.ndarray):      # at two entries two vector products (lstm_dense) cost less
         return (lambda: k.dense_t(np.ascontiguousarray(rd, np.float32))) if batch > TILED_BATCH else None
