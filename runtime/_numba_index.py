@@ -226,10 +226,10 @@ def index_dot4(xv, indices, codebook, n):  # pragma: no cover - compiled
     return a0, a1, a2, a3
 
 
-# Several rows of x: each row of W is expanded once into a float32 buffer (one row), then its dot
-# products with every row of x are vectorised. Accumulating the batch per weight instead (the batch
-# as the inner loop, of unknown length) was not vectorised: 512x64 8-bit indices, 2 rows of x,
-# 112 us, against 27 by tiles + BLAS and 16 this way (up to INDEX_BATCH rows, see runtime/indexed.py).
+# Several rows of x, a row of W expanded once into a float32 buffer (one row), then its dot products
+# with every row of x vectorised: the recurrent kernels' rows (``_numba_rnn``). Accumulating the batch
+# per weight instead (the batch as the inner loop, of unknown length) was not vectorised: 512x64 8-bit
+# indices, 2 rows of x, 112 us, against 27 by tiles + BLAS and 16 this way.
 @njit(fastmath={"reassoc", "nsz"}, error_model="numpy")
 def row_dots(wrow, x, out, n):  # pragma: no cover - compiled
     """``out[b, n] = wrow . x[b]`` for every row ``b`` of ``x`` (reassociated: vectorised, so the sums
@@ -243,11 +243,9 @@ def row_dots(wrow, x, out, n):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragma: no cover - compiled
-    inner = indices.shape[1]
-    batch = x.shape[0]
-    if batch == 1:
-        xv = x[0]
+def _index_dot(x, xt, indices, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragma: no cover - compiled
+    if x.shape[0] == 1:
+        inner, xv = indices.shape[1], x[0]
         n = n0
         while n + 3 < n1:
             a0, a1, a2, a3 = index_dot4(xv, indices, codebook, n)
@@ -263,12 +261,13 @@ def _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragm
                 acc += xv[k] * codebook[row[k]]
             out[0, n] = _finish(acc, bias, n, lo, hi, clamp)
         return
-    wrow = np.empty(inner, np.float32)      # one row of W expanded, shared by every row of x
-    for n in range(n0, n1):
-        row = indices[n]
-        for k in range(inner):
-            wrow[k] = codebook[row[k]]
-        row_dots(wrow, x, out, n)
+    # the rows of x side by side in 16 lanes, each weight's centroid read once for all of them
+    # (index_lane_sums; each row of W expanded and dotted with every row of x took 2-3x as long at 4-16
+    # rows, 512x64: 8 rows 50 -> 18 us), the sums then moved into out as _csr_dot does
+    width = xt.shape[1]
+    sums = np.empty((n1 - n0) * width, np.float32)
+    index_lane_sums(xt, indices, codebook, n0, n1, sums)
+    _lanes_out(sums, width, out, n0, n1)
     _finish_rows(out, bias, lo, hi, clamp, n0, n1)
 
 
@@ -276,15 +275,16 @@ def _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1):  # pragm
 def index_matmul_t(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
     """``out[b, n] = sum_k x[b, k] * codebook[indices[n, k]]`` (weight ``[N, K]``), then the epilogue:
     ``+ bias[n]`` (``bias`` may be empty) and, with ``clamp``, clamped to [lo, hi]."""
-    _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, 0, indices.shape[0])
+    _index_dot(x, _csr_operand(x), indices, codebook, bias, lo, hi, clamp, out, 0, indices.shape[0])
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def index_matmul_t_par(x, indices, codebook, bias, lo, hi, clamp, out):  # pragma: no cover - compiled
     parts = _PARTS
+    xt = _csr_operand(x)
     for t in prange(parts):
         n0, n1 = _split(indices.shape[0], parts, t)
-        _index_dot(x, indices, codebook, bias, lo, hi, clamp, out, n0, n1)
+        _index_dot(x, xt, indices, codebook, bias, lo, hi, clamp, out, n0, n1)
 
 
 # The paper's other way to compute from a codebook: add up the activations that share a centroid,
@@ -410,9 +410,19 @@ def index_lane_sums(xt, indices, codebook, n0, n1, sums):  # pragma: no cover - 
 
 
 @njit(inline="always")
+def _lanes_out(sums, width, out, n0, n1):  # pragma: no cover - compiled
+    """``out[b, n] = sums[(n - n0) * width + b]`` for rows ``[n0, n1)`` of ``out`` (lane sums moved into
+    place row by row of ``out``)."""
+    for b in range(out.shape[0]):
+        for n in range(n0, n1):
+            out[b, n] = sums[(n - n0) * width + b]
+
+
+@njit(inline="always")
 def _csr_operand(x):  # pragma: no cover - compiled
-    """What :func:`_csr_dot` reads besides ``x``: ``x`` transposed and padded (:func:`padded_t`), made
-    once for all the parts of a parallel product; for one row nothing (``x`` itself, unread)."""
+    """What :func:`_csr_dot` and :func:`_index_dot` read besides ``x``: ``x`` transposed and padded
+    (:func:`padded_t`), made once for all the parts of a parallel product; for one row nothing (``x``
+    itself, unread)."""
     return x if x.shape[0] == 1 else padded_t(x)
 
 
@@ -430,9 +440,7 @@ def _csr_dot(x, xt, row_ptr, cols, symbols, codebook, bias, lo, hi, clamp, out, 
         width = xt.shape[1]
         sums = np.empty((n1 - n0) * width, np.float32)
         lane_sums(xt, row_ptr, cols, symbols, codebook, n0, n1, sums)
-        for b in range(batch):
-            for n in range(n0, n1):
-                out[b, n] = sums[(n - n0) * width + b]
+        _lanes_out(sums, width, out, n0, n1)
     # the epilogue after all rows: inside the row loop it kept LLVM from vectorising the batch loop
     # (512x64 at 10 %, 16 rows of x: 52 -> 14 us), and at batch 1 it cost ~7 ns a row (a 300x784
     # weight at 10 %, one core: 9.5-9.7 -> 9.1 us). Expanding each row as _index_dot does is slower

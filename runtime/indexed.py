@@ -57,9 +57,11 @@ SMALL_BATCH = 8             # numpy twin of a sparse product: up to this many ro
 COMPILED_BATCH = 64         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS (one
 #                             core, 10 % kept, 64 rows: 784x300 by input 109 against 183 us, 512x64 by rows 34
 #                             against 39; at 128 rows 512x64 by rows 74 against 58)
-INDEX_BATCH = 4             # ... and the dense-index dot products (each row of W expanded once for all
-#                             rows of x); the dense-index scatter (x @ W) takes one row only: at 2 rows
+INDEX_BATCH = 16            # ... and the dense-index dot products (one 16-lane register of rows of x;
+#                             at 32 rows tiles + BLAS beat them: 1000x512 0.94 against 1.46 ms, at 8 0.55
+#                             against 0.33); the dense-index scatter (x @ W) takes one row only: at 2 rows
 #                             tiles + BLAS beat it (1000x2048: 1.6 vs 1.9 ms; at 4 rows 2.2x)
+FEW_COLUMNS = 4             # ``W @ x`` of up to this many columns by the dot products (see lmatmul)
 ENTRY_BLOCK = 16384         # ... in blocks of this many kept weights
 TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
 #: dtype of a CSR form's pointers: offsets of kept weights, and a stored tensor has at most 2^31 - 1
@@ -363,7 +365,7 @@ class IndexedWeight:
         products' extra reads (64x576, 4 columns: 27 -> 22 us; 256x2304: 267 against 280).
         """
         p, small = x.shape[-1], 4 * self.indices.size <= 4 * TILE_FLOOR   # float32 bytes: four tiles at most
-        if p <= 2 or (p <= INDEX_BATCH and small):
+        if p <= 2 or (p <= FEW_COLUMNS and small):
             return _lmatmul_by_rows(self, x, out, self.indices.flags.c_contiguous)
         return _tiled_lmatmul(self, x, out)
 
@@ -616,7 +618,7 @@ class SparseWeight:
         the kept weights (one core, 30 % kept, 4 columns: 64x576 25 -> 15 us, 256x2304 244 -> 178,
         1280x320 168 -> 120; at 16 columns the tiles win unless 10 % or fewer are kept).
         """
-        if x.shape[-1] <= INDEX_BATCH:
+        if x.shape[-1] <= FEW_COLUMNS:
             return _lmatmul_by_rows(self, x, out, True)
         return _tiled_lmatmul(self, x, out)
 
