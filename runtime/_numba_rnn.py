@@ -30,7 +30,7 @@ from .._jit import njit
 
 from ._numba_index import (csr_row_dot, index_dot4, index_lane_sums, lane_sums, padded_t, product_table, row_dots,
                            slot_expand, slot_rows, slot_split, table_stride)
-from ._simd import BLOCK, LANES, PACK, SLICE, TABLE, centroids, packed_tile, sliced_dot
+from ._simd import BLOCK, LANES, PACK, SLICE, TABLE, centroids, packed_tile, sliced_dot, transpose8x8
 
 _U = np.uint64
 _FAST = {"reassoc", "nsz", "contract"}
@@ -249,7 +249,7 @@ def lstm_sliced(proj, slot_ptr, cols, symbols, order, codebook, p, clip, input_f
     one core: gathering the activations from memory 1.6-2.7 us, permuting them 0.8-1.4 (against
     :func:`lstm_csr`'s 16 steps 105-161 us, slices with gathers 52-82)."""
     gates4 = proj.shape[2]
-    _sliced_steps(proj.reshape(-1), gates4, 1, np.zeros(gates4, np.float32), slot_ptr, cols, symbols, order,
+    _sliced_steps(proj.reshape(-1), np.zeros(gates4, np.float32), slot_ptr, cols, symbols, order,
                   codebook, p, clip, input_forget, h, c, ys)
 
 
@@ -304,15 +304,31 @@ def _projected_steps(sums, width, b, slot_ptr, cols, symbols, order, codebook, c
     bias = np.empty(gates4, np.float32)
     for n in range(gates4):
         bias[n] = b[n] + b[gates4 + n]
-    _sliced_steps(sums, 1, width, bias, slot_ptr, cols, symbols, order, codebook, np.zeros(0, np.float32), clip,
-                  input_forget, h, c, ys)
+    _sliced_steps(_step_major(sums, width, gates4), bias, slot_ptr, cols, symbols, order, codebook,
+                  np.zeros(0, np.float32), clip, input_forget, h, c, ys)
 
 
 @njit(inline="always")
-def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
+def _step_major(sums, width, rows):  # pragma: no cover - compiled
+    """The projections' sums ``[rows, width]`` (a step a column; ``width`` a multiple of 16) as
+    ``[width, rows]``, in 8x8 tiles (``_simd.transpose8x8``): a step's gate rows then side by side, so
+    that the loop adding them to the recurrent sums vectorises."""
+    out = np.empty(width * rows, np.float32)
+    whole = rows // 8 * 8
+    for n0 in range(0, whole, 8):
+        for t0 in range(0, width, 8):
+            transpose8x8(sums, n0 * width + t0, width, out, t0 * rows + n0, rows)
+    for n in range(whole, rows):
+        for t in range(width):
+            out[t * rows + n] = sums[n * width + t]
+    return out
+
+
+@njit(inline="always")
+def _sliced_steps(proj, bias, slot_ptr, cols, symbols, order, codebook, p, clip, input_forget, h, c,
                   ys):  # pragma: no cover - compiled
     """The steps of :func:`lstm_sliced`, its input projection of gate row ``n`` at step ``t`` being
-    ``proj[t * at_step + n * at_row] + bias[n]`` (see :func:`_sliced_buffers`)."""
+    ``proj[t * 4H + n] + bias[n]`` (see :func:`_sliced_buffers`)."""
     steps, gates4 = ys.shape[0], bias.size
     hidden = gates4 // 4
     values, hv, dots = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
@@ -320,7 +336,7 @@ def _sliced_steps(proj, at_step, at_row, bias, slot_ptr, cols, symbols, order, c
     for t in range(steps):
         _sliced_product(h, hv, slot_ptr, cols, values, order, dots)
         for n in range(gates4):
-            gates[n] = proj[t * at_step + n * at_row] + bias[n] + dots[n]
+            gates[n] = proj[t * gates4 + n] + bias[n] + dots[n]
         _update(gates, p, clip, input_forget, h, c, ys[t], 0, hidden)
         _carry(h, ys[t])
 
@@ -648,7 +664,7 @@ def gru_sliced(proj, slot_ptr, cols, symbols, order, codebook, rb, clip, h, ys):
     """As :func:`gru_csr` at batch 1 with ``linear_before_reset`` and R as ``indexed.SlicedRows`` (see
     :func:`lstm_sliced`): one product of all ``3H`` rows a step."""
     gates3 = rb.size
-    _gru_sliced_steps(proj.reshape(-1), gates3, 1, np.zeros(gates3, np.float32), rb, slot_ptr, cols, symbols, order,
+    _gru_sliced_steps(proj.reshape(-1), np.zeros(gates3, np.float32), rb, slot_ptr, cols, symbols, order,
                       codebook, clip, h, ys)
 
 
@@ -682,7 +698,8 @@ def gru_sliced_csr(x, w_row_ptr, w_cols, w_symbols, w_codebook, b, slot_ptr, col
     ``W`` (as :func:`lstm_sliced_csr`), ``b`` ``[6H]`` both biases."""
     sums, width = _csr_projection(x, w_row_ptr, w_cols, w_symbols, w_codebook)
     wb, rb = _gru_biases(b)
-    _gru_sliced_steps(sums, 1, width, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h, ys)
+    _gru_sliced_steps(_step_major(sums, width, rb.size), wb, rb, slot_ptr, cols, symbols, order,
+                      codebook, clip, h, ys)
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
@@ -691,7 +708,8 @@ def gru_sliced_index(x, w_indices, w_codebook, b, slot_ptr, cols, symbols, order
     """:func:`gru_sliced_csr` with ``W`` as dense indices ``[3H, I]``."""
     sums, width = _index_projection(x, w_indices, w_codebook)
     wb, rb = _gru_biases(b)
-    _gru_sliced_steps(sums, 1, width, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h, ys)
+    _gru_sliced_steps(_step_major(sums, width, rb.size), wb, rb, slot_ptr, cols, symbols, order,
+                      codebook, clip, h, ys)
 
 
 @njit(inline="always")
@@ -705,17 +723,17 @@ def _gru_biases(b):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _gru_sliced_steps(proj, at_step, at_row, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h,
+def _gru_sliced_steps(proj, wb, rb, slot_ptr, cols, symbols, order, codebook, clip, h,
                       ys):  # pragma: no cover - compiled
     """The steps of :func:`gru_sliced`, the input projection of gate row ``n`` at step ``t`` being
-    ``proj[t * at_step + n * at_row] + wb[n]``; the sums as :func:`_gru_steps` makes them."""
+    ``proj[t * 3H + n] + wb[n]``; the sums as :func:`_gru_steps` makes them."""
     hidden = rb.size // 3
     values, hv, rec = _sliced_buffers(symbols, codebook, slot_ptr, hidden)
     xp = np.empty(rb.size, np.float32)
     for t in range(ys.shape[0]):
         _sliced_product(h, hv, slot_ptr, cols, values, order, rec)
         for n in range(rb.size):
-            xp[n] = proj[t * at_step + n * at_row] + wb[n]
+            xp[n] = proj[t * rb.size + n] + wb[n]
         y = ys[t, 0]
         for j in range(hidden):
             n = 2 * hidden + j
