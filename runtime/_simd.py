@@ -374,12 +374,11 @@ def sliced_dot(typingctx, x, slot_ptr, cols, values, p0, blocks, order, o0, out)
     a loop after the product put them back one by one (the default plan's LSTM classifier, its kernel
     in one process: 64.0-75.5 -> 61.6-73.6 us). ``x`` holds the activations in blocks of BLOCK, each
     followed by a zero: the padding lanes' column, so that an inf or NaN activation cannot reach a
-    row that has no weight for it. A block's table stays in two
-    registers, and a slot is, for each of its 16-lane halves, one permute of the table by its
-    columns (a gather from the table where the target has no AVX-512), one load of the weights
-    (their centroids, looked up once for all the steps of a call) and a multiply-add. ``x``,
-    ``values``, ``out``: 1-D C-contiguous float32; ``slot_ptr``, ``order`` int32, ``cols`` uint8; offsets
-    and rows are not bounds-checked."""
+    row that has no weight for it. A block's table stays in two registers, and a slot is, for each
+    of its 16-lane halves, one permute of the table by its columns (a gather from the table where
+    the target has no AVX-512), one load of the weights (their centroids, looked up once for all the
+    steps of a call) and a multiply-add. ``x``, ``values``, ``out``: 1-D C-contiguous float32;
+    ``slot_ptr``, ``order`` int32, ``cols`` uint8; offsets and rows are not bounds-checked."""
     if not (all(_float32_vector(a) for a in (x, values, out)) and _vector_of(slot_ptr, types.int32)
             and _vector_of(order, types.int32) and _vector_of(cols, types.uint8)):
         return None

@@ -57,10 +57,11 @@ SMALL_BATCH = 8             # numpy twin of a sparse product: up to this many ro
 COMPILED_BATCH = 64         # up to this many rows of x, the CSR kernels beat expanded tiles + BLAS (one
 #                             core, 10 % kept, 64 rows: 784x300 by input 109 against 183 us, 512x64 by rows 34
 #                             against 39; at 128 rows 512x64 by rows 74 against 58)
-INDEX_BATCH = 16            # ... and the dense-index dot products (one 16-lane register of rows of x;
-#                             at 32 rows tiles + BLAS beat them: 1000x512 0.94 against 1.46 ms, at 8 0.55
-#                             against 0.33); the dense-index scatter (x @ W) takes one row only: at 2 rows
-#                             tiles + BLAS beat it (1000x2048: 1.6 vs 1.9 ms; at 4 rows 2.2x)
+INDEX_BATCH = 16            # ... and the dense-index dot products (one 16-lane register of rows of x:
+#                             1000x512, 8 rows 0.33 ms against 0.55 by tiles + BLAS; at 32 rows, two
+#                             registers, tiles + BLAS win, 0.94 against 1.46); the dense-index scatter
+#                             (x @ W) takes one row only: at 2 rows tiles + BLAS beat it (1000x2048: 1.6
+#                             vs 1.9 ms; at 4 rows 2.2x)
 FEW_COLUMNS = 4             # ``W @ x`` of up to this many columns by the dot products (see lmatmul)
 ENTRY_BLOCK = 16384         # ... in blocks of this many kept weights
 TAKE_BLOCK = 1 << 16        # numpy expansion: at most this many indices turned into intp at a time
