@@ -51,7 +51,7 @@ CHAINS = 8
 
 
 def _at(builder: ir.IRBuilder, data: ir.Value, offset: ir.Value, vector: ir.Type = _F8) -> ir.Value:
-    """A pointer to the ``vector`` of floats from ``data[offset]`` (``data``: a float pointer)."""
+    """A pointer to the ``vector`` from ``data[offset]`` (``data``: a pointer to its element type)."""
     return builder.bitcast(builder.gep(data, [offset]), vector.as_pointer())
 
 
@@ -336,7 +336,7 @@ def centroids(typingctx, codebook, symbols, values):
         vec, index, packed = (ir.VectorType(t, LANES) for t in (_F32, ir.IntType(32), ir.IntType(width)))
         whole = builder.mul(builder.sdiv(count, step), step)
         with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), whole, step) as (e, _):
-            at = builder.zext(_load(builder, builder.bitcast(builder.gep(sd, [e]), packed.as_pointer()), packed), index)
+            at = builder.zext(_load(builder, _at(builder, sd, e, packed), packed), index)
             builder.store(_gather(builder, bd, at), _at(builder, vd, e, vec), align=4)
         with cgutils.for_range_slice(builder, whole, count, ir.Constant(count.type, 1)) as (e, _):
             builder.store(_load(builder, builder.gep(bd, [_entry(builder, sd, e, width)]), _F32), builder.gep(vd, [e]))
@@ -406,13 +406,12 @@ def sliced_dot(typingctx, x, slot_ptr, cols, values, p0, blocks, order, o0, out)
                                          one) as (e, _):
                 for half, acc in zip(halves, accs):
                     at = builder.add(builder.mul(e, ir.Constant(intp, SLICE)), half)
-                    column = builder.zext(_load(builder, builder.bitcast(builder.gep(cd, [at]), lanes.as_pointer()),
-                                                lanes), index)
+                    column = builder.zext(_load(builder, _at(builder, cd, at, lanes), lanes), index)
                     xs = builder.call(permute, [low, column, high]) if permute else _gather(builder, table, column)
                     ws = _load(builder, _at(builder, vd, at, vec), vec)
                     builder.store(builder.call(fma, [xs, ws, builder.load(acc)]), acc)
         for half, acc in zip(halves, accs):
-            rows = _load(builder, builder.bitcast(builder.gep(rd, [builder.add(o0, half)]), index.as_pointer()), index)
+            rows = _load(builder, _at(builder, rd, builder.add(o0, half), index), index)
             _scatter(builder, builder.load(acc), od, rows)
         return context.get_dummy_value()
 

@@ -1381,7 +1381,8 @@ def test_sliced_rows_hold_the_csr_weights(shape, density):
     """``SlicedRows`` (32-row slices of a CSR weight in blocks of 31 columns) holds the same weights in
     the same rows, pads each block only up to its slice's longest row there, with the zero symbol at
     the column after the block's and sorts alike rows together (fewer slots than the rows' own
-    order), the lanes past the rows writing past them; built a few rows at a time, and from table slots the same."""
+    order), the lanes past the rows writing past them; built a few rows at a time, and from table
+    slots the same."""
     dense, _, sw = weights(shape, density, seed=shape[0])
     rows = sw.sliced()
     np.testing.assert_array_equal(rows.dense(), dense)
